@@ -1,0 +1,5 @@
+import sys
+
+from clockdistill.cli import main
+
+sys.exit(main())

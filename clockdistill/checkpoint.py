@@ -1,0 +1,95 @@
+"""Checkpoints: a directory with safetensors tensors and a JSON of everything else. Never pickled.
+
+    <dir>/model.safetensors      model weights
+    <dir>/optimizer.safetensors  optimizer state tensors (optional)
+    <dir>/meta.json              full config, epoch, metrics, scheduler and optimizer hyper-parameters
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from clockdistill.errors import UserError
+
+
+def _optimizer_split(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
+    for pid, pstate in state["state"].items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain["state"].setdefault(str(pid), {})[key] = value
+    return tensors, plain
+
+
+def _optimizer_join(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, extra in plain["state"].items():
+        state.setdefault(int(pid), {}).update(extra)
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any], optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, tmp / "model.safetensors")
+    meta = dict(meta)
+    if optimizer is not None:
+        tensors, plain = _optimizer_split(optimizer.state_dict())
+        save_file(tensors, tmp / "optimizer.safetensors")
+        meta["optimizer"] = plain
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise UserError(f"{path}: not a checkpoint (expected a directory with meta.json and model.safetensors)")
+    try:
+        return json.loads(meta_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{meta_file}: corrupt checkpoint metadata ({exc})") from None
+
+
+def load_weights(path: str | Path, model: nn.Module, device: str | torch.device = "cpu") -> None:
+    weights_file = Path(path) / "model.safetensors"
+    if not weights_file.is_file():
+        raise UserError(f"{weights_file}: checkpoint weights not found")
+    try:
+        state = load_file(weights_file, device=str(device))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise UserError(f"{weights_file}: unreadable weights ({exc})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{weights_file}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def load_optimizer(path: str | Path, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> bool:
+    opt_file = Path(path) / "optimizer.safetensors"
+    if not opt_file.is_file() or "optimizer" not in meta:
+        return False
+    optimizer.load_state_dict(_optimizer_join(load_file(opt_file), meta["optimizer"]))
+    return True

@@ -1,0 +1,175 @@
+"""The `clockdistill` command. Every subcommand has --help; bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from clockdistill.errors import UserError
+
+log = logging.getLogger("clockdistill")
+
+SET_HELP = "override a config value by dotted key, e.g. --set train.epochs=3 (repeatable)"
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from clockdistill.data.synth import write_synthetic
+
+    for name in ("train", "val"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name}: expected a count >= 0, got {getattr(args, name)}")
+    out = write_synthetic(args.out, args.train, args.val, args.seed, progress=not args.quiet)
+    print(f"wrote {args.train} train and {args.val} val images to {out}")
+    return 0
+
+
+def _cmd_kitti(args: argparse.Namespace) -> int:
+    from clockdistill.data.kitti import convert_kitti
+
+    counts = convert_kitti(args.kitti, args.out, args.train_ids, args.val_ids, args.map_similar, args.copy)
+    print(f"wrote {counts.get('train', 0)} train and {counts.get('val', 0)} val images to {args.out}")
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from clockdistill.data.index import build_index
+
+    for split in args.split or ["train", "val"]:
+        t0 = time.perf_counter()
+        path = build_index(args.dataset, split)
+        meta = pq.read_metadata(path)
+        print(f"{split}: {meta.num_rows} images -> {path} ({time.perf_counter() - t0:.2f}s)")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from clockdistill.config import load_config
+    from clockdistill.engine import fit
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(json.dumps(cfg.flatten(), indent=1))
+        return 0
+    result = fit(cfg)
+    summary = {"output_dir": str(result.output_dir), "best_AP": result.best_ap, "best_epoch": result.best_epoch}
+    summary.update({k: result.last_metrics[k] for k in ("AP", "AP50", "AP75") if k in result.last_metrics})
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from clockdistill.data import CocoDetection, DetectionTransform
+    from clockdistill.engine import evaluate, load_detector, select_device
+
+    device = select_device(args.device)
+    model, meta = load_detector(args.checkpoint, device)
+    max_size = meta["config"]["data"]["max_size"]
+    dataset = CocoDetection(args.data, args.split, DetectionTransform(max_size, train=False))
+    if dataset.class_names != meta["class_names"]:
+        raise UserError(f"--data {args.data}: classes {dataset.class_names} differ from the checkpoint's {meta['class_names']}")
+    print(json.dumps(evaluate(model, dataset, device, args.batch_size, progress=not args.quiet), indent=1))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from clockdistill.demo import run_demo
+
+    run_demo(Path(args.workdir), args.train, args.val, args.teacher_epochs, args.student_epochs)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="clockdistill",
+        description="Train, evaluate and distil DETR detectors (CLoCKDistill). Start with `clockdistill demo`.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="make, convert and index data sets", description="Make, convert and index COCO-format data sets.")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    s = dsub.add_parser("synth", help="write a synthetic COCO-format data set",
+                        description="Write coloured shapes on textured backgrounds as a COCO-format data set "
+                                    "(images/<split>/*.png, annotations/instances_<split>.json). Deterministic per seed.")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--train", type=int, default=1000, help="training images (default 1000)")
+    s.add_argument("--val", type=int, default=200, help="validation images (default 200)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_synth)
+
+    k = dsub.add_parser("kitti", help="convert KITTI object labels to COCO format",
+                        description="Convert KITTI 2-D object labels (training/label_2, training/image_2) to COCO format with "
+                                    "classes Car, Pedestrian, Cyclist. Van and Person_sitting become ignore regions "
+                                    "(or Car/Pedestrian with --map-similar), DontCare becomes ignore regions, Truck/Tram/Misc are dropped.")
+    k.add_argument("--kitti", required=True, help="KITTI object directory (holding training/label_2 and training/image_2)")
+    k.add_argument("--out", required=True, help="output COCO-format directory")
+    k.add_argument("--train-ids", help="file with one training image id per line (default: ImageSets/train.txt, else 4 of 5 ids)")
+    k.add_argument("--val-ids", help="file with one validation image id per line")
+    k.add_argument("--map-similar", action="store_true", help="map Van -> Car and Person_sitting -> Pedestrian instead of ignoring them")
+    k.add_argument("--copy", action="store_true", help="copy images instead of symlinking them")
+    k.set_defaults(func=_cmd_kitti)
+
+    i = dsub.add_parser("index", help="build the Parquet annotation index of a data set",
+                        description="Validate the annotation files and write their Parquet index (reused by every loader, "
+                                    "rebuilt when the annotation file changes).")
+    i.add_argument("dataset", help="COCO-format data set directory")
+    i.add_argument("--split", action="append", help="split to index (repeatable; default train and val)")
+    i.set_defaults(func=_cmd_index)
+
+    t = sub.add_parser("train", help="train one detector (teacher or plain student)",
+                       description="Train one detector from a YAML config (sections data, model, loss, train) with "
+                                   "dotted overrides. Resumes from <train.output_dir>/last when it exists.")
+    t.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    t.add_argument("--print-config", action="store_true", help="print the resolved config as dotted keys and exit")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="COCO metrics of a checkpoint, as JSON",
+                       description="Evaluate a checkpoint directory on a split of a COCO-format data set; prints JSON.")
+    e.add_argument("--checkpoint", required=True, help="checkpoint directory (holding model.safetensors and meta.json)")
+    e.add_argument("--data", required=True, help="COCO-format data set directory")
+    e.add_argument("--split", default="val", help="split to evaluate (default val)")
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=_cmd_evaluate)
+
+    d = sub.add_parser("demo", help="synthetic data -> tiny teacher -> tiny student, with their mAP",
+                       description="The embedded default end to end on a CPU: write synthetic data, train a tiny teacher "
+                                   "(reused when already trained) and a tiny student, print both mAPs.")
+    d.add_argument("--workdir", default="demo-run", help="where data and checkpoints go (default demo-run)")
+    d.add_argument("--train", type=int, default=800, help="synthetic training images (default 800)")
+    d.add_argument("--val", type=int, default=150, help="synthetic validation images (default 150)")
+    d.add_argument("--teacher-epochs", type=int, default=12)
+    d.add_argument("--student-epochs", type=int, default=6)
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from clockdistill.engine import TrainingDiverged
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as exc:
+        print(f"error: training diverged: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

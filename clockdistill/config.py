@@ -1,0 +1,282 @@
+"""Typed configuration: nested dataclasses with visible defaults, YAML files, dotted overrides.
+
+A config is built from a plain dict (a YAML file's contents, then `--set key=value` overrides) and
+every value is type-checked on the way in, so a typo or a wrong type fails with one line naming the
+dotted key. The model section starts from a named preset; keys given next to it override the preset.
+"""
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clockdistill.errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load that also reads `5e-5` as a float (YAML 1.1 wants `5.0e-5`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # COCO-format data set: annotations/instances_<split>.json + images
+    train_split: str = "train"
+    val_split: str = "val"
+    max_size: int = 128  # longest image side after resizing (aspect ratio kept)
+    train_sizes: list[int] = field(default_factory=list)  # random longest sides in training; [] = max_size
+    hflip: float = 0.5  # probability of a horizontal flip in training
+    num_workers: int = 0
+
+    def __post_init__(self):
+        _check_range("data.max_size", self.max_size, low=16)
+        _check_range("data.hflip", self.hflip, low=0.0, high=1.0)
+        _check_range("data.num_workers", self.num_workers, low=0)
+
+
+@dataclass
+class ModelConfig:
+    """Detector architecture. `preset` fills every other field; fields given beside it win."""
+
+    preset: str = "tiny-teacher"
+    arch: str = "deformable"  # deformable (multi-scale) | dab (single-scale, 4-d anchor queries)
+    num_classes: int = 0  # 0 = taken from the data set's categories
+    backbone_depth: int = 18  # 18 | 34 | 50
+    backbone_width: float = 0.25  # channel multiplier of the ResNet (1.0 = the standard widths)
+    d_model: int = 64
+    nheads: int = 4
+    enc_layers: int = 2
+    dec_layers: int = 3
+    ffn_dim: int = 256
+    dropout: float = 0.0
+    num_queries: int = 30
+    num_levels: int = 3  # deformable: memory levels (strides 8, 16, 32, then 64, ...)
+    n_points: int = 4  # deformable: sampling points per head and level
+    feature_stride: int = 16  # dab: stride of the single feature map (16 = C4, 32 = C5)
+
+    def __post_init__(self):
+        _check_choice("model.arch", self.arch, ("deformable", "dab"))
+        _check_choice("model.backbone_depth", self.backbone_depth, (18, 34, 50))
+        _check_choice("model.feature_stride", self.feature_stride, (8, 16, 32))
+        _check_range("model.backbone_width", self.backbone_width, low=0.0625)
+        for name in ("d_model", "nheads", "dec_layers", "ffn_dim", "num_queries", "num_levels", "n_points"):
+            _check_range(f"model.{name}", getattr(self, name), low=1)
+        _check_range("model.enc_layers", self.enc_layers, low=0)
+        _check_range("model.num_classes", self.num_classes, low=0)
+        _check_range("model.dropout", self.dropout, low=0.0, high=1.0)
+        if self.d_model % self.nheads:
+            raise ConfigError(f"model.d_model: {self.d_model} must be divisible by model.nheads={self.nheads}")
+        if self.d_model % 2:
+            raise ConfigError(f"model.d_model: expected an even number, got {self.d_model}")
+
+
+@dataclass
+class LossConfig:
+    """Weights of the detection terms (the criterion returns them unweighted) and matcher costs."""
+
+    cls: float = 2.0
+    bbox: float = 5.0
+    giou: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    match_cost_class: float = 2.0
+    match_cost_bbox: float = 5.0
+    match_cost_giou: float = 2.0
+    aux_loss: bool = True  # supervise every decoder layer, not only the last
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if f.type is float:
+                _check_range(f"loss.{f.name}", getattr(self, f.name), low=0.0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    batch_size: int = 8
+    lr: float = 2e-4
+    lr_backbone: float = 2e-4
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1  # 0 = no clipping
+    warmup_iters: int = 100
+    schedule: str = "cosine"  # cosine | step
+    lr_drop_epochs: list[int] = field(default_factory=list)  # step schedule: x0.1 at these epochs
+    min_lr_ratio: float = 0.05  # cosine: final lr as a fraction of lr
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast on CUDA; CPU always runs fp32
+    output_dir: str = "runs/train"
+    eval_every: int = 1  # evaluate on the val split every N epochs (and always after the last)
+    resume: bool = True  # continue from output_dir/last when it exists
+    progress: bool = True  # tqdm progress bars
+
+    def __post_init__(self):
+        _check_choice("train.schedule", self.schedule, ("cosine", "step"))
+        _check_range("train.epochs", self.epochs, low=1)
+        _check_range("train.batch_size", self.batch_size, low=1)
+        _check_range("train.eval_every", self.eval_every, low=1)
+        for name in ("lr", "lr_backbone", "weight_decay", "clip_max_norm", "min_lr_ratio"):
+            _check_range(f"train.{name}", getattr(self, name), low=0.0)
+        _check_range("train.warmup_iters", self.warmup_iters, low=0)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flatten(self) -> dict[str, Any]:
+        """Dotted keys -> values, e.g. {"train.lr": 2e-4}; lists stay lists (MLflow params)."""
+        return flatten_dict(self.to_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# Building configs from dicts, files and overrides
+
+
+def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def build_dataclass(cls: type, data: Any, path: str = "") -> Any:
+    """Construct dataclass `cls` from a nested dict, checking keys and value types."""
+    where = path or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}' (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, dotted: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, dotted)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{dotted}: expected a list of {item_tp.__name__}, got {value!r}")
+        return [_coerce(item_tp, v, f"{dotted}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{dotted}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{dotted}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{dotted}: expected a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{dotted}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config field type {tp} for {dotted}")
+
+
+def _check_choice(dotted: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{dotted}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def _check_range(dotted: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{dotted}: expected a value {bounds}, got {value!r}")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` strings to a nested dict (values parsed as YAML scalars or lists)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.epochs=3")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
+        node[parts[-1]] = parse_yaml(raw) if raw.strip() else ""
+    return data
+
+
+def _resolve_model_preset(data: dict[str, Any]) -> dict[str, Any]:
+    from clockdistill.models.presets import preset_fields  # models import config: keep this lazy
+
+    model = data.get("model")
+    if model is None:
+        model = {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"model: expected a mapping of keys to values, got {type(model).__name__}")
+    preset = model.get("preset", ModelConfig.preset)
+    data["model"] = {**preset_fields(preset), **model, "preset": preset}
+    return data
+
+
+def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = None) -> Config:
+    data = dict(data or {})
+    apply_overrides(data, list(overrides or []))
+    return build_dataclass(Config, _resolve_model_preset(data))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file (or none, for the defaults) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = parse_yaml(p.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections (data, model, loss, train)")
+        data = loaded or {}
+    return config_from_dict(data, overrides)

@@ -1,0 +1,242 @@
+"""Training and evaluation loops.
+
+`fit` trains a `TrainingTask`: anything that turns a batch into named loss terms and their weights
+and holds the model to evaluate and checkpoint. `DetectionTask` is plain supervised DETR training;
+the distiller is another task, so teachers, plain students and distilled students share one loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from clockdistill.checkpoint import load_optimizer, load_weights, read_meta, save_checkpoint
+from clockdistill.config import Config, TrainConfig
+from clockdistill.data import CocoDetection, DetectionTransform, collate
+from clockdistill.errors import UserError
+from clockdistill.evaluation import coco_evaluate, postprocess, to_coco_results
+from clockdistill.losses import SetCriterion, detection_weights, weighted_sum
+from clockdistill.models import build_detector
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class TrainingTask(Protocol):
+    model: nn.Module  # the network that is evaluated and checkpointed
+
+    def parameters_to_train(self) -> list[tuple[str, nn.Parameter]]: ...
+
+    def losses(self, images: Tensor, mask: Tensor, targets: list[dict]) -> tuple[dict[str, Tensor], dict[str, float]]: ...
+
+
+class DetectionTask:
+    """Plain supervised training of one detector (teachers and no-KD students)."""
+
+    def __init__(self, model: nn.Module, criterion: SetCriterion, weights: dict[str, float]):
+        self.model, self.criterion, self.weights = model, criterion, weights
+
+    def parameters_to_train(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def losses(self, images, mask, targets):
+        return self.criterion(self.model(images, mask), targets), self.weights
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device: {name} requested but CUDA is not available (use auto or cpu)")
+    return torch.device(name)
+
+
+def build_datasets(cfg: Config) -> tuple[CocoDetection, CocoDetection]:
+    if not cfg.data.root:
+        raise UserError("data.root: no data set given (set data.root=DIR, a COCO-format directory)")
+    d = cfg.data
+    train = CocoDetection(d.root, d.train_split, DetectionTransform(d.max_size, True, d.train_sizes, d.hflip), cfg.train.seed)
+    val = CocoDetection(d.root, d.val_split, DetectionTransform(d.max_size, False))
+    return train, val
+
+
+def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; the backbone at its own lr; no weight decay on norms, biases and embeddings."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in named_params:
+        lr = cfg.lr_backbone if ".backbone." in f".{name}" else cfg.lr
+        decay = 0.0 if (p.ndim <= 1 or "query_" in name or "level_embed" in name) else cfg.weight_decay
+        groups.setdefault((lr, decay), []).append(p)
+    param_groups = [{"params": ps, "lr": lr, "initial_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total: int, iters_per_epoch: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine to min_lr_ratio or x0.1 steps at lr_drop_epochs."""
+    warm = min(1.0, (step + 1) / cfg.warmup_iters) if cfg.warmup_iters else 1.0
+    if cfg.schedule == "step":
+        epoch = step // max(iters_per_epoch, 1)
+        return warm * 0.1 ** sum(epoch >= e for e in cfg.lr_drop_epochs)
+    progress = min(1.0, step / max(total, 1))
+    return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _to_device(images: Tensor, mask: Tensor, targets: list[dict], device: torch.device):
+    nb = device.type == "cuda"
+    images = images.to(device, non_blocking=nb)
+    mask = mask.to(device, non_blocking=nb)
+    targets = [{k: (v.to(device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    return images, mask, targets
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 16, amp: bool = True, progress: bool = False) -> dict[str, float]:
+    """COCO metrics of `model` on a whole split."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    results, image_ids = [], []
+    for images, mask, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        images, mask, _ = _to_device(images, mask, [], device)
+        with _autocast(device, amp):
+            outputs = model(images, mask)
+        orig = torch.stack([t["orig_size"] for t in targets])
+        ids = [t["image_id"] for t in targets]
+        results += to_coco_results(postprocess(outputs, orig), ids, dataset.label_to_cat)
+        image_ids += ids
+    model.train(was_training)
+    return coco_evaluate(dataset.index.ann_path, results, image_ids)
+
+
+def train_one_epoch(task: TrainingTask, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
+                    cfg: TrainConfig, epoch: int, step: int, total_steps: int, params: list[nn.Parameter]) -> tuple[dict[str, float], int]:
+    """One pass over `loader`. Returns the epoch's mean of every loss term (and the weighted total
+    under "loss"), and the global step after it."""
+    task.model.train()
+    sums: dict[str, float] = {}
+    n = 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+    for images, mask, targets in bar:
+        images, mask, targets = _to_device(images, mask, targets, device)
+        factor = lr_factor(step, total_steps, len(loader), cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        with _autocast(device, cfg.amp):
+            terms, weights = task.losses(images, mask, targets)
+        loss = weighted_sum(terms, weights)
+        if not torch.isfinite(loss):
+            bad = sorted(k for k, v in terms.items() if not torch.isfinite(v))
+            raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step} (non-finite terms: {bad})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_max_norm)
+        optimizer.step()
+        step += 1
+        n += 1
+        sums["loss"] = sums.get("loss", 0.0) + loss.item()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.item()
+        bar.set_postfix(loss=f"{sums['loss'] / n:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    return {k: v / max(n, 1) for k, v in sums.items()}, step
+
+
+@dataclass
+class FitResult:
+    output_dir: Path
+    best_ap: float
+    best_epoch: int
+    last_metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+EpochCallback = Callable[[int, dict[str, float], Path], Any]
+
+
+def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallback | None = None,
+        datasets: tuple[CocoDetection, CocoDetection] | None = None) -> FitResult:
+    """Train for cfg.train.epochs, evaluating every eval_every epochs.
+
+    Writes `<output_dir>/last` every epoch and `<output_dir>/best` when the validation AP improves;
+    resumes from `last` when train.resume is on. `on_epoch_end(epoch, metrics, checkpoint_dir)` gets
+    every loss term, the lr and the COCO metrics (on evaluated epochs) after each epoch; returning
+    True stops training early.
+    """
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    device = select_device(tc.device)
+    train_ds, val_ds = datasets or build_datasets(cfg)
+    if cfg.model.num_classes == 0:
+        cfg.model.num_classes = train_ds.num_classes
+    if task is None:
+        model = build_detector(cfg.model, train_ds.num_classes).to(device)
+        criterion = SetCriterion.from_config(cfg.loss, cfg.model.num_classes)
+        task = DetectionTask(model, criterion, detection_weights(cfg.loss, cfg.model.dec_layers - 1))
+    named = task.parameters_to_train()
+    params = [p for _, p in named]
+    optimizer = build_optimizer(named, tc)
+    out = Path(tc.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start_epoch, step, best_ap, best_epoch, history = 0, 0, -1.0, -1, []
+    if tc.resume and (out / "last" / "meta.json").is_file():
+        meta = read_meta(out / "last")
+        load_weights(out / "last", task.model, device)
+        load_optimizer(out / "last", optimizer, meta)
+        start_epoch, step = meta["epoch"] + 1, meta["step"]
+        best_ap, best_epoch, history = meta.get("best_ap", -1.0), meta.get("best_epoch", -1), meta.get("history", [])
+        log.info("resumed from %s at epoch %d", out / "last", start_epoch + 1)
+    loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, collate_fn=collate, drop_last=len(train_ds) > tc.batch_size,
+                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
+    total_steps = tc.epochs * len(loader)
+    base_meta = {"config": cfg.to_dict(), "class_names": train_ds.class_names, "label_to_cat": train_ds.label_to_cat}
+    metrics: dict[str, float] = history[-1] if history else {}
+    for epoch in range(start_epoch, tc.epochs):
+        t0 = time.perf_counter()
+        train_ds.set_epoch(epoch)
+        loader.generator = torch.Generator().manual_seed(tc.seed * 1000 + epoch)
+        losses, step = train_one_epoch(task, loader, optimizer, device, tc, epoch, step, total_steps, params)
+        metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_time_s": time.perf_counter() - t0, **losses}
+        if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
+            t1 = time.perf_counter()
+            metrics.update(evaluate(task.model, val_ds, device, tc.batch_size * 2, tc.amp, tc.progress))
+            metrics["eval_time_s"] = time.perf_counter() - t1
+            if metrics["AP"] > best_ap:
+                best_ap, best_epoch = metrics["AP"], epoch + 1
+        history.append(metrics)
+        meta = {**base_meta, "epoch": epoch, "step": step, "metrics": metrics, "best_ap": best_ap, "best_epoch": best_epoch, "history": history}
+        if best_epoch == epoch + 1:
+            save_checkpoint(out / "best", task.model, meta)
+        save_checkpoint(out / "last", task.model, meta, optimizer)
+        log.info("epoch %d/%d loss %.4f%s (%.1fs)", epoch + 1, tc.epochs, metrics["loss"],
+                 f" AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f}" if "AP" in metrics else "", metrics["train_time_s"])
+        if on_epoch_end is not None and on_epoch_end(epoch + 1, metrics, out / "last"):
+            log.info("stopped early by the epoch callback after epoch %d", epoch + 1)
+            break
+    return FitResult(out, best_ap, best_epoch, metrics, history)
+
+
+def load_detector(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """A detector and its checkpoint metadata (config, class names, metrics)."""
+    from clockdistill.config import config_from_dict
+
+    meta = read_meta(checkpoint)
+    cfg = config_from_dict(meta["config"])
+    model = build_detector(cfg.model, cfg.model.num_classes or len(meta["class_names"]))
+    load_weights(checkpoint, model, device)
+    return model.to(device).eval(), meta

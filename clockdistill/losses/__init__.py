@@ -1,0 +1,4 @@
+from clockdistill.losses.criterion import SetCriterion, detection_weights, sigmoid_focal_loss, weighted_sum
+from clockdistill.losses.matcher import HungarianMatcher
+
+__all__ = ["HungarianMatcher", "SetCriterion", "detection_weights", "sigmoid_focal_loss", "weighted_sum"]

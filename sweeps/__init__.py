@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over the distillation core (the Ray layer; the core never imports ray)."""

@@ -1,0 +1,60 @@
+import pytest
+
+from clockdistill.config import config_from_dict, load_config
+from clockdistill.errors import ConfigError
+
+
+def test_preset_fills_fields_and_explicit_keys_win():
+    cfg = config_from_dict({"model": {"preset": "teacher", "dec_layers": 4}})
+    assert cfg.model.backbone_depth == 50 and cfg.model.d_model == 256 and cfg.model.dec_layers == 4
+    assert config_from_dict({"model": {"preset": "tiny-student-dab"}}).model.arch == "dab"
+
+
+def test_overrides_and_flatten_round_trip(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 5e-5\n  epochs: 3\nmodel:\n  preset: tiny-student\n")
+    cfg = load_config(f, ["train.epochs=7", "data.train_sizes=[96, 128]", "train.amp=false"])
+    assert cfg.train.lr == 5e-5 and isinstance(cfg.train.lr, float)  # 5e-5 read as a number
+    assert cfg.train.epochs == 7 and cfg.data.train_sizes == [96, 128] and cfg.train.amp is False
+    flat = cfg.flatten()
+    assert flat["train.epochs"] == 7 and flat["model.preset"] == "tiny-student"
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["train.epoch=3"], r"unknown config key 'train\.epoch'"),
+        (["model.preset=huge"], r"model\.preset: unknown preset 'huge'"),
+        (["train.lr=abc"], r"train\.lr: expected a number, got 'abc'"),
+        (["train.lr='1e-4'"], r"train\.lr: expected a number"),
+        (["train.epochs=2.5"], r"train\.epochs: expected an integer"),
+        (["train.amp=1"], r"train\.amp: expected true or false"),
+        (["train.lr=-1"], r"train\.lr: expected a value >= 0"),
+        (["model.arch=yolo"], r"model\.arch: expected one of deformable, dab"),
+        (["model.d_model=66"], r"model\.d_model: 66 must be divisible by model\.nheads"),
+        (["train.device=gpu"], r"train\.device"),
+        (["nonsense"], r"expected key=value"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({}, overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(listy)
+    code = tmp_path / "code.yaml"
+    code.write_text("name: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError):  # safe loading: tags that run code are refused
+        load_config(code)

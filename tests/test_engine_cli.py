@@ -1,0 +1,118 @@
+"""Training, checkpoints, resume and the CLI end to end on tiny data."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from clockdistill.checkpoint import load_optimizer, load_weights, read_meta, save_checkpoint
+from clockdistill.config import TrainConfig, config_from_dict
+from clockdistill.engine import build_optimizer, fit, lr_factor
+from clockdistill.models import build_detector
+from conftest import run_cli
+
+
+def tiny_config(data, out, **train):
+    return config_from_dict({"data": {"root": str(data), "max_size": 96}, "model": {"preset": "tiny-student"},
+                             "train": {"epochs": 2, "batch_size": 4, "output_dir": str(out), "progress": False, **train}})
+
+
+def test_checkpoint_round_trip_without_pickle(tmp_path):
+    cfg = config_from_dict({"model": {"preset": "tiny-student"}})
+    model = build_detector(cfg.model, 3)
+    opt = build_optimizer(list(model.named_parameters()), cfg.train)
+    loss = sum(p.sum() for p in model.parameters())
+    loss.backward()
+    opt.step()
+    save_checkpoint(tmp_path / "ck", model, {"epoch": 1, "config": cfg.to_dict()}, opt)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["meta.json", "model.safetensors", "optimizer.safetensors"]
+    other = build_detector(cfg.model, 3)
+    load_weights(tmp_path / "ck", other)
+    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), k
+    opt2 = build_optimizer(list(other.named_parameters()), cfg.train)
+    assert load_optimizer(tmp_path / "ck", opt2, read_meta(tmp_path / "ck"))
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
+
+
+def test_lr_schedule_warmup_cosine_and_step():
+    cfg = TrainConfig(warmup_iters=10, min_lr_ratio=0.1)
+    assert lr_factor(0, 100, 10, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.09)))
+    assert lr_factor(100, 100, 10, cfg) == pytest.approx(0.1)
+    step = TrainConfig(warmup_iters=0, schedule="step", lr_drop_epochs=[2])
+    assert lr_factor(19, 100, 10, step) == 1.0 and lr_factor(20, 100, 10, step) == pytest.approx(0.1)
+
+
+def test_fit_reports_every_epoch_and_resumes(synth_data, tmp_path):
+    seen = []
+    result = fit(tiny_config(synth_data, tmp_path / "run"), on_epoch_end=lambda e, m, ck: seen.append((e, m, ck)))
+    assert [e for e, _, _ in seen] == [1, 2]
+    metrics = seen[-1][1]
+    for key in ("loss", "loss_cls", "loss_bbox", "loss_giou", "loss_cls_0", "lr", "AP", "AP50", "APs", "AP/circle"):
+        assert key in metrics, key
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+    meta = read_meta(tmp_path / "run" / "last")
+    assert meta["epoch"] == 1 and len(meta["history"]) == 2 and meta["config"]["model"]["num_classes"] == 4
+    assert result.best_epoch in (1, 2)
+    # Asking for more epochs continues from epoch 3 with the saved weights, not from scratch.
+    calls = []
+    fit(tiny_config(synth_data, tmp_path / "run", epochs=3), on_epoch_end=lambda e, m, ck: calls.append(e))
+    assert calls == [3]
+    assert len(read_meta(tmp_path / "run" / "last")["history"]) == 3
+
+
+def test_callback_can_stop_early(synth_data, tmp_path):
+    calls = []
+    fit(tiny_config(synth_data, tmp_path / "run", epochs=5, eval_every=5), on_epoch_end=lambda e, m, ck: calls.append(e) or True)
+    assert calls == [1]
+
+
+def test_cli_train_then_evaluate(synth_data, tmp_path):
+    out = tmp_path / "cli"
+    r = run_cli("train", "--set", f"data.root={synth_data}", "--set", "model.preset=tiny-student", "--set", "train.epochs=1",
+                "--set", "train.batch_size=4", "--set", f"train.output_dir={out}", "--set", "data.max_size=96")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["best_epoch"] == 1
+    r = run_cli("evaluate", "--checkpoint", str(out / "best"), "--data", str(synth_data), "--quiet")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(r.stdout)
+    assert metrics["AP"] == pytest.approx(summary["best_AP"], abs=1e-9)  # same checkpoint, same data, same number
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["train", "--set", "train.epoch=3"], "unknown config key 'train.epoch'"),
+        (["train", "--set", "model.preset=nope"], "model.preset: unknown preset 'nope'"),
+        (["train", "--set", "train.lr=fast"], "train.lr: expected a number"),
+        (["train"], "data.root: no data set given"),
+        (["evaluate", "--checkpoint", "/nonexistent", "--data", "/nonexistent"], "not a checkpoint"),
+        (["data", "index", "/nonexistent"], "data set directory not found"),
+        (["data", "synth", "--out", "x", "--train", "-1"], "--train: expected a count >= 0"),
+    ],
+)
+def test_cli_bad_input_one_line_nonzero(args, match):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], r.stderr
+
+
+def test_cli_bad_annotation_file(tmp_path):
+    from conftest import write_coco
+
+    path = write_coco(tmp_path, "train", [{"id": 1, "file_name": "a.png", "width": 9, "height": 9}], [])
+    path.write_text("not json")
+    r = run_cli("data", "index", str(tmp_path), "--split", "train")
+    assert r.returncode == 2 and "instances_train.json: not valid JSON" in r.stderr
+
+
+def test_every_subcommand_has_help():
+    for args in (["--help"], ["data", "--help"], ["data", "synth", "--help"], ["data", "kitti", "--help"], ["data", "index", "--help"],
+                 ["train", "--help"], ["evaluate", "--help"], ["demo", "--help"]):
+        r = run_cli(*args)
+        assert r.returncode == 0 and "usage: clockdistill" in r.stdout
