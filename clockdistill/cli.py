@@ -145,10 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The embedded default end to end on a CPU: write synthetic data, train a tiny teacher "
                                    "(reused when already trained) and a tiny student, print both mAPs.")
     d.add_argument("--workdir", default="demo-run", help="where data and checkpoints go (default demo-run)")
-    d.add_argument("--train", type=int, default=800, help="synthetic training images (default 800)")
+    d.add_argument("--train", type=int, default=1000, help="synthetic training images (default 1000)")
     d.add_argument("--val", type=int, default=150, help="synthetic validation images (default 150)")
-    d.add_argument("--teacher-epochs", type=int, default=12)
-    d.add_argument("--student-epochs", type=int, default=6)
+    d.add_argument("--teacher-epochs", type=int, default=15, help="teacher epochs (default 15)")
+    d.add_argument("--student-epochs", type=int, default=8, help="student epochs (default 8)")
     d.set_defaults(func=_cmd_demo)
     return p
 

@@ -201,7 +201,9 @@ def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallba
         start_epoch, step = meta["epoch"] + 1, meta["step"]
         best_ap, best_epoch, history = meta.get("best_ap", -1.0), meta.get("best_epoch", -1), meta.get("history", [])
         log.info("resumed from %s at epoch %d", out / "last", start_epoch + 1)
+    shuffle_rng = torch.Generator()  # re-seeded per epoch: a resumed run sees the same order
     loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, collate_fn=collate, drop_last=len(train_ds) > tc.batch_size,
+                        generator=shuffle_rng,
                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
     total_steps = tc.epochs * len(loader)
     base_meta = {"config": cfg.to_dict(), "class_names": train_ds.class_names, "label_to_cat": train_ds.label_to_cat}
@@ -209,7 +211,7 @@ def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallba
     for epoch in range(start_epoch, tc.epochs):
         t0 = time.perf_counter()
         train_ds.set_epoch(epoch)
-        loader.generator = torch.Generator().manual_seed(tc.seed * 1000 + epoch)
+        shuffle_rng.manual_seed(tc.seed * 1000 + epoch)
         losses, step = train_one_epoch(task, loader, optimizer, device, tc, epoch, step, total_steps, params)
         metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_time_s": time.perf_counter() - t0, **losses}
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:

@@ -18,6 +18,7 @@ import torch
 
 from clockdistill.config import config_from_dict
 from clockdistill.data.synth import write_synthetic
+from clockdistill.demo import TRAIN
 from clockdistill.engine import fit
 
 
@@ -26,7 +27,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget for training + evaluation")
     ap.add_argument("--train", type=int, default=2000, help="synthetic training images")
     ap.add_argument("--val", type=int, default=300, help="synthetic validation images")
-    ap.add_argument("--epochs", type=int, default=40, help="schedule length (the cosine decays over it)")
+    ap.add_argument("--epochs", type=int, default=30, help="schedule length (the cosine decays over it)")
     ap.add_argument("--preset", default="tiny-teacher")
     ap.add_argument("--workdir", default=None, help="keep data and checkpoints here (default: a temp dir)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -41,7 +42,7 @@ def main() -> None:
             "name": "teacher-bench",
             "data": {"root": str(data)},
             "model": {"preset": args.preset},
-            "train": {"epochs": args.epochs, "output_dir": str(work / "teacher"), "resume": False, "progress": False},
+            "train": {**TRAIN, "epochs": args.epochs, "output_dir": str(work / "teacher"), "resume": False, "progress": False},
         },
         args.overrides,
     )
