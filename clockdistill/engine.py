@@ -121,7 +121,7 @@ def evaluate(model: nn.Module, dataset: CocoDetection, device: torch.device, bat
         results += to_coco_results(postprocess(outputs, orig), ids, dataset.label_to_cat)
         image_ids += ids
     model.train(was_training)
-    return coco_evaluate(dataset.index.ann_path, results, image_ids)
+    return coco_evaluate(dataset.ground_truth, results, image_ids)
 
 
 def train_one_epoch(task: TrainingTask, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,

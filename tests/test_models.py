@@ -77,19 +77,25 @@ def test_output_dict_shapes_and_extra_queries(preset):
     assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
 
 
-def test_padding_does_not_change_predictions_much():
-    """An image padded to a larger batch gives (nearly) the same detections as alone."""
+def test_padding_geometry_of_a_padded_image():
+    """An image padded inside a larger batch: every level's valid ratios and the memory padding mask
+    cover exactly its unpadded part."""
     cfg = config_from_dict({"model": {"preset": "tiny-teacher"}})
     model = build_detector(cfg.model, 3).eval()
-    image = torch.randn(1, 3, 64, 96)
-    alone = model(image, torch.zeros(1, 64, 96, dtype=torch.bool))
-    padded = torch.zeros(1, 3, 96, 128)
-    padded[:, :, :64, :96] = image
-    mask = torch.ones(1, 96, 128, dtype=torch.bool)
-    mask[:, :64, :96] = False
-    batched = model(padded, mask)
-    # Not exact (conv receptive fields see the zero padding); the anchors must still line up.
-    assert (alone["pred_boxes"] - batched["pred_boxes"]).abs().mean() < 0.05
+    images = torch.randn(2, 3, 96, 128)
+    mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    mask[1, 64:, :] = True  # image 1 is 64 x 96 inside the 96 x 128 batch
+    mask[1, :, 96:] = True
+    with torch.no_grad():
+        mem = model.encode(images, mask)
+    assert torch.allclose(mem.valid_ratios[0], torch.ones(3, 2))
+    assert torch.allclose(mem.valid_ratios[1], torch.tensor([[0.75, 2 / 3]] * 3))
+    for lvl, ((h, w), start) in enumerate(zip(mem.spatial_shapes, mem.level_start_index)):
+        level_mask = mem.padding_mask[1, start : start + h * w].view(h, w)
+        valid_h, valid_w = round(h * 2 / 3), round(w * 0.75)
+        assert not level_mask[:valid_h, :valid_w].any(), lvl
+        assert level_mask[valid_h:, :].all() and level_mask[:, valid_w:].all(), lvl
+    assert not mem.padding_mask[0].any()
 
 
 def overfit(preset: str, data, steps: int, lr: float = 1e-3):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import random
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from torch.utils.data import Dataset
 from clockdistill.data.index import AnnotationIndex, load_index
 from clockdistill.data.transforms import DetectionTransform
 from clockdistill.errors import DataError
+from clockdistill.ops.boxes import box_xyxy_to_cxcywh
 
 
 class CocoDetection(Dataset):
@@ -28,6 +31,11 @@ class CocoDetection(Dataset):
         self.cat_to_label = {c["id"]: i for i, c in enumerate(self.index.categories)}
         self.label_to_cat = [c["id"] for c in self.index.categories]
         self.class_names = [c["name"] for c in self.index.categories]
+
+    @functools.cached_property
+    def ground_truth(self) -> dict:
+        """The annotation file as loaded JSON, read once: evaluation runs every epoch."""
+        return json.loads(self.index.ann_path.read_bytes())
 
     @property
     def num_classes(self) -> int:
@@ -56,11 +64,7 @@ class CocoDetection(Dataset):
         boxes, cats, crowd = self.index.annotations(i)
         keep = ~crowd
         xyxy = torch.from_numpy(np.ascontiguousarray(boxes[keep], dtype=np.float32)).reshape(-1, 4)
-        scale = torch.tensor([w, h, w, h])
-        xyxy = xyxy / scale
-        cxcywh = torch.stack(
-            [(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2, xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], -1
-        )
+        cxcywh = box_xyxy_to_cxcywh(xyxy / torch.tensor([w, h, w, h]))
         labels = torch.tensor([self.cat_to_label[int(c)] for c in cats[keep]], dtype=torch.int64)
         target = {
             "boxes": cxcywh,
