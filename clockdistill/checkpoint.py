@@ -2,6 +2,7 @@
 
     <dir>/model.safetensors      model weights
     <dir>/optimizer.safetensors  optimizer state tensors (optional)
+    <dir>/extra.safetensors      weights of trained helper modules, e.g. a distillation adapter (optional)
     <dir>/meta.json              full config, epoch, metrics, scheduler and optimizer hyper-parameters
 """
 
@@ -41,14 +42,20 @@ def _optimizer_join(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> 
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any], optimizer: torch.optim.Optimizer | None = None) -> Path:
+def _state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {prefix + k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
+                    extra: dict[str, nn.Module] | None = None) -> Path:
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, tmp / "model.safetensors")
+    save_file(_state(model), tmp / "model.safetensors")
+    if extra:
+        save_file({k: v for name, m in extra.items() for k, v in _state(m, f"{name}.").items()}, tmp / "extra.safetensors")
     meta = dict(meta)
     if optimizer is not None:
         tensors, plain = _optimizer_split(optimizer.state_dict())
@@ -93,3 +100,15 @@ def load_optimizer(path: str | Path, optimizer: torch.optim.Optimizer, meta: dic
         return False
     optimizer.load_state_dict(_optimizer_join(load_file(opt_file), meta["optimizer"]))
     return True
+
+
+def load_extra(path: str | Path, modules: dict[str, nn.Module], device: str | torch.device = "cpu") -> None:
+    """Load helper modules saved with `save_checkpoint(..., extra=)`."""
+    if not modules:
+        return
+    extra_file = Path(path) / "extra.safetensors"
+    if not extra_file.is_file():
+        raise UserError(f"{extra_file}: not found (the checkpoint holds no {', '.join(modules)} weights)")
+    state = load_file(extra_file, device=str(device))
+    for name, module in modules.items():
+        module.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(f"{name}.")})

@@ -63,6 +63,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from clockdistill.distill import distill_config, run_distillation
+
+    cfg = distill_config(args.config, args.overrides, teacher=args.teacher)
+    if args.print_config:
+        print(json.dumps(cfg.flatten(), indent=1))
+        return 0
+
+    def report(epoch: int, metrics: dict, _ckpt) -> None:
+        ap = f"AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f} | " if "AP" in metrics else ""
+        parts = " ".join(f"{k[5:]} {metrics[k]:.4f}" for k in ("loss_det", "loss_kd_mem", "loss_kd_logit") if k in metrics)
+        print(f"epoch {epoch}/{cfg.train.epochs}: {ap}weighted loss: {parts}", flush=True)
+
+    result = run_distillation(cfg, on_epoch_end=report)
+    summary = {"output_dir": str(result.output_dir), "method": cfg.distill.method, "best_AP": result.best_ap,
+               "best_epoch": result.best_epoch, "teacher_AP": result.teacher_ap}
+    summary.update({k: result.last_metrics[k] for k in ("AP", "AP50", "AP75") if k in result.last_metrics})
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from clockdistill.data import CocoDetection, DetectionTransform
     from clockdistill.engine import evaluate, load_detector, select_device
@@ -130,6 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     t.add_argument("--print-config", action="store_true", help="print the resolved config as dotted keys and exit")
     t.set_defaults(func=_cmd_train)
+
+    ds = sub.add_parser("distill", help="train one student against a teacher with one distillation setting",
+                        description="Train one student with CLoCKDistill or a baseline (distill.method: clockdistill, none, "
+                                    "vanilla_kd, fitnet, memory_only, logit_only); the call a sweep trial makes. The config "
+                                    "has the sections of `train` plus `distill` (see clockdistill/config.py: DistillConfig). "
+                                    "Data settings left out are taken from the teacher's checkpoint, and the student preset "
+                                    "from the teacher's (tiny-teacher -> tiny-student). Prints the loss formula, a line per "
+                                    "epoch and a JSON summary; resumes from <train.output_dir>/last.",
+                        epilog="example: clockdistill distill --teacher runs/teacher/best --set distill.memory.alpha=1e-4 "
+                               "--set train.epochs=8 --set train.output_dir=runs/kd-alpha1e-4")
+    ds.add_argument("--teacher", help="teacher checkpoint directory (or distill.teacher in the config)")
+    ds.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    ds.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    ds.add_argument("--print-config", action="store_true", help="print the resolved config as dotted keys and exit")
+    ds.set_defaults(func=_cmd_distill)
 
     e = sub.add_parser("evaluate", help="COCO metrics of a checkpoint, as JSON",
                        description="Evaluate a checkpoint directory on a split of a COCO-format data set; prints JSON.")

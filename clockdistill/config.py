@@ -147,6 +147,110 @@ class TrainConfig:
             raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
+METHODS = ("clockdistill", "none", "vanilla_kd", "fitnet", "memory_only", "logit_only")
+_LAYERS_RE = re.compile(r"all|last|last\d+|\d+(,\d+)*")
+
+
+@dataclass
+class MemoryDistillConfig:
+    """Location-and-context-aware memory distillation (LCMD), and the FitNet baseline's weight.
+
+    kd_mem = lambda * (1/B) * sum_images sum_levels [alpha * sum_i M_i S_i ||t_i - s_i||^2
+                                                   + beta * sum_i (1 - M_i) S_i ||t_i - s_i||^2]
+    """
+
+    weight: float = 1.0  # lambda_mem: scales both the foreground and the background term
+    alpha: float = 5e-5  # foreground weight (paper default, tuned for full-size COCO memory)
+    beta: float = 1e-7  # background weight
+    mask: str = "box"  # box: binary GT boxes | gaussian: boxes grown by gaussian_grow with a Gaussian fall-off
+    gaussian_grow: float = 2.0  # gaussian mask: side length of the grown box as a multiple of the box's
+    scale_norm: bool = True  # S mask: 1/box area inside boxes, 1/background count outside (False: S = 1)
+    channel_reduce: str = "sum"  # squared error summed (FGD convention, what alpha is tuned for) or averaged over channels
+    levels: list[int] = field(default_factory=list)  # memory levels to distil ([] = all; 0 = finest)
+    with_pos: bool = False  # distil memory + positional encoding instead of the raw memory
+    fitnet_weight: float = 1.0  # FitNet baseline: weight of the plain MSE over every unpadded token
+
+    def __post_init__(self):
+        for name in ("weight", "alpha", "beta", "fitnet_weight"):
+            _check_range(f"distill.memory.{name}", getattr(self, name), low=0.0)
+        _check_range("distill.memory.gaussian_grow", self.gaussian_grow, low=1.0)
+        _check_choice("distill.memory.mask", self.mask, ("box", "gaussian"))
+        _check_choice("distill.memory.channel_reduce", self.channel_reduce, ("sum", "mean"))
+        for i, level in enumerate(self.levels):
+            _check_range(f"distill.memory.levels[{i}]", level, low=0)
+
+
+@dataclass
+class LogitDistillConfig:
+    """Target-aware consistent logit distillation (TCLD); the vanilla-KD baseline uses the same loss
+    knobs on Hungarian-matched teacher/student predictions instead of the target-aware queries."""
+
+    weight: float = 1.0  # lambda_tcld: scales the class, L1 and GIoU terms
+    temperature: float = 10.0
+    cls_weight: float = 1.0
+    l1_weight: float = 5.0
+    giou_weight: float = 2.0
+    cls_form: str = "softmax_kl"  # softmax_kl: KL over classes x T^2 | binary_kl: per-class sigmoid KL x T^2
+    cls_norm: str = "sum"  # sum over queries (as the author's code) | weight: / sum of weights | queries: / query count
+    confidence: str = "max"  # teacher-confidence weight: max_c sigmoid | squared | none (all 1)
+    confidence_threshold: float = 0.0  # weights below this become 0
+    layers: str = "all"  # decoder layers distilled: all | last | lastN | comma list of indices (0 = first)
+    groups: int = 3  # copies of the GT queries (each its own self-attention group)
+    label_noise: float = 0.0  # probability of replacing a query's label with a random class
+    box_noise: float = 0.0  # DN-style box jitter scale (0.4 = centre moves up to 20% of the size)
+    random_queries: int = 0  # extra fixed random queries (background/context positions)
+    embedding_seed: int = 0  # seed of the frozen random label table, box MLP and random queries
+
+    def __post_init__(self):
+        for name in ("weight", "cls_weight", "l1_weight", "giou_weight", "box_noise"):
+            _check_range(f"distill.logit.{name}", getattr(self, name), low=0.0)
+        if not self.temperature > 0:
+            raise ConfigError(f"distill.logit.temperature: expected a value > 0, got {self.temperature!r}")
+        _check_range("distill.logit.label_noise", self.label_noise, low=0.0, high=1.0)
+        _check_range("distill.logit.confidence_threshold", self.confidence_threshold, low=0.0, high=1.0)
+        _check_range("distill.logit.groups", self.groups, low=1)
+        _check_range("distill.logit.random_queries", self.random_queries, low=0)
+        _check_choice("distill.logit.cls_form", self.cls_form, ("softmax_kl", "binary_kl"))
+        _check_choice("distill.logit.cls_norm", self.cls_norm, ("sum", "weight", "queries"))
+        _check_choice("distill.logit.confidence", self.confidence, ("max", "squared", "none"))
+        if not isinstance(self.layers, str) or not _LAYERS_RE.fullmatch(self.layers):
+            raise ConfigError(f"distill.logit.layers: expected all, last, lastN or a comma list of layer indices, got {self.layers!r}")
+
+
+@dataclass
+class DistillConfig:
+    """Which method distils the student, from which teacher, with which knobs (paper defaults)."""
+
+    method: str = "clockdistill"  # clockdistill | none | vanilla_kd | fitnet | memory_only | logit_only
+    teacher: str = ""  # teacher checkpoint directory (from `clockdistill train`)
+    init_student: bool = False  # copy the teacher's weights into the student wherever names and shapes match
+    memory: MemoryDistillConfig = field(default_factory=MemoryDistillConfig)
+    logit: LogitDistillConfig = field(default_factory=LogitDistillConfig)
+
+    def __post_init__(self):
+        _check_choice("distill.method", self.method, METHODS)
+
+    @property
+    def uses_memory(self) -> bool:
+        return self.method in ("clockdistill", "memory_only")
+
+    @property
+    def uses_target_queries(self) -> bool:
+        return self.method in ("clockdistill", "logit_only")
+
+    def flatten(self) -> dict[str, Any]:
+        """Dotted keys under `distill.`, as logged: {"distill.memory.alpha": 5e-05, ...}."""
+        return flatten_dict(dataclasses.asdict(self), "distill.")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> "DistillConfig":
+        """Build from a `distill` section; overrides are dotted keys with or without `distill.`."""
+        data = dict(data or {})
+        prefixed = [o if o.startswith("distill.") else f"distill.{o}" for o in overrides or []]
+        wrapped = apply_overrides({"distill": data}, prefixed)
+        return build_dataclass(cls, wrapped["distill"], "distill")
+
+
 @dataclass
 class Config:
     name: str = "run"
@@ -154,6 +258,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # used by `clockdistill distill`
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -269,6 +374,11 @@ def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config file (or none, for the defaults) and apply dotted overrides."""
+    return config_from_dict(read_config_file(path), overrides)
+
+
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """A YAML config file's contents as a dict ({} for no file), unvalidated."""
     data: dict[str, Any] = {}
     if path:
         p = Path(path)
@@ -281,6 +391,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             where = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{p}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections (data, model, loss, train)")
+            raise ConfigError(f"{p}: expected a mapping of sections (data, model, loss, train, distill)")
         data = loaded or {}
-    return config_from_dict(data, overrides)
+    return data

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from clockdistill.checkpoint import load_optimizer, load_weights, read_meta, save_checkpoint
+from clockdistill.checkpoint import load_extra, load_optimizer, load_weights, read_meta, save_checkpoint
 from clockdistill.config import Config, TrainConfig
 from clockdistill.data import CocoDetection, DetectionTransform, collate
 from clockdistill.errors import UserError
@@ -35,6 +35,10 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainingTask(Protocol):
+    """What `fit` trains. Optional extras: `extra_modules: dict[str, nn.Module]`, trained helpers
+    (e.g. a distillation adapter) saved in and restored from the checkpoint beside `model`; and
+    `extra_metrics(metrics) -> dict`, added to each epoch's metrics."""
+
     model: nn.Module  # the network that is evaluated and checkpointed
 
     def parameters_to_train(self) -> list[tuple[str, nn.Parameter]]: ...
@@ -129,7 +133,8 @@ def train_one_epoch(task: TrainingTask, loader: DataLoader, optimizer: torch.opt
     """One pass over `loader`. Returns the epoch's mean of every loss term (and the weighted total
     under "loss"), and the global step after it."""
     task.model.train()
-    sums: dict[str, float] = {}
+    names: list[str] = []
+    sums: Tensor | None = None  # running sums on the device: one host sync per step (the finiteness check)
     n = 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
     for images, mask, targets in bar:
@@ -150,11 +155,16 @@ def train_one_epoch(task: TrainingTask, loader: DataLoader, optimizer: torch.opt
         optimizer.step()
         step += 1
         n += 1
-        sums["loss"] = sums.get("loss", 0.0) + loss.item()
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v.item()
-        bar.set_postfix(loss=f"{sums['loss'] / n:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-    return {k: v / max(n, 1) for k, v in sums.items()}, step
+        if not names:
+            names = ["loss", *terms]
+        elif names[1:] != list(terms):
+            raise RuntimeError(f"loss terms changed between steps: {names[1:]} -> {list(terms)}")
+        values = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
+        sums = values if sums is None else sums + values
+        if cfg.progress and (n % 10 == 1 or n == len(loader)):
+            bar.set_postfix(loss=f"{sums[0].item() / n:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    means = (sums / max(n, 1)).tolist() if sums is not None else []
+    return dict(zip(names, means)), step
 
 
 @dataclass
@@ -188,6 +198,7 @@ def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallba
         model = build_detector(cfg.model, train_ds.num_classes).to(device)
         criterion = SetCriterion.from_config(cfg.loss, cfg.model.num_classes)
         task = DetectionTask(model, criterion, detection_weights(cfg.loss, cfg.model.dec_layers - 1))
+    extra = dict(getattr(task, "extra_modules", {}) or {})
     named = task.parameters_to_train()
     params = [p for _, p in named]
     optimizer = build_optimizer(named, tc)
@@ -197,6 +208,7 @@ def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallba
     if tc.resume and (out / "last" / "meta.json").is_file():
         meta = read_meta(out / "last")
         load_weights(out / "last", task.model, device)
+        load_extra(out / "last", extra, device)
         load_optimizer(out / "last", optimizer, meta)
         start_epoch, step = meta["epoch"] + 1, meta["step"]
         best_ap, best_epoch, history = meta.get("best_ap", -1.0), meta.get("best_epoch", -1), meta.get("history", [])
@@ -214,6 +226,8 @@ def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallba
         shuffle_rng.manual_seed(tc.seed * 1000 + epoch)
         losses, step = train_one_epoch(task, loader, optimizer, device, tc, epoch, step, total_steps, params)
         metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_time_s": time.perf_counter() - t0, **losses}
+        if hasattr(task, "extra_metrics"):
+            metrics.update(task.extra_metrics(metrics))
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
             t1 = time.perf_counter()
             metrics.update(evaluate(task.model, val_ds, device, tc.batch_size * 2, tc.amp, tc.progress))
@@ -223,8 +237,8 @@ def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallba
         history.append(metrics)
         meta = {**base_meta, "epoch": epoch, "step": step, "metrics": metrics, "best_ap": best_ap, "best_epoch": best_epoch, "history": history}
         if best_epoch == epoch + 1:
-            save_checkpoint(out / "best", task.model, meta)
-        save_checkpoint(out / "last", task.model, meta, optimizer)
+            save_checkpoint(out / "best", task.model, meta, extra=extra)
+        save_checkpoint(out / "last", task.model, meta, optimizer, extra=extra)
         log.info("epoch %d/%d loss %.4f%s (%.1fs)", epoch + 1, tc.epochs, metrics["loss"],
                  f" AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f}" if "AP" in metrics else "", metrics["train_time_s"])
         if on_epoch_end is not None and on_epoch_end(epoch + 1, metrics, out / "last"):

@@ -31,3 +31,17 @@ def write_coco(root: Path, split: str, images, annotations, categories=None, mak
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "clockdistill", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(synth_data, tmp_path_factory) -> Path:
+    """A tiny-teacher checkpoint trained for two quick epochs on `synth_data` (its `best` directory)."""
+    from clockdistill.config import config_from_dict
+    from clockdistill.engine import fit
+
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = config_from_dict({"data": {"root": str(synth_data)}, "model": {"preset": "tiny-teacher"},
+                            "train": {"epochs": 2, "batch_size": 8, "lr": 4e-4, "lr_backbone": 4e-4, "clip_max_norm": 1.0,
+                                      "device": "cpu", "output_dir": str(out), "progress": False}})
+    fit(cfg)
+    return out / "best"

@@ -106,9 +106,15 @@ class DETR(nn.Module):
     ) -> dict[str, Any]:
         """Decode a query group: content (B, K, D), reference (B, K, 4) normalised cxcywh boxes,
         optional position (B, K, D) added to every layer's positional query, self_attn_mask (K, K)
-        bool (True = may not attend), padding_mask (B, K) True on padded slots."""
+        or (B, K, K) bool (True = may not attend), padding_mask (B, K) True on padded slots."""
         layers = self.decoder(content, reference, mem, position, self_attn_mask, padding_mask)
         return {**layers[-1], "aux_outputs": layers[:-1]}
+
+    def default_queries(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """The learned detection queries: content (B, Q, D) and reference boxes (B, Q, 4)."""
+        content = self.query_content.weight[None].expand(batch_size, -1, -1)
+        reference = self.query_anchor.weight.sigmoid()[None].expand(batch_size, -1, -1)
+        return content, reference
 
     def forward(self, images: Tensor, mask: Tensor, extra_queries: dict[str, Tensor] | None = None) -> dict[str, Any]:
         """Returns
@@ -121,10 +127,7 @@ class DETR(nn.Module):
         position, self_attn_mask, padding_mask; see `decode`), decoded in a separate pass.
         """
         mem = self.encode(images, mask)
-        B = images.shape[0]
-        content = self.query_content.weight[None].expand(B, -1, -1)
-        reference = self.query_anchor.weight.sigmoid()[None].expand(B, -1, -1)
-        out = self.decode(mem, content, reference)
+        out = self.decode(mem, *self.default_queries(images.shape[0]))
         out.update(
             memory=mem.memory,
             memory_pos=mem.pos,

@@ -173,13 +173,16 @@ class Decoder(nn.Module):
         self_attn_mask: Tensor | None = None,
         query_padding_mask: Tensor | None = None,
     ) -> list[dict[str, Tensor]]:
-        """tgt (B, Q, D) content queries; ref_boxes (B, Q, 4) normalised cxcywh.
+        """tgt (B, Q, D) content queries; ref_boxes (B, Q, 4) normalised cxcywh; self_attn_mask
+        (Q, Q) or per image (B, Q, Q), True where a query may not attend to a key.
 
         Returns one {"pred_logits" (B, Q, C), "pred_boxes" (B, Q, 4)} per layer, first to last.
         """
         if query_padding_mask is not None:
             # A row with every key masked gives NaN; such rows are all padding and ignored anyway.
             query_padding_mask = query_padding_mask & ~query_padding_mask.all(-1, keepdim=True)
+        if self_attn_mask is not None and self_attn_mask.dim() == 3:  # per image (B, Q, Q) -> per head
+            self_attn_mask = self_attn_mask.repeat_interleave(self.layers[0].self_attn.num_heads, 0)
         outputs = []
         for i, layer in enumerate(self.layers):
             query_pos = self.ref_point_head(sine_box_encoding(ref_boxes, self.d_model).to(tgt.dtype))

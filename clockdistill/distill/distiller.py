@@ -1,0 +1,259 @@
+"""The Distiller: a frozen teacher, a student and a DistillConfig, as a TrainingTask for `fit`.
+
+Every method shares this one interface; `losses()` returns the student's detection terms and the
+method's distillation terms, all unweighted, and the weights that combine them:
+
+    none          L_det
+    vanilla_kd    L_det + lambda_tcld * sum_e (cls * kd_cls_e + l1 * kd_l1_e + giou * kd_giou_e)
+                  on Hungarian-matched teacher/student predictions of the detectors' own queries
+    fitnet        L_det + w * kd_fitnet (plain memory MSE over every unpadded token)
+    memory_only   L_det + lambda_mem * (alpha * kd_mem_fg + beta * kd_mem_bg)
+    logit_only    L_det + lambda_tcld * sum_e (...) on target-aware queries
+    clockdistill  both of the last two
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from clockdistill.config import Config, ConfigError
+from clockdistill.distill.losses import fitnet_term, logit_terms, memory_terms
+from clockdistill.distill.masks import level_token_mask, memory_masks
+from clockdistill.distill.queries import TargetQueryBuilder
+from clockdistill.distill.teacher import FrozenTeacher
+from clockdistill.losses import SetCriterion, detection_weights
+from clockdistill.models.transformer import Memory
+from clockdistill.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+
+log = logging.getLogger(__name__)
+
+LOGIT_PARTS = ("cls", "l1", "giou")
+
+
+def decoder_layers(out: dict[str, Any]) -> list[dict[str, Tensor]]:
+    """Per-layer predictions, first to last, from a `decode` output."""
+    return [*out["aux_outputs"], {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}]
+
+
+def layer_pairs(spec: str, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs to distil. Layers are aligned from the last one, so a
+    shallower student's last layer learns from the teacher's last layer."""
+    if spec == "all":
+        chosen = list(range(student_layers))
+    elif spec.startswith("last"):
+        n = int(spec[4:] or 1)
+        chosen = list(range(max(0, student_layers - n), student_layers))
+    else:
+        chosen = sorted({int(x) for x in spec.split(",")})
+        bad = [i for i in chosen if i >= student_layers]
+        if bad:
+            raise ConfigError(f"distill.logit.layers: layer {bad[0]} does not exist (the student has {student_layers} decoder layers, 0..{student_layers - 1})")
+    offset = teacher_layers - student_layers
+    return [(e, e + offset) for e in chosen if e + offset >= 0]
+
+
+class Distiller:
+    """Trains `student` (the `model` that `fit` evaluates and checkpoints) against a frozen teacher."""
+
+    def __init__(self, teacher: FrozenTeacher, student: nn.Module, cfg: Config):
+        self.teacher, self.model, self.cfg = teacher, student, cfg
+        dc = self.dcfg = cfg.distill
+        if teacher.num_classes != student.num_classes:
+            raise ConfigError(f"model.num_classes: the student has {student.num_classes} classes, the teacher {teacher.num_classes}")
+        self.method = dc.method
+        self.uses_memory = dc.method in ("clockdistill", "memory_only", "fitnet")
+        self.uses_queries = dc.uses_target_queries
+        self.uses_matching = dc.method == "vanilla_kd"
+        if self.uses_memory:
+            _check_memory_geometry(teacher.cfg, student.cfg)
+        dt, ds = teacher.cfg.d_model, student.cfg.d_model
+        self.adapter = nn.Linear(ds, dt) if self.uses_memory and ds != dt else None
+        self.pairs = layer_pairs(dc.logit.layers, student.cfg.dec_layers, teacher.cfg.dec_layers)
+        if not self.pairs and (self.uses_queries or dc.method == "vanilla_kd"):
+            raise ConfigError(f"distill.logit.layers: {dc.logit.layers!r} selects no student layer that has a teacher counterpart")
+        self.queries = TargetQueryBuilder(student.num_classes, [dt, ds], dc.logit) if self.uses_queries else None
+        self.criterion = SetCriterion.from_config(cfg.loss, student.num_classes)
+        self.weights = detection_weights(cfg.loss, student.cfg.dec_layers - 1)
+        self.kd_weights = self._kd_weights()
+        self.weights.update(self.kd_weights)
+
+    # -- TrainingTask ----------------------------------------------------------------------------
+
+    @property
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"adapter": self.adapter} if self.adapter is not None else {}
+
+    def parameters_to_train(self) -> list[tuple[str, nn.Parameter]]:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.adapter is not None:
+            named += [(f"adapter.{n}", p) for n, p in self.adapter.named_parameters()]
+        return named
+
+    def to(self, device: torch.device | str) -> "Distiller":
+        for module in (self.teacher, self.model, self.adapter, self.queries):
+            if module is not None:
+                module.to(device)
+        return self
+
+    def losses(self, images: Tensor, mask: Tensor, targets: list[dict]) -> tuple[dict[str, Tensor], dict[str, float]]:
+        student = self.model
+        mem_s = student.encode(images, mask)
+        out_s = student.decode(mem_s, *student.default_queries(images.shape[0]))
+        terms = dict(self.criterion(out_s, targets))
+        if self.method == "none":
+            return terms, self.weights
+        mem_t = self.teacher.encode(images, mask)
+        if self.uses_memory:
+            terms.update(self._memory_terms(mem_t, mem_s, targets, tuple(images.shape[-2:])))
+        if self.uses_queries:
+            terms.update(self._target_query_terms(mem_t, mem_s, targets, out_s))
+        if self.uses_matching:
+            terms.update(self._matched_terms(self.teacher.predict_default(mem_t), out_s))
+        return terms, self.weights
+
+    # -- the terms -------------------------------------------------------------------------------
+
+    def _memory_terms(self, mem_t: Memory, mem_s: Memory, targets: list[dict], image_hw: tuple[int, int]) -> dict[str, Tensor]:
+        mc = self.dcfg.memory
+        if mem_t.spatial_shapes != mem_s.spatial_shapes:
+            raise ConfigError(f"model: the student's memory levels {mem_s.spatial_shapes} do not line up with the teacher's "
+                              f"{mem_t.spatial_shapes} (use the same num_levels / feature_stride)")
+        t, s = mem_t.memory, mem_s.memory
+        if mc.with_pos:
+            t, s = t + mem_t.pos, s + mem_s.pos
+        if self.adapter is not None:
+            s = self.adapter(s)
+        levels = level_token_mask(mem_t.spatial_shapes, mc.levels, t.device)
+        if self.method == "fitnet":
+            return {"kd_fitnet": fitnet_term(t, s, mem_t.padding_mask, levels)}
+        m, sc = memory_masks(targets, image_hw, mem_t.spatial_shapes, mem_t.padding_mask, mc.mask, mc.gaussian_grow, mc.scale_norm)
+        return memory_terms(t, s, m, sc, levels, mc.channel_reduce)
+
+    def _target_query_terms(self, mem_t: Memory, mem_s: Memory, targets: list[dict], out_s: dict) -> dict[str, Tensor]:
+        qs = self.queries.sample(targets, mem_s.memory.device)
+        if qs.size == 0:  # no GT in the batch and no random queries: zero terms that still touch the graph
+            zero = out_s["pred_logits"].sum() * 0
+            return {f"kd_{part}_{e}": zero for e, _ in self.pairs for part in LOGIT_PARTS}
+        layers_t = decoder_layers(self.teacher.decode(mem_t, **self.queries.embed(qs, self.teacher.cfg.d_model)))
+        layers_s = decoder_layers(self.model.decode(mem_s, **self.queries.embed(qs, self.model.cfg.d_model)))
+        return self._pair_terms([(e_s, layers_t[e_t], layers_s[e_s]) for e_s, e_t in self.pairs], qs.valid)
+
+    def _matched_terms(self, out_t: dict, out_s: dict) -> dict[str, Tensor]:
+        """Vanilla KD: each distilled student layer's queries matched one-to-one (Hungarian) to the
+        teacher's predictions of the corresponding layer, then the same weighted KD terms."""
+        layers_t, layers_s = decoder_layers(out_t), decoder_layers(out_s)
+        pairs = []
+        for e_s, e_t in self.pairs:
+            t, s = layers_t[e_t], layers_s[e_s]
+            si, ti = _match(t, s)
+            keys = ("pred_logits", "pred_boxes")
+            pairs.append((e_s, {k: torch.stack([t[k][b, i] for b, i in enumerate(ti)]) for k in keys},
+                          {k: torch.stack([s[k][b, i] for b, i in enumerate(si)]) for k in keys}))
+        valid = torch.ones(len(si), len(si[0]), dtype=torch.bool, device=out_s["pred_logits"].device)
+        return self._pair_terms(pairs, valid)
+
+    def _pair_terms(self, pairs: list[tuple[int, dict, dict]], valid: Tensor) -> dict[str, Tensor]:
+        """kd_cls_e, kd_l1_e, kd_giou_e for (student layer e, teacher predictions, student predictions)."""
+        terms = {}
+        for e_s, t, s in pairs:
+            cls, l1, giou = logit_terms(t, s, valid, self.dcfg.logit)
+            terms.update({f"kd_cls_{e_s}": cls, f"kd_l1_{e_s}": l1, f"kd_giou_{e_s}": giou})
+        return terms
+
+    # -- weights and the printed formula -----------------------------------------------------------
+
+    def _kd_weights(self) -> dict[str, float]:
+        dc, w = self.dcfg, {}
+        if self.method in ("clockdistill", "memory_only"):
+            w["kd_mem_fg"] = dc.memory.weight * dc.memory.alpha
+            w["kd_mem_bg"] = dc.memory.weight * dc.memory.beta
+        if self.method == "fitnet":
+            w["kd_fitnet"] = dc.memory.fitnet_weight
+        if self.uses_queries or self.uses_matching:
+            lc = dc.logit
+            for e, _ in self.pairs:
+                w.update({f"kd_cls_{e}": lc.weight * lc.cls_weight, f"kd_l1_{e}": lc.weight * lc.l1_weight,
+                          f"kd_giou_{e}": lc.weight * lc.giou_weight})
+        return w
+
+    def formula(self) -> str:
+        """The loss this distiller minimises, with its weights, as text."""
+        dc, lc, mc = self.dcfg, self.dcfg.logit, self.dcfg.memory
+        lw = self.cfg.loss
+        n_layers = self.model.cfg.dec_layers if lw.aux_loss else 1
+        parts = [f"L_det[{lw.cls:g}*focal + {lw.bbox:g}*L1 + {lw.giou:g}*GIoU, {n_layers} decoder layer(s)]"]
+        notes = []
+        kw = self.kd_weights
+        if "kd_mem_fg" in kw:
+            parts.append(f"{kw['kd_mem_fg']:g}*kd_mem_fg + {kw['kd_mem_bg']:g}*kd_mem_bg")
+            levels = ",".join(map(str, mc.levels)) or "all"
+            notes.append(f"kd_mem: GT {mc.mask} mask M, scale mask S {'on' if mc.scale_norm else 'off'}, squared error "
+                         f"{'summed' if mc.channel_reduce == 'sum' else 'averaged'} over {self.teacher.cfg.d_model} channels, levels {levels}"
+                         f"{', memory+pos' if mc.with_pos else ''}{', student adapter' if self.adapter is not None else ''}; /batch")
+        if "kd_fitnet" in kw:
+            parts.append(f"{kw['kd_fitnet']:g}*kd_fitnet")
+            notes.append("kd_fitnet: mean squared error over every unpadded memory token and channel")
+        if self.pairs and (self.uses_queries or self.uses_matching):
+            e0 = self.pairs[0][0]
+            layers = "{" + ",".join(str(e) for e, _ in self.pairs) + "}"
+            parts.append(f"sum_e in {layers} ({kw[f'kd_cls_{e0}']:g}*kd_cls_e + {kw[f'kd_l1_{e0}']:g}*kd_l1_e + {kw[f'kd_giou_{e0}']:g}*kd_giou_e)")
+            src = (f"target-aware queries ({lc.groups} group(s) of GT queries, {lc.random_queries} random, "
+                   f"noise label {lc.label_noise:g} / box {lc.box_noise:g})") if self.uses_queries else \
+                "Hungarian-matched predictions of the detectors' own queries"
+            notes.append(f"kd_cls/l1/giou: {src}; teacher-confidence weight {lc.confidence}; "
+                         f"{lc.cls_form} at T={lc.temperature:g} x T^2, cls normalised by {lc.cls_norm}; "
+                         f"student layer e <- teacher layer {self.pairs[0][1] - e0:+d}")
+        head = f"loss ({dc.method}) = " + " + ".join(parts)
+        return "\n".join([head] + [f"  {n}" for n in notes])
+
+    def extra_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Added to every epoch's metrics: the weighted contributions of the detection, memory and
+        logit parts to the loss (loss_det, loss_kd_mem, loss_kd_logit) and the teacher's AP."""
+        groups = {"loss_det": 0.0, "loss_kd_mem": 0.0, "loss_kd_logit": 0.0}
+        for k, w in self.weights.items():
+            if k in metrics:
+                group = "loss_det" if not k.startswith("kd_") else ("loss_kd_mem" if k.startswith(("kd_mem", "kd_fitnet")) else "loss_kd_logit")
+                groups[group] += w * metrics[k]
+        if self.teacher.best_ap is not None:
+            groups["teacher_AP"] = self.teacher.best_ap
+        return groups
+
+
+@torch.no_grad()
+def _match(t: dict[str, Tensor], s: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Per image, Hungarian matching of student queries to teacher predictions on class-probability
+    L1 + 5 * box L1 - 2 * GIoU. Returns student and teacher indices per image (min(Qs, Qt) each)."""
+    pt, ps = t["pred_logits"].float().sigmoid(), s["pred_logits"].float().sigmoid()
+    bt, bs = t["pred_boxes"].float(), s["pred_boxes"].float()
+    s_idx, t_idx = [], []
+    for b in range(pt.shape[0]):
+        cost = torch.cdist(ps[b], pt[b], p=1) / pt.shape[-1] + 5 * torch.cdist(bs[b], bt[b], p=1) \
+            - 2 * generalized_box_iou(box_cxcywh_to_xyxy(bs[b]), box_cxcywh_to_xyxy(bt[b]))
+        si, ti = linear_sum_assignment(cost.cpu().numpy())
+        s_idx.append(torch.as_tensor(si, device=bs.device))
+        t_idx.append(torch.as_tensor(ti, device=bs.device))
+    return s_idx, t_idx
+
+
+def _check_memory_geometry(t, s) -> None:
+    """Memory distillation compares token i of the teacher with token i of the student."""
+    if t.arch != s.arch:
+        raise ConfigError(f"model.arch: memory distillation needs the teacher's architecture ({t.arch}), got {s.arch}")
+    if t.arch == "deformable" and t.num_levels != s.num_levels:
+        raise ConfigError(f"model.num_levels: memory distillation needs the teacher's {t.num_levels} levels, got {s.num_levels}")
+    if t.arch == "dab" and t.feature_stride != s.feature_stride:
+        raise ConfigError(f"model.feature_stride: memory distillation needs the teacher's stride {t.feature_stride}, got {s.feature_stride}")
+
+
+def init_from_teacher(student: nn.Module, teacher: FrozenTeacher) -> int:
+    """Copy every teacher tensor whose name and shape the student shares; returns how many."""
+    t_state = teacher.detector.state_dict()
+    s_state = student.state_dict()
+    copied = {k: v.clone() for k, v in t_state.items() if k in s_state and s_state[k].shape == v.shape}
+    student.load_state_dict(copied, strict=False)
+    return len(copied)

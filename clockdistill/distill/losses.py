@@ -1,0 +1,99 @@
+"""Distillation loss terms, each returned unweighted (the Distiller owns the weights).
+
+memory_terms   LCMD: mask-weighted squared error of the encoder memory, foreground and background
+fitnet_term    FitNet baseline: plain mean squared error over every unpadded memory token
+logit_terms    one decoder layer's class / L1 / GIoU distillation between corresponding teacher and
+               student predictions, weighted by the teacher's confidence (TCLD and vanilla KD)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clockdistill.config import LogitDistillConfig
+from clockdistill.ops.boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+
+
+def squared_error(teacher: Tensor, student: Tensor, reduce: str = "sum") -> Tensor:
+    """||t - s||^2 per token over channels (`sum`), or its mean over channels (`mean`): (B, N)."""
+    d2 = (teacher.float() - student.float()).pow(2)
+    return d2.sum(-1) if reduce == "sum" else d2.mean(-1)
+
+
+def memory_terms(teacher: Tensor, student: Tensor, m: Tensor, s: Tensor, token_mask: Tensor | None = None,
+                 reduce: str = "sum") -> dict[str, Tensor]:
+    """kd_mem_fg = (1/B) sum M S ||t-s||^2 and kd_mem_bg = (1/B) sum (1-M) S ||t-s||^2.
+
+    teacher, student (B, N, C) memories (student already adapted to the teacher's width); m, s (B, N)
+    masks (zero on padded tokens); token_mask (N,) keeps only some levels.
+    """
+    d2 = squared_error(teacher, student, reduce)
+    if token_mask is not None:
+        d2 = d2 * token_mask
+    B = teacher.shape[0]
+    valid = (s > 0).float()  # padded tokens have S = 0; (1 - M) must not bring them back
+    return {"kd_mem_fg": (m * s * d2).sum() / B, "kd_mem_bg": ((1 - m) * valid * s * d2).sum() / B}
+
+
+def fitnet_term(teacher: Tensor, student: Tensor, padding_mask: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    """Mean over unpadded tokens and channels of (t - s)^2."""
+    keep = (~padding_mask).float()
+    if token_mask is not None:
+        keep = keep * token_mask
+    d2 = squared_error(teacher, student, "mean")
+    return (d2 * keep).sum() / keep.sum().clamp(min=1)
+
+
+def confidence_weights(teacher_logits: Tensor, valid: Tensor, cfg: LogitDistillConfig) -> Tensor:
+    """Teacher-confidence weight per query (B, K): max_c sigmoid(z_T), squared, or 1; 0 on padding."""
+    if cfg.confidence == "none":
+        w = torch.ones(teacher_logits.shape[:2], device=teacher_logits.device)
+    else:
+        w = teacher_logits.float().sigmoid().amax(-1)
+        if cfg.confidence == "squared":
+            w = w * w
+    if cfg.confidence_threshold > 0:
+        w = w * (w >= cfg.confidence_threshold)
+    return (w * valid).detach()
+
+
+def class_divergence(teacher_logits: Tensor, student_logits: Tensor, temperature: float, form: str) -> Tensor:
+    """Per query (B, K): T^2 * mean over classes of KL(p_T || p_S) at temperature T.
+
+    softmax_kl: p = softmax(z / T) over the classes; binary_kl: per-class Bernoulli p = sigmoid(z / T).
+    """
+    zt, zs = teacher_logits.float() / temperature, student_logits.float() / temperature
+    if form == "softmax_kl":
+        log_pt, log_ps = F.log_softmax(zt, -1), F.log_softmax(zs, -1)
+        kl = log_pt.exp() * (log_pt - log_ps)
+    elif form == "binary_kl":
+        pt = zt.sigmoid()
+        kl = pt * (F.logsigmoid(zt) - F.logsigmoid(zs)) + (1 - pt) * (F.logsigmoid(-zt) - F.logsigmoid(-zs))
+    else:
+        raise ValueError(f"unknown class-KD form {form!r}")
+    return kl.mean(-1) * temperature**2
+
+
+def logit_terms(teacher: dict[str, Tensor], student: dict[str, Tensor], valid: Tensor, cfg: LogitDistillConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """(cls, l1, giou) for one decoder layer; teacher/student hold pred_logits (B, K, C) and
+    pred_boxes (B, K, 4) for the same K queries; valid (B, K) is False on padded slots.
+
+    cls  = sum_k w_k KL_k (cls_norm sum), / sum_k w_k (weight) or / #valid (queries)
+    l1   = sum_k w_k mean|b_S - b_T| / sum_k w_k
+    giou = sum_k w_k (1 - GIoU(b_S, b_T)) / sum_k w_k
+    """
+    w = confidence_weights(teacher["pred_logits"], valid, cfg)
+    w_sum = w.sum().clamp(min=1e-6)
+    kl = class_divergence(teacher["pred_logits"], student["pred_logits"], cfg.temperature, cfg.cls_form)
+    cls = (w * kl).sum()
+    if cfg.cls_norm == "weight":
+        cls = cls / w_sum
+    elif cfg.cls_norm == "queries":
+        cls = cls / valid.sum().clamp(min=1)
+    bt, bs = teacher["pred_boxes"].float().detach(), student["pred_boxes"].float()
+    l1 = (w * (bs - bt).abs().mean(-1)).sum() / w_sum
+    giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(bs.reshape(-1, 4)), box_cxcywh_to_xyxy(bt.reshape(-1, 4)))
+    giou_loss = (w * (1 - giou.view(w.shape))).sum() / w_sum
+    return cls, l1, giou_loss
