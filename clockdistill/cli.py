@@ -84,6 +84,15 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from sweeps.runner import run_sweep
+
+    summary = run_sweep(args.spec, args.name)
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(summary, indent=1))
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from clockdistill.data import CocoDetection, DetectionTransform
     from clockdistill.engine import evaluate, load_detector, select_device
@@ -166,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     ds.add_argument("--print-config", action="store_true", help="print the resolved config as dotted keys and exit")
     ds.set_defaults(func=_cmd_distill)
+
+    sw = sub.add_parser("sweep", help="run (or resume) a Ray Tune sweep over distillation settings",
+                        description="Validate a sweep spec (sweeps/configs/*.yaml) and run it with Ray Tune: Optuna proposes "
+                                    "settings, ASHA stops bad trials, every trial is an MLflow run under the sweep's run. "
+                                    "Runs on the cluster in RAY_ADDRESS when set (e.g. under `ray job submit`), else on a "
+                                    "local Ray. Launching a sweep name again resumes it: finished trials are not rerun.",
+                        epilog="example: ray job submit --working-dir . -- clockdistill sweep sweeps/configs/kitti.yaml")
+    sw.add_argument("spec", help="sweep spec YAML file")
+    sw.add_argument("--name", help="sweep name (default: the spec's name); the same name resumes the sweep")
+    sw.add_argument("--summary", help="also write the summary (trials, best trial) as JSON to this file")
+    sw.set_defaults(func=_cmd_sweep)
 
     e = sub.add_parser("evaluate", help="COCO metrics of a checkpoint, as JSON",
                        description="Evaluate a checkpoint directory on a split of a COCO-format data set; prints JSON.")

@@ -49,13 +49,15 @@ def distill_config(path: str | Path | None = None, overrides: list[str] | None =
         section["teacher"] = str(teacher)
     if not section.get("teacher"):
         raise ConfigError("distill.teacher: no teacher checkpoint given (--teacher CKPT, a directory from `clockdistill train`)")
-    tcfg = read_meta(section["teacher"])["config"]
+    meta = read_meta(section["teacher"])
+    tcfg = meta["config"]
     for name in ("data", "model", "train"):
         if not isinstance(raw.setdefault(name, {}), dict):
             raise ConfigError(f"{name}: expected a mapping of keys to values")
     for key, value in tcfg["data"].items():
         raw["data"].setdefault(key, value)
     raw["model"].setdefault("preset", student_preset_for(tcfg["model"]["preset"]))
+    raw["model"].setdefault("num_classes", len(meta["class_names"]))
     raw["train"].setdefault("output_dir", "runs/distill")
     return config_from_dict(raw)
 

@@ -1,0 +1,217 @@
+"""The sweep driver: spec -> Ray Tune (resuming a sweep of the same name) -> MLflow -> a summary.
+
+    clockdistill sweep sweeps/configs/demo.yaml [--name NAME]
+    python -m sweeps sweeps/configs/demo.yaml
+    ray job submit --working-dir . -- clockdistill sweep sweeps/configs/demo.yaml
+
+Runs on the cluster in RAY_ADDRESS when set (as under `ray job submit`), else on a local Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from sweeps.search import FAILED_KEY, best_key, build_scheduler, build_searcher, tune_param_space
+from sweeps.spec import SweepSpec, load_spec, resolve_paths, search_space_summary, spec_from_json, spec_to_dict, spec_to_json, sweep_dir_name
+from sweeps.tracking import SweepTracker, default_tracking_uri
+
+log = logging.getLogger("clockdistill.sweep")
+
+
+def _trial_params(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
+    """The flattened full config of a trial, as MLflow params."""
+    from sweeps.trainable import trial_config
+
+    cfg = trial_config(spec, {k: v for k, v in config.items() if "." in k}, "-")
+    flat = cfg.flatten()
+    flat.pop("train.output_dir", None)
+    return flat
+
+
+def make_callback(spec: SweepSpec, tracker: SweepTracker):
+    from ray.tune import Callback
+
+    class MlflowSweepCallback(Callback):
+        """Forwards trial starts, epochs and ends to MLflow and prints a line per finished trial.
+        MLflow trouble is logged, never raised: tracking must not take the sweep down."""
+
+        def __init__(self):
+            self.spec_json = spec_to_json(spec)
+            self.tracker = tracker
+            self._spec: SweepSpec | None = None
+
+        def __getstate__(self):
+            return {"spec_json": self.spec_json, "tracker": self.tracker, "_spec": None}
+
+        @property
+        def spec(self) -> SweepSpec:
+            if self._spec is None:
+                self._spec = spec_from_json(self.spec_json)
+            return self._spec
+
+        def _run(self, trial) -> str:
+            return self.tracker.trial_run(trial.trial_id, str(trial), _trial_params(self.spec, trial.config))
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            try:
+                self._run(trial)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("mlflow: could not open the run of trial %s: %s", trial.trial_id, exc)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if FAILED_KEY in result:
+                return
+            try:
+                self.tracker.log_epoch(self._run(trial), result)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("mlflow: could not log epoch %s of trial %s: %s", result.get("epoch"), trial.trial_id, exc)
+
+        def _end(self, trial, status: str, reason: str = "") -> None:
+            try:
+                self._end_unguarded(trial, status, reason)
+            except Exception as exc:  # noqa: BLE001 - bookkeeping must never end the sweep
+                log.warning("could not record the end of trial %s: %s", trial.trial_id, exc)
+
+        def _end_unguarded(self, trial, status: str, reason: str) -> None:
+            result = trial.last_result or {}
+            metric = self.spec.primary.metric
+            full = bool(result.get("completed_full_budget")) and not result.get(FAILED_KEY)
+            best = result.get(best_key(metric))
+            tags = {"completed_full_budget": str(full).lower(), "epochs_run": str(int(result.get("epoch", 0)))}
+            if best is not None and math.isfinite(best):
+                tags[f"best_{metric}"] = f"{best:.6f}"
+            if result.get(FAILED_KEY):
+                status, reason = "FAILED", result.get("failure_reason", "diverged")
+            if reason:
+                tags["failure_reason"] = reason[:4000]
+            how = "ran the full budget" if full else (f"failed: {reason}" if status == "FAILED" else
+                                                       f"stopped early after {tags['epochs_run']} epoch(s)")
+            best_text = f"best {metric} {best:.4f}" if best is not None and math.isfinite(best) else f"no {metric}"
+            print(f"trial {trial.trial_id} finished: {best_text}, {how}", flush=True)
+            try:
+                self.tracker.end_trial(self._run(trial), status, tags)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("mlflow: could not close the run of trial %s: %s", trial.trial_id, exc)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._end(trial, "FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            try:
+                error = trial.get_error()
+                reason = str(error).strip().splitlines()[-1] if error else "error"
+            except Exception:  # noqa: BLE001
+                reason = "error"
+            self._end(trial, "FAILED", reason)
+
+    return MlflowSweepCallback()
+
+
+def _teacher_ap(spec: SweepSpec) -> float | None:
+    from clockdistill.checkpoint import read_meta
+
+    ap = read_meta(spec.teacher).get("best_ap")
+    return float(ap) if ap is not None and ap >= 0 else None
+
+
+def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
+    """Validate, start or resume the sweep, track it in MLflow; returns the summary."""
+    source = str(spec_path)
+    spec = resolve_paths(load_spec(spec_path, name), source)  # every spec error before Ray starts
+    storage = spec.storage_path
+    if "://" not in storage:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    tracking_uri = spec.mlflow.tracking_uri or default_tracking_uri()
+
+    import ray
+    from ray import tune
+
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(address=address or None, logging_level=logging.WARNING, include_dashboard=None if address else False,
+             configure_logging=True, log_to_driver=True)
+    log.info("sweep %s on %s; storage %s; mlflow %s", spec.name, f"cluster {address}" if address else "a local Ray", storage, tracking_uri)
+    tracker = SweepTracker(tracking_uri, spec.mlflow.experiment, spec.name)
+    tracker.start_parent(spec_to_dict(spec), search_space_summary(spec), _teacher_ap(spec))
+
+    from sweeps.trainable import train_trial
+
+    trainable = tune.with_resources(tune.with_parameters(train_trial, spec_json=spec_to_json(spec)),
+                                    {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    exp_dir = sweep_dir_name(spec.name)
+    exp_path = storage.rstrip("/") + "/" + exp_dir
+    status, summary = "FAILED", None
+    try:
+        if tune.Tuner.can_restore(exp_path):
+            log.info("resuming sweep %s from %s (finished trials are not rerun)", spec.name, exp_path)
+            tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=tune_param_space(spec),
+                tune_config=tune.TuneConfig(search_alg=build_searcher(spec), scheduler=build_scheduler(spec),
+                                            num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials),
+                run_config=tune.RunConfig(
+                    name=exp_dir, storage_path=storage,
+                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="AP", checkpoint_score_order="max"),
+                    callbacks=[make_callback(spec, tracker)],
+                    verbose=1,  # the status table; the callback prints a line per finished trial
+                ),
+            )
+        results = tuner.fit()
+        summary = finalize(spec, tracker, results)
+        status = "FINISHED"
+        return summary
+    finally:
+        try:
+            tracker.end_parent(status, summary)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("mlflow: could not close the sweep run: %s", exc)
+
+
+def finalize(spec: SweepSpec, tracker: SweepTracker, results) -> dict[str, Any]:
+    """After the sweep: each trial's best checkpoint to its MLflow run, a summary table."""
+    metric, mode = spec.primary.metric, spec.primary.mode
+    rows = []
+    for result in results:
+        m = result.metrics or {}
+        trial_id = m.get("trial_id") or (Path(result.path).name if result.path else "?")
+        row = {"trial_id": trial_id, "epochs": int(m.get("epoch", 0)), "full_budget": bool(m.get("completed_full_budget")) and not m.get(FAILED_KEY),
+               f"best_{metric}": m.get(best_key(metric)), "error": str(result.error).splitlines()[-1] if result.error else (m.get("failure_reason") or ""),
+               "config": {k: v for k, v in (result.config or {}).items()}}
+        try:
+            best = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
+        except Exception:  # noqa: BLE001 - no checkpoint with the metric
+            best = None
+        if best is not None:
+            row["best_checkpoint"] = best.path
+            try:
+                run_id = tracker.trial_run(trial_id, trial_id, {})
+                with best.as_directory() as d:
+                    tracker.log_checkpoint(run_id, d)
+                tracker.client.set_tag(run_id, "best_checkpoint", best.path)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("mlflow: could not log the best checkpoint of trial %s: %s", trial_id, exc)
+        rows.append(row)
+    ranked = sorted((r for r in rows if r[f"best_{metric}"] is not None and r["full_budget"]),
+                    key=lambda r: r[f"best_{metric}"], reverse=mode == "max")
+    summary = {"sweep": spec.name, "objective": f"{metric} ({mode})", "trials": rows, "best": ranked[0] if ranked else None}
+    print(f"\nsweep {spec.name}: {len(rows)} trials, {sum(r['full_budget'] for r in rows)} ran the full budget")
+    print(f"{'trial':<14} {'epochs':>6} {'best ' + metric:>10}  config")
+    for r in sorted(rows, key=lambda r: r["trial_id"]):
+        value = r[f"best_{metric}"]
+        shown = f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "-"
+        cfg = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in r["config"].items())
+        print(f"{r['trial_id']:<14} {r['epochs']:>6} {shown:>10}  {cfg}{'  [' + r['error'] + ']' if r['error'] else ''}")
+    if ranked:
+        print(f"best: trial {ranked[0]['trial_id']} with {metric} {ranked[0][f'best_{metric}']:.4f}")
+    return json.loads(json.dumps(summary, default=str))
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,143 @@
+"""Spec -> Ray Tune: the search space, the paper defaults as the first point, the searcher, the scheduler.
+
+Trials report, for every objective metric m, its value this epoch (`m`) and the best value so far
+(`best_m`). Searchers and schedulers rank by `best_m`: "best" is the best evaluated checkpoint over a
+trial's life, not its last epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from clockdistill.config import Config
+from sweeps.spec import SweepSpec
+
+log = logging.getLogger(__name__)
+
+FAILED_KEY = "diverged"  # set in a trial's final report when its loss became NaN/inf
+
+
+def best_key(metric: str) -> str:
+    return f"best_{metric}"
+
+
+def tune_param_space(spec: SweepSpec) -> dict[str, Any]:
+    """Flat dict of dotted config keys -> Tune domains (or constants)."""
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for key, dim in spec.search_space.items():
+        kind, value = dim.kind, dim.value
+        if kind == "uniform":
+            space[key] = tune.uniform(*value)
+        elif kind == "loguniform":
+            space[key] = tune.loguniform(*value)
+        elif kind == "int":
+            space[key] = tune.randint(value[0], value[1] + 1)  # randint excludes the upper bound
+        elif kind == "choice":
+            space[key] = tune.choice(list(value))
+        elif kind == "grid":
+            space[key] = tune.grid_search(list(value))
+        else:
+            space[key] = dim.fixed
+    return space
+
+
+def paper_defaults_point(spec: SweepSpec) -> dict[str, Any] | None:
+    """The config defaults (the paper's values) of the searched keys, where they lie in the space;
+    None when no searched key has its default inside the space."""
+    defaults = Config().flatten()
+    point = {}
+    for key, dim in spec.search_space.items():
+        default, kind = defaults[key], dim.kind
+        if kind in ("uniform", "loguniform") and dim.value[0] <= default <= dim.value[1]:
+            point[key] = float(default)
+        elif kind == "int" and dim.value[0] <= default <= dim.value[1]:
+            point[key] = int(default)
+        elif kind == "choice" and default in dim.value:
+            point[key] = default
+    return point or None
+
+
+def _sampler(spec: SweepSpec):
+    import optuna
+
+    algorithm, seed = spec.search.algorithm, spec.search.seed
+    startup = max(2, min(10, spec.num_samples // 3))  # TPE/GP: random trials before the model takes over
+    if algorithm == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=startup)
+    if algorithm == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    if algorithm == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def pruning_aware_optuna_search(**kwargs):
+    """OptunaSearch that tells Optuna the truth about trials the scheduler stopped early (PRUNED,
+    not COMPLETE with a partial value) and about diverged trials (FAIL).
+
+    `full_budget` is the number of epochs a complete trial reports."""
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    class PruningAwareOptunaSearch(OptunaSearch):
+        def __init__(self, full_budget: int, **kw):
+            super().__init__(**kw)
+            self.full_budget = full_budget
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return super().on_trial_complete(trial_id, result, error)
+            state = None
+            if result and result.get(FAILED_KEY):
+                state = TrialState.FAIL
+            elif not error and result and int(result.get("epoch", self.full_budget)) < self.full_budget:
+                state = TrialState.PRUNED
+            if state is None:
+                return super().on_trial_complete(trial_id, result, error)
+            try:
+                self._ot_study.tell(self._ot_trials[trial_id], state=state)
+            except Exception as exc:  # noqa: BLE001 - Optuna refuses e.g. a second tell; never crash the sweep
+                log.warning("optuna: could not record trial %s as %s: %s", trial_id, state.name, exc)
+            self._completed_trials.add(trial_id)
+
+    return PruningAwareOptunaSearch(**kwargs)
+
+
+def build_searcher(spec: SweepSpec):
+    """The search algorithm for the spec (None: Tune's own variant generator for grid / PBT)."""
+    from ray.tune.search import BasicVariantGenerator
+
+    objectives = spec.objective_list
+    if spec.search.algorithm == "grid" or spec.scheduler.type == "pbt":
+        return BasicVariantGenerator(random_state=spec.search.seed)
+    point = paper_defaults_point(spec) if spec.search.paper_defaults_first else None
+    metrics = [best_key(o.metric) for o in objectives]
+    modes = [o.mode for o in objectives]
+    return pruning_aware_optuna_search(
+        full_budget=spec.epochs,
+        metric=metrics if spec.multi_objective else metrics[0],
+        mode=modes if spec.multi_objective else modes[0],
+        points_to_evaluate=[point] if point else None,
+        sampler=_sampler(spec),
+        study_name=spec.name,
+        seed=None,
+    )
+
+
+def build_scheduler(spec: SweepSpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    sc, primary = spec.scheduler, spec.primary
+    metric = best_key(primary.metric)
+    if sc.type == "asha":
+        return ASHAScheduler(time_attr="training_iteration", metric=metric, mode=primary.mode, max_t=spec.epochs,
+                             grace_period=sc.grace_period, reduction_factor=sc.reduction_factor)
+    if sc.type == "pbt":
+        mutations = {k: v for k, v in tune_param_space(spec).items() if hasattr(v, "sample")}
+        return PopulationBasedTraining(time_attr="training_iteration", metric=primary.metric, mode=primary.mode,
+                                       perturbation_interval=sc.perturbation_interval, hyperparam_mutations=mutations,
+                                       quantile_fraction=sc.quantile_fraction)
+    return FIFOScheduler()

@@ -1,0 +1,186 @@
+"""MLflow: one parent run per sweep, one child run per trial, written by the sweep driver only.
+
+Only the driver talks to MLflow (trials report to Tune; a Tune callback forwards to MLflow), so a
+SQLite store never sees concurrent writers. Runs are found again by tags, never duplicated:
+
+    parent: tags clockdistill.role=sweep, sweep_id=<name>
+    child:  tags clockdistill.role=trial, sweep_id, trial_id, mlflow.parentRunId, completed_full_budget
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Per-epoch metrics written to MLflow; everything else a trial reports stays in Tune's results.
+METRIC_ALLOW = re.compile(r"^(AP|AP50|AP75|APs|APm|APl|loss.*|kd_.*|lr|train_time_s|eval_time_s|teacher_AP|best_.*|params|latency_ms|epoch)$")
+PARAM_BATCH = 100  # MLflow's per-call limit on params
+
+
+def default_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else a SQLite file in the current (project) directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def ray_job_id() -> str:
+    """The `ray job submit` submission id when running as a job, else the Ray driver's job id."""
+    meta = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}").get("metadata", {})
+    if meta.get("job_submission_id"):
+        return str(meta["job_submission_id"])
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_job_id() if ray.is_initialized() else "none"
+    except Exception:  # noqa: BLE001 - informational only
+        return "unknown"
+
+
+def metrics_to_log(result: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in result.items() if METRIC_ALLOW.match(k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+class SweepTracker:
+    """MLflow bookkeeping of one sweep. Picklable (Tune stores its callbacks with the experiment)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, sweep_id: str):
+        self.tracking_uri, self.experiment, self.sweep_id = tracking_uri, experiment, sweep_id
+        self._client = None
+        self._experiment_id: str | None = None
+        self._runs: dict[str, str] = {}  # trial_id -> run_id
+        self._logged_epoch: dict[str, int] = {}  # run_id -> last epoch written
+        self.parent_run_id: str | None = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            exp = self.client.get_experiment_by_name(self.experiment)
+            self._experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        return self._experiment_id
+
+    def _find(self, filter_string: str):
+        runs = self.client.search_runs([self.experiment_id], filter_string, max_results=2, order_by=["attributes.start_time ASC"])
+        return runs[0] if runs else None
+
+    # -- the sweep's parent run ------------------------------------------------------------------
+
+    def start_parent(self, spec_dict: dict[str, Any], space: dict[str, str], teacher_ap: float | None) -> str:
+        """Create the sweep's run, or reopen it when the sweep resumes."""
+        run = self._find(f"tags.sweep_id = '{_quote(self.sweep_id)}' and tags.`clockdistill.role` = 'sweep'")
+        tags = {"git_sha": git_sha(), "ray_job_id": ray_job_id()}
+        if run is None:
+            run = self.client.create_run(self.experiment_id, run_name=self.sweep_id,
+                                         tags={"sweep_id": self.sweep_id, "clockdistill.role": "sweep", **tags})
+            from clockdistill.config import flatten_dict
+            from mlflow.entities import Param
+
+            params = {f"spec.{k}": v for k, v in flatten_dict(spec_dict).items() if k != "search_space"}
+            params.update({f"space.{k}": v for k, v in space.items()})
+            items = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in params.items()]
+            for i in range(0, len(items), PARAM_BATCH):
+                self.client.log_batch(run.info.run_id, params=items[i:i + PARAM_BATCH])
+            self.client.log_dict(run.info.run_id, spec_dict, "spec.json")
+            if teacher_ap is not None:
+                self.client.log_metric(run.info.run_id, "teacher_AP", teacher_ap)
+            log.info("mlflow: sweep run %s created in experiment %s", run.info.run_id, self.experiment)
+        else:
+            self.client.update_run(run.info.run_id, status="RUNNING")
+            for k, v in tags.items():
+                self.client.set_tag(run.info.run_id, f"resumed_{k}" if k == "ray_job_id" else k, v)
+            log.info("mlflow: sweep run %s found again (resuming)", run.info.run_id)
+        self.parent_run_id = run.info.run_id
+        return self.parent_run_id
+
+    def end_parent(self, status: str = "FINISHED", summary: dict[str, Any] | None = None) -> None:
+        if self.parent_run_id is None:
+            return
+        if summary:
+            self.client.log_dict(self.parent_run_id, summary, "summary.json")
+        self.client.set_terminated(self.parent_run_id, status=status)
+
+    # -- trial runs ------------------------------------------------------------------------------
+
+    def trial_run(self, trial_id: str, trial_name: str, params: dict[str, Any]) -> str:
+        """The child run of a trial: found by trial_id, created (with its params) when new."""
+        if trial_id in self._runs:
+            return self._runs[trial_id]
+        run = self._find(f"tags.sweep_id = '{_quote(self.sweep_id)}' and tags.trial_id = '{_quote(trial_id)}'")
+        if run is None:
+            run = self.client.create_run(self.experiment_id, run_name=trial_name, tags={
+                "mlflow.parentRunId": self.parent_run_id or "", "sweep_id": self.sweep_id, "trial_id": trial_id,
+                "clockdistill.role": "trial", "completed_full_budget": "false"})
+            from mlflow.entities import Param
+
+            items = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in params.items()]
+            for i in range(0, len(items), PARAM_BATCH):
+                self.client.log_batch(run.info.run_id, params=items[i:i + PARAM_BATCH])
+        else:
+            self._logged_epoch[run.info.run_id] = int(run.data.metrics.get("epoch", 0))
+            if run.info.status != "RUNNING":
+                self.client.update_run(run.info.run_id, status="RUNNING")
+        self._runs[trial_id] = run.info.run_id
+        return run.info.run_id
+
+    def log_epoch(self, run_id: str, result: dict[str, Any]) -> bool:
+        """Write one epoch's allow-listed metrics in one batch; an epoch already written (a trial
+        that resumed from an older checkpoint) is skipped. Returns whether anything was written."""
+        from mlflow.entities import Metric
+
+        epoch = int(result.get("epoch", 0))
+        if epoch <= self._logged_epoch.get(run_id, 0):
+            return False
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, epoch) for k, v in metrics_to_log(result).items()]
+        self.client.log_batch(run_id, metrics=metrics)
+        self._logged_epoch[run_id] = epoch
+        return True
+
+    def end_trial(self, run_id: str, status: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.set_terminated(run_id, status=status)
+
+    def log_checkpoint(self, run_id: str, checkpoint_dir: str | Path, artifact_path: str = "best_checkpoint") -> None:
+        """The weights and metadata of a checkpoint (not its optimizer state) as run artifacts."""
+        for name in ("model.safetensors", "meta.json", "extra.safetensors"):
+            path = Path(checkpoint_dir) / name
+            if path.is_file():
+                self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def trial_runs(self) -> list:
+        """All child runs of this sweep."""
+        return list(self.client.search_runs([self.experiment_id], f"tags.sweep_id = '{_quote(self.sweep_id)}' and "
+                                            f"tags.`clockdistill.role` = 'trial'", max_results=10000))

@@ -1,0 +1,121 @@
+"""The trial: one `run_distillation` call with the trial's knobs, reporting to Tune once per epoch.
+
+Each report carries every metric of the epoch (AP..., every loss term), `best_<objective>` (best so
+far over the trial's life), the student's `params` (and `latency_ms` when an objective asks for it),
+and the epoch's checkpoint (weights, optimizer, metadata). A retried or restored trial resumes from
+its last reported checkpoint. A trial whose loss turns NaN ends with `diverged=1` and its reason
+instead of raising: retrying a deterministic divergence would only repeat it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clockdistill.config import Config
+from sweeps.search import FAILED_KEY, best_key
+from sweeps.spec import SweepSpec, base_config_dict, spec_from_json, with_dotted
+
+log = logging.getLogger(__name__)
+
+
+def trial_config(spec: SweepSpec, params: dict[str, Any], output_dir: str | Path) -> Config:
+    """The full config of a trial: spec base + the trial's dotted params + the sweep's fixed keys."""
+    from clockdistill.distill import distill_config
+
+    raw = base_config_dict(spec)
+    for key, value in params.items():
+        raw = with_dotted(raw, key, value)
+    for key, value in (("train.output_dir", str(output_dir)), ("train.resume", True), ("train.eval_every", 1),
+                       ("train.progress", False)):
+        raw = with_dotted(raw, key, value)
+    return distill_config(data=raw, teacher=spec.teacher)
+
+
+def student_latency_ms(model: torch.nn.Module, size: int, device: torch.device, repeats: int = 5) -> float:
+    """Median forward time of one image (size x size) on `device`, in ms."""
+    model = model.to(device).eval()
+    images = torch.randn(1, 3, size, size, device=device)
+    mask = torch.zeros(1, size, size, dtype=torch.bool, device=device)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(images, mask)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:  # the first call warms up
+                times.append((time.perf_counter() - t0) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def _student_properties(cfg: Config, need_latency: bool) -> dict[str, float]:
+    from clockdistill.engine import select_device
+    from clockdistill.models import build_detector
+
+    model = build_detector(cfg.model, cfg.model.num_classes)
+    props = {"params": float(sum(p.numel() for p in model.parameters()))}
+    if need_latency:
+        props["latency_ms"] = student_latency_ms(model, cfg.data.max_size, select_device(cfg.train.device))
+    return props
+
+
+def train_trial(config: dict[str, Any], spec_json: str) -> None:
+    """Tune function trainable. `config` holds the trial's dotted keys; the spec travels as JSON."""
+    from ray import tune
+
+    from clockdistill.distill import run_distillation
+    from clockdistill.engine import TrainingDiverged
+
+    spec = spec_from_json(spec_json)
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))
+    ctx = tune.get_context()
+    work = Path(ctx.get_trial_dir()) / "work"
+    cfg = trial_config(spec, config, work)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # retry, restore or PBT exploit: continue from the reported state
+        shutil.rmtree(work / "last", ignore_errors=True)
+        checkpoint.to_directory(str(work / "last"))
+        log.info("trial %s resumes from %s", ctx.get_trial_id(), checkpoint.path)
+    objectives = spec.objective_list
+    props = _student_properties(cfg, any(o.metric == "latency_ms" for o in objectives))
+    best: dict[str, float] = {}
+
+    def update_best(metrics: dict[str, float]) -> None:
+        for o in objectives:
+            if o.metric in metrics:
+                old = best.get(o.metric)
+                value = metrics[o.metric]
+                best[o.metric] = value if old is None else (max(old, value) if o.mode == "max" else min(old, value))
+
+    last_epoch = 0
+
+    def report(epoch: int, metrics: dict[str, Any], ckpt_dir: Path) -> None:
+        nonlocal last_epoch
+        last_epoch = epoch
+        if not best:  # after a resume: the best so far is in the checkpoint's history
+            from clockdistill.checkpoint import read_meta
+
+            for past in read_meta(ckpt_dir).get("history", [])[:-1]:
+                update_best({**props, **past})
+        row = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        row.update(props)
+        update_best(row)
+        row.update({best_key(m): v for m, v in best.items()})
+        row["completed_full_budget"] = int(epoch >= spec.epochs)
+        tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+
+    try:
+        run_distillation(cfg, on_epoch_end=report)
+    except TrainingDiverged as exc:
+        log.error("trial %s diverged: %s", ctx.get_trial_id(), exc)
+        row = {FAILED_KEY: 1, "failure_reason": str(exc), "epoch": last_epoch, "completed_full_budget": 0, **props}
+        row.update({best_key(o.metric): best.get(o.metric, 0.0 if o.mode == "max" else float("inf")) for o in objectives})
+        tune.report(row)

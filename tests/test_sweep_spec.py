@@ -1,0 +1,134 @@
+"""Sweep specs: validation before Ray starts, translation to Tune, Optuna's view of pruned trials."""
+
+import json
+
+import pytest
+
+from sweeps.search import build_scheduler, build_searcher, paper_defaults_point, tune_param_space
+from sweeps.spec import SpecError, load_spec, parse_spec, resolve_paths, spec_from_json, spec_to_json
+
+BASE = {"name": "t", "teacher": "x", "epochs": 3,
+        "search_space": {"distill.memory.alpha": {"loguniform": [1e-6, 1e-2]}, "distill.logit.groups": {"int": [1, 3]},
+                         "distill.logit.temperature": {"choice": [1, 2, 4, 10]}, "distill.memory.beta": {"fixed": 1e-7},
+                         "distill.logit.cls_weight": {"uniform": [0.5, 4.0]}}}
+
+
+def _spec(**changes):
+    data = {**BASE, **changes}
+    return parse_spec({k: v for k, v in data.items() if v is not None}, "s.yaml")
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({"search_space": {"distill.memory.alpah": {"uniform": [1, 2]}}}, "s.yaml: search_space.distill.memory.alpah: unknown config key"),
+    ({"search_space": {"distill.memory.alpha": {"uniform": [2, 2]}}}, "search_space.distill.memory.alpha.uniform: low must be < high"),
+    ({"search_space": {"distill.memory.alpha": {"uniform": [3, 2]}}}, "search_space.distill.memory.alpha.uniform: low must be < high"),
+    ({"search_space": {"distill.memory.alpha": {"loguniform": [0, 1]}}}, "search_space.distill.memory.alpha.loguniform: low must be > 0"),
+    ({"search_space": {"distill.logit.temperature": {"choice": []}}}, "search_space.distill.logit.temperature.choice: expected a non-empty list"),
+    ({"search_space": {"distill.logit.temperature": {"choice": [2, -1]}}}, "search_space.distill.logit.temperature.choice: distill.logit.temperature: expected a value > 0"),
+    ({"search_space": {"distill.memory.alpha": {"normal": [0, 1]}}}, "search_space.distill.memory.alpha.normal: unknown key"),
+    ({"search_space": {"distill.memory.alpha": {"uniform": [0, 1], "fixed": 1}}}, "search_space.distill.memory.alpha: expected exactly one of"),
+    ({"search_space": {"distill.memory.beta": {"fixed": 1e-7}}}, "search_space: nothing to search"),
+    ({"search_space": {"train.epochs": {"int": [1, 4]}}}, "search_space.train.epochs: set by the sweep itself"),
+    ({"search": {"algorithm": "bayes"}}, "search.algorithm: Input should be 'tpe', 'gp', 'cmaes', 'random' or 'grid', got 'bayes'"),
+    ({"scheduler": {"type": "hyperband"}}, "scheduler.type: Input should be"),
+    ({"scheduler": {"type": "asha", "grace_period": 3}}, "scheduler.grace_period: must be < epochs (3), got 3"),
+    ({"teacher": None}, "s.yaml: teacher: required"),
+    ({"epochs": 0}, "epochs: Input should be greater than or equal to 1"),
+    ({"colour": "red"}, "colour: unknown key"),
+    ({"config": {"trian": {"lr": 1}}}, "config.trian: unknown section"),
+    ({"config": {"train": {"lr": "fast"}}}, "config: train.lr: expected a number"),
+    ({"objective": {"metric": "mAP"}}, "objective.metric: Input should be"),
+    ({"search_space": {"distill.method": {"grid": ["none", "clockdistill"]}}}, "grid values need search.algorithm: grid"),
+    ({"objectives": [{"metric": "AP"}, {"metric": "params", "mode": "min"}], "search": {"algorithm": "cmaes"}}, "cmaes cannot optimise several objectives"),
+    ({"scheduler": {"type": "pbt"}}, "scheduler.type: pbt mutates running trials itself"),
+    ({"name": "my sweep!"}, "name: String should match pattern"),
+])
+def test_bad_specs_fail_with_one_line_naming_the_field(changes, expected):
+    with pytest.raises(SpecError) as err:
+        _spec(**changes)
+    message = str(err.value)
+    assert expected in message and "\n" not in message, message
+
+
+def test_missing_teacher_or_data_set_is_caught_before_ray(tmp_path, tiny_teacher):
+    spec = _spec(teacher=str(tmp_path / "nope"))
+    with pytest.raises(SpecError, match="teacher: .*nope is not a checkpoint directory"):
+        resolve_paths(spec, "s.yaml")
+    with pytest.raises(SpecError, match=r"^s.yaml: data: .* is not a COCO-format data set"):
+        resolve_paths(_spec(teacher=str(tiny_teacher), data=str(tmp_path)), "s.yaml")
+    resolved = resolve_paths(_spec(teacher=str(tiny_teacher)), "s.yaml")
+    assert resolved.data and resolved.teacher == str(tiny_teacher.resolve())
+
+
+def test_spec_file_round_trip_and_name_override(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: a\nteacher: x\nepochs: 2\nsearch_space:\n  distill.memory.alpha: {loguniform: [1e-6, 1e-2]}\n"
+                    "  distill.logit.groups: {int: [1, 3]}\n")
+    spec = load_spec(path, name="b")
+    assert spec.name == "b" and spec.search_space["distill.memory.alpha"].kind == "loguniform"
+    again = spec_from_json(spec_to_json(spec))
+    assert again == spec and json.loads(spec_to_json(spec))["search_space"]["distill.logit.groups"] == {"int": [1, 3]}
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(path)
+    with pytest.raises(SpecError, match="not found"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_search_space_translates_to_tune_domains():
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    space = tune_param_space(_spec())
+    assert isinstance(space["distill.memory.alpha"], Float) and space["distill.memory.alpha"].lower == 1e-6
+    assert isinstance(space["distill.logit.groups"], Integer) and (space["distill.logit.groups"].lower, space["distill.logit.groups"].upper) == (1, 4)
+    assert isinstance(space["distill.logit.temperature"], Categorical) and space["distill.logit.temperature"].categories == [1, 2, 4, 10]
+    assert space["distill.memory.beta"] == 1e-7
+    samples = [space["distill.memory.alpha"].sample() for _ in range(200)]
+    assert all(1e-6 <= s <= 1e-2 for s in samples) and sum(s < 1e-4 for s in samples) > 60  # log-uniform: half below the geometric mean
+    grid = tune_param_space(_spec(search={"algorithm": "grid"}, search_space={"distill.method": {"grid": ["none", "clockdistill"]}}))
+    assert grid["distill.method"] == {"grid_search": ["none", "clockdistill"]}
+
+
+def test_paper_defaults_are_the_first_point_where_they_lie_in_the_space():
+    point = paper_defaults_point(_spec())
+    assert point == {"distill.memory.alpha": 5e-5, "distill.logit.groups": 3, "distill.logit.temperature": 10, "distill.logit.cls_weight": 1.0}
+    outside = _spec(search_space={"distill.memory.alpha": {"loguniform": [1e-3, 1e-2]}, "distill.logit.temperature": {"choice": [1, 2]}})
+    assert paper_defaults_point(outside) is None
+
+
+def _optuna_searcher(spec):
+    searcher = build_searcher(spec)
+    searcher.set_search_properties(None, None, tune_param_space(spec))
+    return searcher
+
+
+def test_scheduler_stopped_trials_reach_optuna_as_pruned_and_diverged_as_failed():
+    from optuna.trial import TrialState
+
+    spec = _spec()
+    searcher = _optuna_searcher(spec)
+    first = searcher.suggest("t1")
+    assert first["distill.memory.alpha"] == 5e-5 and first["distill.logit.temperature"] == 10  # the paper defaults
+    for tid in ("t2", "t3", "t4"):
+        searcher.suggest(tid)
+    for epoch in (1, 2, 3):
+        searcher.on_trial_result("t1", {"best_AP": 0.1 * epoch, "epoch": epoch, "training_iteration": epoch})
+    searcher.on_trial_complete("t1", {"best_AP": 0.3, "epoch": 3})  # full budget
+    searcher.on_trial_result("t2", {"best_AP": 0.05, "epoch": 1, "training_iteration": 1})
+    searcher.on_trial_complete("t2", {"best_AP": 0.05, "epoch": 1})  # stopped by ASHA after one epoch
+    searcher.on_trial_complete("t3", {"best_AP": 0.0, "epoch": 1, "diverged": 1})
+    searcher.on_trial_complete("t4", None, error=True)
+    states = [t.state for t in searcher._ot_study.get_trials(deepcopy=False)]
+    assert states == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.FAIL]
+    assert searcher._ot_study.best_value == pytest.approx(0.3)
+
+
+def test_multi_objective_searcher_and_asha_on_the_first_objective():
+    spec = _spec(objectives=[{"metric": "AP", "mode": "max"}, {"metric": "params", "mode": "min"}])
+    searcher = _optuna_searcher(spec)
+    assert searcher.metric == ["best_AP", "best_params"] and searcher.mode == ["max", "min"]
+    searcher.suggest("a")
+    searcher.on_trial_complete("a", {"best_AP": 0.2, "best_params": 1e5, "epoch": 3})
+    assert searcher._ot_study.get_trials()[0].values == [0.2, 1e5]
+    scheduler = build_scheduler(spec)
+    assert scheduler.metric == "best_AP" and scheduler._max_t == 3
