@@ -4,8 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := demo-run
+SPEC   ?= sweeps/configs/demo.yaml
+MLFLOW_PORT ?= 5000
 
-.PHONY: demo test test-fast bench best-student venv clean
+.PHONY: demo test test-fast bench best-student sweep mlflow-ui venv clean
 
 venv: $(STAMP)
 
@@ -29,8 +31,17 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) tests/bench/teacher_quality.py
 
+# A sweep from a spec on a local Ray (or the cluster in RAY_ADDRESS); on a cluster prefer
+#   ray job submit --working-dir . -- clockdistill sweep sweeps/configs/kitti.yaml
+sweep: $(STAMP)
+	$(VENV)/bin/clockdistill sweep $(SPEC)
+
+# The MLflow UI on 127.0.0.1 against the project's default store (sqlite mlflow.db).
+mlflow-ui: $(STAMP)
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+
 best-student: $(STAMP)
 	$(VENV)/bin/clockdistill best-student
 
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) .pytest_cache sweeps-storage

@@ -110,7 +110,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from clockdistill.demo import run_demo
 
-    run_demo(Path(args.workdir), args.train, args.val, args.teacher_epochs, args.student_epochs)
+    run_demo(Path(args.workdir), args.train, args.val, args.teacher_epochs, args.trials, args.sweep_epochs)
     return 0
 
 
@@ -197,15 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_evaluate)
 
-    d = sub.add_parser("demo", help="synthetic data -> tiny teacher -> tiny student alone and distilled, with their mAP",
+    d = sub.add_parser("demo", help="synthetic data -> tiny teacher -> demo sweep -> best student",
                        description="The embedded default end to end on a CPU: write synthetic data, train a tiny teacher "
-                                   "(reused when already trained), a tiny student alone and one distilled with CLoCKDistill, "
-                                   "print the three mAPs. Finished stages are reused when run again.")
-    d.add_argument("--workdir", default="demo-run", help="where data and checkpoints go (default demo-run)")
+                                   "(reused when already trained), run the demo sweep (sweeps/configs/demo.yaml: Optuna TPE + "
+                                   "ASHA over distillation knobs on a local Ray, tracked in MLflow) and print the best student. "
+                                   "Finished stages are reused when run again.")
+    d.add_argument("--workdir", default="demo-run", help="where data, teacher and sweep storage go (default demo-run)")
     d.add_argument("--train", type=int, default=1000, help="synthetic training images (default 1000)")
     d.add_argument("--val", type=int, default=150, help="synthetic validation images (default 150)")
-    d.add_argument("--teacher-epochs", type=int, default=15, help="teacher epochs (default 15)")
-    d.add_argument("--student-epochs", type=int, default=8, help="student epochs (default 8)")
+    d.add_argument("--teacher-epochs", type=int, default=12, help="teacher epochs (default 12)")
+    d.add_argument("--trials", type=int, help="sweep trials (default: the spec's num_samples, 8)")
+    d.add_argument("--sweep-epochs", type=int, help="epochs per trial (default: the spec's, 4)")
     d.set_defaults(func=_cmd_demo)
     return p
 

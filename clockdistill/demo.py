@@ -1,8 +1,7 @@
-"""The embedded default end to end: synthetic data, a tiny teacher, a tiny student alone and distilled
-with CLoCKDistill, their mAPs.
+"""The embedded default end to end: synthetic data -> a tiny teacher -> the demo sweep -> the best student.
 
-Each stage is skipped when its output already exists (the teacher resumes from its checkpoint), so
-running the demo again is quick.
+Each stage is skipped when its output already exists (the teacher resumes from its checkpoint, the
+sweep of the same name resumes and reruns nothing finished), so running the demo again is quick.
 """
 
 from __future__ import annotations
@@ -10,10 +9,10 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
-from clockdistill.config import config_from_dict
-from clockdistill.data.synth import write_synthetic
-from clockdistill.distill import distill_config, run_distillation
+from clockdistill.config import config_from_dict, parse_yaml
+from clockdistill.data.synth import ensure_synthetic
 from clockdistill.engine import fit
 
 log = logging.getLogger(__name__)
@@ -29,26 +28,44 @@ def demo_config(name: str, data: Path, preset: str, epochs: int, out: Path):
     )
 
 
-def run_demo(workdir: Path, n_train: int, n_val: int, teacher_epochs: int, student_epochs: int) -> dict[str, dict]:
+def demo_spec(workdir: Path, trials: int | None = None, epochs: int | None = None) -> Path:
+    """sweeps/configs/demo.yaml with its teacher and storage under `workdir` (written there)."""
+    import sweeps
+
+    spec: dict[str, Any] = parse_yaml((Path(sweeps.__file__).parent / "configs" / "demo.yaml").read_text())
+    spec.update(teacher=str(workdir / "teacher" / "best"), storage_path=str(workdir / "sweeps"))
+    if trials:
+        spec["num_samples"] = trials
+    if epochs:
+        spec["epochs"] = epochs
+        spec["scheduler"] = {**spec.get("scheduler", {}), "grace_period": max(1, min(spec["scheduler"].get("grace_period", 1), epochs - 1))}
+    path = workdir / "demo-sweep.yaml"
+    import json
+
+    path.write_text(json.dumps(spec, indent=1))  # JSON is YAML
+    return path
+
+
+def run_demo(workdir: Path, n_train: int, n_val: int, teacher_epochs: int, trials: int | None = None,
+             sweep_epochs: int | None = None) -> dict[str, Any]:
+    from sweeps.runner import run_sweep
+
     t0 = time.perf_counter()
-    data = workdir / "data"
-    if not (data / "annotations" / "instances_val.json").is_file():
-        log.info("writing %d/%d synthetic images to %s", n_train, n_val, data)
-        write_synthetic(data, n_train, n_val, seed=0)
-    results = {}
-    for role, preset, epochs in (("teacher", "tiny-teacher", teacher_epochs), ("student (no KD)", "tiny-student", student_epochs)):
-        out = workdir / role.split()[0]
-        log.info("training the %s (%s, %d epochs) -> %s", role, preset, epochs, out)
-        result = fit(demo_config(role, data, preset, epochs, out))
-        results[role] = {"AP": result.best_ap, "AP50": max(h.get("AP50", 0.0) for h in result.history), "checkpoint": str(out / "best")}
-    out = workdir / "student-clockdistill"
-    log.info("distilling the student from the teacher with CLoCKDistill (%d epochs) -> %s", student_epochs, out)
-    cfg = distill_config(None, [f"train.{k}={v}" for k, v in TRAIN.items()] + [f"train.epochs={student_epochs}", f"train.output_dir={out}"],
-                         teacher=workdir / "teacher" / "best")
-    result = run_distillation(cfg)
-    results["student (CLoCKDistill)"] = {"AP": result.best_ap, "AP50": max(h.get("AP50", 0.0) for h in result.history), "checkpoint": str(out / "best")}
-    print(f"\n{'model':<18} {'AP':>7} {'AP50':>7}  checkpoint")
-    for role, r in results.items():
-        print(f"{role:<18} {r['AP']:>7.4f} {r['AP50']:>7.4f}  {r['checkpoint']}")
-    print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min")
-    return results
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = ensure_synthetic(workdir / "data", n_train, n_val)
+    out = workdir / "teacher"
+    log.info("training the teacher (tiny-teacher, %d epochs) -> %s", teacher_epochs, out)
+    teacher = fit(demo_config("teacher", data, "tiny-teacher", teacher_epochs, out))
+    t1 = time.perf_counter()
+    log.info("running the demo sweep")
+    summary = run_sweep(demo_spec(workdir, trials, sweep_epochs))
+    best = summary.get("best") or {}
+    print(f"\n{'model':<28} {'AP':>7}  checkpoint")
+    print(f"{'teacher (tiny-teacher)':<28} {teacher.best_ap:>7.4f}  {out / 'best'}")
+    if best:
+        print(f"{'best student (tiny-student)':<28} {best['best_AP']:>7.4f}  {best.get('best_checkpoint', '-')}")
+        print("winning knobs: " + ", ".join(f"{k}={v}" for k, v in best["config"].items()))
+    else:
+        print("no trial of the sweep ran its full budget")
+    print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min (teacher {(t1 - t0) / 60:.1f} min, sweep {(time.perf_counter() - t1) / 60:.1f} min)")
+    return {"teacher_AP": teacher.best_ap, "best": best}

@@ -127,6 +127,9 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
     if "://" not in storage:
         Path(storage).mkdir(parents=True, exist_ok=True)
     tracking_uri = spec.mlflow.tracking_uri or default_tracking_uri()
+    if not spec.mlflow.tracking_uri and "runtime_resources" in str(Path.cwd()):
+        log.warning("mlflow: the default store %s is inside this Ray job's temporary working directory and goes away with it; "
+                    "set mlflow.tracking_uri in the spec (a server, or an absolute sqlite path)", tracking_uri)
 
     import ray
     from ray import tune
@@ -142,6 +145,8 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
 
     trainable = tune.with_resources(tune.with_parameters(train_trial, spec_json=spec_to_json(spec)),
                                     {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    if "://" not in storage:  # snapshot the experiment state often: a killed driver loses less
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10")
     exp_dir = sweep_dir_name(spec.name)
     exp_path = storage.rstrip("/") + "/" + exp_dir
     status, summary = "FAILED", None
@@ -180,7 +185,7 @@ def finalize(spec: SweepSpec, tracker: SweepTracker, results) -> dict[str, Any]:
     rows = []
     for result in results:
         m = result.metrics or {}
-        trial_id = m.get("trial_id") or (Path(result.path).name if result.path else "?")
+        trial_id = m.get("trial_id") or _trial_id_from_path(result.path)
         row = {"trial_id": trial_id, "epochs": int(m.get("epoch", 0)), "full_budget": bool(m.get("completed_full_budget")) and not m.get(FAILED_KEY),
                f"best_{metric}": m.get(best_key(metric)), "error": str(result.error).splitlines()[-1] if result.error else (m.get("failure_reason") or ""),
                "config": {k: v for k, v in (result.config or {}).items()}}
@@ -191,13 +196,20 @@ def finalize(spec: SweepSpec, tracker: SweepTracker, results) -> dict[str, Any]:
         if best is not None:
             row["best_checkpoint"] = best.path
             try:
-                run_id = tracker.trial_run(trial_id, trial_id, {})
-                with best.as_directory() as d:
-                    tracker.log_checkpoint(run_id, d)
-                tracker.client.set_tag(run_id, "best_checkpoint", best.path)
+                run = tracker.find_trial_run(trial_id)
+                if run is not None and run.data.tags.get("best_checkpoint") != best.path:
+                    with best.as_directory() as d:
+                        tracker.log_checkpoint(run.info.run_id, d)
+                    tracker.client.set_tag(run.info.run_id, "best_checkpoint", best.path)
             except Exception as exc:  # noqa: BLE001
                 log.warning("mlflow: could not log the best checkpoint of trial %s: %s", trial_id, exc)
         rows.append(row)
+    try:
+        retired = tracker.retire_orphans({r["trial_id"] for r in rows})
+        if retired:
+            log.info("mlflow: deleted the runs of %d trial(s) the restored sweep replaced: %s", len(retired), ", ".join(retired))
+    except Exception as exc:  # noqa: BLE001
+        log.warning("mlflow: could not clean up replaced trial runs: %s", exc)
     ranked = sorted((r for r in rows if r[f"best_{metric}"] is not None and r["full_budget"]),
                     key=lambda r: r[f"best_{metric}"], reverse=mode == "max")
     summary = {"sweep": spec.name, "objective": f"{metric} ({mode})", "trials": rows, "best": ranked[0] if ranked else None}
@@ -211,6 +223,14 @@ def finalize(spec: SweepSpec, tracker: SweepTracker, results) -> dict[str, Any]:
     if ranked:
         print(f"best: trial {ranked[0]['trial_id']} with {metric} {ranked[0][f'best_{metric}']:.4f}")
     return json.loads(json.dumps(summary, default=str))
+
+
+def _trial_id_from_path(path: str | None) -> str:
+    """Tune names trial directories <trainable>_<trial id>_<index>_<params>_<date>."""
+    import re
+
+    match = re.search(r"train_trial_([0-9a-f]{5,})_", Path(path).name) if path else None
+    return match.group(1) if match else "?"
 
 
 def _short(value: Any) -> str:

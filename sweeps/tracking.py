@@ -51,6 +51,16 @@ def ray_job_id() -> str:
         return "unknown"
 
 
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Artifacts of a local store go next to its database, by absolute path: MLflow's default,
+    ./mlruns of the creating process, would land in a Ray job's temporary working directory.
+    A tracking server decides for itself (None)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts" / re.sub(r"[^A-Za-z0-9_.-]", "_", experiment)).resolve().as_uri()
+    return None
+
+
 def metrics_to_log(result: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in result.items() if METRIC_ALLOW.match(k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -87,7 +97,8 @@ class SweepTracker:
     def experiment_id(self) -> str:
         if self._experiment_id is None:
             exp = self.client.get_experiment_by_name(self.experiment)
-            self._experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+            self._experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+                self.experiment, artifact_location=artifact_location(self.tracking_uri, self.experiment))
         return self._experiment_id
 
     def _find(self, filter_string: str):
@@ -132,11 +143,15 @@ class SweepTracker:
 
     # -- trial runs ------------------------------------------------------------------------------
 
+    def find_trial_run(self, trial_id: str):
+        return self._find(f"tags.sweep_id = '{_quote(self.sweep_id)}' and tags.trial_id = '{_quote(trial_id)}'")
+
     def trial_run(self, trial_id: str, trial_name: str, params: dict[str, Any]) -> str:
-        """The child run of a trial: found by trial_id, created (with its params) when new."""
+        """The child run of a running trial: found by trial_id (and marked running again), created
+        (with its params) when new."""
         if trial_id in self._runs:
             return self._runs[trial_id]
-        run = self._find(f"tags.sweep_id = '{_quote(self.sweep_id)}' and tags.trial_id = '{_quote(trial_id)}'")
+        run = self.find_trial_run(trial_id)
         if run is None:
             run = self.client.create_run(self.experiment_id, run_name=trial_name, tags={
                 "mlflow.parentRunId": self.parent_run_id or "", "sweep_id": self.sweep_id, "trial_id": trial_id,
@@ -148,7 +163,7 @@ class SweepTracker:
                 self.client.log_batch(run.info.run_id, params=items[i:i + PARAM_BATCH])
         else:
             self._logged_epoch[run.info.run_id] = int(run.data.metrics.get("epoch", 0))
-            if run.info.status != "RUNNING":
+            if run.info.status != "RUNNING" and not self.is_done(run):
                 self.client.update_run(run.info.run_id, status="RUNNING")
         self._runs[trial_id] = run.info.run_id
         return run.info.run_id
@@ -167,11 +182,34 @@ class SweepTracker:
         self._logged_epoch[run_id] = epoch
         return True
 
+    @staticmethod
+    def is_done(run) -> bool:
+        """A run closed after its full budget: a restored sweep leaves it as it is."""
+        return run.info.status == "FINISHED" and run.data.tags.get("completed_full_budget") == "true"
+
     def end_trial(self, run_id: str, status: str, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
+        run = self.client.get_run(run_id)
+        if self.is_done(run):  # a finished trial that a restored sweep saw complete again
+            return
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         self.client.set_terminated(run_id, status=status)
+
+    def retire_orphans(self, trial_ids: set[str]) -> list[str]:
+        """Runs of trials the sweep no longer has (started just before a driver crash, then re-created
+        by the restored sweep under a new id): tagged, closed as KILLED and deleted (restorable),
+        so the experiment holds one run per trial."""
+        retired = []
+        for run in self.trial_runs():
+            trial_id = run.data.tags.get("trial_id")
+            if trial_id and trial_id not in trial_ids:
+                self.client.set_tag(run.info.run_id, "orphaned", "true")
+                if run.info.status == "RUNNING":
+                    self.client.set_terminated(run.info.run_id, status="KILLED")
+                self.client.delete_run(run.info.run_id)
+                retired.append(trial_id)
+        return retired
 
     def log_checkpoint(self, run_id: str, checkpoint_dir: str | Path, artifact_path: str = "best_checkpoint") -> None:
         """The weights and metadata of a checkpoint (not its optimizer state) as run artifacts."""

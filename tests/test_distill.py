@@ -240,11 +240,3 @@ def test_cli_distill_rejects_bad_values_with_one_line(tiny_teacher, override, fi
 def test_cli_distill_without_teacher_says_how_to_give_one():
     proc = run_cli("distill", "--print-config")
     assert proc.returncode == 2 and "--teacher" in proc.stderr
-
-
-def test_demo_runs_teacher_student_and_distilled_student(tmp_path):
-    proc = run_cli("demo", "--workdir", str(tmp_path), "--train", "16", "--val", "4", "--teacher-epochs", "1", "--student-epochs", "1")
-    assert proc.returncode == 0, proc.stderr
-    for row in ("teacher", "student (no KD)", "student (CLoCKDistill)"):
-        assert row in proc.stdout
-    assert (tmp_path / "student-clockdistill" / "best" / "model.safetensors").is_file()

@@ -132,3 +132,25 @@ def test_multi_objective_searcher_and_asha_on_the_first_objective():
     assert searcher._ot_study.get_trials()[0].values == [0.2, 1e5]
     scheduler = build_scheduler(spec)
     assert scheduler.metric == "best_AP" and scheduler._max_t == 3
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (__import__("pathlib").Path(__file__).parents[1] / "sweeps" / "configs").glob("*.yaml")))
+def test_shipped_specs_are_valid(path):
+    spec = load_spec(path)
+    assert spec.search_space and spec.epochs >= 1
+
+
+@pytest.mark.slow
+def test_demo_runs_data_teacher_sweep_and_prints_the_best_student(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "clockdistill", "demo", "--workdir", str(tmp_path / "demo"), "--train", "16", "--val", "4",
+                           "--teacher-epochs", "1", "--trials", "2", "--sweep-epochs", "1"],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "best student (tiny-student)" in proc.stdout and "winning knobs: distill." in proc.stdout
+    assert "sweep demo: 2 trials, 2 ran the full budget" in proc.stdout

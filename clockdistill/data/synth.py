@@ -115,3 +115,11 @@ def write_synthetic(out: str | Path, train: int, val: int, seed: int = 0, progre
                "annotations": annotations, "categories": categories}
         (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
     return out
+
+
+def ensure_synthetic(out: str | Path, train: int, val: int, seed: int = 0, progress: bool = True) -> Path:
+    """`write_synthetic` unless `out` already holds a data set (then it is reused as it is)."""
+    out = Path(out)
+    if not (out / "annotations" / "instances_val.json").is_file():
+        write_synthetic(out, train, val, seed=seed, progress=progress)
+    return out

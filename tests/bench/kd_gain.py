@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from clockdistill.config import config_from_dict
-from clockdistill.data.synth import write_synthetic
+from clockdistill.data.synth import ensure_synthetic
 from clockdistill.demo import TRAIN
 from clockdistill.distill import distill_config, run_distillation
 from clockdistill.engine import build_datasets, fit
@@ -55,9 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kd-gain-"))
-    data = work / "data"
-    if not (data / "annotations" / "instances_val.json").is_file():
-        write_synthetic(data, args.train, args.val, seed=0, progress=False)
+    data = ensure_synthetic(work / "data", args.train, args.val, progress=False)
     teacher = work / "teacher" / "best"
     t0 = time.perf_counter()
     if not (teacher / "meta.json").is_file():

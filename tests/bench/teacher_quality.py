@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from clockdistill.config import config_from_dict
-from clockdistill.data.synth import write_synthetic
+from clockdistill.data.synth import ensure_synthetic
 from clockdistill.demo import TRAIN
 from clockdistill.engine import fit
 
@@ -34,9 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="teacher-bench-"))
-    data = work / "data"
-    if not (data / "annotations" / "instances_val.json").is_file():
-        write_synthetic(data, args.train, args.val, seed=0, progress=False)
+    data = ensure_synthetic(work / "data", args.train, args.val, progress=False)
     cfg = config_from_dict(
         {
             "name": "teacher-bench",
