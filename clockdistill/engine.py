@@ -22,16 +22,12 @@ from tqdm import tqdm
 from clockdistill.checkpoint import load_extra, load_optimizer, load_weights, read_meta, save_checkpoint
 from clockdistill.config import Config, TrainConfig
 from clockdistill.data import CocoDetection, DetectionTransform, collate
-from clockdistill.errors import UserError
+from clockdistill.errors import TrainingDiverged, UserError  # noqa: F401 - TrainingDiverged re-exported
 from clockdistill.evaluation import coco_evaluate, postprocess, to_coco_results
 from clockdistill.losses import SetCriterion, detection_weights, weighted_sum
 from clockdistill.models import build_detector
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
 
 
 class TrainingTask(Protocol):

@@ -15,3 +15,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data set, annotation file or image is missing or violates its schema."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the predictions became NaN or infinite."""

@@ -86,3 +86,14 @@ def test_criterion_with_no_targets_gives_finite_losses_and_grads():
     assert all(torch.isfinite(v) for v in losses.values())
     losses["loss_cls"].backward()
     assert out["pred_logits"].grad.abs().sum() > 0  # all queries pushed towards "no object"
+
+
+def test_matcher_turns_non_finite_predictions_into_training_diverged():
+    import pytest
+
+    from clockdistill.errors import TrainingDiverged
+
+    outputs = {"pred_logits": torch.full((1, 3, 2), float("nan")), "pred_boxes": torch.full((1, 3, 4), 0.5)}
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    with pytest.raises(TrainingDiverged, match="not finite"):
+        HungarianMatcher()(outputs, targets)

@@ -22,6 +22,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from clockdistill.config import Config, ConfigError
+from clockdistill.errors import TrainingDiverged
 from clockdistill.distill.losses import fitnet_term, logit_terms, memory_terms
 from clockdistill.distill.masks import level_token_mask, memory_masks
 from clockdistill.distill.queries import TargetQueryBuilder
@@ -234,6 +235,8 @@ def _match(t: dict[str, Tensor], s: dict[str, Tensor]) -> tuple[list[Tensor], li
     for b in range(pt.shape[0]):
         cost = torch.cdist(ps[b], pt[b], p=1) / pt.shape[-1] + 5 * torch.cdist(bs[b], bt[b], p=1) \
             - 2 * generalized_box_iou(box_cxcywh_to_xyxy(bs[b]), box_cxcywh_to_xyxy(bt[b]))
+        if not torch.isfinite(cost).all():
+            raise TrainingDiverged("the student's predictions are not finite (NaN or inf): the model has diverged")
         si, ti = linear_sum_assignment(cost.cpu().numpy())
         s_idx.append(torch.as_tensor(si, device=bs.device))
         t_idx.append(torch.as_tensor(ti, device=bs.device))

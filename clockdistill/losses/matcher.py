@@ -6,6 +6,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from clockdistill.errors import TrainingDiverged
 from clockdistill.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 
 
@@ -42,6 +43,8 @@ class HungarianMatcher(nn.Module):
             - self.cost_giou * generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
         )
         cost = cost.view(B, Q, -1).cpu()
+        if not torch.isfinite(cost).all():
+            raise TrainingDiverged("the predictions are not finite (NaN or inf in the matching cost): the model has diverged")
         result = []
         for i, block in enumerate(cost.split(sizes, -1)):
             if sizes[i] == 0:

@@ -1,0 +1,38 @@
+"""A grid sweep on an in-process local Ray: a diverging trial ends FAILED with its reason, the other
+finishes, and the sweep itself succeeds."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_diverging_trial_fails_alone_and_the_sweep_goes_on(tiny_teacher, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(
+        f"name: grid\nteacher: {tiny_teacher}\nepochs: 1\nconfig:\n  train: {{batch_size: 8, clip_max_norm: 0.0, warmup_iters: 0}}\n"
+        "search_space:\n  train.lr: {grid: [4.0e-4, 1.0e+8]}\n"
+        "search: {algorithm: grid}\nscheduler: {type: none}\nnum_samples: 1\nmax_concurrent_trials: 2\nmax_failures: 2\n"
+        f"resources: {{cpu: 1}}\nstorage_path: {tmp_path / 'storage'}\nmlflow: {{tracking_uri: 'sqlite:///{db}', experiment: grid}}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run([sys.executable, "-m", "sweeps", str(spec), "--summary", str(tmp_path / "summary.json")],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("grid")
+    runs = {r.data.params["train.lr"]: r for r in client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'trial'")}
+    assert set(runs) == {"0.0004", "100000000.0"}
+    good, bad = runs["0.0004"], runs["100000000.0"]
+    assert good.info.status == "FINISHED" and good.data.tags["completed_full_budget"] == "true"
+    assert bad.info.status == "FAILED" and bad.data.tags["completed_full_budget"] == "false"
+    reason = bad.data.tags["failure_reason"]
+    assert "not finite" in reason or "loss is" in reason, reason
+    assert "failed: " in proc.stdout
+    # Not retried: a divergence is deterministic (one trial directory, one attempt).
+    assert len(list((tmp_path / "storage" / "grid").glob("train_trial_*"))) == 2
