@@ -154,3 +154,17 @@ def test_demo_runs_data_teacher_sweep_and_prints_the_best_student(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "best student (tiny-student)" in proc.stdout and "winning knobs: distill." in proc.stdout
     assert "sweep demo: 2 trials, 2 ran the full budget" in proc.stdout
+
+
+def test_pbt_mutates_the_searched_keys_and_grid_uses_tune_variants():
+    from ray.tune.schedulers import PopulationBasedTraining
+    from ray.tune.search import BasicVariantGenerator
+
+    spec = _spec(search={"algorithm": "random"}, scheduler={"type": "pbt", "perturbation_interval": 1})
+    scheduler = build_scheduler(spec)
+    assert isinstance(scheduler, PopulationBasedTraining)
+    assert set(scheduler._hyperparam_mutations) == {"distill.memory.alpha", "distill.logit.groups", "distill.logit.temperature",
+                                                     "distill.logit.cls_weight"}
+    assert isinstance(build_searcher(spec), BasicVariantGenerator)
+    grid = _spec(search={"algorithm": "grid"}, search_space={"distill.method": {"grid": ["none", "clockdistill"]}})
+    assert isinstance(build_searcher(grid), BasicVariantGenerator)
