@@ -35,13 +35,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from clockdistill.config import Config, config_from_dict, flatten_dict, parse_yaml
+from clockdistill.config import Config, config_from_dict, parse_yaml
 from clockdistill.errors import ConfigError, UserError
 
-ALGORITHMS = ("tpe", "gp", "cmaes", "random", "grid")
-# Metrics a trial reports that an objective may name: COCO metrics of the validation split, and two
-# properties of the student (for AP-against-size or AP-against-speed sweeps).
-OBJECTIVE_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "params", "latency_ms")
 CONFIG_SECTIONS = ("data", "model", "loss", "train", "distill")
 
 
@@ -122,6 +118,8 @@ class Scheduler(_Strict):
 
 
 class Objective(_Strict):
+    # A COCO metric of the validation split, or a property of the student (for AP-against-size or
+    # AP-against-speed sweeps): its parameter count or its one-image latency on the trial's device.
     metric: Literal["AP", "AP50", "AP75", "APs", "APm", "APl", "params", "latency_ms"] = "AP"
     mode: Literal["max", "min"] = "max"
 
@@ -334,5 +332,5 @@ def sweep_dir_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
-__all__ = ["ALGORITHMS", "OBJECTIVE_METRICS", "SpecError", "SweepSpec", "base_config_dict", "flatten_dict", "load_spec", "parse_spec",
-           "search_space_summary", "with_dotted"]
+__all__ = ["SpecError", "SweepSpec", "base_config_dict", "load_spec", "parse_spec", "resolve_paths", "search_space_summary", "spec_from_json",
+           "spec_to_dict", "spec_to_json", "with_dotted"]
