@@ -114,6 +114,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config, --set and --print-config, shared by the commands that build a Config."""
+    parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as dotted keys and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="clockdistill",
@@ -156,9 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one detector (teacher or plain student)",
                        description="Train one detector from a YAML config (sections data, model, loss, train) with "
                                    "dotted overrides. Resumes from <train.output_dir>/last when it exists.")
-    t.add_argument("--config", help="YAML config file (default: built-in defaults)")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
-    t.add_argument("--print-config", action="store_true", help="print the resolved config as dotted keys and exit")
+    _add_config_arguments(t)
     t.set_defaults(func=_cmd_train)
 
     ds = sub.add_parser("distill", help="train one student against a teacher with one distillation setting",
@@ -171,9 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="example: clockdistill distill --teacher runs/teacher/best --set distill.memory.alpha=1e-4 "
                                "--set train.epochs=8 --set train.output_dir=runs/kd-alpha1e-4")
     ds.add_argument("--teacher", help="teacher checkpoint directory (or distill.teacher in the config)")
-    ds.add_argument("--config", help="YAML config file (default: built-in defaults)")
-    ds.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
-    ds.add_argument("--print-config", action="store_true", help="print the resolved config as dotted keys and exit")
+    _add_config_arguments(ds)
     ds.set_defaults(func=_cmd_distill)
 
     sw = sub.add_parser("sweep", help="run (or resume) a Ray Tune sweep over distillation settings",

@@ -196,7 +196,7 @@ class SweepSpec(_Strict):
 
 def _error_line(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after[_one_kind(), Dimension]",))
+    loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
