@@ -6,8 +6,10 @@ STAMP  := $(VENV)/.installed
 DEMO   := demo-run
 SPEC   ?= sweeps/configs/demo.yaml
 MLFLOW_PORT ?= 5000
+MLFLOW_DB ?= $(CURDIR)/mlflow.db
+SWEEP  ?=
 
-.PHONY: demo test test-fast bench best-student sweep mlflow-ui venv clean
+.PHONY: demo test test-fast bench best-student report sweep mlflow-ui venv clean
 
 venv: $(STAMP)
 
@@ -16,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,onnx]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -38,10 +40,16 @@ sweep: $(STAMP)
 
 # The MLflow UI on 127.0.0.1 against the project's default store (sqlite mlflow.db).
 mlflow-ui: $(STAMP)
-	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port $(MLFLOW_PORT)
 
+# The best finished trial of the latest sweep (or SWEEP=name): verified, exported to
+# artifacts/best-student/, registered in MLflow with the alias champion.
 best-student: $(STAMP)
-	$(VENV)/bin/clockdistill best-student
+	$(VENV)/bin/clockdistill best-student $(if $(SWEEP),--sweep $(SWEEP))
+
+# Parquet table and plots of the latest sweep (or SWEEP=name), also logged to its MLflow run.
+report: $(STAMP)
+	$(VENV)/bin/clockdistill report $(if $(SWEEP),--sweep $(SWEEP))
 
 clean:
 	rm -rf $(DEMO) .pytest_cache sweeps-storage

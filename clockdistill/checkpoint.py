@@ -70,6 +70,16 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any], op
     return path
 
 
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     meta_file = path / "meta.json"

@@ -107,6 +107,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_best_student(args: argparse.Namespace) -> int:
+    from clockdistill.export import best_student
+
+    if args.tolerance < 0:
+        raise UserError(f"--tolerance: expected an AP difference >= 0, got {args.tolerance}")
+    best_student(args.sweep, args.metric, args.prefer, args.out, args.tracking_uri, args.tolerance, args.device, not args.no_register)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from clockdistill.demo import run_demo
 
@@ -199,6 +208,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_evaluate)
+
+    b = sub.add_parser("best-student", help="pick, verify, export and register the best student of a sweep",
+                       description="Find the sweep in MLflow (the latest when not named), take the best trial that finished its "
+                                   "full budget, re-evaluate its best checkpoint on the validation split (refused when the AP "
+                                   "differs from the logged AP, or the weights changed since the sweep), export it (safetensors, "
+                                   "config, TorchScript, ONNX with the onnx extra, a model card) and register it in MLflow with "
+                                   "the alias champion. Running it again registers no second version of the same trial.",
+                       epilog="example: clockdistill best-student --sweep demo --out artifacts/best-student")
+    b.add_argument("--sweep", help="sweep name (default: the latest sweep in the store)")
+    b.add_argument("--metric", choices=["AP", "AP50", "AP75", "APs", "APm", "APl", "params", "latency_ms"],
+                   help="rank by this objective (default: the sweep's first objective)")
+    b.add_argument("--prefer", help="multi-objective sweeps: take the Pareto-set trial best in this objective (default: the first objective)")
+    b.add_argument("--out", default="artifacts/best-student", help="export directory (default artifacts/best-student; replaced)")
+    b.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    b.add_argument("--tolerance", type=float, default=2e-3, help="largest accepted |re-evaluated AP - logged AP| (default 0.002)")
+    b.add_argument("--device", default="cpu", help="device of the re-evaluation: cpu, cuda[:N] or auto (default cpu)")
+    b.add_argument("--no-register", action="store_true", help="export only; do not touch the model registry")
+    b.set_defaults(func=_cmd_best_student)
 
     d = sub.add_parser("demo", help="synthetic data -> tiny teacher -> demo sweep -> best student",
                        description="The embedded default end to end on a CPU: write synthetic data, train a tiny teacher "

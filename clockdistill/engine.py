@@ -252,3 +252,24 @@ def load_detector(checkpoint: str | Path, device: str | torch.device = "cpu") ->
     model = build_detector(cfg.model, cfg.model.num_classes or len(meta["class_names"]))
     load_weights(checkpoint, model, device)
     return model.to(device).eval(), meta
+
+
+def forward_latency_ms(model: nn.Module, size: int, device: torch.device, repeats: int = 5) -> float:
+    """Median time of one forward pass on one size x size image on `device`, in ms (after a warm-up)."""
+    import time
+
+    model = model.to(device).eval()
+    images = torch.randn(1, 3, size, size, device=device)
+    mask = torch.zeros(1, size, size, dtype=torch.bool, device=device)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(images, mask)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                times.append((time.perf_counter() - t0) * 1000)
+    return sorted(times)[len(times) // 2]

@@ -16,9 +16,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from clockdistill.checkpoint import file_sha256
+from clockdistill.tracking import default_tracking_uri
 from sweeps.search import FAILED_KEY, best_key, build_scheduler, build_searcher, tune_param_space
 from sweeps.spec import SweepSpec, load_spec, resolve_paths, search_space_summary, spec_from_json, spec_to_dict, spec_to_json, sweep_dir_name
-from sweeps.tracking import SweepTracker, default_tracking_uri
+from sweeps.tracking import SweepTracker
 
 log = logging.getLogger("clockdistill.sweep")
 
@@ -200,6 +202,9 @@ def finalize(spec: SweepSpec, tracker: SweepTracker, results) -> dict[str, Any]:
                 if run is not None and run.data.tags.get("best_checkpoint") != best.path:
                     with best.as_directory() as d:
                         tracker.log_checkpoint(run.info.run_id, d)
+                        digest = file_sha256(Path(d) / "model.safetensors")
+                    # best-student refuses a checkpoint whose weights changed after this point
+                    tracker.client.set_tag(run.info.run_id, "best_checkpoint_sha256", digest)
                     tracker.client.set_tag(run.info.run_id, "best_checkpoint", best.path)
             except Exception as exc:  # noqa: BLE001
                 log.warning("mlflow: could not log the best checkpoint of trial %s: %s", trial_id, exc)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from clockdistill.config import Config
-from sweeps.spec import SweepSpec
+from clockdistill.config import Config, config_from_dict
+from sweeps.spec import SweepSpec, base_config_dict
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +45,30 @@ def tune_param_space(spec: SweepSpec) -> dict[str, Any]:
 
 
 def paper_defaults_point(spec: SweepSpec) -> dict[str, Any] | None:
-    """The config defaults (the paper's values) of the searched keys, where they lie in the space;
-    None when no searched key has its default inside the space."""
+    """The first point to evaluate: the config defaults (the paper's values, or the spec's own
+    `config` where it sets them) of every searched key. A warm-start point must name every key, so
+    a default outside the space is brought in: a range clamps it, a choice takes the nearest numeric
+    choice (else the first). None when no key is searched by Optuna."""
     defaults = Config().flatten()
-    point = {}
+    try:
+        defaults.update(config_from_dict(base_config_dict(spec)).flatten())
+    except Exception:  # noqa: BLE001 - the spec's config is validated elsewhere; fall back to the paper's
+        pass
+    point: dict[str, Any] = {}
     for key, dim in spec.search_space.items():
-        default, kind = defaults[key], dim.kind
-        if kind in ("uniform", "loguniform") and dim.value[0] <= default <= dim.value[1]:
-            point[key] = float(default)
-        elif kind == "int" and dim.value[0] <= default <= dim.value[1]:
-            point[key] = int(default)
-        elif kind == "choice" and default in dim.value:
-            point[key] = default
+        default, kind = defaults.get(key), dim.kind
+        if kind in ("uniform", "loguniform", "int"):
+            low, high = dim.value
+            value = min(max(default, low), high) if isinstance(default, (int, float)) else low
+            point[key] = int(round(value)) if kind == "int" else float(value)
+        elif kind == "choice":
+            choices = dim.value
+            if default in choices:
+                point[key] = default
+            elif isinstance(default, (int, float)) and all(isinstance(c, (int, float)) for c in choices):
+                point[key] = min(choices, key=lambda c: abs(c - default))
+            else:
+                point[key] = choices[0]
     return point or None
 
 

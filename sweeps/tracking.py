@@ -18,16 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+
 log = logging.getLogger(__name__)
 
 # Per-epoch metrics written to MLflow; everything else a trial reports stays in Tune's results.
 METRIC_ALLOW = re.compile(r"^(AP|AP50|AP75|APs|APm|APl|loss.*|kd_.*|lr|train_time_s|eval_time_s|teacher_AP|best_.*|params|latency_ms|epoch)$")
 PARAM_BATCH = 100  # MLflow's per-call limit on params
-
-
-def default_tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set, else a SQLite file in the current (project) directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def git_sha() -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,33 +36,14 @@ def trial_config(spec: SweepSpec, params: dict[str, Any], output_dir: str | Path
     return distill_config(data=raw, teacher=spec.teacher)
 
 
-def student_latency_ms(model: torch.nn.Module, size: int, device: torch.device, repeats: int = 5) -> float:
-    """Median forward time of one image (size x size) on `device`, in ms."""
-    model = model.to(device).eval()
-    images = torch.randn(1, 3, size, size, device=device)
-    mask = torch.zeros(1, size, size, dtype=torch.bool, device=device)
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(images, mask)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i:  # the first call warms up
-                times.append((time.perf_counter() - t0) * 1000)
-    return sorted(times)[len(times) // 2]
-
-
 def _student_properties(cfg: Config, need_latency: bool) -> dict[str, float]:
-    from clockdistill.engine import select_device
+    from clockdistill.engine import forward_latency_ms, select_device
     from clockdistill.models import build_detector
 
     model = build_detector(cfg.model, cfg.model.num_classes)
     props = {"params": float(sum(p.numel() for p in model.parameters()))}
     if need_latency:
-        props["latency_ms"] = student_latency_ms(model, cfg.data.max_size, select_device(cfg.train.device))
+        props["latency_ms"] = forward_latency_ms(model, cfg.data.max_size, select_device(cfg.train.device))
     return props
 
 

@@ -45,3 +45,47 @@ def tiny_teacher(synth_data, tmp_path_factory) -> Path:
                                       "device": "cpu", "output_dir": str(out), "progress": False}})
     fit(cfg)
     return out / "best"
+
+
+def memorised_data(root: Path, n: int = 6) -> Path:
+    """n synthetic images whose val split is the train split: a detector that memorises them scores
+    a high AP within seconds, so trials of a tiny sweep differ measurably."""
+    import shutil
+
+    data = write_synthetic(root, train=n, val=0, seed=0, progress=False)
+    shutil.copytree(data / "images" / "train", data / "images" / "val", dirs_exist_ok=True)
+    shutil.copy(data / "annotations" / "instances_train.json", data / "annotations" / "instances_val.json")
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory):
+    """A finished 4-trial sweep (real Ray, real MLflow SQLite store) with a teacher that memorised
+    its 6 images (AP about 0.9): {root, tracking_uri, spec, storage, summary, teacher, data}."""
+    import os
+
+    from clockdistill.config import config_from_dict
+    from clockdistill.engine import fit
+
+    root = tmp_path_factory.mktemp("tiny-sweep")
+    data = memorised_data(root / "data")
+    cfg = config_from_dict({"data": {"root": str(data)}, "model": {"preset": "tiny-teacher"},
+                            "train": {"epochs": 200, "batch_size": 6, "lr": 1e-3, "lr_backbone": 1e-3, "weight_decay": 0.0, "warmup_iters": 0,
+                                      "clip_max_norm": 1.0, "eval_every": 50, "device": "cpu", "output_dir": str(root / "teacher"),
+                                      "progress": False}})
+    fit(cfg)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    spec = root / "tiny.yaml"
+    spec.write_text(
+        f"name: tiny\nteacher: {root / 'teacher' / 'best'}\nstudent: tiny-teacher\nepochs: 2\n"
+        "config:\n  train: {batch_size: 6, weight_decay: 0.0, warmup_iters: 0, clip_max_norm: 1.0}\n  distill: {init_student: true}\n"
+        "search_space:\n  train.lr: {grid: [1.0e-4, 2.0e-3, 1.0e-5, 3.0e-4]}\n  distill.logit.temperature: {choice: [1, 10]}\n"
+        "search: {algorithm: grid, seed: 1}\nscheduler: {type: asha, grace_period: 1, reduction_factor: 2}\n"
+        "num_samples: 1\nmax_concurrent_trials: 1\nresources: {cpu: 1}\n"
+        f"storage_path: {root / 'storage'}\nmlflow: {{tracking_uri: '{uri}', experiment: tiny, registered_model: tiny-student}}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run([sys.executable, "-m", "sweeps", str(spec), "--summary", str(root / "summary.json")],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return {"root": root, "tracking_uri": uri, "spec": spec, "storage": root / "storage", "summary": json.loads((root / "summary.json").read_text()),
+            "teacher": root / "teacher" / "best", "data": data, "stdout": proc.stdout}

@@ -89,11 +89,22 @@ def test_search_space_translates_to_tune_domains():
     assert grid["distill.method"] == {"grid_search": ["none", "clockdistill"]}
 
 
-def test_paper_defaults_are_the_first_point_where_they_lie_in_the_space():
+def test_paper_defaults_are_the_first_point_and_are_brought_into_the_space():
     point = paper_defaults_point(_spec())
     assert point == {"distill.memory.alpha": 5e-5, "distill.logit.groups": 3, "distill.logit.temperature": 10, "distill.logit.cls_weight": 1.0}
-    outside = _spec(search_space={"distill.memory.alpha": {"loguniform": [1e-3, 1e-2]}, "distill.logit.temperature": {"choice": [1, 2]}})
-    assert paper_defaults_point(outside) is None
+    outside = _spec(search_space={"distill.memory.alpha": {"loguniform": [1e-3, 1e-2]}, "distill.logit.temperature": {"choice": [1, 2]},
+                                  "distill.logit.cls_form": {"choice": ["binary_kl"]}})
+    assert paper_defaults_point(outside) == {"distill.memory.alpha": 1e-3, "distill.logit.temperature": 2, "distill.logit.cls_form": "binary_kl"}
+    # the spec's own config is the default where it sets a key
+    own = _spec(config={"train": {"lr": 3e-4}}, search_space={"train.lr": {"choice": [1e-5, 3e-4]}, "distill.memory.alpha": {"uniform": [1e-5, 1e-4]}})
+    assert paper_defaults_point(own) == {"train.lr": 3e-4, "distill.memory.alpha": 5e-5}
+
+
+def test_a_default_outside_one_dimension_still_gives_optuna_a_complete_first_point():
+    # a point naming only some keys made OptunaSearch refuse the whole sweep ("Dim of point ... do not match")
+    spec = _spec(search_space={"train.lr": {"choice": [1e-5, 1e-3]}, "distill.memory.alpha": {"loguniform": [1e-5, 1e-3]}})
+    searcher = _optuna_searcher(spec)
+    assert searcher.suggest("t1") == {"train.lr": 1e-5, "distill.memory.alpha": 5e-5}
 
 
 def _optuna_searcher(spec):

@@ -1,0 +1,154 @@
+"""`clockdistill best-student`: pick a sweep's winner, verify it, export it and register it.
+
+    1. find the sweep in MLflow (the latest when not named) and its trials;
+    2. candidates = trials that FINISHED their full budget; the best by the objective (a
+       multi-objective sweep: the Pareto set is printed and the best of it by --prefer, default
+       the first objective, is taken);
+    3. fetch that trial's best checkpoint (sweep storage; else the copy in its MLflow run),
+       refuse it when its weights' sha256 differs from the one recorded at the end of the sweep, or
+       when its AP re-evaluated on the validation split differs from the logged AP by more than
+       the tolerance;
+    4. export safetensors + config + TorchScript (+ ONNX) + a model card;
+    5. log the TorchScript student as an MLflow model on the trial's run, register it (tags
+       sweep_id, trial_id), point the alias `champion` at it. A trial already registered is not
+       registered again: its version gets the alias.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clockdistill.errors import UserError
+from clockdistill.tracking import MAXIMISED, Sweep, Trial, find_sweep, metric_history, open_client, pareto_set, rank, sweep_trials
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class Choice:
+    trial: Trial
+    metric: str
+    value: float
+    pareto: list[Trial]
+
+
+def choose_trial(sweep: Sweep, trials: list[Trial], metric: str | None = None, prefer: str | None = None) -> Choice:
+    """The export candidate: among finished full-budget trials, the best by `metric` (default the
+    primary objective); for a multi-objective sweep the best of the Pareto set by `prefer`."""
+    candidates = [t for t in trials if t.finished]
+    if not candidates:
+        states = ", ".join(f"{t.trial_id} {t.status.lower()}{'' if t.full_budget else ' (stopped early)'}" for t in trials) or "none"
+        raise UserError(f"sweep {sweep.name}: no trial finished its full budget (trials: {states}); "
+                        "resume the sweep (launch it again) or give it more trials")
+    objectives = dict(sweep.objectives)
+    pareto: list[Trial] = []
+    if len(sweep.objectives) > 1 and metric is None:
+        pareto = pareto_set(candidates, sweep.objectives)
+        metric = prefer or sweep.objectives[0][0]
+        if metric not in objectives:
+            raise UserError(f"--prefer: expected one of the sweep's objectives ({', '.join(objectives)}), got {metric!r}")
+        pool = pareto
+    else:
+        metric = metric or sweep.objectives[0][0]
+        pool = candidates
+    mode = objectives.get(metric) or ("max" if metric in MAXIMISED else "min")
+    ranked = rank(pool, metric, mode)
+    if not ranked:
+        raise UserError(f"--metric: no finished trial of sweep {sweep.name} logged best_{metric} "
+                        f"(the sweep's objectives: {', '.join(objectives)})")
+    return Choice(ranked[0], metric, ranked[0].best(metric), pareto)
+
+
+def fetch_checkpoint(client, trial: Trial, dest: Path) -> tuple[Path, str]:
+    """Copy the trial's best checkpoint to `dest`: from the sweep's storage (local path or a
+    pyarrow-supported URI such as s3://), else from the copy logged to its MLflow run."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    source = trial.run.data.tags.get("best_checkpoint", "")
+    if source:
+        try:
+            fs, path = pafs.FileSystem.from_uri(source if "://" in source else Path(source).resolve().as_uri())
+            if fs.get_file_info(path).type == pafs.FileType.Directory:
+                dest.mkdir(parents=True, exist_ok=True)
+                pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+                return dest, source
+            log.warning("trial %s: checkpoint %s is not in the sweep storage any more; trying the copy in MLflow", trial.trial_id, source)
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            log.warning("trial %s: could not read %s (%s); trying the copy in MLflow", trial.trial_id, source, exc)
+    try:
+        local = client.download_artifacts(trial.run_id, "best_checkpoint", str(dest.parent))
+        if (Path(local) / "model.safetensors").is_file():
+            if Path(local) != dest:
+                shutil.move(local, dest)
+            return dest, f"mlflow run {trial.run_id} artifacts best_checkpoint/"
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing artifact
+        log.debug("no checkpoint artifact: %s", exc)
+    raise UserError(f"trial {trial.trial_id}: best checkpoint missing from the sweep storage ({source or 'no best_checkpoint tag'}) "
+                    f"and from its MLflow run {trial.run_id}; check storage_path is mounted here, or rerun the trial")
+
+
+def verify_checkpoint(client, trial: Trial, checkpoint: Path, device: torch.device, tolerance: float) -> tuple[dict[str, float], dict[str, Any]]:
+    """Re-evaluate the checkpoint; returns (metrics, meta) or raises when it is not what was logged."""
+    from clockdistill.checkpoint import file_sha256, read_meta
+    from clockdistill.config import config_from_dict
+    from clockdistill.data import CocoDetection, DetectionTransform
+    from clockdistill.engine import evaluate, load_detector
+
+    recorded = trial.run.data.tags.get("best_checkpoint_sha256")
+    if recorded and file_sha256(checkpoint / "model.safetensors") != recorded:
+        raise UserError(f"trial {trial.trial_id}: the checkpoint's weights changed after the sweep recorded them "
+                        f"(sha256 {file_sha256(checkpoint / 'model.safetensors')[:12]}... != {recorded[:12]}...); refusing to export")
+    meta = read_meta(checkpoint)
+    epoch = int(meta.get("metrics", {}).get("epoch", meta.get("epoch", 0) + 1))
+    logged = metric_history(client, trial.run_id, "AP").get(epoch)
+    if logged is None:
+        raise UserError(f"trial {trial.trial_id}: MLflow has no AP for epoch {epoch} of its checkpoint; cannot verify it")
+    cfg = config_from_dict(meta["config"])
+    model, _ = load_detector(checkpoint, device)
+    dataset = CocoDetection(cfg.data.root, cfg.data.val_split, DetectionTransform(cfg.data.max_size, train=False))
+    metrics = evaluate(model, dataset, device, cfg.train.batch_size * 2, cfg.train.amp)
+    if abs(metrics["AP"] - logged) > tolerance:
+        raise UserError(f"trial {trial.trial_id}: re-evaluated AP {metrics['AP']:.4f} differs from the logged {logged:.4f} "
+                        f"(epoch {epoch}) by more than {tolerance}; the checkpoint is not the one the sweep measured, refusing to export")
+    log.info("trial %s: re-evaluated AP %.4f matches the logged %.4f (epoch %d)", trial.trial_id, metrics["AP"], logged, epoch)
+    return metrics, meta
+
+
+def best_student(sweep_name: str | None = None, metric: str | None = None, prefer: str | None = None, out: str | Path = "artifacts/best-student",
+                 tracking_uri: str | None = None, tolerance: float = 2e-3, device: str = "cpu", register: bool = True) -> dict[str, Any]:
+    """The whole command; returns the export manifest (also written as export.json)."""
+    from clockdistill.engine import select_device
+    from clockdistill.publish import export_files, register_student
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files: bars are noise here
+    client = open_client(tracking_uri)
+    sweep = find_sweep(client, sweep_name)
+    trials = sweep_trials(client, sweep)
+    choice = choose_trial(sweep, trials, metric, prefer)
+    if choice.pareto:
+        names = [m for m, _ in sweep.objectives]
+        print(f"Pareto set of sweep {sweep.name} ({' vs '.join(names)}), best by {choice.metric} taken:")
+        for t in rank(choice.pareto, choice.metric, dict(sweep.objectives)[choice.metric]):
+            print(f"  {'*' if t is choice.trial else ' '} trial {t.trial_id}: " + ", ".join(f"{m} {t.best(m):.4g}" for m in names))
+    print(f"sweep {sweep.name}: {len(trials)} trials, {sum(t.finished for t in trials)} finished their budget; "
+          f"best by {choice.metric}: trial {choice.trial.trial_id} ({choice.value:.4f})")
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint, source = fetch_checkpoint(client, choice.trial, Path(tmp) / "checkpoint")
+        metrics, meta = verify_checkpoint(client, choice.trial, checkpoint, select_device(device), tolerance)
+        manifest = export_files(checkpoint, meta, metrics, out, sweep=sweep, trial=choice.trial, source=source)
+    if register:
+        manifest["registered"] = register_student(client, sweep, choice.trial, out, manifest)
+        (out / "export.json").write_text(json.dumps(manifest, indent=1))
+    return manifest

@@ -1,0 +1,107 @@
+"""Deployable forms of a detector: TorchScript, ONNX, and the measurements a model card reports.
+
+Both exported forms take a fixed input size, the training `data.max_size` S:
+    images (B, 3, S, S) float, normalised like the training transform, zero-padded to S x S
+    mask   (B, S, S) bool, True on padding
+and return (pred_logits (B, Q, C) sigmoid logits, pred_boxes (B, Q, 4) normalised cxcywh of the
+unpadded image). The batch size is free.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+class Predictions(nn.Module):
+    """The detector with a tuple output: exporters want tensors, not the training dict."""
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.detector(images, mask)
+        return out["pred_logits"], out["pred_boxes"]
+
+
+class FixedSize(nn.Module):
+    """A scripted guard around the traced detector: a trace bakes in the spatial size, so any other
+    size would silently give wrong boxes; this raises instead."""
+
+    def __init__(self, traced: nn.Module, size: int):
+        super().__init__()
+        self.traced = traced
+        self.size = size
+
+    def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        if images.shape[-1] != self.size or images.shape[-2] != self.size or mask.shape[-1] != self.size or mask.shape[-2] != self.size:
+            raise RuntimeError(f"expected images (B, 3, {self.size}, {self.size}) and mask (B, {self.size}, {self.size}): "
+                               "pad to the export size")
+        return self.traced(images, mask)
+
+
+def pad_to(images: Tensor, mask: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """A collated batch (B, 3, H, W) / (B, H, W) zero-padded (mask True) to size x size."""
+    B, _, H, W = images.shape
+    padded = images.new_zeros(B, 3, size, size)
+    padded[:, :, :H, :W] = images
+    full = torch.ones(B, size, size, dtype=torch.bool, device=mask.device)
+    full[:, :H, :W] = mask
+    return padded, full
+
+
+def to_torchscript(detector: nn.Module, example: tuple[Tensor, Tensor], size: int) -> torch.jit.ScriptModule:
+    model = Predictions(detector).eval().requires_grad_(False)
+    with warnings.catch_warnings(), torch.no_grad():
+        # TracerWarnings: the spatial size is baked in on purpose (FixedSize guards it)
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, example, check_trace=False)
+        return torch.jit.script(FixedSize(traced, size))
+
+
+def max_abs_difference(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> float:
+    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b))
+
+
+def onnx_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def to_onnx(detector: nn.Module, example: tuple[Tensor, Tensor], path: Path) -> float:
+    """Write the ONNX model and return the largest difference of onnxruntime's outputs to eager's
+    on `example`."""
+    import onnxruntime as ort
+
+    model = Predictions(detector).eval().requires_grad_(False)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, example, str(path), input_names=["images", "mask"], output_names=["pred_logits", "pred_boxes"],
+                          dynamic_axes={"images": {0: "batch"}, "mask": {0: "batch"}, "pred_logits": {0: "batch"}, "pred_boxes": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+        eager = model(*example)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"images": example[0].cpu().numpy(), "mask": example[1].cpu().numpy()})
+    return max_abs_difference(tuple(torch.from_numpy(o) for o in out), eager)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def cpu_latency_ms(model: nn.Module, size: int, repeats: int = 10) -> float:
+    """Median one-image forward time on the CPU, in ms."""
+    from clockdistill.engine import forward_latency_ms
+
+    return forward_latency_ms(model, size, torch.device("cpu"), repeats)

@@ -1,0 +1,204 @@
+"""`clockdistill best-student` against a real finished sweep (real Ray, real MLflow SQLite store)."""
+
+import json
+import shutil
+import socket
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _tune_results(storage: Path) -> dict[str, dict]:
+    """Each trial's last result row, straight from Tune's result.json files (no MLflow involved)."""
+    rows = {}
+    for path in storage.glob("tiny/train_trial_*/result.json"):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows[lines[-1]["trial_id"]] = {"last": lines[-1], "by_epoch": {r["epoch"]: r for r in lines}}
+    return rows
+
+
+def _best_student(sweep, out: Path, *extra: str):
+    return run_cli("best-student", "--tracking-uri", sweep["tracking_uri"], "--out", str(out), *extra)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_sweep, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "best"
+    proc = _best_student(tiny_sweep, out)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "export.json").read_text()), proc
+
+
+def test_picks_the_trial_the_tune_results_say_is_best_and_its_ap_reproduces(tiny_sweep, exported):
+    out, manifest, proc = exported
+    results = _tune_results(tiny_sweep["storage"])
+    assert len(results) == 4
+    full = {t: r for t, r in results.items() if r["last"]["completed_full_budget"] == 1}
+    assert full  # (whether ASHA stops one depends on timing; the choice rules are tested below with stopped trials)
+    best = max(full, key=lambda t: full[t]["last"]["best_AP"])
+    assert manifest["trial_id"] == best == tiny_sweep["summary"]["best"]["trial_id"]
+    logged_ap = results[best]["by_epoch"][manifest["epoch"]]["AP"]
+    assert manifest["metrics"]["AP"] == pytest.approx(logged_ap, abs=2e-3)
+    assert manifest["metrics"]["AP"] > 0.3  # a real detector, not an empty one
+    # the export directory is a checkpoint the evaluate command accepts, with the same AP
+    proc = run_cli("evaluate", "--checkpoint", str(out), "--data", str(tiny_sweep["data"]), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["AP"] == pytest.approx(manifest["metrics"]["AP"], abs=1e-6)
+
+
+def test_export_files_torchscript_matches_eager_and_the_card_says_what_it_is(tiny_sweep, exported):
+    from clockdistill.data import CocoDetection, DetectionTransform, collate
+    from clockdistill.engine import load_detector
+    from clockdistill.exporters import pad_to
+
+    out, manifest, _ = exported
+    for name in ("model.safetensors", "meta.json", "config.json", "student.torchscript.pt", "MODEL_CARD.md", "export.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["distill"]["method"] == "clockdistill"
+    eager, meta = load_detector(out, "cpu")
+    ds = CocoDetection(tiny_sweep["data"], "val", DetectionTransform(128, train=False))
+    images, mask, _ = collate([ds[i] for i in (1, 3, 5)])  # not the batch the export was traced on
+    images, mask = pad_to(images, mask, 128)
+    scripted = torch.jit.load(str(out / "student.torchscript.pt"))
+    with torch.no_grad():
+        ref = eager(images, mask)
+        logits, boxes = scripted(images, mask)
+    assert torch.allclose(logits, ref["pred_logits"], atol=1e-5) and torch.allclose(boxes, ref["pred_boxes"], atol=1e-5)
+    with pytest.raises(Exception, match="pad to the export size"):
+        scripted(images[:, :, :96], mask[:, :96])
+    card = (out / "MODEL_CARD.md").read_text()
+    for fact in ("sweep `tiny`", manifest["trial_id"], f"{manifest['metrics']['AP']:.4f}", "APl", "parameters", "latency",
+                 "`train.lr`", "Teacher AP (reference)", str(tiny_sweep["data"])):
+        assert fact in card, fact
+    assert manifest["student"]["params"] > 0 and manifest["student"]["cpu_latency_ms"] > 0 and manifest["teacher"]["cpu_latency_ms"] > 0
+
+
+def test_onnx_export_agrees_with_onnxruntime(exported):
+    pytest.importorskip("onnxruntime", reason="the optional onnx extra is not installed")
+    out, manifest, _ = exported
+    assert (out / "student.onnx").is_file() and manifest["onnx_max_abs_diff"] < 1e-4
+
+
+def test_registered_with_alias_champion_and_a_second_run_adds_no_version(tiny_sweep, exported, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    _, manifest, _ = exported
+    client = MlflowClient(tiny_sweep["tracking_uri"])
+    champion = client.get_model_version_by_alias("tiny-student", "champion")
+    assert champion.tags["trial_id"] == manifest["trial_id"] and champion.tags["sweep_id"] == "tiny"
+    assert manifest["registered"] == {"model": "tiny-student", "version": str(champion.version), "alias": "champion"}
+    before = len(client.search_model_versions("name = 'tiny-student'"))
+    proc = _best_student(tiny_sweep, tmp_path / "again")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not registered again" in proc.stdout
+    assert len(client.search_model_versions("name = 'tiny-student'")) == before
+    assert client.get_model_version_by_alias("tiny-student", "champion").version == champion.version
+    mlflow.set_tracking_uri(tiny_sweep["tracking_uri"])
+    loaded = mlflow.pytorch.load_model("models:/tiny-student@champion")
+    images = torch.zeros(1, 3, 128, 128)
+    logits, _ = loaded(images, torch.zeros(1, 128, 128, dtype=torch.bool))
+    assert logits.shape[:2] == (1, json.loads((tmp_path / "again" / "config.json").read_text())["model"]["num_queries"])
+
+
+def _checkpoint_dir(sweep, trial_id: str) -> Path:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(sweep["tracking_uri"])
+    run = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], f"tags.trial_id = '{trial_id}'")[0]
+    return Path(run.data.tags["best_checkpoint"]), run
+
+
+def test_a_tampered_checkpoint_is_refused(tiny_sweep, exported, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    _, manifest, _ = exported
+    ckpt, run = _checkpoint_dir(tiny_sweep, manifest["trial_id"])
+    weights = ckpt / "model.safetensors"
+    backup = tmp_path / "model.safetensors"
+    shutil.copy(weights, backup)
+    client = MlflowClient(tiny_sweep["tracking_uri"])
+    from safetensors.torch import load_file, save_file
+
+    try:
+        state = load_file(weights)
+        state = {k: v * 0.5 if v.is_floating_point() else v for k, v in state.items()}
+        save_file(state, weights)
+        proc = _best_student(tiny_sweep, tmp_path / "x", "--no-register")
+        assert proc.returncode == 2 and "changed after the sweep recorded them" in proc.stderr, proc.stderr[-1500:]
+        # without the recorded hash the re-evaluation still catches it
+        sha = run.data.tags["best_checkpoint_sha256"]
+        client.delete_tag(run.info.run_id, "best_checkpoint_sha256")
+        try:
+            proc = _best_student(tiny_sweep, tmp_path / "y", "--no-register")
+            assert proc.returncode == 2 and "re-evaluated AP" in proc.stderr and "refusing to export" in proc.stderr, proc.stderr[-1500:]
+        finally:
+            client.set_tag(run.info.run_id, "best_checkpoint_sha256", sha)
+    finally:
+        shutil.copy(backup, weights)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_errors_say_what_to_do(tiny_sweep, tmp_path):
+    proc = _best_student(tiny_sweep, tmp_path / "o", "--sweep", "nope")
+    assert proc.returncode == 2 and "no sweep named 'nope' found" in proc.stderr and "sweeps in this store: tiny" in proc.stderr
+    proc = run_cli("best-student", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}")
+    assert proc.returncode == 2 and "no MLflow store at" in proc.stderr and "make demo" in proc.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    proc = run_cli("best-student", "--tracking-uri", f"http://127.0.0.1:{port}")
+    assert proc.returncode == 2 and "is unreachable" in proc.stderr and time.monotonic() - t0 < 60
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_checkpoint_missing_everywhere_is_reported(tiny_sweep, exported, tmp_path):
+    _, manifest, _ = exported
+    ckpt, run = _checkpoint_dir(tiny_sweep, manifest["trial_id"])
+    artifacts = Path(run.info.artifact_uri.replace("file://", "")) / "best_checkpoint"
+    moved = [(ckpt, tmp_path / "ckpt"), (artifacts, tmp_path / "art")]
+    for src, dst in moved:
+        shutil.move(src, dst)
+    try:
+        proc = _best_student(tiny_sweep, tmp_path / "o", "--no-register")
+    finally:
+        for src, dst in moved:
+            shutil.move(dst, src)
+    assert proc.returncode == 2 and "best checkpoint missing from the sweep storage" in proc.stderr, proc.stderr[-1500:]
+
+
+def _trial(trial_id, status="FINISHED", full=True, **best):
+    tags = {"trial_id": trial_id, "completed_full_budget": "true" if full else "false"}
+    run = SimpleNamespace(info=SimpleNamespace(status=status, run_id=trial_id),
+                          data=SimpleNamespace(tags=tags, metrics={f"best_{k}": v for k, v in best.items()}))
+    from clockdistill.tracking import Trial
+
+    return Trial(run)
+
+
+def test_choice_rules_single_and_multi_objective():
+    from clockdistill.errors import UserError
+    from clockdistill.export import choose_trial
+    from clockdistill.tracking import Sweep
+
+    single = Sweep(SimpleNamespace(data=SimpleNamespace(tags={"sweep_id": "s"}, metrics={}, params={})), {"objective": {"metric": "AP", "mode": "max"}})
+    trials = [_trial("a", AP=0.5), _trial("b", full=False, AP=0.9), _trial("c", status="FAILED", full=False, AP=0.8), _trial("d", AP=0.6)]
+    assert choose_trial(single, trials).trial.trial_id == "d"  # b stopped early, c failed: not candidates
+    with pytest.raises(UserError, match="no trial finished its full budget"):
+        choose_trial(single, trials[1:3])
+    multi = Sweep(single.run, {"objectives": [{"metric": "AP", "mode": "max"}, {"metric": "latency_ms", "mode": "min"}]})
+    trials = [_trial("fast", AP=0.4, latency_ms=5.0), _trial("good", AP=0.7, latency_ms=20.0), _trial("worse", AP=0.39, latency_ms=6.0),
+              _trial("mid", AP=0.6, latency_ms=10.0)]
+    choice = choose_trial(multi, trials)
+    assert {t.trial_id for t in choice.pareto} == {"fast", "good", "mid"} and choice.trial.trial_id == "good"
+    assert choose_trial(multi, trials, prefer="latency_ms").trial.trial_id == "fast"
+    with pytest.raises(UserError, match="--prefer: expected one of"):
+        choose_trial(multi, trials, prefer="params")
