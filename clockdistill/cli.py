@@ -116,6 +116,13 @@ def _cmd_best_student(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from sweeps.report import build_report
+
+    build_report(args.sweep, args.out, args.tracking_uri, args.baseline_ap, not args.no_mlflow)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from clockdistill.demo import run_demo
 
@@ -226,6 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="device of the re-evaluation: cpu, cuda[:N] or auto (default cpu)")
     b.add_argument("--no-register", action="store_true", help="export only; do not touch the model registry")
     b.set_defaults(func=_cmd_best_student)
+
+    r = sub.add_parser("report", help="a sweep's trials as a Parquet table and PNG plots, logged to its MLflow run",
+                       description="Write every trial of a sweep (the latest when not named) to trials.parquet (config, status, "
+                                   "budget reached, per-epoch metrics) and draw: the objective over epochs with teacher and no-KD "
+                                   "baseline lines, the objective against each searched knob, Optuna's fANOVA parameter "
+                                   "importance, the Pareto front (multi-objective sweeps) and validation images with ground-truth, "
+                                   "teacher and best-student boxes. Everything is also logged under report/ of the sweep's MLflow run.")
+    r.add_argument("--sweep", help="sweep name (default: the latest sweep in the store)")
+    r.add_argument("--out", help="output directory (default artifacts/report/<sweep>)")
+    r.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    r.add_argument("--baseline-ap", type=float, help="AP of a student trained without distillation, drawn as a reference line "
+                                                     "(default: the sweep's own distill.method=none trials, if any)")
+    r.add_argument("--no-mlflow", action="store_true", help="write the files only; do not log them to the sweep's run")
+    r.set_defaults(func=_cmd_report)
 
     d = sub.add_parser("demo", help="synthetic data -> tiny teacher -> demo sweep -> best student",
                        description="The embedded default end to end on a CPU: write synthetic data, train a tiny teacher "

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -131,7 +130,6 @@ def best_student(sweep_name: str | None = None, metric: str | None = None, prefe
     from clockdistill.engine import select_device
     from clockdistill.publish import export_files, register_student
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files: bars are noise here
     client = open_client(tracking_uri)
     sweep = find_sweep(client, sweep_name)
     trials = sweep_trials(client, sweep)

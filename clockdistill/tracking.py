@@ -35,6 +35,7 @@ def open_client(tracking_uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri or default_tracking_uri()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # checkpoints and plots: bars are noise
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         if not db.is_file():
