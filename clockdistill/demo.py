@@ -67,5 +67,24 @@ def run_demo(workdir: Path, n_train: int, n_val: int, teacher_epochs: int, trial
         print("winning knobs: " + ", ".join(f"{k}={v}" for k, v in best["config"].items()))
     else:
         print("no trial of the sweep ran its full budget")
-    print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min (teacher {(t1 - t0) / 60:.1f} min, sweep {(time.perf_counter() - t1) / 60:.1f} min)")
-    return {"teacher_AP": teacher.best_ap, "best": best}
+    t2 = time.perf_counter()
+    exported = _report_and_export(summary["sweep"], workdir) if best else {}
+    print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min (teacher {(t1 - t0) / 60:.1f} min, sweep {(t2 - t1) / 60:.1f} min, "
+          f"report and export {(time.perf_counter() - t2) / 60:.1f} min)")
+    return {"teacher_AP": teacher.best_ap, "best": best, **exported}
+
+
+def _report_and_export(sweep: str, workdir: Path) -> dict[str, Any]:
+    """The sweep report and `best-student` into the work directory; a failure here is reported, and
+    the finished sweep stays as it is."""
+    from clockdistill.errors import UserError
+    from clockdistill.export import best_student
+    from sweeps.report import build_report
+
+    done: dict[str, Any] = {}
+    try:
+        done["report"] = build_report(sweep, workdir / "report")
+        done["export"] = best_student(sweep, out=workdir / "best-student")
+    except UserError as exc:
+        print(f"demo: {exc}")
+    return done

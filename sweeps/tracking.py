@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 # Per-epoch metrics written to MLflow; everything else a trial reports stays in Tune's results.
 METRIC_ALLOW = re.compile(r"^(AP|AP50|AP75|APs|APm|APl|loss.*|kd_.*|lr|train_time_s|eval_time_s|teacher_AP|best_.*|params|latency_ms|epoch)$")
 PARAM_BATCH = 100  # MLflow's per-call limit on params
+EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
 def git_sha() -> str:
@@ -95,6 +96,8 @@ class SweepTracker:
             exp = self.client.get_experiment_by_name(self.experiment)
             self._experiment_id = exp.experiment_id if exp else self.client.create_experiment(
                 self.experiment, artifact_location=artifact_location(self.tracking_uri, self.experiment))
+            if exp is None or EXPERIMENT_KIND not in exp.tags:  # the UI opens it on its training-runs view
+                self.client.set_experiment_tag(self._experiment_id, EXPERIMENT_KIND, "custom_model_development")
         return self._experiment_id
 
     def _find(self, filter_string: str):

@@ -63,6 +63,7 @@ def test_every_plot_is_a_valid_png_and_everything_is_on_the_sweep_run(tiny_sweep
     assert not (out / "pareto_front.png").exists()  # a single-objective sweep
     client = MlflowClient(tiny_sweep["tracking_uri"])
     exp = client.get_experiment_by_name("tiny")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the training runs
     parent = client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'sweep'")[0]
     logged = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
     assert set(expected) | {"trials.parquet"} <= logged

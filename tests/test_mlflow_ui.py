@@ -1,0 +1,90 @@
+"""A real browser on the real MLflow UI: `make mlflow-ui` on the tiny sweep's store, headless
+Chromium opens the experiment and the sweep run, and must show the trial runs and the report.
+Screenshots are kept in test-artifacts/ (or $TEST_ARTIFACTS_DIR)."""
+
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cdp import Browser, find_or_install_chromium, free_port
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", REPO / "test-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    binary, why = find_or_install_chromium()
+    if binary is None:
+        pytest.skip(f"no headless browser: {why}")
+    return binary
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(tiny_sweep):
+    """`make mlflow-ui` on the tiny sweep's SQLite store, on a free port; yields its base URL."""
+    port = free_port()
+    db = tiny_sweep["tracking_uri"][len("sqlite:///"):]
+    proc = subprocess.Popen(["make", "-s", "mlflow-ui", f"MLFLOW_DB={db}", f"MLFLOW_PORT={port}"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail(f"make mlflow-ui did not come up: {proc.stdout.read().decode()[-2000:]}")
+            time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_mlflow_ui_shows_the_trials_and_the_report(tiny_sweep, mlflow_ui, chromium, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    proc = run_cli("report", "--tracking-uri", tiny_sweep["tracking_uri"], "--out", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    client = MlflowClient(tiny_sweep["tracking_uri"])
+    exp = client.get_experiment_by_name("tiny")
+    parent = client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'sweep'")[0]
+    trial_names = [r.info.run_name for r in client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'trial'")]
+    assert trial_names
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser = Browser(chromium, tmp_path / "profile")
+    try:
+        browser.goto(f"{mlflow_ui}/#/experiments/{exp.experiment_id}/runs")
+        browser.wait_for_text("tiny", "matching runs")
+        # trial runs are nested under the sweep's run: open it
+        browser.click('button[data-component-id*="runnamecellrenderer"]')
+        text = browser.wait_for_text(*trial_names)
+        assert f"{len(trial_names) + 1} matching runs" in text
+        browser.screenshot(ARTIFACTS / "mlflow-ui-trials.png")
+
+        # the sweep run's artifacts, opened on one report plot (its folder unfolds with it)
+        browser.goto(f"{mlflow_ui}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts/report/ap_over_epochs.png")
+        browser.wait_for_text("report", "spec.json", "ap_over_epochs.png", "ap_vs_knobs.png", "param_importance.png", "samples.png",
+                              "trials.parquet")
+        shown = "(document.querySelector('img[alt=\"report/ap_over_epochs.png\"]') || {}).naturalWidth || 0"
+        deadline = time.monotonic() + 30
+        while not browser.evaluate(shown) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert browser.evaluate(shown) > 200, "the report plot did not render in the artifact viewer"
+        shot = browser.screenshot(ARTIFACTS / "mlflow-ui-report.png")
+    finally:
+        browser.close()
+    assert shot.stat().st_size > 20_000
