@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# A local multi-node Ray cluster on this machine: a head and two worker nodes, each its own raylet
+# with its own resources (head: the sweep_driver resource and no trial CPUs; workers: CPUs and a
+# node_a / node_b marker), token authentication on, dashboard on 127.0.0.1 only.
+#
+#   cluster/local/start.sh [STATE_DIR]      (default .local-cluster)
+#   export RAY_ADDRESS=http://127.0.0.1:$(cat STATE_DIR/dashboard_port) RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=STATE_DIR/token
+#   ray job submit --working-dir . --entrypoint-resources '{"sweep_driver": 1}' -- clockdistill sweep SPEC
+#   cluster/local/stop.sh [STATE_DIR]
+#
+# Environment: WORKER_CPUS (per worker, default 1), HEAD_PORT, DASHBOARD_PORT (default: free ports).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+state="$(mkdir -p "${1:-.local-cluster}" && cd "${1:-.local-cluster}" && pwd)"
+bin="$(dirname "$(command -v ray || echo "$here/../../.venv/bin/ray")")"
+ray="$bin/ray"
+[ -x "$ray" ] || { echo "error: ray CLI not found (make venv, or activate .venv)" >&2; exit 2; }
+free_port() { "$bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+umask 077
+if [ ! -s "$state/token" ]; then  # one token per cluster, readable by this user only
+  "$bin/python" -c 'import secrets; print(secrets.token_hex(32))' > "$state/token"
+fi
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$state/token"
+unset RAY_ADDRESS RAY_AUTH_TOKEN
+
+head_port="${HEAD_PORT:-$(free_port)}"
+dash_port="${DASHBOARD_PORT:-$(free_port)}"
+echo "$head_port" > "$state/head_port"
+echo "$dash_port" > "$state/dashboard_port"
+
+"$ray" start --head --node-ip-address 127.0.0.1 --port "$head_port" --num-cpus 0 --num-gpus 0 \
+  --resources '{"sweep_driver": 2}' --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" \
+  --disable-usage-stats > "$state/head.log" 2>&1
+
+for name in node_a node_b; do
+  # every node on one machine needs its own agent and metrics ports
+  "$ray" start --address "127.0.0.1:$head_port" --node-ip-address 127.0.0.1 --num-cpus "${WORKER_CPUS:-1}" --num-gpus 0 \
+    --resources "{\"$name\": 1}" --dashboard-agent-listen-port "$(free_port)" --dashboard-agent-grpc-port "$(free_port)" \
+    --runtime-env-agent-port "$(free_port)" --metrics-export-port "$(free_port)" \
+    --disable-usage-stats > "$state/$name.log" 2>&1
+done
+
+echo "local Ray cluster up: head + node_a + node_b (token auth on)"
+echo "  export RAY_ADDRESS=http://127.0.0.1:$dash_port RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$state/token"
