@@ -18,6 +18,7 @@ from typing import Any
 
 from clockdistill.checkpoint import file_sha256
 from clockdistill.tracking import default_tracking_uri
+from sweeps.preflight import check_storage
 from sweeps.search import FAILED_KEY, best_key, build_scheduler, build_searcher, tune_param_space
 from sweeps.spec import SweepSpec, load_spec, resolve_paths, search_space_summary, spec_from_json, spec_to_dict, spec_to_json, sweep_dir_name
 from sweeps.tracking import SweepTracker
@@ -126,8 +127,6 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
     source = str(spec_path)
     spec = resolve_paths(load_spec(spec_path, name), source)  # every spec error before Ray starts
     storage = spec.storage_path
-    if "://" not in storage:
-        Path(storage).mkdir(parents=True, exist_ok=True)
     tracking_uri = spec.mlflow.tracking_uri or default_tracking_uri()
     if not spec.mlflow.tracking_uri and "runtime_resources" in str(Path.cwd()):
         log.warning("mlflow: the default store %s is inside this Ray job's temporary working directory and goes away with it; "
@@ -140,6 +139,7 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
     ray.init(address=address or None, logging_level=logging.WARNING, include_dashboard=None if address else False,
              configure_logging=True, log_to_driver=True)
     log.info("sweep %s on %s; storage %s; mlflow %s", spec.name, f"cluster {address}" if address else "a local Ray", storage, tracking_uri)
+    check_storage(storage)  # every node writes and reads it, before any trial or MLflow run exists
     tracker = SweepTracker(tracking_uri, spec.mlflow.experiment, spec.name)
     tracker.start_parent(spec_to_dict(spec), search_space_summary(spec), _teacher_ap(spec))
 

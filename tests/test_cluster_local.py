@@ -1,8 +1,9 @@
 """cluster/local/: a head and two worker nodes on this machine (real raylets, token auth) and a
-local MLflow server, started and stopped by the scripts users run."""
+local MLflow server, started and stopped by the scripts users run; the storage preflight on it."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -19,45 +20,82 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _env() -> dict:
+def _env(**extra) -> dict:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
-    return env
+    return {**env, **extra}
 
 
-def test_local_cluster_has_three_nodes_with_their_resources_and_refuses_requests_without_the_token(tmp_path):
-    state = tmp_path / "cluster"
+@pytest.fixture(scope="module")
+def local_cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("cluster")
     proc = subprocess.run([str(REPO / "cluster" / "local" / "start.sh"), str(state)], env=_env(), capture_output=True, text=True, timeout=300)
     try:
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        token = state / "token"
-        assert oct(token.stat().st_mode & 0o777) == "0o600" and len(token.read_text().strip()) == 64
-        head = (state / "head_port").read_text().strip()
-        probe = ("import json, ray; ray.init(address='127.0.0.1:%s', logging_level='ERROR'); "
-                 "print(json.dumps([{k: v for k, v in n['Resources'].items() if not k.startswith('node:') and 'memory' not in k} "
-                 "for n in ray.nodes() if n['Alive']]))" % head)
-        env = {**_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
-        nodes = json.loads(out.stdout.strip().splitlines()[-1])
-        assert sorted(nodes, key=json.dumps) == sorted([{"sweep_driver": 2.0}, {"CPU": 1.0, "node_a": 1.0}, {"CPU": 1.0, "node_b": 1.0}],
-                                                       key=json.dumps)
-        dashboard = f"http://127.0.0.1:{(state / 'dashboard_port').read_text().strip()}/api/jobs/"
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(dashboard, timeout=10)
-        assert refused.value.code == 401
-        request = urllib.request.Request(dashboard, headers={"Authorization": f"Bearer {token.read_text().strip()}"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            assert response.status == 200
-        port = free_port()
-        uri = subprocess.run([str(REPO / "cluster" / "local" / "mlflow.sh"), str(state), str(port)], env=_env(), capture_output=True,
-                             text=True, timeout=180)
-        assert uri.returncode == 0 and uri.stdout.strip() == f"http://127.0.0.1:{port}", uri.stderr
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
-            assert response.status == 200
+        yield {"state": state, "token": state / "token", "head": f"127.0.0.1:{(state / 'head_port').read_text().strip()}",
+               "dashboard": f"http://127.0.0.1:{(state / 'dashboard_port').read_text().strip()}"}
     finally:
         subprocess.run([str(REPO / "cluster" / "local" / "stop.sh"), str(state)], env=_env(), capture_output=True, timeout=180)
+        assert subprocess.run(["pgrep", "-f", "raylet"], capture_output=True).returncode == 1  # no raylet left
+
+
+def _on_cluster(cluster, code: str) -> subprocess.CompletedProcess:
+    """Run Python code connected to the cluster (token from its file) in a fresh process."""
+    env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(cluster["token"]))
+    script = f"import json, ray\nray.init(address={cluster['head']!r}, logging_level='ERROR')\n{code}"
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def test_three_nodes_with_their_resources_and_no_request_without_the_token(local_cluster):
+    token = local_cluster["token"]
+    assert oct(token.stat().st_mode & 0o777) == "0o600" and len(token.read_text().strip()) == 64
+    out = _on_cluster(local_cluster, "print(json.dumps([{k: v for k, v in n['Resources'].items() if not k.startswith('node:') "
+                                      "and 'memory' not in k} for n in ray.nodes() if n['Alive']]))")
+    assert out.returncode == 0, out.stderr[-2000:]
+    nodes = json.loads(out.stdout.strip().splitlines()[-1])
+    expected = [{"sweep_driver": 2.0}, {"CPU": 1.0, "node_a": 1.0}, {"CPU": 1.0, "node_b": 1.0}]
+    assert sorted(nodes, key=json.dumps) == sorted(expected, key=json.dumps)
+    jobs = local_cluster["dashboard"] + "/api/jobs/"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(jobs, timeout=10)
+    assert refused.value.code == 401
+    with urllib.request.urlopen(urllib.request.Request(jobs, headers={"Authorization": f"Bearer {token.read_text().strip()}"}), timeout=10) as r:
+        assert r.status == 200
+
+
+def test_storage_preflight_runs_on_every_node(local_cluster, tmp_path):
+    out = _on_cluster(local_cluster, "from sweeps.preflight import check_storage\n"
+                                     f"print(check_storage({str(tmp_path / 'shared')!r}))\n"
+                                     "try:\n    check_storage('/proc/clockdistill-storage')\nexcept Exception as exc:\n    print(exc)\n")
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2] == "3"
+    assert re.match(r"storage_path: /proc/clockdistill-storage is not shared and writable on node \S+ \(and 2 more node\(s\)\): ", lines[-1])
+    assert not list((tmp_path / "shared" / ".clockdistill-preflight").iterdir())  # probes cleaned up
+
+
+def test_local_mlflow_server_starts_on_loopback_and_stops(local_cluster):
+    port = free_port()
+    uri = subprocess.run([str(REPO / "cluster" / "local" / "mlflow.sh"), str(local_cluster["state"]), str(port)], env=_env(),
+                         capture_output=True, text=True, timeout=180)
+    assert uri.returncode == 0 and uri.stdout.strip() == f"http://127.0.0.1:{port}", uri.stderr
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+        assert response.status == 200
+    pid = int((local_cluster["state"] / "mlflow.pid").read_text())
+    subprocess.run([str(REPO / "cluster" / "local" / "stop.sh"), str(local_cluster["state"])], env=_env(), capture_output=True, timeout=180)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
-    assert subprocess.run(["pgrep", "-f", "raylet"], capture_output=True).returncode == 1  # no raylet left
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_a_sweep_with_unwritable_storage_stops_before_any_trial(tiny_teacher, tmp_path):
+    spec = tmp_path / "s.yaml"
+    db = tmp_path / "mlflow.db"
+    spec.write_text(f"name: nostore\nteacher: {tiny_teacher}\nepochs: 1\nsearch_space:\n  distill.memory.alpha: {{uniform: [1.0e-5, 1.0e-4]}}\n"
+                    f"num_samples: 1\nstorage_path: /proc/clockdistill-storage\nmlflow: {{tracking_uri: 'sqlite:///{db}'}}\n")
+    proc = subprocess.run([sys.executable, "-m", "sweeps", str(spec)], env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
+    assert "error: storage_path: /proc/clockdistill-storage is not shared and writable" in proc.stderr
+    assert not db.exists()  # no sweep run, no trial run

@@ -41,5 +41,15 @@ for name in node_a node_b; do
     --disable-usage-stats > "$state/$name.log" 2>&1
 done
 
+# wait until the head sees all three nodes alive (a worker registers a moment after `ray start` returns)
+"$bin/python" - "$head_port" <<'PY' || { echo "error: the local cluster did not come up with 3 nodes (logs in $state)" >&2; exit 1; }
+import sys, time, ray
+ray.init(address=f"127.0.0.1:{sys.argv[1]}", logging_level="ERROR")
+deadline = time.monotonic() + 60
+while sum(n["Alive"] for n in ray.nodes()) < 3:
+    if time.monotonic() > deadline:
+        sys.exit(1)
+    time.sleep(0.5)
+PY
 echo "local Ray cluster up: head + node_a + node_b (token auth on)"
 echo "  export RAY_ADDRESS=http://127.0.0.1:$dash_port RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$state/token"
