@@ -137,6 +137,13 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as dotted keys and exit")
 
 
+def _add_sweep_arguments(parser: argparse.ArgumentParser, out_help: str, out_default: str | None = None) -> None:
+    """--sweep, --out and --tracking-uri, shared by the commands that read a sweep from MLflow."""
+    parser.add_argument("--sweep", help="sweep name (default: the latest sweep in the store)")
+    parser.add_argument("--out", default=out_default, help=out_help)
+    parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="clockdistill",
@@ -223,12 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "config, TorchScript, ONNX with the onnx extra, a model card) and register it in MLflow with "
                                    "the alias champion. Running it again registers no second version of the same trial.",
                        epilog="example: clockdistill best-student --sweep demo --out artifacts/best-student")
-    b.add_argument("--sweep", help="sweep name (default: the latest sweep in the store)")
+    _add_sweep_arguments(b, "export directory (default artifacts/best-student; replaced)", "artifacts/best-student")
     b.add_argument("--metric", choices=["AP", "AP50", "AP75", "APs", "APm", "APl", "params", "latency_ms"],
                    help="rank by this objective (default: the sweep's first objective)")
     b.add_argument("--prefer", help="multi-objective sweeps: take the Pareto-set trial best in this objective (default: the first objective)")
-    b.add_argument("--out", default="artifacts/best-student", help="export directory (default artifacts/best-student; replaced)")
-    b.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     b.add_argument("--tolerance", type=float, default=2e-3, help="largest accepted |re-evaluated AP - logged AP| (default 0.002)")
     b.add_argument("--device", default="cpu", help="device of the re-evaluation: cpu, cuda[:N] or auto (default cpu)")
     b.add_argument("--no-register", action="store_true", help="export only; do not touch the model registry")
@@ -240,9 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "baseline lines, the objective against each searched knob, Optuna's fANOVA parameter "
                                    "importance, the Pareto front (multi-objective sweeps) and validation images with ground-truth, "
                                    "teacher and best-student boxes. Everything is also logged under report/ of the sweep's MLflow run.")
-    r.add_argument("--sweep", help="sweep name (default: the latest sweep in the store)")
-    r.add_argument("--out", help="output directory (default artifacts/report/<sweep>)")
-    r.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    _add_sweep_arguments(r, "output directory (default artifacts/report/<sweep>)")
     r.add_argument("--baseline-ap", type=float, help="AP of a student trained without distillation, drawn as a reference line "
                                                      "(default: the sweep's own distill.method=none trials, if any)")
     r.add_argument("--no-mlflow", action="store_true", help="write the files only; do not log them to the sweep's run")

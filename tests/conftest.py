@@ -47,6 +47,18 @@ def tiny_teacher(synth_data, tmp_path_factory) -> Path:
     return out / "best"
 
 
+def run_sweep_cli(spec: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m sweeps SPEC --summary cwd/summary.json` on an in-process local Ray (no RAY_ADDRESS,
+    no MLFLOW_TRACKING_URI from the caller); fails the test unless it exits 0."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run([sys.executable, "-m", "sweeps", str(spec), "--summary", str(cwd / "summary.json")],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
 def memorised_data(root: Path, n: int = 6) -> Path:
     """n synthetic images whose val split is the train split: a detector that memorises them scores
     a high AP within seconds, so trials of a tiny sweep differ measurably."""
@@ -62,8 +74,6 @@ def memorised_data(root: Path, n: int = 6) -> Path:
 def tiny_sweep(tmp_path_factory):
     """A finished 4-trial sweep (real Ray, real MLflow SQLite store) with a teacher that memorised
     its 6 images (AP about 0.9): {root, tracking_uri, spec, storage, summary, teacher, data}."""
-    import os
-
     from clockdistill.config import config_from_dict
     from clockdistill.engine import fit
 
@@ -83,9 +93,6 @@ def tiny_sweep(tmp_path_factory):
         "search: {algorithm: grid, seed: 1}\nscheduler: {type: asha, grace_period: 1, reduction_factor: 2}\n"
         "num_samples: 1\nmax_concurrent_trials: 1\nresources: {cpu: 1}\n"
         f"storage_path: {root / 'storage'}\nmlflow: {{tracking_uri: '{uri}', experiment: tiny, registered_model: tiny-student}}\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    proc = subprocess.run([sys.executable, "-m", "sweeps", str(spec), "--summary", str(root / "summary.json")],
-                          capture_output=True, text=True, timeout=900, env=env, cwd=root)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    proc = run_sweep_cli(spec, root)
     return {"root": root, "tracking_uri": uri, "spec": spec, "storage": root / "storage", "summary": json.loads((root / "summary.json").read_text()),
             "teacher": root / "teacher" / "best", "data": data, "stdout": proc.stdout}

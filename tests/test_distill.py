@@ -1,6 +1,5 @@
 """The Distiller: frozen teacher, gradient flow, zero loss for identical models, every method, the CLI."""
 
-import copy
 import json
 
 import pytest

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from clockdistill.config import config_from_dict
 from clockdistill.data import CocoDetection, DetectionTransform, collate

@@ -1,11 +1,9 @@
 """A grid sweep on an in-process local Ray: a diverging trial ends FAILED with its reason, the other
 finishes, and the sweep itself succeeds."""
 
-import os
-import subprocess
-import sys
-
 import pytest
+
+from conftest import run_sweep_cli
 
 pytestmark = pytest.mark.slow
 
@@ -20,10 +18,7 @@ def test_a_diverging_trial_fails_alone_and_the_sweep_goes_on(tiny_teacher, tmp_p
         "search_space:\n  train.lr: {grid: [4.0e-4, 1.0e+8]}\n"
         "search: {algorithm: grid}\nscheduler: {type: none}\nnum_samples: 1\nmax_concurrent_trials: 2\nmax_failures: 2\n"
         f"resources: {{cpu: 1}}\nstorage_path: {tmp_path / 'storage'}\nmlflow: {{tracking_uri: 'sqlite:///{db}', experiment: grid}}\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    proc = subprocess.run([sys.executable, "-m", "sweeps", str(spec), "--summary", str(tmp_path / "summary.json")],
-                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    proc = run_sweep_cli(spec, tmp_path)
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("grid")
     runs = {r.data.params["train.lr"]: r for r in client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'trial'")}
