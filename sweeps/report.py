@@ -30,7 +30,8 @@ from sweeps import plots
 log = logging.getLogger(__name__)
 
 EPOCH_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "loss", "loss_det", "loss_kd_mem", "loss_kd_logit", "lr")
-SCORE_THRESHOLD = 0.3  # boxes drawn in the sample grid
+SCORE_THRESHOLD = 0.3  # boxes drawn in the sample grid ...
+MIN_SCORE = 0.05  # ... or, for a model with fewer confident boxes than the image has objects, its top ones above this
 
 
 def _searched(sweep: Sweep) -> dict[str, dict[str, Any]]:
@@ -130,6 +131,8 @@ def _detections(model, dataset, indices: list[int]):
 
 def samples(client, best: Trial, sweep: Sweep, path: Path, n: int = 4) -> Path:
     """Ground truth, teacher and best-student boxes on the first n validation images."""
+    import torch
+
     from clockdistill.config import config_from_dict
     from clockdistill.data import CocoDetection, DetectionTransform
     from clockdistill.engine import load_detector
@@ -150,8 +153,10 @@ def samples(client, best: Trial, sweep: Sweep, path: Path, n: int = 4) -> Path:
         gt = [(list(map(float, b)), names[dataset.cat_to_label[int(c)]], None) for b, c, k in zip(boxes, cats, crowd) if not k]
         cells = [(dataset.load_image(i), gt)]
         for det in predicted:
-            d = det[row]
+            d = det[row]  # sorted by score
             keep = d["scores"] >= SCORE_THRESHOLD
+            if int(keep.sum()) < len(gt):  # a weak model: its top boxes anyway, as many as the ground truth
+                keep = (d["scores"] >= MIN_SCORE) & (torch.arange(len(d["scores"])) < max(1, len(gt)))
             cells.append((dataset.load_image(i), [(b.tolist(), names[int(lab)], float(s))
                                                   for b, lab, s in zip(d["boxes"][keep], d["labels"][keep], d["scores"][keep])]))
         panels.append(cells)
