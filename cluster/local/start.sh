@@ -33,9 +33,15 @@ echo "$dash_port" > "$state/dashboard_port"
   --resources '{"sweep_driver": 2}' --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" \
   --disable-usage-stats > "$state/head.log" 2>&1
 
+: > "$state/temp_dirs"
 for name in node_a node_b; do
-  # every node on one machine needs its own agent and metrics ports
+  # Every node on one machine needs its own agent and metrics ports, and its own temp dir: in a
+  # shared one, a node unpacking a job's working_dir replaces the very directory another node's
+  # processes (the job driver's cwd) run in. Short paths: Unix sockets live there.
+  temp="$(mktemp -d "/tmp/cdray-$name-XXXXXX")"
+  echo "$temp" >> "$state/temp_dirs"
   "$ray" start --address "127.0.0.1:$head_port" --node-ip-address 127.0.0.1 --num-cpus "${WORKER_CPUS:-1}" --num-gpus 0 \
+    --temp-dir "$temp" \
     --resources "{\"$name\": 1}" --dashboard-agent-listen-port "$(free_port)" --dashboard-agent-grpc-port "$(free_port)" \
     --runtime-env-agent-port "$(free_port)" --metrics-export-port "$(free_port)" \
     --disable-usage-stats > "$state/$name.log" 2>&1

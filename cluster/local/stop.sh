@@ -6,6 +6,10 @@ state="${1:-.local-cluster}"
 here="$(cd "$(dirname "$0")" && pwd)"
 ray="$(command -v ray || echo "$here/../../.venv/bin/ray")"
 "$ray" stop --force > /dev/null 2>&1 || true
+if [ -s "$state/temp_dirs" ]; then  # the worker nodes' own temp dirs (start.sh)
+  while read -r dir; do case "$dir" in /tmp/cdray-*) rm -rf "$dir" ;; esac; done < "$state/temp_dirs"
+  rm -f "$state/temp_dirs"
+fi
 if [ -s "$state/mlflow.pid" ]; then
   pid="$(cat "$state/mlflow.pid")"  # the leader of the server's own process group (setsid in mlflow.sh)
   kill -- "-$pid" 2> /dev/null || true
