@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from clockdistill.tracking import default_tracking_uri
 from sweeps.preflight import check_storage
 from sweeps.search import FAILED_KEY, best_key, build_scheduler, build_searcher, tune_param_space
 from sweeps.spec import SweepSpec, load_spec, resolve_paths, search_space_summary, spec_from_json, spec_to_dict, spec_to_json, sweep_dir_name
-from sweeps.tracking import SweepTracker
+from sweeps.tracking import SweepTracker, metrics_to_log
 
 log = logging.getLogger("clockdistill.sweep")
 
@@ -41,15 +42,24 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
 
     class MlflowSweepCallback(Callback):
         """Forwards trial starts, epochs and ends to MLflow and prints a line per finished trial.
-        MLflow trouble is logged, never raised: tracking must not take the sweep down."""
+        MLflow trouble never takes the sweep down: a write that fails is buffered, in order, and
+        retried (at most every RETRY_S while the store is down, and at the end of the sweep), so a
+        tracking server that restarts mid-sweep loses nothing. The buffer is plain data and is kept
+        in Tune's experiment state with this callback."""
+
+        RETRY_S = 5.0
 
         def __init__(self):
             self.spec_json = spec_to_json(spec)
             self.tracker = tracker
             self._spec: SweepSpec | None = None
+            self._pending: list[tuple] = []
+            self._down_since: float | None = None
+            self._last_try = 0.0
 
         def __getstate__(self):
-            return {"spec_json": self.spec_json, "tracker": self.tracker, "_spec": None}
+            return {"spec_json": self.spec_json, "tracker": self.tracker, "_spec": None, "_pending": list(self._pending),
+                    "_down_since": None, "_last_try": 0.0}
 
         @property
         def spec(self) -> SweepSpec:
@@ -57,22 +67,49 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
                 self._spec = spec_from_json(self.spec_json)
             return self._spec
 
-        def _run(self, trial) -> str:
-            return self.tracker.trial_run(trial.trial_id, str(trial), _trial_params(self.spec, trial.config))
+        def _write(self, trial, kind: str, *payload) -> None:
+            self._pending.append((kind, trial.trial_id, str(trial), _trial_params(self.spec, trial.config), *payload))
+            if self._down_since is None or time.monotonic() - self._last_try >= self.RETRY_S:
+                self._flush()
+
+        def _flush(self) -> bool:
+            """Apply buffered writes in order; False (and the rest kept) at the first failure."""
+            self._last_try = time.monotonic()
+            while self._pending:
+                kind, trial_id, name, params, *payload = self._pending[0]
+                try:
+                    run_id = self.tracker.trial_run(trial_id, name, params)
+                    if kind == "epoch":
+                        self.tracker.log_epoch(run_id, payload[0])
+                    elif kind == "end":
+                        self.tracker.end_trial(run_id, *payload)
+                except Exception as exc:  # noqa: BLE001 - the store is down or refusing: keep the write
+                    if self._down_since is None:
+                        self._down_since = time.monotonic()
+                        log.warning("mlflow: %s; buffering its writes and retrying every %.0f s", str(exc).splitlines()[0][:300], self.RETRY_S)
+                    return False
+                self._pending.pop(0)
+            if self._down_since is not None:
+                log.warning("mlflow: reachable again after %.0f s; buffered writes are written", time.monotonic() - self._down_since)
+                self._down_since = None
+            return True
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            try:
-                self._run(trial)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("mlflow: could not open the run of trial %s: %s", trial.trial_id, exc)
+            self._write(trial, "open")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if FAILED_KEY in result:
                 return
-            try:
-                self.tracker.log_epoch(self._run(trial), result)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("mlflow: could not log epoch %s of trial %s: %s", result.get("epoch"), trial.trial_id, exc)
+            self._write(trial, "epoch", {**metrics_to_log(result), "epoch": result.get("epoch", 0)})
+
+        def on_experiment_end(self, trials, **info):
+            patience = float(os.environ.get("CLOCKDISTILL_MLFLOW_PATIENCE_S", "300"))
+            deadline = time.monotonic() + patience
+            while not self._flush() and time.monotonic() < deadline:
+                time.sleep(self.RETRY_S)
+            if self._pending:
+                log.error("mlflow: %d write(s) could not be made within %.0f s; Tune's results in the sweep storage keep them",
+                          len(self._pending), patience)
 
         def _end(self, trial, status: str, reason: str = "") -> None:
             try:
@@ -96,10 +133,7 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
                                                        f"stopped early after {tags['epochs_run']} epoch(s)")
             best_text = f"best {metric} {best:.4f}" if best is not None and math.isfinite(best) else f"no {metric}"
             print(f"trial {trial.trial_id} finished: {best_text}, {how}", flush=True)
-            try:
-                self.tracker.end_trial(self._run(trial), status, tags)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("mlflow: could not close the run of trial %s: %s", trial.trial_id, exc)
+            self._write(trial, "end", status, tags)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._end(trial, "FINISHED")
@@ -128,6 +162,11 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
     spec = resolve_paths(load_spec(spec_path, name), source)  # every spec error before Ray starts
     storage = spec.storage_path
     tracking_uri = spec.mlflow.tracking_uri or default_tracking_uri()
+    # a tracking server that is down costs seconds per attempt, not minutes of urllib3 retries:
+    # the callback buffers what fails and tries again later
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     if not spec.mlflow.tracking_uri and "runtime_resources" in str(Path.cwd()):
         log.warning("mlflow: the default store %s is inside this Ray job's temporary working directory and goes away with it; "
                     "set mlflow.tracking_uri in the spec (a server, or an absolute sqlite path)", tracking_uri)

@@ -54,8 +54,13 @@ def _ancestors(pid: int) -> set[int]:
 
 
 def _results(storage: Path) -> dict[str, list[dict]]:
+    return _results_of(storage, "ft")
+
+
+def _results_of(storage: Path, sweep: str) -> dict[str, list[dict]]:
+    """{trial id: its result rows}, read from Tune's result.json files."""
     rows = {}
-    for path in storage.glob("ft/train_trial_*/result.json"):
+    for path in storage.glob(f"{sweep}/train_trial_*/result.json"):
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if lines:
             rows[lines[0]["trial_id"]] = lines
@@ -119,3 +124,54 @@ def test_a_worker_node_dies_mid_trial_and_every_trial_still_finishes(cluster, ti
     print(f"\nfault tolerance: 4 trials, 1 node killed (node_a) at epoch {epoch_at_kill} of trial {trial_id}, {retries} retry(ies); "
           f"retried trial finished on node_b; results lost 0; sweep wall {wall:.0f} s; "
           f"kill -> next epoch of the retried trial {recovery if recovery is None else round(recovery, 1)} s")
+
+
+def test_the_mlflow_server_down_for_30_s_mid_sweep_loses_no_metric(tiny_teacher, tmp_path):
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from cdp import free_port
+
+    state, port, storage = tmp_path / "mlflow", free_port(), tmp_path / "storage"
+
+    def start_server() -> None:
+        up = subprocess.run([str(REPO / "cluster" / "local" / "mlflow.sh"), str(state), str(port)], env=_env(), capture_output=True,
+                            text=True, timeout=180)
+        assert up.returncode == 0, up.stderr
+
+    start_server()
+    spec = tmp_path / "down.yaml"
+    spec.write_text(
+        f"name: down\nteacher: {tiny_teacher}\nepochs: 6\nconfig:\n  train: {{batch_size: 8}}\n"
+        "search_space:\n  train.lr: {grid: [4.0e-4, 2.0e-4]}\nsearch: {algorithm: grid}\nscheduler: {type: none}\n"
+        f"num_samples: 1\nmax_concurrent_trials: 1\nresources: {{cpu: 1}}\nstorage_path: {storage}\n"
+        f"mlflow: {{tracking_uri: 'http://127.0.0.1:{port}', experiment: down}}\n")
+    sweep = subprocess.Popen([sys.executable, "-m", "sweeps", str(spec)], env=_env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not any(rows for rows in _results_of(storage, "down").values()):
+        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep reported nothing"
+        time.sleep(0.2)
+    pid = int((state / "mlflow.pid").read_text())
+    os.killpg(pid, signal.SIGTERM)
+    down_at = time.monotonic()
+    while subprocess.run(["pgrep", "-g", str(pid)], capture_output=True).returncode == 0:
+        time.sleep(0.2)
+    epochs_before = sum(len(r) for r in _results_of(storage, "down").values())
+    time.sleep(max(0.0, 30 - (time.monotonic() - down_at)))
+    epochs_during = sum(len(r) for r in _results_of(storage, "down").values()) - epochs_before
+    start_server()
+    output, _ = sweep.communicate(timeout=900)
+    assert sweep.returncode == 0, output[-4000:]
+    assert "buffering its writes" in output and "reachable again" in output, output[-3000:]
+    assert epochs_during > 0  # trials reported while the server was down
+
+    client = MlflowClient(f"http://127.0.0.1:{port}")
+    runs = client.search_runs([client.get_experiment_by_name("down").experiment_id], "tags.`clockdistill.role` = 'trial'")
+    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(_results_of(storage, "down"))
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags["completed_full_budget"] == "true"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "AP")) == list(range(1, 7))
+    subprocess.run(["pkill", "-g", str(int((state / "mlflow.pid").read_text()))], capture_output=True)
+    print(f"\nmlflow down 30 s: {epochs_during} epoch report(s) arrived meanwhile, all written after the restart; lost 0")
