@@ -93,6 +93,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from sweeps.sync import sync_sweep
+
+    sync_sweep(args.spec, args.name)
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from clockdistill.data import CocoDetection, DetectionTransform
     from clockdistill.engine import evaluate, load_detector, select_device
@@ -212,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--name", help="sweep name (default: the spec's name); the same name resumes the sweep")
     sw.add_argument("--summary", help="also write the summary (trials, best trial) as JSON to this file")
     sw.set_defaults(func=_cmd_sweep)
+
+    sy = sub.add_parser("sync", help="write a sweep's results from its storage into MLflow (backfill)",
+                        description="Read every trial's results and best checkpoint from the sweep's storage_path and write "
+                                    "them to the spec's MLflow store: runs created when missing (found by trial_id otherwise), "
+                                    "epochs already logged skipped, full-budget trials closed FINISHED. For writes a tracking "
+                                    "outage left behind, or to copy a sweep into another store.")
+    sy.add_argument("spec", help="the sweep's spec YAML file (its storage_path and mlflow settings are used)")
+    sy.add_argument("--name", help="sweep name (default: the spec's name)")
+    sy.set_defaults(func=_cmd_sync)
 
     e = sub.add_parser("evaluate", help="COCO metrics of a checkpoint, as JSON",
                        description="Evaluate a checkpoint directory on a split of a COCO-format data set; prints JSON.")

@@ -106,9 +106,12 @@ class SweepTracker:
 
     # -- the sweep's parent run ------------------------------------------------------------------
 
+    def find_parent(self):
+        return self._find(f"tags.sweep_id = '{_quote(self.sweep_id)}' and tags.`clockdistill.role` = 'sweep'")
+
     def start_parent(self, spec_dict: dict[str, Any], space: dict[str, str], teacher_ap: float | None) -> str:
         """Create the sweep's run, or reopen it when the sweep resumes."""
-        run = self._find(f"tags.sweep_id = '{_quote(self.sweep_id)}' and tags.`clockdistill.role` = 'sweep'")
+        run = self.find_parent()
         tags = {"git_sha": git_sha(), "ray_job_id": ray_job_id()}
         if run is None:
             run = self.client.create_run(self.experiment_id, run_name=self.sweep_id,

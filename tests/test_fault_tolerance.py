@@ -121,6 +121,12 @@ def test_a_worker_node_dies_mid_trial_and_every_trial_still_finishes(cluster, ti
     for run in runs:
         assert run.info.status == "FINISHED" and run.data.tags["completed_full_budget"] == "true", run.data.tags
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "AP")) == list(range(1, EPOCHS + 1))
+    # the cluster's token is nowhere in what the sweep wrote: MLflow store and artifacts, Tune's storage, the job log
+    token = Path(cluster["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    assert token not in output
+    for path in [db, *tmp_path.joinpath("mlartifacts").rglob("*"), *storage.rglob("*")]:
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
     print(f"\nfault tolerance: 4 trials, 1 node killed (node_a) at epoch {epoch_at_kill} of trial {trial_id}, {retries} retry(ies); "
           f"retried trial finished on node_b; results lost 0; sweep wall {wall:.0f} s; "
           f"kill -> next epoch of the retried trial {recovery if recovery is None else round(recovery, 1)} s")

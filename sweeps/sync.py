@@ -1,0 +1,95 @@
+"""`clockdistill sync SPEC`: write what Tune recorded in the sweep's storage into MLflow.
+
+For a sweep whose MLflow writes could not all be made (the server was down past the driver's
+patience, or the driver died with writes still buffered), or to copy a sweep into another store:
+each trial's result.json rows become the per-epoch metrics of its run, created when missing and
+found by trial_id otherwise (epochs already there are skipped); trials that ran their full budget
+are closed FINISHED. Reads local paths and any pyarrow URI (s3://...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from clockdistill.tracking import default_tracking_uri
+from sweeps.spec import load_spec, search_space_summary, spec_to_dict, sweep_dir_name
+from sweeps.tracking import SweepTracker
+
+log = logging.getLogger(__name__)
+
+
+def _trials(storage: str, sweep: str) -> list[tuple[dict[str, Any], list[dict[str, Any]], tuple[str, str] | None]]:
+    """[(params, result rows, best checkpoint)] of every trial directory of the sweep."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    base = f"{root.rstrip('/')}/{sweep_dir_name(sweep)}"
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("train_trial_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/params.json") as f:
+                params = json.loads(f.read())
+            with fs.open_input_stream(f"{info.path}/result.json") as f:
+                rows = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+        except (FileNotFoundError, OSError, json.JSONDecodeError) as exc:
+            log.warning("sync: %s skipped (%s)", info.base_name, exc)
+            continue
+        if rows:
+            out.append((params, rows, _best_checkpoint(fs, info.path)))
+    return out
+
+
+def _best_checkpoint(fs, trial_dir: str) -> tuple[str, str] | None:
+    """(path, sha256 of its weights) of the trial's kept checkpoint with the highest AP."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    best = None
+    for info in fs.get_file_info(pafs.FileSelector(trial_dir)):
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/meta.json") as f:
+                ap = json.loads(f.read()).get("metrics", {}).get("AP", -1.0)
+            with fs.open_input_stream(f"{info.path}/model.safetensors") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+        except (FileNotFoundError, OSError, json.JSONDecodeError):
+            continue
+        if best is None or ap > best[0]:
+            best = (ap, info.path, digest)
+    return (best[1], best[2]) if best else None
+
+
+def sync_sweep(spec_path: str, name: str | None = None) -> dict[str, int]:
+    from sweeps.runner import _trial_params
+
+    spec = load_spec(spec_path, name)
+    tracker = SweepTracker(spec.mlflow.tracking_uri or default_tracking_uri(), spec.mlflow.experiment, spec.name)
+    parent = tracker.find_parent()
+    if parent is None:
+        tracker.start_parent(spec_to_dict(spec), search_space_summary(spec), None)
+        tracker.end_parent("FINISHED")
+    else:
+        tracker.parent_run_id = parent.info.run_id
+    counts = {"trials": 0, "epochs_written": 0, "closed": 0}
+    for params, rows, best in _trials(spec.storage_path, spec.name):
+        trial_id = rows[-1]["trial_id"]
+        run_id = tracker.trial_run(trial_id, f"train_trial_{trial_id}", _trial_params(spec, params))
+        counts["trials"] += 1
+        counts["epochs_written"] += sum(tracker.log_epoch(run_id, row) for row in rows if "diverged" not in row)
+        run = tracker.client.get_run(run_id)
+        if best and "best_checkpoint" not in run.data.tags:  # what best-student reads
+            tracker.client.set_tag(run_id, "best_checkpoint_sha256", best[1])
+            tracker.client.set_tag(run_id, "best_checkpoint", best[0])
+        last = rows[-1]
+        if last.get("completed_full_budget") and not tracker.is_done(tracker.client.get_run(run_id)):
+            tracker.end_trial(run_id, "FINISHED", {"completed_full_budget": "true", "epochs_run": str(int(last.get("epoch", 0)))})
+            counts["closed"] += 1
+    print(f"sync {spec.name}: {counts['trials']} trials, {counts['epochs_written']} epoch(s) written, {counts['closed']} run(s) closed "
+          f"-> {tracker.tracking_uri}")
+    return counts
