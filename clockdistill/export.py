@@ -105,9 +105,10 @@ def verify_checkpoint(client, trial: Trial, checkpoint: Path, device: torch.devi
     from clockdistill.engine import evaluate, load_detector
 
     recorded = trial.run.data.tags.get("best_checkpoint_sha256")
-    if recorded and file_sha256(checkpoint / "model.safetensors") != recorded:
+    actual = file_sha256(checkpoint / "model.safetensors") if recorded else None
+    if recorded and actual != recorded:
         raise UserError(f"trial {trial.trial_id}: the checkpoint's weights changed after the sweep recorded them "
-                        f"(sha256 {file_sha256(checkpoint / 'model.safetensors')[:12]}... != {recorded[:12]}...); refusing to export")
+                        f"(sha256 {actual[:12]}... != {recorded[:12]}...); refusing to export")
     meta = read_meta(checkpoint)
     epoch = int(meta.get("metrics", {}).get("epoch", meta.get("epoch", 0) + 1))
     logged = metric_history(client, trial.run_id, "AP").get(epoch)

@@ -102,7 +102,7 @@ def export_files(checkpoint: Path, meta: dict[str, Any], metrics: dict[str, floa
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
-    return format(value, spec) if isinstance(value, (int, float)) and value is not None else "-"
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
 def model_card(m: dict[str, Any]) -> str:

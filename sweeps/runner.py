@@ -53,13 +53,14 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
             self.spec_json = spec_to_json(spec)
             self.tracker = tracker
             self._spec: SweepSpec | None = None
-            self._pending: list[tuple] = []
+            self._pending: list[tuple] = []  # (kind, trial_id, *payload), oldest first
+            self._trials: dict[str, tuple[str, dict[str, Any]]] = {}  # trial_id -> (run name, params), built once
             self._down_since: float | None = None
             self._last_try = 0.0
 
         def __getstate__(self):
             return {"spec_json": self.spec_json, "tracker": self.tracker, "_spec": None, "_pending": list(self._pending),
-                    "_down_since": None, "_last_try": 0.0}
+                    "_trials": dict(self._trials), "_down_since": None, "_last_try": 0.0}
 
         @property
         def spec(self) -> SweepSpec:
@@ -68,7 +69,9 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
             return self._spec
 
         def _write(self, trial, kind: str, *payload) -> None:
-            self._pending.append((kind, trial.trial_id, str(trial), _trial_params(self.spec, trial.config), *payload))
+            if trial.trial_id not in self._trials:  # params go to MLflow once, when its run is created (they cannot change)
+                self._trials[trial.trial_id] = (str(trial), _trial_params(self.spec, trial.config))
+            self._pending.append((kind, trial.trial_id, *payload))
             if self._down_since is None or time.monotonic() - self._last_try >= self.RETRY_S:
                 self._flush()
 
@@ -76,9 +79,9 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
             """Apply buffered writes in order; False (and the rest kept) at the first failure."""
             self._last_try = time.monotonic()
             while self._pending:
-                kind, trial_id, name, params, *payload = self._pending[0]
+                kind, trial_id, *payload = self._pending[0]
                 try:
-                    run_id = self.tracker.trial_run(trial_id, name, params)
+                    run_id = self.tracker.trial_run(trial_id, *self._trials[trial_id])
                     if kind == "epoch":
                         self.tracker.log_epoch(run_id, payload[0])
                     elif kind == "end":
