@@ -70,6 +70,15 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any], op
     return path
 
 
+def storage_filesystem(location: str):
+    """(pyarrow filesystem, path) of a sweep storage location: a URI (s3://...) or a local path."""
+    import pyarrow.fs as pafs
+
+    if "://" in location:
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), str(Path(location).resolve())
+
+
 def file_sha256(path: str | Path) -> str:
     import hashlib
 

@@ -74,10 +74,12 @@ def fetch_checkpoint(client, trial: Trial, dest: Path) -> tuple[Path, str]:
     import pyarrow as pa
     import pyarrow.fs as pafs
 
+    from clockdistill.checkpoint import storage_filesystem
+
     source = trial.run.data.tags.get("best_checkpoint", "")
     if source:
         try:
-            fs, path = pafs.FileSystem.from_uri(source if "://" in source else Path(source).resolve().as_uri())
+            fs, path = storage_filesystem(source)
             if fs.get_file_info(path).type == pafs.FileType.Directory:
                 dest.mkdir(parents=True, exist_ok=True)
                 pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import uuid
 
+from clockdistill.checkpoint import storage_filesystem
 from sweeps.spec import SpecError
 
 log = logging.getLogger(__name__)
@@ -19,17 +20,9 @@ log = logging.getLogger(__name__)
 PROBE_DIR = ".clockdistill-preflight"
 
 
-def _filesystem(storage: str):
-    import pyarrow.fs as pafs
-
-    if "://" in storage:
-        return pafs.FileSystem.from_uri(storage)
-    return pafs.LocalFileSystem(), storage
-
-
 def _write_probe(storage: str, run: str, node: str) -> str | None:
     try:
-        fs, root = _filesystem(storage)
+        fs, root = storage_filesystem(storage)
         folder = f"{root.rstrip('/')}/{PROBE_DIR}/{run}"
         fs.create_dir(folder, recursive=True)
         with fs.open_output_stream(f"{folder}/{node}") as out:
@@ -41,7 +34,7 @@ def _write_probe(storage: str, run: str, node: str) -> str | None:
 
 def _read_probes(storage: str, run: str, nodes: list[str]) -> str | None:
     try:
-        fs, root = _filesystem(storage)
+        fs, root = storage_filesystem(storage)
         folder = f"{root.rstrip('/')}/{PROBE_DIR}/{run}"
         missing = []
         for node in nodes:
@@ -84,7 +77,7 @@ def check_storage(storage: str, timeout_s: float = 120.0) -> int:
     if not failed:
         failed = failures(read, lambda node: (storage, run, ids))
     try:
-        fs, root = _filesystem(storage)
+        fs, root = storage_filesystem(storage)
         fs.delete_dir(f"{root.rstrip('/')}/{PROBE_DIR}/{run}")
     except Exception:  # noqa: BLE001 - clean-up only
         pass

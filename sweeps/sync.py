@@ -13,6 +13,7 @@ import json
 import logging
 from typing import Any
 
+from clockdistill.checkpoint import storage_filesystem
 from clockdistill.tracking import default_tracking_uri
 from sweeps.spec import load_spec, search_space_summary, spec_to_dict, sweep_dir_name
 from sweeps.tracking import SweepTracker
@@ -24,7 +25,7 @@ def _trials(storage: str, sweep: str) -> list[tuple[dict[str, Any], list[dict[st
     """[(params, result rows, best checkpoint)] of every trial directory of the sweep."""
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    fs, root = storage_filesystem(storage)
     base = f"{root.rstrip('/')}/{sweep_dir_name(sweep)}"
     out = []
     for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):

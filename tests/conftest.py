@@ -47,12 +47,31 @@ def tiny_teacher(synth_data, tmp_path_factory) -> Path:
     return out / "best"
 
 
+def clean_env(**extra) -> dict:
+    """This environment without the caller's Ray address, Ray token and MLflow store, with the
+    venv's commands (ray, mlflow) first on PATH, plus `extra`."""
+    import os
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    return {**env, **extra}
+
+
+def tune_results(storage: Path, sweep: str) -> dict[str, list[dict]]:
+    """{trial id: its result rows}, straight from Tune's result.json files (no MLflow involved)."""
+    rows = {}
+    for path in storage.glob(f"{sweep}/train_trial_*/result.json"):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if lines:
+            rows[lines[0]["trial_id"]] = lines
+    return rows
+
+
 def run_sweep_cli(spec: Path, cwd: Path) -> subprocess.CompletedProcess:
     """`python -m sweeps SPEC --summary cwd/summary.json` on an in-process local Ray (no RAY_ADDRESS,
     no MLFLOW_TRACKING_URI from the caller); fails the test unless it exits 0."""
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env = clean_env()
     proc = subprocess.run([sys.executable, "-m", "sweeps", str(spec), "--summary", str(cwd / "summary.json")],
                           capture_output=True, text=True, timeout=900, env=env, cwd=cwd)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

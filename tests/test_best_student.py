@@ -10,18 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, tune_results
 
 pytestmark = pytest.mark.slow
-
-
-def _tune_results(storage: Path) -> dict[str, dict]:
-    """Each trial's last result row, straight from Tune's result.json files (no MLflow involved)."""
-    rows = {}
-    for path in storage.glob("tiny/train_trial_*/result.json"):
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        rows[lines[-1]["trial_id"]] = {"last": lines[-1], "by_epoch": {r["epoch"]: r for r in lines}}
-    return rows
 
 
 def _best_student(sweep, out: Path, *extra: str):
@@ -38,13 +29,13 @@ def exported(tiny_sweep, tmp_path_factory):
 
 def test_picks_the_trial_the_tune_results_say_is_best_and_its_ap_reproduces(tiny_sweep, exported):
     out, manifest, proc = exported
-    results = _tune_results(tiny_sweep["storage"])
+    results = tune_results(tiny_sweep["storage"], "tiny")
     assert len(results) == 4
-    full = {t: r for t, r in results.items() if r["last"]["completed_full_budget"] == 1}
+    full = {t: rows for t, rows in results.items() if rows[-1]["completed_full_budget"] == 1}
     assert full  # (whether ASHA stops one depends on timing; the choice rules are tested below with stopped trials)
-    best = max(full, key=lambda t: full[t]["last"]["best_AP"])
+    best = max(full, key=lambda t: full[t][-1]["best_AP"])
     assert manifest["trial_id"] == best == tiny_sweep["summary"]["best"]["trial_id"]
-    logged_ap = results[best]["by_epoch"][manifest["epoch"]]["AP"]
+    logged_ap = {r["epoch"]: r for r in results[best]}[manifest["epoch"]]["AP"]
     assert manifest["metrics"]["AP"] == pytest.approx(logged_ap, abs=2e-3)
     assert manifest["metrics"]["AP"] > 0.3  # a real detector, not an empty one
     # the export directory is a checkpoint the evaluate command accepts, with the same AP

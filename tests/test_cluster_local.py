@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cdp import free_port
+from conftest import clean_env
 
 pytestmark = pytest.mark.slow
 
@@ -20,29 +21,22 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _env(**extra) -> dict:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "MLFLOW_TRACKING_URI"):
-        env.pop(key, None)
-    return {**env, **extra}
-
-
 @pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster")
-    proc = subprocess.run([str(REPO / "cluster" / "local" / "start.sh"), str(state)], env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(REPO / "cluster" / "local" / "start.sh"), str(state)], env=clean_env(), capture_output=True, text=True, timeout=300)
     try:
         assert proc.returncode == 0, proc.stdout + proc.stderr
         yield {"state": state, "token": state / "token", "head": f"127.0.0.1:{(state / 'head_port').read_text().strip()}",
                "dashboard": f"http://127.0.0.1:{(state / 'dashboard_port').read_text().strip()}"}
     finally:
-        subprocess.run([str(REPO / "cluster" / "local" / "stop.sh"), str(state)], env=_env(), capture_output=True, timeout=180)
+        subprocess.run([str(REPO / "cluster" / "local" / "stop.sh"), str(state)], env=clean_env(), capture_output=True, timeout=180)
         assert subprocess.run(["pgrep", "-f", "raylet"], capture_output=True).returncode == 1  # no raylet left
 
 
 def _on_cluster(cluster, code: str) -> subprocess.CompletedProcess:
     """Run Python code connected to the cluster (token from its file) in a fresh process."""
-    env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(cluster["token"]))
+    env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(cluster["token"]))
     script = f"import json, ray\nray.init(address={cluster['head']!r}, logging_level='ERROR')\n{code}"
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
 
@@ -77,13 +71,13 @@ def test_storage_preflight_runs_on_every_node(local_cluster, tmp_path):
 
 def test_local_mlflow_server_starts_on_loopback_and_stops(local_cluster):
     port = free_port()
-    uri = subprocess.run([str(REPO / "cluster" / "local" / "mlflow.sh"), str(local_cluster["state"]), str(port)], env=_env(),
+    uri = subprocess.run([str(REPO / "cluster" / "local" / "mlflow.sh"), str(local_cluster["state"]), str(port)], env=clean_env(),
                          capture_output=True, text=True, timeout=180)
     assert uri.returncode == 0 and uri.stdout.strip() == f"http://127.0.0.1:{port}", uri.stderr
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
         assert response.status == 200
     pid = int((local_cluster["state"] / "mlflow.pid").read_text())
-    subprocess.run([str(REPO / "cluster" / "local" / "stop.sh"), str(local_cluster["state"])], env=_env(), capture_output=True, timeout=180)
+    subprocess.run([str(REPO / "cluster" / "local" / "stop.sh"), str(local_cluster["state"])], env=clean_env(), capture_output=True, timeout=180)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
     with pytest.raises(ProcessLookupError):
@@ -95,7 +89,7 @@ def test_a_sweep_with_unwritable_storage_stops_before_any_trial(tiny_teacher, tm
     db = tmp_path / "mlflow.db"
     spec.write_text(f"name: nostore\nteacher: {tiny_teacher}\nepochs: 1\nsearch_space:\n  distill.memory.alpha: {{uniform: [1.0e-5, 1.0e-4]}}\n"
                     f"num_samples: 1\nstorage_path: /proc/clockdistill-storage\nmlflow: {{tracking_uri: 'sqlite:///{db}'}}\n")
-    proc = subprocess.run([sys.executable, "-m", "sweeps", str(spec)], env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "sweeps", str(spec)], env=clean_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
     assert "error: storage_path: /proc/clockdistill-storage is not shared and writable" in proc.stderr
     assert not db.exists()  # no sweep run, no trial run

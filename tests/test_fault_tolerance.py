@@ -1,7 +1,6 @@
 """Fault tolerance on the local multi-node cluster (real processes): a worker node dies while a trial
 runs on it, and the sweep still finishes every trial with complete MLflow records."""
 
-import json
 import os
 import re
 import subprocess
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import clean_env, tune_results
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,23 +19,16 @@ BIN = Path(sys.executable).parent
 EPOCHS = 4
 
 
-def _env(**extra) -> dict:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "MLFLOW_TRACKING_URI"):
-        env.pop(key, None)
-    return {**env, **extra}
-
-
 @pytest.fixture
 def cluster(tmp_path):
     state = tmp_path / "cluster"
-    proc = subprocess.run([str(REPO / "cluster" / "local" / "start.sh"), str(state)], env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(REPO / "cluster" / "local" / "start.sh"), str(state)], env=clean_env(), capture_output=True, text=True, timeout=300)
     try:
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        yield _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(state / "token"),
+        yield clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(state / "token"),
                    RAY_ADDRESS=f"http://127.0.0.1:{(state / 'dashboard_port').read_text().strip()}")
     finally:
-        subprocess.run([str(REPO / "cluster" / "local" / "stop.sh"), str(state)], env=_env(), capture_output=True, timeout=180)
+        subprocess.run([str(REPO / "cluster" / "local" / "stop.sh"), str(state)], env=clean_env(), capture_output=True, timeout=180)
 
 
 def _raylet_of(node: str) -> int:
@@ -51,20 +45,6 @@ def _ancestors(pid: int) -> set[int]:
         except (OSError, IndexError, ValueError):
             break
     return seen
-
-
-def _results(storage: Path) -> dict[str, list[dict]]:
-    return _results_of(storage, "ft")
-
-
-def _results_of(storage: Path, sweep: str) -> dict[str, list[dict]]:
-    """{trial id: its result rows}, read from Tune's result.json files."""
-    rows = {}
-    for path in storage.glob(f"{sweep}/train_trial_*/result.json"):
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if lines:
-            rows[lines[0]["trial_id"]] = lines
-    return rows
 
 
 def test_a_worker_node_dies_mid_trial_and_every_trial_still_finishes(cluster, tiny_teacher, tmp_path):
@@ -88,7 +68,7 @@ def test_a_worker_node_dies_mid_trial_and_every_trial_still_finishes(cluster, ti
         if job.poll() is not None or time.monotonic() > deadline:
             job.kill()
             pytest.fail(f"no trial reported from node_a; the job said: {job.communicate()[0][-4000:]}")
-        for trial_id, rows in _results(storage).items():
+        for trial_id, rows in tune_results(storage, "ft").items():
             if rows[-1]["epoch"] < EPOCHS and node_a in _ancestors(rows[-1]["pid"]):
                 victim = trial_id, rows[-1]["epoch"], rows[-1]["pid"]
         time.sleep(0.2)
@@ -100,7 +80,7 @@ def test_a_worker_node_dies_mid_trial_and_every_trial_still_finishes(cluster, ti
     assert job.returncode == 0, output[-4000:]
 
     # every trial ran its full budget; the killed one was retried from its checkpoint on node_b
-    results = _results(storage)
+    results = tune_results(storage, "ft")
     assert len(results) == 4
     trial_id, epoch_at_kill, pid_at_kill = victim
     epochs = [r["epoch"] for r in results[trial_id]]
@@ -142,7 +122,7 @@ def test_the_mlflow_server_down_for_30_s_mid_sweep_loses_no_metric(tiny_teacher,
     state, port, storage = tmp_path / "mlflow", free_port(), tmp_path / "storage"
 
     def start_server() -> None:
-        up = subprocess.run([str(REPO / "cluster" / "local" / "mlflow.sh"), str(state), str(port)], env=_env(), capture_output=True,
+        up = subprocess.run([str(REPO / "cluster" / "local" / "mlflow.sh"), str(state), str(port)], env=clean_env(), capture_output=True,
                             text=True, timeout=180)
         assert up.returncode == 0, up.stderr
 
@@ -153,10 +133,10 @@ def test_the_mlflow_server_down_for_30_s_mid_sweep_loses_no_metric(tiny_teacher,
         "search_space:\n  train.lr: {grid: [4.0e-4, 2.0e-4]}\nsearch: {algorithm: grid}\nscheduler: {type: none}\n"
         f"num_samples: 1\nmax_concurrent_trials: 1\nresources: {{cpu: 1}}\nstorage_path: {storage}\n"
         f"mlflow: {{tracking_uri: 'http://127.0.0.1:{port}', experiment: down}}\n")
-    sweep = subprocess.Popen([sys.executable, "-m", "sweeps", str(spec)], env=_env(), cwd=tmp_path, stdout=subprocess.PIPE,
+    sweep = subprocess.Popen([sys.executable, "-m", "sweeps", str(spec)], env=clean_env(), cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
-    while not any(rows for rows in _results_of(storage, "down").values()):
+    while not any(rows for rows in tune_results(storage, "down").values()):
         assert sweep.poll() is None and time.monotonic() < deadline, "the sweep reported nothing"
         time.sleep(0.2)
     pid = int((state / "mlflow.pid").read_text())
@@ -164,9 +144,9 @@ def test_the_mlflow_server_down_for_30_s_mid_sweep_loses_no_metric(tiny_teacher,
     down_at = time.monotonic()
     while subprocess.run(["pgrep", "-g", str(pid)], capture_output=True).returncode == 0:
         time.sleep(0.2)
-    epochs_before = sum(len(r) for r in _results_of(storage, "down").values())
+    epochs_before = sum(len(r) for r in tune_results(storage, "down").values())
     time.sleep(max(0.0, 30 - (time.monotonic() - down_at)))
-    epochs_during = sum(len(r) for r in _results_of(storage, "down").values()) - epochs_before
+    epochs_during = sum(len(r) for r in tune_results(storage, "down").values()) - epochs_before
     start_server()
     output, _ = sweep.communicate(timeout=900)
     assert sweep.returncode == 0, output[-4000:]
@@ -175,7 +155,7 @@ def test_the_mlflow_server_down_for_30_s_mid_sweep_loses_no_metric(tiny_teacher,
 
     client = MlflowClient(f"http://127.0.0.1:{port}")
     runs = client.search_runs([client.get_experiment_by_name("down").experiment_id], "tags.`clockdistill.role` = 'trial'")
-    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(_results_of(storage, "down"))
+    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(tune_results(storage, "down"))
     for run in runs:
         assert run.info.status == "FINISHED" and run.data.tags["completed_full_budget"] == "true"
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "AP")) == list(range(1, 7))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, tune_results
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +36,7 @@ def test_parquet_table_has_one_row_per_trial_with_its_epochs(tiny_sweep, report)
 
     out, _ = report
     table = pq.read_table(out / "trials.parquet").to_pylist()
-    tune_rows = {}
-    for path in tiny_sweep["storage"].glob("tiny/train_trial_*/result.json"):
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        tune_rows[lines[-1]["trial_id"]] = lines
+    tune_rows = tune_results(tiny_sweep["storage"], "tiny")
     assert sorted(r["trial_id"] for r in table) == sorted(tune_rows)
     columns = set(table[0])
     assert {"trial_id", "run_id", "status", "completed_full_budget", "epochs_run", "best_AP", "param.train.lr",

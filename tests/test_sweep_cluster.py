@@ -5,7 +5,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from cdp import free_port
+
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +26,11 @@ def ray_cluster(tmp_path_factory):
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.skip("the ray CLI is not installed in this environment")
     token = secrets.token_hex(32)
-    dash = _free_port()
+    dash = free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": f"http://127.0.0.1:{dash}"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    start = [str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
+    start = [str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(free_port()), "--dashboard-host", "127.0.0.1",
              "--dashboard-port", str(dash), "--disable-usage-stats"]
     subprocess.run(start, env={k: v for k, v in env.items() if k != "RAY_ADDRESS"}, check=True, capture_output=True, timeout=180)
     try:
