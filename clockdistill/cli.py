@@ -106,11 +106,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     device = select_device(args.device)
     model, meta = load_detector(args.checkpoint, device)
-    max_size = meta["config"]["data"]["max_size"]
+    data = meta["config"]["data"]
+    max_size = data["max_size"]
     dataset = CocoDetection(args.data, args.split, DetectionTransform(max_size, train=False))
     if dataset.class_names != meta["class_names"]:
         raise UserError(f"--data {args.data}: classes {dataset.class_names} differ from the checkpoint's {meta['class_names']}")
-    print(json.dumps(evaluate(model, dataset, device, args.batch_size, progress=not args.quiet), indent=1))
+    canvas = (max_size, max_size) if data.get("pad_to") == "max_size" else None  # as the checkpoint was evaluated in training
+    print(json.dumps(evaluate(model, dataset, device, args.batch_size, progress=not args.quiet, canvas=canvas), indent=1))
     return 0
 
 

@@ -52,11 +52,22 @@ class DataConfig:
     train_sizes: list[int] = field(default_factory=list)  # random longest sides in training; [] = max_size
     hflip: float = 0.5  # probability of a horizontal flip in training
     num_workers: int = 0
+    pad_to: str = "batch"  # batch: pad to the batch's largest image | max_size: a fixed max_size x max_size canvas
+    decoded_cache: bool = False  # read resized images from a node-local Arrow file per split and size (built once)
+    cache_dir: str = ""  # node-local cache directory ("" = $CLOCKDISTILL_CACHE_DIR or ~/.cache/clockdistill)
 
     def __post_init__(self):
+        _check_choice("data.pad_to", self.pad_to, ("batch", "max_size"))
         _check_range("data.max_size", self.max_size, low=16)
         _check_range("data.hflip", self.hflip, low=0.0, high=1.0)
         _check_range("data.num_workers", self.num_workers, low=0)
+        for i, size in enumerate(self.train_sizes):
+            _check_range(f"data.train_sizes[{i}]", size, low=16, high=self.max_size if self.pad_to == "max_size" else None)
+
+    @property
+    def canvas(self) -> tuple[int, int] | None:
+        """The fixed (H, W) every batch is padded to, or None (pad to the batch's largest image)."""
+        return (self.max_size, self.max_size) if self.pad_to == "max_size" else None
 
 
 @dataclass
@@ -224,11 +235,18 @@ class DistillConfig:
     method: str = "clockdistill"  # clockdistill | none | vanilla_kd | fitnet | memory_only | logit_only
     teacher: str = ""  # teacher checkpoint directory (from `clockdistill train`)
     init_student: bool = False  # copy the teacher's weights into the student wherever names and shapes match
+    # Teacher-output cache: the teacher's memory and its predictions on the target-aware (and its own)
+    # queries, computed once per image and view and read by every trial. off | auto (when the run
+    # allows it, else the live teacher, saying why) | on (an error when it cannot be used)
+    teacher_cache: str = "off"
+    teacher_cache_max_gb: float = 20.0  # larger caches fall back to the live teacher
     memory: MemoryDistillConfig = field(default_factory=MemoryDistillConfig)
     logit: LogitDistillConfig = field(default_factory=LogitDistillConfig)
 
     def __post_init__(self):
         _check_choice("distill.method", self.method, METHODS)
+        _check_choice("distill.teacher_cache", self.teacher_cache, ("off", "auto", "on"))
+        _check_range("distill.teacher_cache_max_gb", self.teacher_cache_max_gb, low=0.0)
 
     @property
     def uses_memory(self) -> bool:

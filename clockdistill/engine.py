@@ -7,6 +7,7 @@ the distiller is another task, so teachers, plain students and distilled student
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -69,6 +70,9 @@ def build_datasets(cfg: Config) -> tuple[CocoDetection, CocoDetection]:
     d = cfg.data
     train = CocoDetection(d.root, d.train_split, DetectionTransform(d.max_size, True, d.train_sizes, d.hflip), cfg.train.seed)
     val = CocoDetection(d.root, d.val_split, DetectionTransform(d.max_size, False))
+    if d.decoded_cache:
+        for ds in (train, val):
+            ds.use_decoded_cache(d.cache_dir, cfg.train.progress)
     return train, val
 
 
@@ -106,11 +110,12 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 16, amp: bool = True, progress: bool = False) -> dict[str, float]:
-    """COCO metrics of `model` on a whole split."""
+def evaluate(model: nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 16, amp: bool = True, progress: bool = False,
+             canvas: tuple[int, int] | None = None) -> dict[str, float]:
+    """COCO metrics of `model` on a whole split (batches padded to `canvas` when given)."""
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=functools.partial(collate, pad_to=canvas))
     results, image_ids = [], []
     for images, mask, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
         images, mask, _ = _to_device(images, mask, [], device)
@@ -210,7 +215,7 @@ def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallba
         best_ap, best_epoch, history = meta.get("best_ap", -1.0), meta.get("best_epoch", -1), meta.get("history", [])
         log.info("resumed from %s at epoch %d", out / "last", start_epoch + 1)
     shuffle_rng = torch.Generator()  # re-seeded per epoch: a resumed run sees the same order
-    loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, collate_fn=collate, drop_last=len(train_ds) > tc.batch_size,
+    loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, collate_fn=functools.partial(collate, pad_to=cfg.data.canvas), drop_last=len(train_ds) > tc.batch_size,
                         generator=shuffle_rng,
                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
     total_steps = tc.epochs * len(loader)
@@ -226,7 +231,7 @@ def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallba
             metrics.update(task.extra_metrics(metrics))
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
             t1 = time.perf_counter()
-            metrics.update(evaluate(task.model, val_ds, device, tc.batch_size * 2, tc.amp, tc.progress))
+            metrics.update(evaluate(task.model, val_ds, device, tc.batch_size * 2, tc.amp, tc.progress, cfg.data.canvas))
             metrics["eval_time_s"] = time.perf_counter() - t1
             if metrics["AP"] > best_ap:
                 best_ap, best_epoch = metrics["AP"], epoch + 1

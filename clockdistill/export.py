@@ -119,7 +119,7 @@ def verify_checkpoint(client, trial: Trial, checkpoint: Path, device: torch.devi
     cfg = config_from_dict(meta["config"])
     model, _ = load_detector(checkpoint, device)
     dataset = CocoDetection(cfg.data.root, cfg.data.val_split, DetectionTransform(cfg.data.max_size, train=False))
-    metrics = evaluate(model, dataset, device, cfg.train.batch_size * 2, cfg.train.amp)
+    metrics = evaluate(model, dataset, device, cfg.train.batch_size * 2, cfg.train.amp, canvas=cfg.data.canvas)
     if abs(metrics["AP"] - logged) > tolerance:
         raise UserError(f"trial {trial.trial_id}: re-evaluated AP {metrics['AP']:.4f} differs from the logged {logged:.4f} "
                         f"(epoch {epoch}) by more than {tolerance}; the checkpoint is not the one the sweep measured, refusing to export")

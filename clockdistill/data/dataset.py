@@ -13,7 +13,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from clockdistill.data.index import AnnotationIndex, load_index
-from clockdistill.data.transforms import DetectionTransform
+from clockdistill.data.decoded import DecodedImages
+from clockdistill.data.transforms import DetectionTransform, resize_longest
 from clockdistill.errors import DataError
 from clockdistill.ops.boxes import box_xyxy_to_cxcywh
 
@@ -28,6 +29,7 @@ class CocoDetection(Dataset):
         self.transform = transform
         self.seed = seed
         self.epoch = 0
+        self._decoded: dict[int, DecodedImages] = {}  # longest side -> mapped decoded images
         self.cat_to_label = {c["id"]: i for i, c in enumerate(self.index.categories)}
         self.label_to_cat = [c["id"] for c in self.index.categories]
         self.class_names = [c["name"] for c in self.index.categories]
@@ -58,8 +60,31 @@ class CocoDetection(Dataset):
         except (UnidentifiedImageError, OSError) as exc:
             raise DataError(f"{path}: unreadable image ({exc})") from None
 
-    def __getitem__(self, i: int):
-        image = self.load_image(i)
+    def use_decoded_cache(self, cache_dir: str = "", progress: bool = True) -> list[Path]:
+        """Read images from the node's decoded-image files (one per size the transform produces),
+        building them first where missing. Returns their paths."""
+        for size in self.transform.sizes:
+            self._decoded[size] = DecodedImages.open_or_build(self.index, size, self.load_image, cache_dir, progress)
+        return [d.path for d in self._decoded.values()]
+
+    def __getstate__(self):  # DataLoader workers re-map the files instead of pickling the maps
+        state = dict(self.__dict__)
+        state["_decoded"] = {size: d.path for size, d in self._decoded.items()}
+        return state
+
+    def __setstate__(self, state):
+        paths = state.pop("_decoded")
+        self.__dict__.update(state)
+        self._decoded = {size: DecodedImages(path, self.index) for size, path in paths.items()}
+
+    def resized_image(self, i: int, size: int):
+        """Image i resized to longest side `size`: from the decoded cache when in use, else decoded
+        from its file (PIL)."""
+        if size in self._decoded:
+            return self._decoded[size][i]
+        return resize_longest(self.load_image(i), size)
+
+    def target(self, i: int) -> dict:
         w, h = float(self.index.widths[i]), float(self.index.heights[i])
         boxes, cats, crowd = self.index.annotations(i)
         keep = ~crowd
@@ -72,5 +97,14 @@ class CocoDetection(Dataset):
             "image_id": int(self.index.image_ids[i]),
             "orig_size": torch.tensor([int(h), int(w)]),
         }
+        return target
+
+    def __getitem__(self, i: int):
         rng = random.Random(hash((self.seed, self.epoch, i)))
-        return self.transform(image, target, rng)
+        size, view = self.transform.choose(rng)
+        return self.transform.apply(self.resized_image(i, size), self.target(i), view)
+
+    def view_item(self, i: int, view: int, size: int | None = None):
+        """Sample i at a chosen view (0 plain, 1 flipped) and longest side (default: the first)."""
+        size = size or self.transform.sizes[0]
+        return self.transform.apply(self.resized_image(i, size), self.target(i), view)

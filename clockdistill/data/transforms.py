@@ -1,7 +1,8 @@
 """Image and box transforms, and batching with padding masks.
 
 Boxes inside a sample are normalised cxcywh relative to the image, so resizing never touches them;
-a horizontal flip maps cx -> 1 - cx.
+a horizontal flip maps cx -> 1 - cx. Images are resized first and flipped after, so a flipped view
+is an array operation on the resized image (what the decoded-image cache stores).
 """
 
 from __future__ import annotations
@@ -24,38 +25,66 @@ def resize_longest(image: Image.Image, size: int) -> Image.Image:
     return image if new == (w, h) else image.resize(new, Image.BILINEAR)
 
 
-def to_tensor(image: Image.Image) -> Tensor:
-    """PIL RGB -> normalised float (3, H, W)."""
-    arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+def to_tensor(image: Image.Image | np.ndarray) -> Tensor:
+    """PIL RGB or uint8 (H, W, 3) array -> normalised float (3, H, W)."""
+    arr = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
     return (arr.float() / 255.0 - MEAN) / STD
 
 
 class DetectionTransform:
-    """Training: random flip, random longest side from `train_sizes`. Eval: resize to `max_size`."""
+    """Training: random longest side from `train_sizes`, then a random horizontal flip. Eval: resize
+    to `max_size`. The random choices (`choose`) are separate from applying them (`apply`), so a
+    data set that keeps images already resized (the decoded cache) skips the decode and resize."""
 
     def __init__(self, max_size: int, train: bool, train_sizes: list[int] | None = None, hflip: float = 0.5):
         self.max_size, self.train = max_size, train
         self.train_sizes = list(train_sizes or []) or [max_size]
         self.hflip = hflip if train else 0.0
 
-    def __call__(self, image: Image.Image, target: dict[str, Tensor], rng: random.Random) -> tuple[Tensor, dict[str, Tensor]]:
-        if self.hflip and rng.random() < self.hflip:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    @property
+    def sizes(self) -> list[int]:
+        """Every longest side this transform can produce."""
+        return self.train_sizes if self.train else [self.max_size]
+
+    @property
+    def views(self) -> list[int]:
+        """The flips it can produce: [0] or [0, 1] (1 = flipped)."""
+        return [0, 1] if self.hflip else [0]
+
+    def choose(self, rng: random.Random) -> tuple[int, int]:
+        """(longest side, view) of one sample."""
+        flip = int(bool(self.hflip) and rng.random() < self.hflip)
+        size = rng.choice(self.train_sizes) if self.train else self.max_size
+        return size, flip
+
+    def apply(self, resized: Image.Image | np.ndarray, target: dict[str, Tensor], view: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """A resized image (PIL or uint8 HWC array) and its target -> tensor and target with
+        `size` (h, w) and `view`."""
+        arr = np.asarray(resized)
+        if view:
+            arr = arr[:, ::-1]
             boxes = target["boxes"].clone()
             boxes[:, 0] = 1.0 - boxes[:, 0]
             target = {**target, "boxes": boxes}
-        size = rng.choice(self.train_sizes) if self.train else self.max_size
-        image = resize_longest(image, size)
-        target = {**target, "size": torch.tensor([image.size[1], image.size[0]])}
-        return to_tensor(image), target
+        target = {**target, "size": torch.tensor([arr.shape[0], arr.shape[1]]), "view": view}
+        return to_tensor(arr), target
+
+    def __call__(self, image: Image.Image, target: dict[str, Tensor], rng: random.Random) -> tuple[Tensor, dict[str, Tensor]]:
+        size, view = self.choose(rng)
+        return self.apply(resize_longest(image, size), target, view)
 
 
-def collate(batch: list[tuple[Tensor, dict]]) -> tuple[Tensor, Tensor, list[dict]]:
-    """Pad images to the batch's largest size. Returns images (B, 3, H, W), mask (B, H, W) True on
-    padding, and the list of targets."""
+def collate(batch: list[tuple[Tensor, dict]], pad_to: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, list[dict]]:
+    """Pad images to the batch's largest size (or to the fixed canvas `pad_to` = (H, W), so that an
+    image's features do not depend on the other images of its batch). Returns images (B, 3, H, W),
+    mask (B, H, W) True on padding, and the list of targets."""
     images, targets = zip(*batch)
     H = max(im.shape[1] for im in images)
     W = max(im.shape[2] for im in images)
+    if pad_to is not None:
+        if H > pad_to[0] or W > pad_to[1]:
+            raise ValueError(f"an image of {H}x{W} does not fit the fixed canvas {pad_to[0]}x{pad_to[1]}")
+        H, W = pad_to
     out = images[0].new_zeros(len(images), 3, H, W)
     mask = torch.ones(len(images), H, W, dtype=torch.bool)
     for i, im in enumerate(images):

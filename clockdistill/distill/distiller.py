@@ -82,6 +82,7 @@ class Distiller:
         self.weights = detection_weights(cfg.loss, student.cfg.dec_layers - 1)
         self.kd_weights = self._kd_weights()
         self.weights.update(self.kd_weights)
+        self.cache = None  # a TeacherCache: teacher outputs read instead of computed (see distill/cache.py)
 
     # -- TrainingTask ----------------------------------------------------------------------------
 
@@ -108,46 +109,62 @@ class Distiller:
         terms = dict(self.criterion(out_s, targets))
         if self.method == "none":
             return terms, self.weights
-        mem_t = self.teacher.encode(images, mask)
+        mem_t = None if self.cache is not None else self.teacher.encode(images, mask)
         if self.uses_memory:
-            terms.update(self._memory_terms(mem_t, mem_s, targets, tuple(images.shape[-2:])))
+            terms.update(self._memory_terms(self._teacher_memory(mem_t, mem_s, targets), mem_s, targets, tuple(images.shape[-2:])))
         if self.uses_queries:
             terms.update(self._target_query_terms(mem_t, mem_s, targets, out_s))
         if self.uses_matching:
-            terms.update(self._matched_terms(self.teacher.predict_default(mem_t), out_s))
+            layers_t = self.cache.default_layers(targets, images.device) if mem_t is None else \
+                decoder_layers(self.teacher.predict_default(mem_t))
+            terms.update(self._matched_terms(layers_t, out_s))
         return terms, self.weights
 
     # -- the terms -------------------------------------------------------------------------------
 
-    def _memory_terms(self, mem_t: Memory, mem_s: Memory, targets: list[dict], image_hw: tuple[int, int]) -> dict[str, Tensor]:
-        mc = self.dcfg.memory
+    def _teacher_memory(self, mem_t: Memory | None, mem_s: Memory, targets: list[dict]) -> Tensor:
+        """The teacher tokens the memory terms compare with: memory (+ pos), live or cached."""
+        if mem_t is None:
+            t = self.cache.memory(targets, mem_s.memory.device)
+            if t.shape[1] != mem_s.memory.shape[1]:
+                raise ConfigError(f"distill.teacher_cache: the cached teacher memory has {t.shape[1]} tokens per image, the student's "
+                                  f"{mem_s.memory.shape[1]} (a different canvas or levels; delete {self.cache.path})")
+            return t
         if mem_t.spatial_shapes != mem_s.spatial_shapes:
             raise ConfigError(f"model: the student's memory levels {mem_s.spatial_shapes} do not line up with the teacher's "
                               f"{mem_t.spatial_shapes} (use the same num_levels / feature_stride)")
-        t, s = mem_t.memory, mem_s.memory
-        if mc.with_pos:
-            t, s = t + mem_t.pos, s + mem_s.pos
+        return mem_t.memory + mem_t.pos if self.dcfg.memory.with_pos else mem_t.memory
+
+    def _memory_terms(self, t: Tensor, mem_s: Memory, targets: list[dict], image_hw: tuple[int, int]) -> dict[str, Tensor]:
+        """Teacher tokens `t` against the student's memory; the two share their geometry (same
+        levels and canvas), so the student's padding mask and level shapes serve both."""
+        mc = self.dcfg.memory
+        s = mem_s.memory + mem_s.pos if mc.with_pos else mem_s.memory
         if self.adapter is not None:
             s = self.adapter(s)
-        levels = level_token_mask(mem_t.spatial_shapes, mc.levels, t.device)
+        levels = level_token_mask(mem_s.spatial_shapes, mc.levels, t.device)
         if self.method == "fitnet":
-            return {"kd_fitnet": fitnet_term(t, s, mem_t.padding_mask, levels)}
-        m, sc = memory_masks(targets, image_hw, mem_t.spatial_shapes, mem_t.padding_mask, mc.mask, mc.gaussian_grow, mc.scale_norm)
+            return {"kd_fitnet": fitnet_term(t, s, mem_s.padding_mask, levels)}
+        m, sc = memory_masks(targets, image_hw, mem_s.spatial_shapes, mem_s.padding_mask, mc.mask, mc.gaussian_grow, mc.scale_norm)
         return memory_terms(t, s, m, sc, levels, mc.channel_reduce)
 
-    def _target_query_terms(self, mem_t: Memory, mem_s: Memory, targets: list[dict], out_s: dict) -> dict[str, Tensor]:
+    def _target_query_terms(self, mem_t: Memory | None, mem_s: Memory, targets: list[dict], out_s: dict) -> dict[str, Tensor]:
         qs = self.queries.sample(targets, mem_s.memory.device)
         if qs.size == 0:  # no GT in the batch and no random queries: zero terms that still touch the graph
             zero = out_s["pred_logits"].sum() * 0
             return {f"kd_{part}_{e}": zero for e, _ in self.pairs for part in LOGIT_PARTS}
-        layers_t = decoder_layers(self.teacher.decode(mem_t, **self.queries.embed(qs, self.teacher.cfg.d_model)))
+        if mem_t is None:
+            n_gt = max((len(t["labels"]) for t in targets), default=0)
+            layers_t = self.cache.query_layers(targets, n_gt, mem_s.memory.device)
+        else:
+            layers_t = decoder_layers(self.teacher.decode(mem_t, **self.queries.embed(qs, self.teacher.cfg.d_model)))
         layers_s = decoder_layers(self.model.decode(mem_s, **self.queries.embed(qs, self.model.cfg.d_model)))
         return self._pair_terms([(e_s, layers_t[e_t], layers_s[e_s]) for e_s, e_t in self.pairs], qs.valid)
 
-    def _matched_terms(self, out_t: dict, out_s: dict) -> dict[str, Tensor]:
+    def _matched_terms(self, layers_t: list[dict], out_s: dict) -> dict[str, Tensor]:
         """Vanilla KD: each distilled student layer's queries matched one-to-one (Hungarian) to the
         teacher's predictions of the corresponding layer, then the same weighted KD terms."""
-        layers_t, layers_s = decoder_layers(out_t), decoder_layers(out_s)
+        layers_s = decoder_layers(out_s)
         pairs = []
         for e_s, e_t in self.pairs:
             t, s = layers_t[e_t], layers_s[e_s]

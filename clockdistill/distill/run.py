@@ -19,6 +19,7 @@ import torch
 from clockdistill.checkpoint import read_meta
 from clockdistill.config import Config, apply_overrides, config_from_dict, read_config_file
 from clockdistill.data import CocoDetection
+from clockdistill.distill.cache import prepare_teacher_cache
 from clockdistill.distill.distiller import Distiller, init_from_teacher
 from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.engine import EpochCallback, FitResult, build_datasets, fit, select_device
@@ -89,6 +90,7 @@ def run_distillation(cfg: Config, on_epoch_end: EpochCallback | None = None,
     if train_ds.class_names != teacher.meta["class_names"]:
         raise DataError(f"data.root {cfg.data.root}: classes {train_ds.class_names} differ from the teacher's {teacher.meta['class_names']}")
     distiller = build_distiller(cfg, teacher, train_ds.num_classes, device)
+    distiller.cache = prepare_teacher_cache(cfg, teacher, train_ds, device)
     formula = distiller.formula()
     print(formula, flush=True)
     result = fit(cfg, distiller, on_epoch_end, (train_ds, val_ds))

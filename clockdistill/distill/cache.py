@@ -1,0 +1,252 @@
+"""The teacher-output cache: the teacher's work for a sweep done once per image and view.
+
+Every trial of a sweep distils from the same frozen teacher on the same images, so with a fixed set
+of views (each training size, flipped or not) and deterministic target-aware queries the teacher's
+outputs are the same in every trial and every epoch. The cache holds, per (image, size, flip):
+
+    memory    (N, D) fp16   the encoder memory (memory + positional encoding when memory.with_pos),
+                            for the memory methods: nearly all of the cache's size
+    queries   (L, K, C + 4) fp32   logits and boxes of every teacher decoder layer on the image's
+                            target-aware queries (its G groups of GT queries, then the random ones)
+    default   (L, Q, C + 4) fp32   the same on the teacher's own queries (vanilla KD's matching)
+
+The decoder outputs stay fp32: they are a few KB per image, and a student initialised from the
+teacher sits within fp16's rounding step (2.4e-4 of the image) of the teacher's boxes, where fp16
+would make the box terms measure rounding instead of the student.
+
+in one Arrow file per teacher and setting, built once per node and read memory-mapped by every
+trial on it (`arrowcache`). It needs a fixed canvas (`data.pad_to: max_size`, or an image's features
+would depend on its batch companions) and no random query noise; its size is computed and logged
+before it is built, and a cache over `distill.teacher_cache_max_gb` is not built (live teacher).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from clockdistill.arrowcache import BatchWriter, BinaryRows, build_once, cache_root, chunked, content_key, human_bytes, open_mapped
+from clockdistill.config import Config, ConfigError
+from clockdistill.data import CocoDetection, collate
+from clockdistill.data.index import file_digest
+from clockdistill.distill.queries import TargetQueryBuilder
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+SCHEMA = pa.schema([("image_id", pa.int64()), ("size", pa.int32()), ("view", pa.int8()),
+                    ("memory", pa.binary()), ("queries", pa.binary()), ("default", pa.binary())])
+DTYPES = {"memory": np.float16, "queries": np.float32, "default": np.float32}
+PAD_BOX = (0.5, 0.5, 0.1, 0.1)  # what padded query slots hold (never used: zero weight, but finite)
+
+
+@dataclass
+class CachePlan:
+    """What a run would cache: which parts, which views, where, and how big."""
+
+    path: Path
+    parts: list[str]  # memory / queries / default
+    views: list[tuple[int, int]]  # (longest side, flip)
+    rows: int
+    bytes: int
+
+
+def cache_blockers(cfg: Config) -> list[str]:
+    """Why this run cannot read teacher outputs from a cache (empty: it can)."""
+    dc, reasons = cfg.distill, []
+    if dc.method == "none":
+        reasons.append("distill.method: none runs no teacher")
+    if cfg.data.pad_to != "max_size":
+        reasons.append("data.pad_to: 'batch' pads to each batch's largest image, so an image's teacher features depend on its "
+                       "batch; set data.pad_to=max_size")
+    if dc.uses_target_queries and (dc.logit.label_noise > 0 or dc.logit.box_noise > 0):
+        reasons.append("distill.logit.label_noise/box_noise: noisy queries change the teacher's input every step")
+    return reasons
+
+
+def needed_parts(cfg: Config) -> list[str]:
+    dc = cfg.distill
+    parts = []
+    if dc.method in ("clockdistill", "memory_only", "fitnet"):
+        parts.append("memory")
+    if dc.uses_target_queries:
+        parts.append("queries")
+    if dc.method == "vanilla_kd":
+        parts.append("default")
+    return parts
+
+
+class TeacherCache:
+    """A mapped cache file: batches of teacher outputs for the targets of a batch."""
+
+    def __init__(self, path: Path):
+        table = open_mapped(path)
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        self.path, self.parts = path, meta["parts"].split(",")
+        self.layers, self.num_classes = int(meta["layers"]), int(meta["num_classes"])
+        self.d_model, self.tokens = int(meta["d_model"]), int(meta["tokens"])
+        self.groups, self.random_queries = int(meta["groups"]), int(meta["random_queries"])
+        keys = zip(table["image_id"].to_numpy().tolist(), table["size"].to_numpy().tolist(), table["view"].to_numpy().tolist())
+        self.rows = {key: row for row, key in enumerate(keys)}
+        self.columns = {part: BinaryRows(table[part], DTYPES[part]) for part in self.parts}
+
+    def _rows(self, targets: list[dict]) -> list[int]:
+        rows = []
+        for t in targets:
+            key = (int(t["image_id"]), int(max(t["size"].tolist())), int(t.get("view", 0)))
+            if key not in self.rows:
+                raise KeyError(f"teacher cache {self.path.name} has no entry for image {key[0]} at size {key[1]}, view {key[2]}")
+            rows.append(self.rows[key])
+        return rows
+
+    def _stack(self, part: str, rows: list[int], shape: tuple[int, ...], device: torch.device) -> Tensor:
+        arr = np.stack([self.columns[part][r].reshape(shape) for r in rows])  # a copy: the map stays read-only
+        return torch.from_numpy(arr).to(device, non_blocking=True).float()
+
+    def memory(self, targets: list[dict], device: torch.device) -> Tensor:
+        """(B, N, D) teacher memory (or memory + pos) of the batch."""
+        return self._stack("memory", self._rows(targets), (self.tokens, self.d_model), device)
+
+    def default_layers(self, targets: list[dict], device: torch.device) -> list[dict[str, Tensor]]:
+        """The teacher's predictions on its own queries, per decoder layer (first to last)."""
+        rows = self._rows(targets)
+        x = self._stack("default", rows, (self.layers, -1, self.num_classes + 4), device)  # (B, L, Q, C+4)
+        return [{"pred_logits": x[:, l, :, : self.num_classes], "pred_boxes": x[:, l, :, self.num_classes:]} for l in range(self.layers)]
+
+    def query_layers(self, targets: list[dict], n_gt: int, device: torch.device) -> list[dict[str, Tensor]]:
+        """The teacher's predictions on the batch's target-aware queries, laid out as
+        `TargetQueryBuilder.sample` lays them out (G groups of n_gt slots, then the random queries),
+        per decoder layer. Padded slots hold zero logits and a dummy box."""
+        G, R, C, L = self.groups, self.random_queries, self.num_classes, self.layers
+        K = G * n_gt + R
+        out = torch.zeros(len(targets), L, K, C + 4, device=device)
+        out[..., C:] = torch.tensor(PAD_BOX, device=device)
+        for b, (t, row) in enumerate(zip(targets, self._rows(targets))):
+            n = len(t["labels"])
+            slots = [g * n_gt + j for g in range(G) for j in range(n)] + [G * n_gt + r for r in range(R)]
+            cached = torch.tensor(self.columns["queries"][row].reshape(L, len(slots), C + 4), device=device)
+            out[b, :, slots] = cached
+        return [{"pred_logits": out[:, l, :, :C], "pred_boxes": out[:, l, :, C:]} for l in range(L)]
+
+
+def plan_cache(cfg: Config, teacher, dataset: CocoDetection, device: torch.device) -> CachePlan:
+    """Views, parts, file path and exact size of the run's cache (nothing computed but one small
+    teacher pass that reads the memory's token count)."""
+    dc, tcfg = cfg.distill, teacher.cfg
+    parts = needed_parts(cfg)
+    views = [(size, flip) for size in dataset.transform.sizes for flip in dataset.transform.views]
+    canvas = cfg.data.canvas
+    with torch.no_grad():
+        probe = teacher.encode(torch.zeros(1, 3, *canvas, device=device), torch.zeros(1, *canvas, dtype=torch.bool, device=device))
+    tokens, layers, C, Q = probe.memory.shape[1], tcfg.dec_layers, teacher.num_classes, tcfg.num_queries
+    n_gt = np.array([int((~dataset.index.annotations(i)[2]).sum()) for i in range(len(dataset))])
+    G, R = dc.logit.groups, dc.logit.random_queries
+    per_image = np.zeros(len(dataset), dtype=np.int64)
+    if "memory" in parts:
+        per_image += tokens * tcfg.d_model * 2
+    if "queries" in parts:
+        per_image += layers * (G * n_gt + R) * (C + 4) * 4
+    if "default" in parts:
+        per_image += layers * Q * (C + 4) * 4
+    weights = file_digest(Path(dc.teacher) / "model.safetensors")
+    precision = "bf16" if device.type == "cuda" and cfg.train.amp else "fp32"
+    key = content_key({
+        "format": FORMAT, "teacher": weights, "annotations": file_digest(dataset.index.ann_path), "canvas": canvas,
+        "views": views, "parts": parts, "with_pos": dc.memory.with_pos, "groups": G, "random_queries": R,
+        "embedding_seed": dc.logit.embedding_seed, "precision": precision,
+    })
+    path = cache_root(cfg.data.cache_dir) / "teacher" / f"{weights[:12]}-{key}.arrow"
+    return CachePlan(path, parts, views, len(dataset) * len(views), int(per_image.sum()) * len(views))
+
+
+@torch.no_grad()
+def write_cache(tmp: Path, plan: CachePlan, cfg: Config, teacher, dataset: CocoDetection, device: torch.device,
+                batch_size: int, progress: bool = True) -> None:
+    """One teacher pass over every (image, view) of `dataset`, written as the plan's cache file."""
+    from clockdistill.distill.distiller import decoder_layers
+
+    dc, C = cfg.distill, teacher.num_classes
+    builder = TargetQueryBuilder(C, [teacher.cfg.d_model], dc.logit).to(device) if "queries" in plan.parts else None
+    meta = {"parts": ",".join(plan.parts), "layers": str(teacher.cfg.dec_layers), "num_classes": str(C),
+            "d_model": str(teacher.cfg.d_model), "groups": str(dc.logit.groups), "random_queries": str(dc.logit.random_queries),
+            "tokens": "0"}
+    writer = None
+    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.amp)
+    bar = tqdm(total=plan.rows, desc="teacher cache", unit="img", disable=not progress)
+    for size, flip in plan.views:
+        for idx in chunked(range(len(dataset)), batch_size):
+            images, mask, targets = collate([dataset.view_item(i, flip, size) for i in idx], pad_to=cfg.data.canvas)
+            images, mask = images.to(device), mask.to(device)
+            targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+            with amp:
+                mem = teacher.encode(images, mask)
+            cols: dict[str, list[Any]] = {"image_id": [t["image_id"] for t in targets], "size": [size] * len(idx),
+                                          "view": [flip] * len(idx), "memory": [b""] * len(idx), "queries": [b""] * len(idx),
+                                          "default": [b""] * len(idx)}
+            if "memory" in plan.parts:
+                t = mem.memory + mem.pos if dc.memory.with_pos else mem.memory
+                cols["memory"] = [_bytes(x, torch.float16) for x in t]
+                meta["tokens"] = str(t.shape[1])
+            if "queries" in plan.parts:
+                qs = builder.sample(targets, device)
+                with amp:
+                    layers = decoder_layers(teacher.decode(mem, **builder.embed(qs, teacher.cfg.d_model)))
+                x = torch.stack([torch.cat([o["pred_logits"].float(), o["pred_boxes"].float()], -1) for o in layers], 1)  # (B, L, K, C+4)
+                n_max = max(len(t["labels"]) for t in targets)
+                G, R = dc.logit.groups, dc.logit.random_queries
+                cols["queries"] = []
+                for b, t in enumerate(targets):
+                    slots = [g * n_max + j for g in range(G) for j in range(len(t["labels"]))] + [G * n_max + r for r in range(R)]
+                    cols["queries"].append(_bytes(x[b][:, slots], torch.float32))
+            if "default" in plan.parts:
+                with amp:
+                    layers = decoder_layers(teacher.predict_default(mem))
+                x = torch.stack([torch.cat([o["pred_logits"].float(), o["pred_boxes"].float()], -1) for o in layers], 1)
+                cols["default"] = [_bytes(xb, torch.float32) for xb in x]
+            if writer is None:
+                writer = BatchWriter(tmp, SCHEMA.with_metadata(meta))
+            writer.write(cols)
+            bar.update(len(idx))
+    bar.close()
+    if writer is None:
+        writer = BatchWriter(tmp, SCHEMA.with_metadata(meta))
+    writer.close()
+
+
+def _bytes(x: Tensor, dtype: torch.dtype) -> bytes:
+    return x.detach().to("cpu", dtype).contiguous().numpy().tobytes()
+
+
+def prepare_teacher_cache(cfg: Config, teacher, dataset: CocoDetection, device: torch.device) -> TeacherCache | None:
+    """The run's teacher cache (mapped; built first when no process on this node has), or None
+    for the live teacher: `teacher_cache: off`, or `auto` with a reason logged. `on` raises a
+    ConfigError naming the reason instead."""
+    mode = cfg.distill.teacher_cache
+    if mode == "off":
+        return None
+    blockers = cache_blockers(cfg)
+    if blockers:
+        if mode == "on":
+            raise ConfigError(f"distill.teacher_cache: on, but {blockers[0]}")
+        log.info("teacher cache not used: %s", "; ".join(blockers))
+        return None
+    plan = plan_cache(cfg, teacher, dataset, device)
+    limit = cfg.distill.teacher_cache_max_gb * 1e9
+    where = f"{plan.rows} entries ({len(dataset)} images x {len(plan.views)} views), {'+'.join(plan.parts)}: {human_bytes(plan.bytes)}"
+    if plan.bytes > limit:
+        log.warning("teacher cache would need %s > distill.teacher_cache_max_gb=%g; using the live teacher", where, cfg.distill.teacher_cache_max_gb)
+        return None
+    if plan.path.is_file():
+        log.info("teacher cache: %s, reading %s", where, plan.path)
+    else:
+        log.info("teacher cache: %s, building %s", where, plan.path)
+    build_once(plan.path, lambda tmp: write_cache(tmp, plan, cfg, teacher, dataset, device, 2 * cfg.train.batch_size, cfg.train.progress))
+    return TeacherCache(plan.path)

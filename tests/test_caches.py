@@ -1,0 +1,202 @@
+"""Node-local caches: decoded images and teacher outputs give what the live path gives."""
+
+import logging
+import multiprocessing
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from clockdistill.arrowcache import build_once
+from clockdistill.config import ConfigError
+from clockdistill.data import collate
+from clockdistill.distill import distill_config
+from clockdistill.distill.cache import TeacherCache, prepare_teacher_cache
+from clockdistill.distill.run import build_distiller
+from clockdistill.distill.teacher import FrozenTeacher
+from clockdistill.engine import build_datasets
+
+
+def _cfg(teacher, cache_dir, **distill):
+    data = {"pad_to": "max_size", "train_sizes": [96, 128], "hflip": 0.5, "cache_dir": str(cache_dir)}
+    return distill_config(data={"data": data, "train": {"device": "cpu", "progress": False, "batch_size": 4},
+                                "distill": {"teacher_cache": "on", **distill}}, teacher=teacher)
+
+
+def _loader(ds, cfg, epoch):
+    ds.set_epoch(epoch)
+    g = torch.Generator().manual_seed(epoch)
+    return DataLoader(ds, batch_size=4, shuffle=True, generator=g, collate_fn=lambda b: collate(b, pad_to=cfg.data.canvas))
+
+
+@pytest.mark.parametrize("distill", [
+    {"method": "clockdistill", "logit": {"random_queries": 3, "groups": 2}},
+    {"method": "clockdistill", "memory": {"with_pos": True}, "logit": {"layers": "last"}},
+    {"method": "vanilla_kd"},
+    {"method": "fitnet"},
+], ids=["clockdistill", "with_pos", "vanilla_kd", "fitnet"])
+def test_losses_with_the_teacher_cache_equal_the_live_teacher(tiny_teacher, tmp_path, distill):
+    cfg = _cfg(tiny_teacher, tmp_path / "cache", **distill)
+    train_ds, _ = build_datasets(cfg)
+    teacher = FrozenTeacher.load(tiny_teacher)
+    distiller = build_distiller(cfg, teacher, train_ds.num_classes, torch.device("cpu"))
+    cache = prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu"))
+    assert cache is not None and cache.path.is_file()
+    views = set()
+    for epoch in range(2):  # two epochs: both flips and both sizes turn up
+        for images, mask, targets in _loader(train_ds, cfg, epoch):
+            views |= {(int(max(t["size"].tolist())), t["view"]) for t in targets}
+            distiller.cache = None
+            live, _ = distiller.losses(images, mask, targets)
+            distiller.cache = cache
+            cached, _ = distiller.losses(images, mask, targets)
+            assert live.keys() == cached.keys()
+            kd = [k for k in live if k.startswith("kd_")]
+            assert kd
+            for k in kd:  # memory cached in fp16 (relative rounding 4.9e-4), decoder outputs in fp32
+                a, b = live[k].item(), cached[k].item()
+                rtol, atol = (2e-3, 1e-5) if k.startswith(("kd_mem", "kd_fitnet")) else (1e-4, 1e-6)
+                assert abs(a - b) <= rtol * abs(a) + atol, (k, a, b)
+    assert views == {(96, 0), (96, 1), (128, 0), (128, 1)}
+    assert any(live[k].item() > 1e-3 for k in kd)  # the terms compared are not all zero
+
+
+def test_cached_memory_is_the_teacher_memory_of_that_view(tiny_teacher, tmp_path):
+    cfg = _cfg(tiny_teacher, tmp_path / "cache", method="memory_only")
+    train_ds, _ = build_datasets(cfg)
+    teacher = FrozenTeacher.load(tiny_teacher)
+    cache = prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu"))
+    for i in (0, 5):
+        plain = collate([train_ds.view_item(i, 0, 128)], pad_to=cfg.data.canvas)
+        flipped = collate([train_ds.view_item(i, 1, 128)], pad_to=cfg.data.canvas)
+        live = teacher.encode(plain[0], plain[1]).memory
+        assert torch.allclose(cache.memory(plain[2], torch.device("cpu")), live, rtol=2e-3, atol=2e-3)
+        assert not torch.allclose(cache.memory(flipped[2], torch.device("cpu")), live, rtol=2e-3, atol=2e-3)
+
+
+def test_cache_size_is_reported_before_building_and_a_limit_falls_back(tiny_teacher, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    cfg = _cfg(tiny_teacher, tmp_path / "cache", teacher_cache_max_gb=1e-6)
+    train_ds, _ = build_datasets(cfg)
+    teacher = FrozenTeacher.load(tiny_teacher)
+    assert prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu")) is None
+    assert "> distill.teacher_cache_max_gb=1e-06; using the live teacher" in caplog.text
+    assert not (tmp_path / "cache" / "teacher").exists() or not any((tmp_path / "cache" / "teacher").glob("*.arrow"))
+    caplog.clear()
+    cfg.distill.teacher_cache_max_gb = 20.0
+    cache = prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu"))
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher cache:"))
+    assert "building" in line and f"{len(train_ds) * 4} entries" in line
+    size_text = line.split(": ")[2].split(",")[0]  # e.g. "1.2 MB"
+    number, unit = size_text.split()
+    on_disk = cache.path.stat().st_size
+    predicted = float(number) * {"KB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
+    assert 0.9 * on_disk <= predicted <= on_disk  # the payload, the file adds only offsets and ids
+
+
+def test_cache_modes_say_why_the_live_teacher_is_used(tiny_teacher, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    cfg = _cfg(tiny_teacher, tmp_path / "cache")
+    cfg.data.pad_to = "batch"
+    train_ds, _ = build_datasets(cfg)
+    teacher = FrozenTeacher.load(tiny_teacher)
+    with pytest.raises(ConfigError, match=r"^distill.teacher_cache: on, but data.pad_to: 'batch'"):
+        prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu"))
+    cfg.distill.teacher_cache = "auto"
+    cfg.data.pad_to = "max_size"
+    cfg.distill.logit.label_noise = 0.3
+    assert prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu")) is None
+    assert "teacher cache not used: distill.logit.label_noise/box_noise" in caplog.text
+
+
+def test_a_training_run_with_the_teacher_cache_learns_like_the_live_one(tiny_teacher, synth_data, tmp_path):
+    from clockdistill.distill import run_distillation
+
+    kd_logit = {}
+    for mode in ("off", "on"):
+        cfg = _cfg(tiny_teacher, tmp_path / "cache", teacher_cache=mode, logit={"random_queries": 2})
+        cfg.train.epochs, cfg.train.output_dir = 2, str(tmp_path / mode)
+        result = run_distillation(cfg)
+        kd_logit[mode] = [h["loss_kd_logit"] for h in result.history]
+    for live, cached in zip(kd_logit["off"], kd_logit["on"]):
+        assert abs(live - cached) <= 0.02 * abs(live), kd_logit
+
+
+def _build(path, log_path):
+    def write(tmp):
+        with open(log_path, "a") as f:
+            f.write("built\n")
+        time.sleep(1.0)
+        Path(tmp).write_text("done")
+    build_once(Path(path), write)
+
+
+def test_build_once_builds_a_file_once_for_concurrent_processes(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_build, args=(tmp_path / "c.arrow", tmp_path / "log")) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert (tmp_path / "log").read_text() == "built\n"
+    assert (tmp_path / "c.arrow").read_text() == "done"
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_a_failed_build_leaves_no_file(tmp_path):
+    def write(tmp):
+        Path(tmp).write_text("half")
+        raise RuntimeError("killed mid-build")
+
+    with pytest.raises(RuntimeError):
+        build_once(tmp_path / "c.arrow", write)
+    assert not (tmp_path / "c.arrow").exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_decoded_images_give_the_same_samples_without_opening_image_files(synth_data, tmp_path):
+    from clockdistill.config import config_from_dict
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    cfg = config_from_dict({"data": {"root": str(data), "train_sizes": [96, 128], "cache_dir": str(tmp_path / "cache")},
+                            "train": {"progress": False}})
+    plain_train, plain_val = build_datasets(cfg)
+    cfg.data.decoded_cache = True
+    cached_train, cached_val = build_datasets(cfg)
+    assert len(list((tmp_path / "cache" / "decoded").glob("*.arrow"))) == 3  # train at 96 and 128, val at 128
+    expected = {}
+    for epoch in (0, 1):
+        for ds_plain, ds_cached in ((plain_train, cached_train), (plain_val, cached_val)):
+            ds_plain.set_epoch(epoch)
+            for i in range(len(ds_plain)):
+                expected[(id(ds_cached), epoch, i)] = ds_plain[i]
+    shutil.rmtree(data / "images")  # from here on no image file can be read
+    for (ds_id, epoch, i), (image, target) in expected.items():
+        ds = cached_train if ds_id == id(cached_train) else cached_val
+        ds.set_epoch(epoch)
+        got_image, got_target = ds[i]
+        assert torch.equal(got_image, image)
+        assert torch.equal(got_target["boxes"], target["boxes"]) and got_target["view"] == target["view"]
+    # DataLoader workers re-map the files in their own process
+    loader = DataLoader(cached_train, batch_size=4, num_workers=2, collate_fn=collate)
+    assert sum(len(t) for _, _, t in loader) == len(cached_train)
+    with pytest.raises(Exception):
+        plain_train[0]
+
+
+def test_teacher_cache_file_is_reused(tiny_teacher, tmp_path):
+    cfg = _cfg(tiny_teacher, tmp_path / "cache")
+    train_ds, _ = build_datasets(cfg)
+    teacher = FrozenTeacher.load(tiny_teacher)
+    first = prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu"))
+    mtime = first.path.stat().st_mtime_ns
+    second = prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu"))
+    assert second.path == first.path and second.path.stat().st_mtime_ns == mtime
+    assert isinstance(second, TeacherCache)
+    cfg.distill.logit.groups = 1  # a different query setting is a different file
+    third = prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu"))
+    assert third.path != first.path
