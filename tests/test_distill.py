@@ -239,3 +239,23 @@ def test_cli_distill_rejects_bad_values_with_one_line(tiny_teacher, override, fi
 def test_cli_distill_without_teacher_says_how_to_give_one():
     proc = run_cli("distill", "--print-config")
     assert proc.returncode == 2 and "--teacher" in proc.stderr
+
+
+def test_one_fused_decoder_pass_gives_the_losses_and_gradients_of_two(batch):
+    images, mask, targets = batch
+    d = _distiller("clockdistill", logit={"random_queries": 3, "groups": 2})
+    results = {}
+    for fused in (False, True):
+        d.fuse_decoder = fused
+        d.model.zero_grad()
+        terms, weights = d.losses(images, mask, targets)
+        sum(weights[k] * v for k, v in terms.items()).backward()
+        grads = {n: p.grad.clone() for n, p in d.model.named_parameters() if p.grad is not None}
+        results[fused] = ({k: v.item() for k, v in terms.items()}, grads)
+    (t0, g0), (t1, g1) = results[False], results[True]
+    assert t0.keys() == t1.keys() and any(k.startswith("kd_cls") for k in t0)
+    for k in t0:
+        assert abs(t0[k] - t1[k]) <= 1e-4 * abs(t0[k]) + 1e-6, (k, t0[k], t1[k])
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-3, atol=1e-6), n

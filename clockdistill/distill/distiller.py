@@ -83,6 +83,7 @@ class Distiller:
         self.kd_weights = self._kd_weights()
         self.weights.update(self.kd_weights)
         self.cache = None  # a TeacherCache: teacher outputs read instead of computed (see distill/cache.py)
+        self.fuse_decoder = True  # the student's own and target-aware queries in one decoder pass
 
     # -- TrainingTask ----------------------------------------------------------------------------
 
@@ -105,7 +106,12 @@ class Distiller:
     def losses(self, images: Tensor, mask: Tensor, targets: list[dict]) -> tuple[dict[str, Tensor], dict[str, float]]:
         student = self.model
         mem_s = student.encode(images, mask)
-        out_s = student.decode(mem_s, *student.default_queries(images.shape[0]))
+        qs = self.queries.sample(targets, images.device) if self.uses_queries else None
+        if qs is not None and qs.size and self.fuse_decoder:
+            out_s, target_s = self._decode_fused(mem_s, qs)
+        else:
+            out_s = student.decode(mem_s, *student.default_queries(images.shape[0]))
+            target_s = decoder_layers(student.decode(mem_s, **self.queries.embed(qs, student.cfg.d_model))) if qs is not None and qs.size else None
         terms = dict(self.criterion(out_s, targets))
         if self.method == "none":
             return terms, self.weights
@@ -113,12 +119,32 @@ class Distiller:
         if self.uses_memory:
             terms.update(self._memory_terms(self._teacher_memory(mem_t, mem_s, targets), mem_s, targets, tuple(images.shape[-2:])))
         if self.uses_queries:
-            terms.update(self._target_query_terms(mem_t, mem_s, targets, out_s))
+            terms.update(self._target_query_terms(mem_t, qs, target_s, targets, out_s))
         if self.uses_matching:
             layers_t = self.cache.default_layers(targets, images.device) if mem_t is None else \
                 decoder_layers(self.teacher.predict_default(mem_t))
             terms.update(self._matched_terms(layers_t, out_s))
         return terms, self.weights
+
+    def _decode_fused(self, mem_s: Memory, qs) -> tuple[dict[str, Any], list[dict[str, Tensor]]]:
+        """The student's own queries and the target-aware queries in one decoder pass: concatenated,
+        with a self-attention mask that keeps the two sets (and the query groups) apart, so every
+        output equals that of two separate passes, for one pass's fixed cost. Returns the default
+        queries' output (as `decode`) and the target-aware queries' per-layer predictions."""
+        m = self.model
+        B = mem_s.memory.shape[0]
+        content, reference = m.default_queries(B)
+        extra = self.queries.embed(qs, m.cfg.d_model)
+        Q, K = content.shape[1], qs.size
+        attn_mask = torch.ones(B, Q + K, Q + K, dtype=torch.bool, device=content.device)
+        attn_mask[:, :Q, :Q] = False
+        attn_mask[:, Q:, Q:] = extra["self_attn_mask"]
+        position = torch.cat([extra["position"].new_zeros(B, Q, extra["position"].shape[-1]), extra["position"]], 1)
+        layers = decoder_layers(m.decode(mem_s, torch.cat([content, extra["content"].to(content.dtype)], 1),
+                                         torch.cat([reference, extra["reference"].to(reference.dtype)], 1), position, attn_mask))
+        own = [{k: v[:, :Q] for k, v in layer.items()} for layer in layers]
+        target = [{k: v[:, Q:] for k, v in layer.items()} for layer in layers]
+        return {**own[-1], "aux_outputs": own[:-1]}, target
 
     # -- the terms -------------------------------------------------------------------------------
 
@@ -148,17 +174,15 @@ class Distiller:
         m, sc = memory_masks(targets, image_hw, mem_s.spatial_shapes, mem_s.padding_mask, mc.mask, mc.gaussian_grow, mc.scale_norm)
         return memory_terms(t, s, m, sc, levels, mc.channel_reduce)
 
-    def _target_query_terms(self, mem_t: Memory | None, mem_s: Memory, targets: list[dict], out_s: dict) -> dict[str, Tensor]:
-        qs = self.queries.sample(targets, mem_s.memory.device)
+    def _target_query_terms(self, mem_t: Memory | None, qs, layers_s: list[dict] | None, targets: list[dict], out_s: dict) -> dict[str, Tensor]:
         if qs.size == 0:  # no GT in the batch and no random queries: zero terms that still touch the graph
             zero = out_s["pred_logits"].sum() * 0
             return {f"kd_{part}_{e}": zero for e, _ in self.pairs for part in LOGIT_PARTS}
         if mem_t is None:
             n_gt = max((len(t["labels"]) for t in targets), default=0)
-            layers_t = self.cache.query_layers(targets, n_gt, mem_s.memory.device)
+            layers_t = self.cache.query_layers(targets, n_gt, qs.labels.device)
         else:
             layers_t = decoder_layers(self.teacher.decode(mem_t, **self.queries.embed(qs, self.teacher.cfg.d_model)))
-        layers_s = decoder_layers(self.model.decode(mem_s, **self.queries.embed(qs, self.model.cfg.d_model)))
         return self._pair_terms([(e_s, layers_t[e_t], layers_s[e_s]) for e_s, e_t in self.pairs], qs.valid)
 
     def _matched_terms(self, layers_t: list[dict], out_s: dict) -> dict[str, Tensor]:
