@@ -3,8 +3,10 @@
 A cache file is an Arrow IPC file named by a hash of everything its contents depend on, so a
 changed input gets a new file and never a stale one. The first process that needs a file builds it
 under an exclusive lock (the others wait, then map the finished file); it is written to a temporary
-name and renamed into place, so a crash mid-build leaves no half file behind. Readers map the file:
-the pages live once in the OS page cache however many trials read them.
+name and renamed into place, so a crash mid-build leaves no half file behind. A caller that cannot
+wait (a trial whose time is better spent training) skips a file another process is building and
+picks it up later. Readers map the file: the pages live once in the OS page cache however many
+trials read them.
 
 Binary columns hold raw little-endian arrays (fp16 features, uint8 pixels); `BinaryRows` hands out
 zero-copy numpy views of them.
@@ -43,16 +45,20 @@ def content_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def build_once(path: Path, write: Callable[[Path], None]) -> bool:
-    """Make sure `path` exists: `write(tmp_path)` builds it unless another process has (or is doing
-    so, then this one waits for it). Returns True when this call built the file."""
+def build_once(path: Path, write: Callable[[Path], None], wait: bool = True) -> bool | None:
+    """Make sure `path` exists: `write(tmp_path)` builds it unless another process has. Returns True
+    when this call built the file, False when it was there (or another process finished it while
+    this one waited), None when another process is building it and `wait` is False."""
     if path.is_file():
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
     with open(lock_path, "a+") as lock:
         t0 = time.perf_counter()
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
         try:
             if path.is_file():
                 waited = time.perf_counter() - t0

@@ -141,6 +141,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA; CPU always runs fp32
+    channels_last: bool = False  # NHWC convolutions (faster backbones on recent GPUs with amp)
+    compile: str = "off"  # torch.compile of the trained model's encoder and decoder: off | default | reduce-overhead | max-autotune
     output_dir: str = "runs/train"
     eval_every: int = 1  # evaluate on the val split every N epochs (and always after the last)
     resume: bool = True  # continue from output_dir/last when it exists
@@ -148,6 +150,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_choice("train.schedule", self.schedule, ("cosine", "step"))
+        _check_choice("train.compile", self.compile, ("off", "default", "reduce-overhead", "max-autotune"))
         _check_range("train.epochs", self.epochs, low=1)
         _check_range("train.batch_size", self.batch_size, low=1)
         _check_range("train.eval_every", self.eval_every, low=1)

@@ -70,9 +70,9 @@ def build_datasets(cfg: Config) -> tuple[CocoDetection, CocoDetection]:
     d = cfg.data
     train = CocoDetection(d.root, d.train_split, DetectionTransform(d.max_size, True, d.train_sizes, d.hflip), cfg.train.seed)
     val = CocoDetection(d.root, d.val_split, DetectionTransform(d.max_size, False))
-    if d.decoded_cache:
+    if d.decoded_cache:  # a file another trial is decoding is not waited for (see set_epoch)
         for ds in (train, val):
-            ds.use_decoded_cache(d.cache_dir, cfg.train.progress)
+            ds.use_decoded_cache(d.cache_dir, cfg.train.progress, wait=False)
     return train, val
 
 
@@ -97,9 +97,9 @@ def lr_factor(step: int, total: int, iters_per_epoch: int, cfg: TrainConfig) -> 
     return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _to_device(images: Tensor, mask: Tensor, targets: list[dict], device: torch.device):
-    nb = device.type == "cuda"
-    images = images.to(device, non_blocking=nb)
+def _to_device(images: Tensor, mask: Tensor, targets: list[dict], device: torch.device, channels_last: bool = False):
+    nb = device.type == "cuda"  # pinned host memory (the loaders pin on CUDA) lets these copies overlap compute
+    images = images.to(device, non_blocking=nb, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     mask = mask.to(device, non_blocking=nb)
     targets = [{k: (v.to(device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
     return images, mask, targets
@@ -139,7 +139,7 @@ def train_one_epoch(task: TrainingTask, loader: DataLoader, optimizer: torch.opt
     n = 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
     for images, mask, targets in bar:
-        images, mask, targets = _to_device(images, mask, targets, device)
+        images, mask, targets = _to_device(images, mask, targets, device, cfg.channels_last)
         factor = lr_factor(step, total_steps, len(loader), cfg)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
@@ -166,6 +166,34 @@ def train_one_epoch(task: TrainingTask, loader: DataLoader, optimizer: torch.opt
             bar.set_postfix(loss=f"{sums[0].item() / n:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     means = (sums / max(n, 1)).tolist() if sums is not None else []
     return dict(zip(names, means)), step
+
+
+def train_loader(train_ds: CocoDetection, cfg: Config, device: torch.device, generator: torch.Generator) -> DataLoader:
+    """Shuffled batches padded to the data section's canvas. Workers are not persistent: each
+    epoch's workers get the dataset as it is then (its epoch, which seeds the augmentation, and any
+    decoded-image file finished since); persistent workers kept the first epoch's copy, so every
+    epoch saw the same flips and sizes."""
+    tc = cfg.train
+    return DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, collate_fn=functools.partial(collate, pad_to=cfg.data.canvas),
+                      drop_last=len(train_ds) > tc.batch_size, generator=generator, num_workers=cfg.data.num_workers,
+                      pin_memory=device.type == "cuda")
+
+
+def accelerate(task: TrainingTask, tc: TrainConfig) -> None:
+    """Apply the train section's speed switches to the task's networks (student and, when there is
+    one, teacher): channels-last weights, and torch.compile of the encoder and decoder. Compiling the
+    methods, not the module, keeps parameter names (checkpoints) unchanged."""
+    models = [m for m in (task.model, getattr(task, "teacher", None)) if m is not None]
+    if tc.channels_last:
+        for m in models:
+            m.to(memory_format=torch.channels_last)
+    if tc.compile != "off":
+        mode = None if tc.compile == "default" else tc.compile
+        for m in models:
+            net = getattr(m, "detector", m)  # FrozenTeacher wraps its detector
+            net.encode = torch.compile(net.encode, mode=mode)
+            net.decode = torch.compile(net.decode, mode=mode, dynamic=True)  # query counts vary with the GT
+        log.info("torch.compile (%s) of encoder and decoder: the first steps compile", tc.compile)
 
 
 @dataclass
@@ -200,6 +228,7 @@ def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallba
         criterion = SetCriterion.from_config(cfg.loss, cfg.model.num_classes)
         task = DetectionTask(model, criterion, detection_weights(cfg.loss, cfg.model.dec_layers - 1))
     extra = dict(getattr(task, "extra_modules", {}) or {})
+    accelerate(task, tc)
     named = task.parameters_to_train()
     params = [p for _, p in named]
     optimizer = build_optimizer(named, tc)
@@ -215,15 +244,14 @@ def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallba
         best_ap, best_epoch, history = meta.get("best_ap", -1.0), meta.get("best_epoch", -1), meta.get("history", [])
         log.info("resumed from %s at epoch %d", out / "last", start_epoch + 1)
     shuffle_rng = torch.Generator()  # re-seeded per epoch: a resumed run sees the same order
-    loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, collate_fn=functools.partial(collate, pad_to=cfg.data.canvas), drop_last=len(train_ds) > tc.batch_size,
-                        generator=shuffle_rng,
-                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
+    loader = train_loader(train_ds, cfg, device, shuffle_rng)
     total_steps = tc.epochs * len(loader)
     base_meta = {"config": cfg.to_dict(), "class_names": train_ds.class_names, "label_to_cat": train_ds.label_to_cat}
     metrics: dict[str, float] = history[-1] if history else {}
     for epoch in range(start_epoch, tc.epochs):
         t0 = time.perf_counter()
         train_ds.set_epoch(epoch)
+        val_ds.set_epoch(epoch)
         shuffle_rng.manual_seed(tc.seed * 1000 + epoch)
         losses, step = train_one_epoch(task, loader, optimizer, device, tc, epoch, step, total_steps, params)
         metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_time_s": time.perf_counter() - t0, **losses}

@@ -203,7 +203,8 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
                 trainable,
                 param_space=tune_param_space(spec),
                 tune_config=tune.TuneConfig(search_alg=build_searcher(spec), scheduler=build_scheduler(spec),
-                                            num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials),
+                                            num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials,
+                                            reuse_actors=spec.reuse_actors),
                 run_config=tune.RunConfig(
                     name=exp_dir, storage_path=storage,
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),

@@ -21,6 +21,7 @@
     resources: {cpu: 1, gpu: 0}                     # per trial; fractional GPUs allowed
     storage_path: sweeps-storage                    # local dir, NFS path or s3://bucket/prefix
     max_failures: 2                                 # retries of a failed trial, from its last checkpoint
+    reuse_actors: true                              # a finished trial's process runs the next trial (no new start-up)
     mlflow: {tracking_uri: sqlite:///mlflow.db, experiment: clockdistill}
 
 Every error is one line naming the field, e.g.
@@ -152,6 +153,7 @@ class SweepSpec(_Strict):
     resources: Resources = Field(default_factory=Resources)
     storage_path: str = "sweeps-storage"
     max_failures: int = Field(2, ge=0)
+    reuse_actors: bool = True
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
 
     @model_validator(mode="after")

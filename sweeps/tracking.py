@@ -22,7 +22,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # Per-epoch metrics written to MLflow; everything else a trial reports stays in Tune's results.
-METRIC_ALLOW = re.compile(r"^(AP|AP50|AP75|APs|APm|APl|loss.*|kd_.*|lr|train_time_s|eval_time_s|teacher_AP|best_.*|params|latency_ms|epoch)$")
+METRIC_ALLOW = re.compile(r"^(AP|AP50|AP75|APs|APm|APl|loss.*|kd_.*|lr|train_time_s|eval_time_s|teacher_AP|best_.*|params|latency_ms|epoch|startup_s|trial_wall_s|trial_overhead_s)$")
 PARAM_BATCH = 100  # MLflow's per-call limit on params
 EXPERIMENT_KIND = "mlflow.experimentKind"
 

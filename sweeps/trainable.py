@@ -5,12 +5,18 @@ far over the trial's life), the student's `params` (and `latency_ms` when an obj
 and the epoch's checkpoint (weights, optimizer, metadata). A retried or restored trial resumes from
 its last reported checkpoint. A trial whose loss turns NaN ends with `diverged=1` and its reason
 instead of raising: retrying a deterministic divergence would only repeat it.
+
+Every report also carries the trial's own clock: `trial_wall_s` since the trial's process started
+(or, in a reused process, since it finished its previous trial), `trial_overhead_s` = the part of
+it not spent in training or evaluation epochs, and on the first report `startup_s` (imports, model
+and data set-up, cache opening, the first checkpoint) - the waste the sweep wants small.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,22 @@ from sweeps.search import FAILED_KEY, best_key
 from sweeps.spec import SweepSpec, base_config_dict, spec_from_json, with_dotted
 
 log = logging.getLogger(__name__)
+
+_process_free_since: float | None = None  # when this (reused) process finished its previous trial
+
+
+def _trial_clock_start() -> float:
+    """When this trial's time started: its process's start, or the end of the process's last trial."""
+    if _process_free_since is not None:
+        return _process_free_since
+    try:  # Linux: the process's start in clock ticks after boot (field 22 of /proc/self/stat)
+        import os
+
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):  # no /proc: count from now
+        return time.time()
 
 
 def trial_config(spec: SweepSpec, params: dict[str, Any], output_dir: str | Path) -> Config:
@@ -49,6 +71,15 @@ def _student_properties(cfg: Config, need_latency: bool) -> dict[str, float]:
 
 def train_trial(config: dict[str, Any], spec_json: str) -> None:
     """Tune function trainable. `config` holds the trial's dotted keys; the spec travels as JSON."""
+    global _process_free_since
+    started = _trial_clock_start()
+    try:
+        _train_trial(config, spec_json, started)
+    finally:
+        _process_free_since = time.time()
+
+
+def _train_trial(config: dict[str, Any], spec_json: str, started: float) -> None:
     from ray import tune
 
     from clockdistill.distill import run_distillation
@@ -75,10 +106,13 @@ def train_trial(config: dict[str, Any], spec_json: str) -> None:
                 value = metrics[o.metric]
                 best[o.metric] = value if old is None else (max(old, value) if o.mode == "max" else min(old, value))
 
-    last_epoch = 0
+    last_epoch, busy = 0, 0.0
 
     def report(epoch: int, metrics: dict[str, Any], ckpt_dir: Path) -> None:
-        nonlocal last_epoch
+        nonlocal last_epoch, busy
+        first = busy == 0.0
+        busy += metrics.get("train_time_s", 0.0) + metrics.get("eval_time_s", 0.0)
+        wall = time.time() - started
         last_epoch = epoch
         if not best:  # after a resume: the best so far is in the checkpoint's history
             from clockdistill.checkpoint import read_meta
@@ -90,6 +124,9 @@ def train_trial(config: dict[str, Any], spec_json: str) -> None:
         update_best(row)
         row.update({best_key(m): v for m, v in best.items()})
         row["completed_full_budget"] = int(epoch >= spec.epochs)
+        row.update(trial_wall_s=wall, trial_overhead_s=wall - busy)
+        if first:
+            row["startup_s"] = wall - busy
         tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
 
     try:

@@ -92,7 +92,9 @@ def memorised_data(root: Path, n: int = 6) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory):
     """A finished 4-trial sweep (real Ray, real MLflow SQLite store) with a teacher that memorised
-    its 6 images (AP about 0.9): {root, tracking_uri, spec, storage, summary, teacher, data}."""
+    its 6 images (AP about 0.9), one trial at a time in a reused process, reading decoded images and
+    teacher outputs from node caches under root/cache: {root, tracking_uri, spec, storage, summary,
+    teacher, data}."""
     from clockdistill.config import config_from_dict
     from clockdistill.engine import fit
 
@@ -107,7 +109,9 @@ def tiny_sweep(tmp_path_factory):
     spec = root / "tiny.yaml"
     spec.write_text(
         f"name: tiny\nteacher: {root / 'teacher' / 'best'}\nstudent: tiny-teacher\nepochs: 2\n"
-        "config:\n  train: {batch_size: 6, weight_decay: 0.0, warmup_iters: 0, clip_max_norm: 1.0}\n  distill: {init_student: true}\n"
+        "config:\n  train: {batch_size: 6, weight_decay: 0.0, warmup_iters: 0, clip_max_norm: 1.0}\n"
+        "  distill: {init_student: true, teacher_cache: 'on'}\n"
+        f"  data: {{pad_to: max_size, decoded_cache: true, cache_dir: '{root / 'cache'}'}}\n"
         "search_space:\n  train.lr: {grid: [1.0e-4, 2.0e-3, 1.0e-5, 3.0e-4]}\n  distill.logit.temperature: {choice: [1, 10]}\n"
         "search: {algorithm: grid, seed: 1}\nscheduler: {type: asha, grace_period: 1, reduction_factor: 2}\n"
         "num_samples: 1\nmax_concurrent_trials: 1\nresources: {cpu: 1}\n"

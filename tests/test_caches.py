@@ -200,3 +200,99 @@ def test_teacher_cache_file_is_reused(tiny_teacher, tmp_path):
     cfg.distill.logit.groups = 1  # a different query setting is a different file
     third = prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu"))
     assert third.path != first.path
+
+
+def test_a_sweep_builds_each_cache_once_and_reports_its_overhead(tiny_sweep):
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import tune_results
+
+    cache = tiny_sweep["root"] / "cache"
+    assert len(list((cache / "teacher").glob("*.arrow"))) == 1
+    assert sorted(p.name.split("-")[0] for p in (cache / "decoded").glob("*.arrow")) == ["instances_train", "instances_val"]
+    trials = tune_results(tiny_sweep["storage"], "tiny")
+    assert len(trials) == 4
+    for rows in trials.values():
+        assert rows[0]["startup_s"] > 0
+        for r in rows:
+            assert 0 <= r["trial_overhead_s"] <= r["trial_wall_s"]
+            assert r["trial_wall_s"] >= r["train_time_s"] + r["eval_time_s"]
+    # reused processes: a process's first trial pays imports and the cache builds, its later ones do not
+    by_pid: dict[int, list] = {}
+    for rows in sorted(trials.values(), key=lambda rows: rows[0]["timestamp"] - rows[0]["trial_wall_s"]):
+        by_pid.setdefault(rows[0]["pid"], []).append(rows[0]["startup_s"])
+    assert max(len(v) for v in by_pid.values()) >= 2, by_pid
+    for startups in by_pid.values():
+        assert all(later < startups[0] / 3 for later in startups[1:]), by_pid
+    client = MlflowClient(tiny_sweep["tracking_uri"])
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id]) if "trial_id" in r.data.tags]
+    assert len(runs) == 4 and all("startup_s" in r.data.metrics and "trial_overhead_s" in r.data.metrics for r in runs)
+
+
+def test_a_trial_does_not_wait_for_a_cache_another_process_builds(tiny_teacher, tmp_path):
+    import fcntl
+
+    from clockdistill.distill.cache import PendingTeacherCache, plan_cache
+
+    cfg = _cfg(tiny_teacher, tmp_path / "cache", logit={"random_queries": 2})
+    train_ds, _ = build_datasets(cfg)
+    teacher = FrozenTeacher.load(tiny_teacher)
+    plan = plan_cache(cfg, teacher, train_ds, torch.device("cpu"))
+    plan.path.parent.mkdir(parents=True)
+    with open(plan.path.with_name(plan.path.name + ".lock"), "a+") as held:  # "another process" is building it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        t0 = time.perf_counter()
+        pending = prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu"), wait=False)
+        assert isinstance(pending, PendingTeacherCache) and time.perf_counter() - t0 < 5
+        assert build_once(plan.path, lambda tmp: None, wait=False) is None
+        distiller = build_distiller(cfg, teacher, train_ds.num_classes, torch.device("cpu"))
+        distiller.cache = pending
+        images, mask, targets = next(iter(_loader(train_ds, cfg, 0)))
+        live, _ = distiller.losses(images, mask, targets)  # served by the live teacher meanwhile
+        assert distiller.cache is pending
+    built = prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu"))  # the other process finishes
+    pending._next = 0.0  # do not wait out the poll interval in a test
+    cached, _ = distiller.losses(images, mask, targets)
+    assert isinstance(distiller.cache, TeacherCache) and distiller.cache.path == built.path
+    for k in live:
+        assert abs(live[k].item() - cached[k].item()) <= 2e-3 * abs(live[k].item()) + 1e-5, k
+
+
+def test_decoded_files_being_built_elsewhere_are_picked_up_at_the_next_epoch(synth_data, tmp_path):
+    import fcntl
+
+    from clockdistill.config import config_from_dict
+    from clockdistill.data.decoded import decoded_path
+
+    cfg = config_from_dict({"data": {"root": str(synth_data), "cache_dir": str(tmp_path / "cache"), "decoded_cache": True},
+                            "train": {"progress": False}})
+    probe, _ = build_datasets(config_from_dict({"data": {"root": str(synth_data)}}))
+    path = decoded_path(probe.index, 128, str(tmp_path / "cache"))
+    path.parent.mkdir(parents=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        train, _ = build_datasets(cfg)
+        assert train._decoded == {} and train._pending == {128: path}
+        before = train[0]
+    cfg.data.root = str(synth_data)
+    build_datasets(cfg)  # another trial builds the file now
+    train.set_epoch(0)
+    assert 128 in train._decoded and not train._pending
+    after = train[0]
+    assert torch.equal(before[0], after[0])
+
+
+def test_every_epoch_gets_fresh_augmentation_in_loader_workers(synth_data):
+    from clockdistill.config import config_from_dict
+    from clockdistill.engine import train_loader
+
+    cfg = config_from_dict({"data": {"root": str(synth_data), "num_workers": 1}, "train": {"batch_size": 4}})
+    train, _ = build_datasets(cfg)
+    g = torch.Generator()
+    loader = train_loader(train, cfg, torch.device("cpu"), g)
+    flips = []
+    for epoch in range(3):
+        train.set_epoch(epoch)
+        g.manual_seed(0)  # the same order every epoch: only the augmentation may differ
+        flips.append([t["view"] for _, _, targets in loader for t in targets])
+    assert flips[0] != flips[1] or flips[1] != flips[2]

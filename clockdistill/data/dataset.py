@@ -30,6 +30,7 @@ class CocoDetection(Dataset):
         self.seed = seed
         self.epoch = 0
         self._decoded: dict[int, DecodedImages] = {}  # longest side -> mapped decoded images
+        self._pending: dict[int, Path] = {}  # longest side -> decoded file another process is building
         self.cat_to_label = {c["id"]: i for i, c in enumerate(self.index.categories)}
         self.label_to_cat = [c["id"] for c in self.index.categories]
         self.class_names = [c["name"] for c in self.index.categories]
@@ -44,8 +45,13 @@ class CocoDetection(Dataset):
         return len(self.index.categories)
 
     def set_epoch(self, epoch: int) -> None:
-        """Augmentation depends on (seed, epoch, index): reproducible, and different every epoch."""
+        """Augmentation depends on (seed, epoch, index): reproducible, and different every epoch.
+        Decoded-image files that another process has finished since are mapped from now on."""
         self.epoch = epoch
+        for size, path in list(self._pending.items()):
+            if path.is_file():
+                self._decoded[size] = DecodedImages(path, self.index)
+                del self._pending[size]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -60,12 +66,18 @@ class CocoDetection(Dataset):
         except (UnidentifiedImageError, OSError) as exc:
             raise DataError(f"{path}: unreadable image ({exc})") from None
 
-    def use_decoded_cache(self, cache_dir: str = "", progress: bool = True) -> list[Path]:
+    def use_decoded_cache(self, cache_dir: str = "", progress: bool = True, wait: bool = True) -> list[Path]:
         """Read images from the node's decoded-image files (one per size the transform produces),
-        building them first where missing. Returns their paths."""
+        building them first where missing. With `wait` False a file another process is building is
+        not waited for: images are decoded from their files until an epoch starts after it is done.
+        Returns the paths."""
         for size in self.transform.sizes:
-            self._decoded[size] = DecodedImages.open_or_build(self.index, size, self.load_image, cache_dir, progress)
-        return [d.path for d in self._decoded.values()]
+            got = DecodedImages.open_or_build(self.index, size, self.load_image, cache_dir, progress, wait)
+            if isinstance(got, Path):
+                self._pending[size] = got
+            else:
+                self._decoded[size] = got
+        return [d.path for d in self._decoded.values()] + list(self._pending.values())
 
     def __getstate__(self):  # DataLoader workers re-map the files instead of pickling the maps
         state = dict(self.__dict__)

@@ -57,9 +57,10 @@ class DecodedImages:
 
     @classmethod
     def open_or_build(cls, index: AnnotationIndex, size: int, load_image, cache_dir: str = "",
-                      progress: bool = True) -> "DecodedImages":
+                      progress: bool = True, wait: bool = True) -> "DecodedImages | Path":
         """Map the split's decoded file at `size`, decoding every image with `load_image(i)` (a PIL
-        image) first if no process on this node has."""
+        image) first if no process on this node has. With `wait` False and another process building
+        it, returns the file's path instead (to be opened once it exists)."""
         path = decoded_path(index, size, cache_dir)
 
         def write(tmp: Path) -> None:
@@ -81,5 +82,7 @@ class DecodedImages:
             log.info("decoded %d images of %s at longest side %d: %s in %s", len(index), index.ann_path.name, size,
                      human_bytes(total), path)
 
-        build_once(path, write)
+        if build_once(path, write, wait) is None:
+            log.info("%s is being built by another process; decoding image files until it is ready", path.name)
+            return path
         return cls(path, index)

@@ -23,6 +23,7 @@ before it is built, and a cache over `distill.teacher_cache_max_gb` is not built
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,9 @@ class TeacherCache:
         self.rows = {key: row for row, key in enumerate(keys)}
         self.columns = {part: BinaryRows(table[part], DTYPES[part]) for part in self.parts}
 
+    def get(self) -> "TeacherCache":
+        return self
+
     def _rows(self, targets: list[dict]) -> list[int]:
         rows = []
         for t in targets:
@@ -135,6 +139,24 @@ class TeacherCache:
             cached = torch.tensor(self.columns["queries"][row].reshape(L, len(slots), C + 4), device=device)
             out[b, :, slots] = cached
         return [{"pred_logits": out[:, l, :, :C], "pred_boxes": out[:, l, :, C:]} for l in range(L)]
+
+
+class PendingTeacherCache:
+    """A cache file another process is building: `get()` is None until it exists (checked at most
+    every `every_s` seconds), then the mapped TeacherCache."""
+
+    def __init__(self, path: Path, every_s: float = 5.0):
+        self.path, self.every_s, self._next = path, every_s, 0.0
+
+    def get(self) -> "TeacherCache | None":
+        now = time.monotonic()
+        if now < self._next:
+            return None
+        self._next = now + self.every_s
+        if not self.path.is_file():
+            return None
+        log.info("teacher cache %s is ready; reading it from now on", self.path.name)
+        return TeacherCache(self.path)
 
 
 def plan_cache(cfg: Config, teacher, dataset: CocoDetection, device: torch.device) -> CachePlan:
@@ -225,10 +247,12 @@ def _bytes(x: Tensor, dtype: torch.dtype) -> bytes:
     return x.detach().to("cpu", dtype).contiguous().numpy().tobytes()
 
 
-def prepare_teacher_cache(cfg: Config, teacher, dataset: CocoDetection, device: torch.device) -> TeacherCache | None:
+def prepare_teacher_cache(cfg: Config, teacher, dataset: CocoDetection, device: torch.device,
+                          wait: bool = True) -> TeacherCache | PendingTeacherCache | None:
     """The run's teacher cache (mapped; built first when no process on this node has), or None
     for the live teacher: `teacher_cache: off`, or `auto` with a reason logged. `on` raises a
-    ConfigError naming the reason instead."""
+    ConfigError naming the reason instead. With `wait` False and another process building the
+    file, a PendingTeacherCache: the live teacher serves until the file is there."""
     mode = cfg.distill.teacher_cache
     if mode == "off":
         return None
@@ -248,5 +272,9 @@ def prepare_teacher_cache(cfg: Config, teacher, dataset: CocoDetection, device: 
         log.info("teacher cache: %s, reading %s", where, plan.path)
     else:
         log.info("teacher cache: %s, building %s", where, plan.path)
-    build_once(plan.path, lambda tmp: write_cache(tmp, plan, cfg, teacher, dataset, device, 2 * cfg.train.batch_size, cfg.train.progress))
+    built = build_once(plan.path, lambda tmp: write_cache(tmp, plan, cfg, teacher, dataset, device, 2 * cfg.train.batch_size,
+                                                          cfg.train.progress), wait)
+    if built is None:
+        log.info("teacher cache %s is being built by another process; the live teacher serves until it is ready", plan.path.name)
+        return PendingTeacherCache(plan.path)
     return TeacherCache(plan.path)

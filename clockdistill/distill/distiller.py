@@ -82,7 +82,7 @@ class Distiller:
         self.weights = detection_weights(cfg.loss, student.cfg.dec_layers - 1)
         self.kd_weights = self._kd_weights()
         self.weights.update(self.kd_weights)
-        self.cache = None  # a TeacherCache: teacher outputs read instead of computed (see distill/cache.py)
+        self.cache = None  # a TeacherCache (teacher outputs read, not computed) or a PendingTeacherCache (see distill/cache.py)
         self.fuse_decoder = True  # the student's own and target-aware queries in one decoder pass
 
     # -- TrainingTask ----------------------------------------------------------------------------
@@ -115,7 +115,10 @@ class Distiller:
         terms = dict(self.criterion(out_s, targets))
         if self.method == "none":
             return terms, self.weights
-        mem_t = None if self.cache is not None else self.teacher.encode(images, mask)
+        cache = self.cache.get() if self.cache is not None else None  # None while a cache is still being built elsewhere
+        if cache is not None and cache is not self.cache:
+            self.cache = cache
+        mem_t = None if cache is not None else self.teacher.encode(images, mask)
         if self.uses_memory:
             terms.update(self._memory_terms(self._teacher_memory(mem_t, mem_s, targets), mem_s, targets, tuple(images.shape[-2:])))
         if self.uses_queries:

@@ -90,7 +90,7 @@ def run_distillation(cfg: Config, on_epoch_end: EpochCallback | None = None,
     if train_ds.class_names != teacher.meta["class_names"]:
         raise DataError(f"data.root {cfg.data.root}: classes {train_ds.class_names} differ from the teacher's {teacher.meta['class_names']}")
     distiller = build_distiller(cfg, teacher, train_ds.num_classes, device)
-    distiller.cache = prepare_teacher_cache(cfg, teacher, train_ds, device)
+    distiller.cache = prepare_teacher_cache(cfg, teacher, train_ds, device, wait=False)
     formula = distiller.formula()
     print(formula, flush=True)
     result = fit(cfg, distiller, on_epoch_end, (train_ds, val_ds))

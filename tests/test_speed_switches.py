@@ -1,0 +1,57 @@
+"""train.channels_last and train.compile change speed, not results."""
+
+import copy
+
+import pytest
+import torch
+
+from clockdistill.config import ConfigError, config_from_dict
+from clockdistill.data import CocoDetection, DetectionTransform, collate
+from clockdistill.engine import DetectionTask, accelerate
+from clockdistill.losses import SetCriterion, detection_weights
+from clockdistill.models import build_detector
+
+
+@pytest.fixture(scope="module")
+def batch(synth_data):
+    ds = CocoDetection(synth_data, "train", DetectionTransform(96, train=False))
+    return collate([ds[i] for i in range(4)], pad_to=(96, 96))
+
+
+def _task(cfg):
+    torch.manual_seed(0)
+    model = build_detector(cfg.model, 4)
+    return DetectionTask(model, SetCriterion.from_config(cfg.loss, 4), detection_weights(cfg.loss, cfg.model.dec_layers - 1))
+
+
+def _step(task, batch, channels_last=False):
+    images, mask, targets = batch
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    terms, weights = task.losses(images, mask, targets)
+    loss = sum(weights[k] * v for k, v in terms.items())
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in task.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("switch", [{"channels_last": True}, {"compile": "default"}], ids=["channels_last", "compile"])
+def test_speed_switches_leave_loss_and_gradients_unchanged(batch, switch):
+    cfg = config_from_dict({"model": {"preset": "tiny-student"}, "train": switch})
+    eager = _task(cfg)
+    fast = _task(cfg)
+    fast.model.load_state_dict(copy.deepcopy(eager.model.state_dict()))
+    accelerate(fast, cfg.train)
+    if cfg.train.channels_last:
+        assert fast.model.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    loss_e, grads_e = _step(eager, batch)
+    loss_f, grads_f = _step(fast, batch, cfg.train.channels_last)
+    assert abs(loss_e - loss_f) <= 1e-4 * abs(loss_e)
+    assert grads_e.keys() == grads_f.keys()
+    for n in grads_e:
+        assert torch.allclose(grads_e[n], grads_f[n], rtol=1e-3, atol=1e-5), n
+    assert set(fast.model.state_dict()) == set(eager.model.state_dict())  # checkpoints keep their names
+
+
+def test_unknown_compile_mode_is_one_line():
+    with pytest.raises(ConfigError, match=r"^train.compile: expected one of"):
+        config_from_dict({"train": {"compile": "fast"}})
