@@ -89,6 +89,8 @@ class ModelConfig:
     num_levels: int = 3  # deformable: memory levels (strides 8, 16, 32, then 64, ...)
     n_points: int = 4  # deformable: sampling points per head and level
     feature_stride: int = 16  # dab: stride of the single feature map (16 = C4, 32 = C5)
+    frozen_bn: bool = False  # BatchNorm uses and keeps its running statistics in training (DETR's frozen BN;
+    #                          students initialised from a teacher, and data-parallel runs without SyncBatchNorm)
 
     def __post_init__(self):
         _check_choice("model.arch", self.arch, ("deformable", "dab"))

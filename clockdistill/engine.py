@@ -23,6 +23,7 @@ from tqdm import tqdm
 from clockdistill.checkpoint import load_extra, load_optimizer, load_weights, read_meta, save_checkpoint
 from clockdistill.config import Config, TrainConfig
 from clockdistill.data import CocoDetection, DetectionTransform, collate
+from clockdistill.distributed import average_across_ranks, is_distributed, rank, world_size, wrap_ddp
 from clockdistill.errors import TrainingDiverged, UserError  # noqa: F401 - TrainingDiverged re-exported
 from clockdistill.evaluation import coco_evaluate, postprocess, to_coco_results
 from clockdistill.losses import SetCriterion, detection_weights, weighted_sum
@@ -40,6 +41,9 @@ class TrainingTask(Protocol):
 
     def parameters_to_train(self) -> list[tuple[str, nn.Parameter]]: ...
 
+    def distribute(self, device: torch.device) -> None:
+        """Wrap what trains in DistributedDataParallel (called by `fit` in a data-parallel run)."""
+
     def losses(self, images: Tensor, mask: Tensor, targets: list[dict]) -> tuple[dict[str, Tensor], dict[str, float]]: ...
 
 
@@ -48,12 +52,16 @@ class DetectionTask:
 
     def __init__(self, model: nn.Module, criterion: SetCriterion, weights: dict[str, float]):
         self.model, self.criterion, self.weights = model, criterion, weights
+        self.forward_module = model  # DDP-wrapped in data-parallel runs
 
     def parameters_to_train(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
+    def distribute(self, device: torch.device) -> None:
+        self.forward_module = wrap_ddp(self.model, device)
+
     def losses(self, images, mask, targets):
-        return self.criterion(self.model(images, mask), targets), self.weights
+        return self.criterion(self.forward_module(images, mask), targets), self.weights
 
 
 def select_device(name: str) -> torch.device:
@@ -164,19 +172,43 @@ def train_one_epoch(task: TrainingTask, loader: DataLoader, optimizer: torch.opt
         sums = values if sums is None else sums + values
         if cfg.progress and (n % 10 == 1 or n == len(loader)):
             bar.set_postfix(loss=f"{sums[0].item() / n:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-    means = (sums / max(n, 1)).tolist() if sums is not None else []
+    means = average_across_ranks(sums / max(n, 1)).tolist() if sums is not None else []
     return dict(zip(names, means)), step
 
 
+class ShardedBatchSampler:
+    """Shuffled global batches of `batch_size` (one permutation per epoch from `generator`), each
+    split into `world` equal, contiguous shares: rank r trains on share r. One process (world 1)
+    sees exactly the batches a shuffled DataLoader with that generator gives; W ranks together see
+    the same global batches, which is what makes data-parallel steps equal single-process ones."""
+
+    def __init__(self, n: int, batch_size: int, drop_last: bool, generator: torch.Generator, world: int = 1, rank: int = 0):
+        if batch_size % world:
+            raise UserError(f"train.batch_size: {batch_size} does not split evenly over {world} workers (the global batch is shared)")
+        self.n, self.batch_size, self.generator, self.world, self.rank = n, batch_size, generator, world, rank
+        self.drop_last = drop_last or world > 1  # every rank must take every step
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=self.generator).tolist()
+        share = self.batch_size // self.world
+        for k in range(len(self)):
+            batch = perm[k * self.batch_size:(k + 1) * self.batch_size]
+            yield batch[self.rank * share:(self.rank + 1) * share] if self.world > 1 else batch
+
+
 def train_loader(train_ds: CocoDetection, cfg: Config, device: torch.device, generator: torch.Generator) -> DataLoader:
-    """Shuffled batches padded to the data section's canvas. Workers are not persistent: each
-    epoch's workers get the dataset as it is then (its epoch, which seeds the augmentation, and any
-    decoded-image file finished since); persistent workers kept the first epoch's copy, so every
-    epoch saw the same flips and sizes."""
+    """Shuffled batches padded to the data section's canvas; in a data-parallel run this rank's
+    share of each global batch of train.batch_size. Workers are not persistent: each epoch's workers
+    get the dataset as it is then (its epoch, which seeds the augmentation, and any decoded-image
+    file finished since); persistent workers kept the first epoch's copy, so every epoch saw the
+    same flips and sizes."""
     tc = cfg.train
-    return DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, collate_fn=functools.partial(collate, pad_to=cfg.data.canvas),
-                      drop_last=len(train_ds) > tc.batch_size, generator=generator, num_workers=cfg.data.num_workers,
-                      pin_memory=device.type == "cuda")
+    sampler = ShardedBatchSampler(len(train_ds), tc.batch_size, len(train_ds) > tc.batch_size, generator, world_size(), rank())
+    return DataLoader(train_ds, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_to=cfg.data.canvas),
+                      num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
 
 
 def accelerate(task: TrainingTask, tc: TrainConfig) -> None:
@@ -229,6 +261,10 @@ def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallba
         task = DetectionTask(model, criterion, detection_weights(cfg.loss, cfg.model.dec_layers - 1))
     extra = dict(getattr(task, "extra_modules", {}) or {})
     accelerate(task, tc)
+    main = rank() == 0  # data-parallel runs: rank 0 evaluates and writes checkpoints
+    if is_distributed():
+        task.distribute(device)
+        log.info("data-parallel training: rank %d of %d, %d images per rank and step", rank(), world_size(), tc.batch_size // world_size())
     named = task.parameters_to_train()
     params = [p for _, p in named]
     optimizer = build_optimizer(named, tc)
@@ -257,7 +293,7 @@ def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallba
         metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_time_s": time.perf_counter() - t0, **losses}
         if hasattr(task, "extra_metrics"):
             metrics.update(task.extra_metrics(metrics))
-        if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
+        if main and ((epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs):
             t1 = time.perf_counter()
             metrics.update(evaluate(task.model, val_ds, device, tc.batch_size * 2, tc.amp, tc.progress, cfg.data.canvas))
             metrics["eval_time_s"] = time.perf_counter() - t1
@@ -265,9 +301,10 @@ def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallba
                 best_ap, best_epoch = metrics["AP"], epoch + 1
         history.append(metrics)
         meta = {**base_meta, "epoch": epoch, "step": step, "metrics": metrics, "best_ap": best_ap, "best_epoch": best_epoch, "history": history}
-        if best_epoch == epoch + 1:
+        if main and best_epoch == epoch + 1:
             save_checkpoint(out / "best", task.model, meta, extra=extra)
-        save_checkpoint(out / "last", task.model, meta, optimizer, extra=extra)
+        if main:
+            save_checkpoint(out / "last", task.model, meta, optimizer, extra=extra)
         log.info("epoch %d/%d loss %.4f%s (%.1fs)", epoch + 1, tc.epochs, metrics["loss"],
                  f" AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f}" if "AP" in metrics else "", metrics["train_time_s"])
         if on_epoch_end is not None and on_epoch_end(epoch + 1, metrics, out / "last"):

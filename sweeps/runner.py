@@ -27,6 +27,9 @@ from sweeps.tracking import SweepTracker, metrics_to_log
 log = logging.getLogger("clockdistill.sweep")
 
 
+DRIVER_RESOURCE = "sweep_driver"  # custom resource of the nodes that host drivers (never preemptible ones; cluster/)
+
+
 def _trial_params(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
     """The flattened full config of a trial, as MLflow params."""
     from sweeps.trainable import trial_config
@@ -179,7 +182,8 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
 
     address = os.environ.get("RAY_ADDRESS")
     ray.init(address=address or None, logging_level=logging.WARNING, include_dashboard=None if address else False,
-             configure_logging=True, log_to_driver=True)
+             configure_logging=True, log_to_driver=True,
+             resources=None if address else {DRIVER_RESOURCE: 100})  # a local Ray hosts data-parallel trial drivers too
     log.info("sweep %s on %s; storage %s; mlflow %s", spec.name, f"cluster {address}" if address else "a local Ray", storage, tracking_uri)
     check_storage(storage)  # every node writes and reads it, before any trial or MLflow run exists
     tracker = SweepTracker(tracking_uri, spec.mlflow.experiment, spec.name)
@@ -187,8 +191,11 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
 
     from sweeps.trainable import train_trial
 
-    trainable = tune.with_resources(tune.with_parameters(train_trial, spec_json=spec_to_json(spec)),
-                                    {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    if spec.resources.workers > 1:  # the trial only drives a Train run (which asks for its workers): a sliver of a driver node
+        trial_resources = tune.PlacementGroupFactory([{"CPU": 0, DRIVER_RESOURCE: 0.01}])
+    else:
+        trial_resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    trainable = tune.with_resources(tune.with_parameters(train_trial, spec_json=spec_to_json(spec)), trial_resources)
     if "://" not in storage:  # snapshot the experiment state often: a killed driver loses less
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10")
     exp_dir = sweep_dir_name(spec.name)
@@ -238,6 +245,8 @@ def finalize(spec: SweepSpec, tracker: SweepTracker, results) -> dict[str, Any]:
             best = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
         except Exception:  # noqa: BLE001 - no checkpoint with the metric
             best = None
+        if best is None:
+            best = _train_run_checkpoint(spec, result, metric, mode)
         if best is not None:
             row["best_checkpoint"] = best.path
             try:
@@ -271,6 +280,24 @@ def finalize(spec: SweepSpec, tracker: SweepTracker, results) -> dict[str, Any]:
     if ranked:
         print(f"best: trial {ranked[0]['trial_id']} with {metric} {ranked[0][f'best_{metric}']:.4f}")
     return json.loads(json.dumps(summary, default=str))
+
+
+def _train_run_checkpoint(spec: SweepSpec, result, metric: str, mode: str):
+    """The best still-kept checkpoint of a data-parallel trial: its Train run reports checkpoints to
+    Tune only as `checkpoint_path` rows (sweeps/ddp.py), and keeps the best two by the objective."""
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    from clockdistill.checkpoint import storage_filesystem
+
+    df = result.metrics_dataframe
+    if df is None or "checkpoint_path" not in df or metric not in df:
+        return None
+    fs, _ = storage_filesystem(spec.storage_path)
+    for path in df.dropna(subset=["checkpoint_path", metric]).sort_values(metric, ascending=mode == "min")["checkpoint_path"]:
+        if fs.get_file_info(str(path)).type == pafs.FileType.Directory:
+            return tune.Checkpoint(str(path), filesystem=fs)
+    return None
 
 
 def _trial_id_from_path(path: str | None) -> str:

@@ -18,7 +18,7 @@
     objective: {metric: AP, mode: max}              # or objectives: [{metric: AP, mode: max}, {metric: params, mode: min}]
     num_samples: 8
     max_concurrent_trials: 2
-    resources: {cpu: 1, gpu: 0}                     # per trial; fractional GPUs allowed
+    resources: {cpu: 1, gpu: 0}                     # per trial; fractional GPUs allowed; workers: N for DDP trials
     storage_path: sweeps-storage                    # local dir, NFS path or s3://bucket/prefix
     max_failures: 2                                 # retries of a failed trial, from its last checkpoint
     reuse_actors: true                              # a finished trial's process runs the next trial (no new start-up)
@@ -126,8 +126,9 @@ class Objective(_Strict):
 
 
 class Resources(_Strict):
-    cpu: float = Field(1.0, gt=0)
+    cpu: float = Field(1.0, gt=0)  # per trial, or per worker of a data-parallel trial
     gpu: float = Field(0.0, ge=0)
+    workers: int = Field(1, ge=1)  # > 1: each trial is a data-parallel Ray Train run of this many workers (sweeps/ddp.py)
 
 
 class MlflowSpec(_Strict):
@@ -162,6 +163,9 @@ class SweepSpec(_Strict):
             raise ValueError("objectives: give either objective or objectives, not both")
         if self.objectives is not None and len(self.objectives) < 2:
             raise ValueError("objectives: a multi-objective sweep needs at least two objectives (or use objective)")
+        if self.resources.workers > 1 and self.scheduler.type == "pbt":
+            raise ValueError("scheduler.type: pbt exploits Tune checkpoints, which data-parallel trials (resources.workers > 1) "
+                             "do not make; use asha or none")
         algorithm = self.search.algorithm
         grid_keys = [k for k, d in self.search_space.items() if d.kind == "grid"]
         if grid_keys and algorithm != "grid":

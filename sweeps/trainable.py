@@ -18,7 +18,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -69,12 +69,66 @@ def _student_properties(cfg: Config, need_latency: bool) -> dict[str, float]:
     return props
 
 
+class EpochReporter:
+    """Turns `fit`'s epoch callback into the trial's report rows: every numeric metric, the
+    student's properties, best_<objective> so far, completed_full_budget and the trial clock.
+    `send(row, checkpoint_dir or None)` delivers a row (to Tune, or to Ray Train's report)."""
+
+    def __init__(self, spec: SweepSpec, props: dict[str, float], started: float, send: Callable[[dict, Path | None], None]):
+        self.spec, self.props, self.started, self.send = spec, props, started, send
+        self.best: dict[str, float] = {}
+        self.last_epoch, self.busy = 0, 0.0
+
+    def _update_best(self, metrics: dict[str, float]) -> None:
+        for o in self.spec.objective_list:
+            if o.metric in metrics:
+                old, value = self.best.get(o.metric), metrics[o.metric]
+                self.best[o.metric] = value if old is None else (max(old, value) if o.mode == "max" else min(old, value))
+
+    def __call__(self, epoch: int, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        first = self.busy == 0.0
+        self.busy += metrics.get("train_time_s", 0.0) + metrics.get("eval_time_s", 0.0)
+        wall = time.time() - self.started
+        self.last_epoch = epoch
+        if not self.best and ckpt_dir is not None:  # after a resume: the best so far is in the checkpoint's history
+            from clockdistill.checkpoint import read_meta
+
+            for past in read_meta(ckpt_dir).get("history", [])[:-1]:
+                self._update_best({**self.props, **past})
+        row = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        row.update(self.props)
+        self._update_best(row)
+        row.update({best_key(m): v for m, v in self.best.items()})
+        row["completed_full_budget"] = int(epoch >= self.spec.epochs)
+        row.update(trial_wall_s=wall, trial_overhead_s=wall - self.busy)
+        if first:
+            row["startup_s"] = wall - self.busy
+        self.send(row, ckpt_dir)
+
+    def diverged(self, exc: Exception) -> dict[str, Any]:
+        row = {FAILED_KEY: 1, "failure_reason": str(exc), "epoch": self.last_epoch, "completed_full_budget": 0, **self.props}
+        row.update({best_key(o.metric): self.best.get(o.metric, 0.0 if o.mode == "max" else float("inf")) for o in self.spec.objective_list})
+        return row
+
+
+def _restore(checkpoint, work: Path) -> None:
+    """A reported checkpoint (retry, restore, PBT exploit) into `work/last`, where `fit` resumes."""
+    shutil.rmtree(work / "last", ignore_errors=True)
+    checkpoint.to_directory(str(work / "last"))
+
+
 def train_trial(config: dict[str, Any], spec_json: str) -> None:
-    """Tune function trainable. `config` holds the trial's dotted keys; the spec travels as JSON."""
+    """Tune function trainable. `config` holds the trial's dotted keys; the spec travels as JSON.
+    With `resources.workers` > 1 the trial drives a data-parallel Ray Train run instead."""
     global _process_free_since
     started = _trial_clock_start()
     try:
-        _train_trial(config, spec_json, started)
+        if spec_from_json(spec_json).resources.workers > 1:
+            from sweeps.ddp import train_trial_ddp
+
+            train_trial_ddp(config, spec_json)
+        else:
+            _train_trial(config, spec_json, started)
     finally:
         _process_free_since = time.time()
 
@@ -91,48 +145,13 @@ def _train_trial(config: dict[str, Any], spec_json: str, started: float) -> None
     work = Path(ctx.get_trial_dir()) / "work"
     cfg = trial_config(spec, config, work)
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:  # retry, restore or PBT exploit: continue from the reported state
-        shutil.rmtree(work / "last", ignore_errors=True)
-        checkpoint.to_directory(str(work / "last"))
+    if checkpoint is not None:
+        _restore(checkpoint, work)
         log.info("trial %s resumes from %s", ctx.get_trial_id(), checkpoint.path)
-    objectives = spec.objective_list
-    props = _student_properties(cfg, any(o.metric == "latency_ms" for o in objectives))
-    best: dict[str, float] = {}
-
-    def update_best(metrics: dict[str, float]) -> None:
-        for o in objectives:
-            if o.metric in metrics:
-                old = best.get(o.metric)
-                value = metrics[o.metric]
-                best[o.metric] = value if old is None else (max(old, value) if o.mode == "max" else min(old, value))
-
-    last_epoch, busy = 0, 0.0
-
-    def report(epoch: int, metrics: dict[str, Any], ckpt_dir: Path) -> None:
-        nonlocal last_epoch, busy
-        first = busy == 0.0
-        busy += metrics.get("train_time_s", 0.0) + metrics.get("eval_time_s", 0.0)
-        wall = time.time() - started
-        last_epoch = epoch
-        if not best:  # after a resume: the best so far is in the checkpoint's history
-            from clockdistill.checkpoint import read_meta
-
-            for past in read_meta(ckpt_dir).get("history", [])[:-1]:
-                update_best({**props, **past})
-        row = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        row.update(props)
-        update_best(row)
-        row.update({best_key(m): v for m, v in best.items()})
-        row["completed_full_budget"] = int(epoch >= spec.epochs)
-        row.update(trial_wall_s=wall, trial_overhead_s=wall - busy)
-        if first:
-            row["startup_s"] = wall - busy
-        tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
-
+    props = _student_properties(cfg, any(o.metric == "latency_ms" for o in spec.objective_list))
+    reporter = EpochReporter(spec, props, started, lambda row, ckpt: tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(ckpt))))
     try:
-        run_distillation(cfg, on_epoch_end=report)
+        run_distillation(cfg, on_epoch_end=reporter)
     except TrainingDiverged as exc:
         log.error("trial %s diverged: %s", ctx.get_trial_id(), exc)
-        row = {FAILED_KEY: 1, "failure_reason": str(exc), "epoch": last_epoch, "completed_full_budget": 0, **props}
-        row.update({best_key(o.metric): best.get(o.metric, 0.0 if o.mode == "max" else float("inf")) for o in objectives})
-        tune.report(row)
+        tune.report(reporter.diverged(exc))

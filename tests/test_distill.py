@@ -259,3 +259,26 @@ def test_one_fused_decoder_pass_gives_the_losses_and_gradients_of_two(batch):
     assert g0.keys() == g1.keys()
     for n in g0:
         assert torch.allclose(g0[n], g1[n], rtol=1e-3, atol=1e-6), n
+
+
+def test_filler_query_slots_change_no_loss(batch):
+    images, mask, targets = batch
+    d = _distiller("clockdistill", logit={"random_queries": 2, "groups": 2})
+    d.model.eval()
+    plain, _ = d.losses(images, mask, targets)
+    sample = d.queries.sample
+    d.queries.sample = lambda t, device, min_slots=0: sample(t, device, min_slots=64)  # more slots than GT and random queries
+    try:
+        padded, _ = d.losses(images, mask, targets)
+    finally:
+        d.queries.sample = sample
+    assert d.queries.sample(targets, images.device, min_slots=64).size == 64
+    for k in plain:
+        assert abs(plain[k].item() - padded[k].item()) <= 1e-4 * abs(plain[k].item()) + 1e-6, k
+    empty = [{**t, "labels": t["labels"][:0], "boxes": t["boxes"][:0]} for t in targets]
+    assert d.queries.sample(empty, images.device, min_slots=1).size == 2  # the random queries are slots enough
+    bare = _distiller("clockdistill")  # no random queries: an image share without objects gets one filler slot
+    qs = bare.queries.sample(empty, images.device, min_slots=1)
+    assert qs.size == 1 and not qs.valid.any()
+    terms, _ = bare.losses(images, mask, empty)
+    assert all(torch.isfinite(v) for v in terms.values())

@@ -125,12 +125,12 @@ class TeacherCache:
         x = self._stack("default", rows, (self.layers, -1, self.num_classes + 4), device)  # (B, L, Q, C+4)
         return [{"pred_logits": x[:, l, :, : self.num_classes], "pred_boxes": x[:, l, :, self.num_classes:]} for l in range(self.layers)]
 
-    def query_layers(self, targets: list[dict], n_gt: int, device: torch.device) -> list[dict[str, Tensor]]:
+    def query_layers(self, targets: list[dict], n_gt: int, device: torch.device, size: int = 0) -> list[dict[str, Tensor]]:
         """The teacher's predictions on the batch's target-aware queries, laid out as
         `TargetQueryBuilder.sample` lays them out (G groups of n_gt slots, then the random queries),
-        per decoder layer. Padded slots hold zero logits and a dummy box."""
+        per decoder layer, `size` slots at least. Padded slots hold zero logits and a dummy box."""
         G, R, C, L = self.groups, self.random_queries, self.num_classes, self.layers
-        K = G * n_gt + R
+        K = max(G * n_gt + R, size)
         out = torch.zeros(len(targets), L, K, C + 4, device=device)
         out[..., C:] = torch.tensor(PAD_BOX, device=device)
         for b, (t, row) in enumerate(zip(targets, self._rows(targets))):

@@ -22,6 +22,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from clockdistill.config import Config, ConfigError
+from clockdistill.distributed import is_distributed
 from clockdistill.errors import TrainingDiverged
 from clockdistill.distill.losses import fitnet_term, logit_terms, memory_terms
 from clockdistill.distill.masks import level_token_mask, memory_masks
@@ -58,6 +59,54 @@ def layer_pairs(spec: str, student_layers: int, teacher_layers: int) -> list[tup
     return [(e, e + offset) for e in chosen if e + offset >= 0]
 
 
+class StudentPass(nn.Module):
+    """The student's side of a distillation step as one module, so that data-parallel training can
+    wrap it in DistributedDataParallel (DDP syncs gradients of what runs through a module's
+    forward): encoder, decoder on its own queries (and the target-aware ones), and the memory tokens
+    the memory terms compare (memory, + pos with `with_pos`, through the adapter when widths differ).
+    Returns (memory, tokens or None, own-query output, target-query layers or None)."""
+
+    def __init__(self, student: nn.Module, queries: TargetQueryBuilder | None, adapter: nn.Linear | None, tokens: str | None):
+        super().__init__()
+        self.student, self.queries, self.adapter, self.tokens = student, queries, adapter, tokens
+        self.fuse = True  # the student's own and target-aware queries in one decoder pass
+
+    def forward(self, images: Tensor, mask: Tensor, qs=None):
+        m = self.student
+        mem = m.encode(images, mask)
+        if qs is not None and qs.size and self.fuse:
+            out, target = self._decode_fused(mem, qs)
+        else:
+            out = m.decode(mem, *m.default_queries(images.shape[0]))
+            target = decoder_layers(m.decode(mem, **self.queries.embed(qs, m.cfg.d_model))) if qs is not None and qs.size else None
+        tokens = None
+        if self.tokens is not None:
+            tokens = mem.memory + mem.pos if self.tokens == "memory+pos" else mem.memory
+            if self.adapter is not None:
+                tokens = self.adapter(tokens)
+        return mem, tokens, out, target
+
+    def _decode_fused(self, mem_s: Memory, qs) -> tuple[dict[str, Any], list[dict[str, Tensor]]]:
+        """The student's own queries and the target-aware queries in one decoder pass: concatenated,
+        with a self-attention mask that keeps the two sets (and the query groups) apart, so every
+        output equals that of two separate passes, for one pass's fixed cost. Returns the default
+        queries' output (as `decode`) and the target-aware queries' per-layer predictions."""
+        m = self.student
+        B = mem_s.memory.shape[0]
+        content, reference = m.default_queries(B)
+        extra = self.queries.embed(qs, m.cfg.d_model)
+        Q, K = content.shape[1], qs.size
+        attn_mask = torch.ones(B, Q + K, Q + K, dtype=torch.bool, device=content.device)
+        attn_mask[:, :Q, :Q] = False
+        attn_mask[:, Q:, Q:] = extra["self_attn_mask"]
+        position = torch.cat([extra["position"].new_zeros(B, Q, extra["position"].shape[-1]), extra["position"]], 1)
+        layers = decoder_layers(m.decode(mem_s, torch.cat([content, extra["content"].to(content.dtype)], 1),
+                                         torch.cat([reference, extra["reference"].to(reference.dtype)], 1), position, attn_mask))
+        own = [{k: v[:, :Q] for k, v in layer.items()} for layer in layers]
+        target = [{k: v[:, Q:] for k, v in layer.items()} for layer in layers]
+        return {**own[-1], "aux_outputs": own[:-1]}, target
+
+
 class Distiller:
     """Trains `student` (the `model` that `fit` evaluates and checkpoints) against a frozen teacher."""
 
@@ -83,7 +132,25 @@ class Distiller:
         self.kd_weights = self._kd_weights()
         self.weights.update(self.kd_weights)
         self.cache = None  # a TeacherCache (teacher outputs read, not computed) or a PendingTeacherCache (see distill/cache.py)
-        self.fuse_decoder = True  # the student's own and target-aware queries in one decoder pass
+        tokens = ("memory+pos" if dc.memory.with_pos else "memory") if self.uses_memory else None
+        self.student_pass: nn.Module = StudentPass(student, self.queries, self.adapter, tokens)  # DDP-wrapped in data-parallel runs
+
+    @property
+    def fuse_decoder(self) -> bool:
+        return self._pass().fuse
+
+    @fuse_decoder.setter
+    def fuse_decoder(self, value: bool) -> None:
+        self._pass().fuse = value
+
+    def _pass(self) -> StudentPass:
+        return getattr(self.student_pass, "module", self.student_pass)
+
+    def distribute(self, device: torch.device) -> None:
+        """Data-parallel training: gradients of the student (and adapter) averaged over ranks."""
+        from clockdistill.distributed import wrap_ddp
+
+        self.student_pass = wrap_ddp(self._pass(), device)
 
     # -- TrainingTask ----------------------------------------------------------------------------
 
@@ -104,14 +171,9 @@ class Distiller:
         return self
 
     def losses(self, images: Tensor, mask: Tensor, targets: list[dict]) -> tuple[dict[str, Tensor], dict[str, float]]:
-        student = self.model
-        mem_s = student.encode(images, mask)
-        qs = self.queries.sample(targets, images.device) if self.uses_queries else None
-        if qs is not None and qs.size and self.fuse_decoder:
-            out_s, target_s = self._decode_fused(mem_s, qs)
-        else:
-            out_s = student.decode(mem_s, *student.default_queries(images.shape[0]))
-            target_s = decoder_layers(student.decode(mem_s, **self.queries.embed(qs, student.cfg.d_model))) if qs is not None and qs.size else None
+        # min 1 slot under DDP: a rank with no object in its share must run the same collectives as the others
+        qs = self.queries.sample(targets, images.device, min_slots=int(is_distributed())) if self.uses_queries else None
+        mem_s, tokens_s, out_s, target_s = self.student_pass(images, mask, qs)
         terms = dict(self.criterion(out_s, targets))
         if self.method == "none":
             return terms, self.weights
@@ -120,7 +182,7 @@ class Distiller:
             self.cache = cache
         mem_t = None if cache is not None else self.teacher.encode(images, mask)
         if self.uses_memory:
-            terms.update(self._memory_terms(self._teacher_memory(mem_t, mem_s, targets), mem_s, targets, tuple(images.shape[-2:])))
+            terms.update(self._memory_terms(self._teacher_memory(mem_t, mem_s, targets), tokens_s, mem_s, targets, tuple(images.shape[-2:])))
         if self.uses_queries:
             terms.update(self._target_query_terms(mem_t, qs, target_s, targets, out_s))
         if self.uses_matching:
@@ -129,25 +191,6 @@ class Distiller:
             terms.update(self._matched_terms(layers_t, out_s))
         return terms, self.weights
 
-    def _decode_fused(self, mem_s: Memory, qs) -> tuple[dict[str, Any], list[dict[str, Tensor]]]:
-        """The student's own queries and the target-aware queries in one decoder pass: concatenated,
-        with a self-attention mask that keeps the two sets (and the query groups) apart, so every
-        output equals that of two separate passes, for one pass's fixed cost. Returns the default
-        queries' output (as `decode`) and the target-aware queries' per-layer predictions."""
-        m = self.model
-        B = mem_s.memory.shape[0]
-        content, reference = m.default_queries(B)
-        extra = self.queries.embed(qs, m.cfg.d_model)
-        Q, K = content.shape[1], qs.size
-        attn_mask = torch.ones(B, Q + K, Q + K, dtype=torch.bool, device=content.device)
-        attn_mask[:, :Q, :Q] = False
-        attn_mask[:, Q:, Q:] = extra["self_attn_mask"]
-        position = torch.cat([extra["position"].new_zeros(B, Q, extra["position"].shape[-1]), extra["position"]], 1)
-        layers = decoder_layers(m.decode(mem_s, torch.cat([content, extra["content"].to(content.dtype)], 1),
-                                         torch.cat([reference, extra["reference"].to(reference.dtype)], 1), position, attn_mask))
-        own = [{k: v[:, :Q] for k, v in layer.items()} for layer in layers]
-        target = [{k: v[:, Q:] for k, v in layer.items()} for layer in layers]
-        return {**own[-1], "aux_outputs": own[:-1]}, target
 
     # -- the terms -------------------------------------------------------------------------------
 
@@ -164,13 +207,10 @@ class Distiller:
                               f"{mem_t.spatial_shapes} (use the same num_levels / feature_stride)")
         return mem_t.memory + mem_t.pos if self.dcfg.memory.with_pos else mem_t.memory
 
-    def _memory_terms(self, t: Tensor, mem_s: Memory, targets: list[dict], image_hw: tuple[int, int]) -> dict[str, Tensor]:
-        """Teacher tokens `t` against the student's memory; the two share their geometry (same
-        levels and canvas), so the student's padding mask and level shapes serve both."""
+    def _memory_terms(self, t: Tensor, s: Tensor, mem_s: Memory, targets: list[dict], image_hw: tuple[int, int]) -> dict[str, Tensor]:
+        """Teacher tokens `t` against the student's `s` (memory, + pos, adapted); the two share their
+        geometry (same levels and canvas), so the student's padding mask and level shapes serve both."""
         mc = self.dcfg.memory
-        s = mem_s.memory + mem_s.pos if mc.with_pos else mem_s.memory
-        if self.adapter is not None:
-            s = self.adapter(s)
         levels = level_token_mask(mem_s.spatial_shapes, mc.levels, t.device)
         if self.method == "fitnet":
             return {"kd_fitnet": fitnet_term(t, s, mem_s.padding_mask, levels)}
@@ -183,7 +223,7 @@ class Distiller:
             return {f"kd_{part}_{e}": zero for e, _ in self.pairs for part in LOGIT_PARTS}
         if mem_t is None:
             n_gt = max((len(t["labels"]) for t in targets), default=0)
-            layers_t = self.cache.query_layers(targets, n_gt, qs.labels.device)
+            layers_t = self.cache.query_layers(targets, n_gt, qs.labels.device, qs.size)
         else:
             layers_t = decoder_layers(self.teacher.decode(mem_t, **self.queries.embed(qs, self.teacher.cfg.d_model)))
         return self._pair_terms([(e_s, layers_t[e_t], layers_s[e_s]) for e_s, e_t in self.pairs], qs.valid)

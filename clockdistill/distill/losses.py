@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clockdistill.config import LogitDistillConfig
+from clockdistill.distributed import global_mean, world_size
 from clockdistill.ops.boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 
 
@@ -43,7 +44,7 @@ def fitnet_term(teacher: Tensor, student: Tensor, padding_mask: Tensor, token_ma
     if token_mask is not None:
         keep = keep * token_mask
     d2 = squared_error(teacher, student, "mean")
-    return (d2 * keep).sum() / keep.sum().clamp(min=1)
+    return (d2 * keep).sum() / global_mean(keep.sum()).clamp(min=1)
 
 
 def confidence_weights(teacher_logits: Tensor, valid: Tensor, cfg: LogitDistillConfig) -> Tensor:
@@ -85,13 +86,15 @@ def logit_terms(teacher: dict[str, Tensor], student: dict[str, Tensor], valid: T
     giou = sum_k w_k (1 - GIoU(b_S, b_T)) / sum_k w_k
     """
     w = confidence_weights(teacher["pred_logits"], valid, cfg)
-    w_sum = w.sum().clamp(min=1e-6)
+    w_sum = global_mean(w.sum()).clamp(min=1e-6)  # normalisers are global under DDP (see clockdistill.distributed)
     kl = class_divergence(teacher["pred_logits"], student["pred_logits"], cfg.temperature, cfg.cls_form)
     cls = (w * kl).sum()
     if cfg.cls_norm == "weight":
         cls = cls / w_sum
     elif cfg.cls_norm == "queries":
-        cls = cls / valid.sum().clamp(min=1)
+        cls = cls / global_mean(valid.sum().float()).clamp(min=1)
+    else:
+        cls = cls * world_size()  # a plain sum: DDP's gradient average would divide it by the rank count
     bt, bs = teacher["pred_boxes"].float().detach(), student["pred_boxes"].float()
     l1 = (w * (bs - bt).abs().mean(-1)).sum() / w_sum
     giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(bs.reshape(-1, 4)), box_cxcywh_to_xyxy(bt.reshape(-1, 4)))

@@ -91,11 +91,13 @@ class TargetQueryBuilder(nn.Module):
         self.register_buffer("random_boxes", torch.cat([centres, sizes], -1), persistent=False)
         self.requires_grad_(False)
 
-    def sample(self, targets: list[dict], device: torch.device) -> QuerySet:
+    def sample(self, targets: list[dict], device: torch.device, min_slots: int = 0) -> QuerySet:
+        """`min_slots`: at least this many slots (extra ones padded), e.g. 1 so that a data-parallel
+        rank whose images have no object still runs the same collective steps as the others."""
         cfg, B = self.cfg, len(targets)
         n_gt = max((len(t["labels"]) for t in targets), default=0)
         G, R = cfg.groups, cfg.random_queries
-        K = G * n_gt + R
+        K = max(G * n_gt + R, min_slots)
         labels = torch.full((B, K), self.num_classes, dtype=torch.long, device=device)
         boxes = torch.tensor([0.5, 0.5, 0.1, 0.1], device=device).repeat(B, K, 1)
         valid = torch.zeros(B, K, dtype=torch.bool, device=device)
@@ -115,11 +117,13 @@ class TargetQueryBuilder(nn.Module):
             boxes = torch.where(valid[..., None], boxes + jitter, boxes)
         group = torch.arange(G, device=device).repeat_interleave(n_gt)
         if R:
-            boxes[:, G * n_gt:] = self.random_boxes.to(device)
-            valid[:, G * n_gt:] = True
+            boxes[:, G * n_gt:G * n_gt + R] = self.random_boxes.to(device)
+            valid[:, G * n_gt:G * n_gt + R] = True
             group = torch.cat([group, torch.full((R,), G, device=device)])
+        if K > G * n_gt + R:  # filler slots: padding of a group of their own
+            group = torch.cat([group, torch.full((K - G * n_gt - R,), G + 1, device=device)])
         random = torch.zeros(K, dtype=torch.bool, device=device)
-        random[G * n_gt:] = True
+        random[G * n_gt:G * n_gt + R] = True
         return QuerySet(labels, boxes.clamp(1e-4, 1 - 1e-4), valid, group, random)
 
     def embed(self, qs: QuerySet, d_model: int) -> dict[str, Tensor]:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from clockdistill.config import LossConfig
 from clockdistill.losses.matcher import HungarianMatcher
 from clockdistill.ops.boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from clockdistill.distributed import global_mean
 
 TERMS = ("loss_cls", "loss_bbox", "loss_giou")
 
@@ -60,7 +61,7 @@ class SetCriterion(nn.Module):
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
     def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+        num_boxes = max(global_mean(float(sum(len(t["labels"]) for t in targets))), 1.0)  # DDP: the global mean count
         losses = self.layer_losses(outputs, targets, num_boxes)
         if self.aux_loss:
             for i, aux in enumerate(outputs.get("aux_outputs", [])):

@@ -66,6 +66,14 @@ class DETR(nn.Module):
             self.query_anchor.weight[:, 2:].uniform_(0.05, 0.3)
             self.query_anchor.weight.copy_(inverse_sigmoid(self.query_anchor.weight))
 
+    def train(self, mode: bool = True) -> "DETR":
+        super().train(mode)
+        if mode and self.cfg.frozen_bn:  # running statistics only: the same normalisation for any batch split
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):  # also SyncBatchNorm
+                    m.eval()
+        return self
+
     def _levels(self, images: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         feats = self.backbone(images)
         srcs = [self.input_proj[i](feats[fi]) for i, fi in enumerate(self.feature_indices)]

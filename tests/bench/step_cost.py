@@ -101,7 +101,7 @@ def main() -> None:
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             mem = clock.model.encode(images, mask)
             if extra == "fused":
-                own, target = clock._decode_fused(mem, clock.queries.sample(targets, device))
+                own, target = clock._pass()._decode_fused(mem, clock.queries.sample(targets, device))
                 outs = [own, target[-1]]
             else:
                 outs = [clock.model.decode(mem, *clock.model.default_queries(images.shape[0]))]
