@@ -44,12 +44,19 @@ def _on_cluster(cluster, code: str) -> subprocess.CompletedProcess:
 def test_three_nodes_with_their_resources_and_no_request_without_the_token(local_cluster):
     token = local_cluster["token"]
     assert oct(token.stat().st_mode & 0o777) == "0o600" and len(token.read_text().strip()) == 64
-    out = _on_cluster(local_cluster, "print(json.dumps([{k: v for k, v in n['Resources'].items() if not k.startswith('node:') "
-                                      "and 'memory' not in k} for n in ray.nodes() if n['Alive']]))")
+    # polled for a while: a node that has just registered may not have published its resources yet
+    out = _on_cluster(local_cluster, "import time\n"
+                                      "for _ in range(20):\n"
+                                      "    nodes = [{k: v for k, v in n['Resources'].items() if not k.startswith('node:') and 'memory' not in k}"
+                                      " for n in ray.nodes() if n['Alive']]\n"
+                                      "    if len(nodes) == 3 and all(len(n) > 1 or 'sweep_driver' in n for n in nodes):\n"
+                                      "        break\n"
+                                      "    time.sleep(1)\n"
+                                      "print(json.dumps(nodes))")
     assert out.returncode == 0, out.stderr[-2000:]
     nodes = json.loads(out.stdout.strip().splitlines()[-1])
     expected = [{"sweep_driver": 2.0}, {"CPU": 1.0, "node_a": 1.0}, {"CPU": 1.0, "node_b": 1.0}]
-    assert sorted(nodes, key=json.dumps) == sorted(expected, key=json.dumps)
+    assert sorted(nodes, key=json.dumps) == sorted(expected, key=json.dumps), nodes
     jobs = local_cluster["dashboard"] + "/api/jobs/"
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(jobs, timeout=10)

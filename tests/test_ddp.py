@@ -83,8 +83,12 @@ def test_one_step_on_two_workers_equals_one_step_on_one(cluster, tiny_teacher, t
 
     cfg = distill_config(data=raw, teacher=tiny_teacher)
     cfg.train.output_dir = str(tmp_path / "single")
-    torch.set_num_threads(1)
-    run_distillation(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each DDP worker (1 CPU)
+    try:
+        run_distillation(cfg)
+    finally:
+        torch.set_num_threads(threads)  # the rest of the session runs as before
 
     initial = distill_config(data=raw, teacher=tiny_teacher)
     two = load_file(tmp_path / "ddp" / "rank0" / "last" / "model.safetensors")
