@@ -1,3 +1,4 @@
+import contextlib
 import json
 import subprocess
 import sys
@@ -56,6 +57,32 @@ def clean_env(**extra) -> dict:
     for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
     return {**env, **extra}
+
+
+@contextlib.contextmanager
+def local_cluster_at(state: Path):
+    """cluster/local/start.sh with its state in `state` (a head and two worker nodes, token auth),
+    stop.sh afterwards. Yields {state, token, head (host:port), dashboard (URL), env (a clean
+    environment with the cluster's token)}."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([str(repo / "cluster" / "local" / "start.sh"), str(state)], env=clean_env(), capture_output=True, text=True, timeout=300)
+    try:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        yield {"state": state, "token": state / "token", "head": f"127.0.0.1:{(state / 'head_port').read_text().strip()}",
+               "dashboard": f"http://127.0.0.1:{(state / 'dashboard_port').read_text().strip()}",
+               "env": clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(state / "token"))}
+    finally:
+        subprocess.run([str(repo / "cluster" / "local" / "stop.sh"), str(state)], env=clean_env(), capture_output=True, timeout=180)
+
+
+def on_cluster(cluster: dict, code: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run Python `code` (dedented; `json` and a connected `ray` in scope) on a `local_cluster_at`
+    cluster, in a fresh process with the cluster's token."""
+    import textwrap
+
+    script = f"import json, ray\nray.init(address={cluster['head']!r}, logging_level='ERROR')\n" + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", script], env=cluster["env"], capture_output=True, text=True, timeout=timeout,
+                          cwd=Path(__file__).resolve().parents[1])
 
 
 def tune_results(storage: Path, sweep: str) -> dict[str, list[dict]]:

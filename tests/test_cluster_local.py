@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cdp import free_port
-from conftest import clean_env
+from conftest import clean_env, local_cluster_at, on_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -23,29 +23,16 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory):
-    state = tmp_path_factory.mktemp("cluster")
-    proc = subprocess.run([str(REPO / "cluster" / "local" / "start.sh"), str(state)], env=clean_env(), capture_output=True, text=True, timeout=300)
-    try:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        yield {"state": state, "token": state / "token", "head": f"127.0.0.1:{(state / 'head_port').read_text().strip()}",
-               "dashboard": f"http://127.0.0.1:{(state / 'dashboard_port').read_text().strip()}"}
-    finally:
-        subprocess.run([str(REPO / "cluster" / "local" / "stop.sh"), str(state)], env=clean_env(), capture_output=True, timeout=180)
-        assert subprocess.run(["pgrep", "-f", "raylet"], capture_output=True).returncode == 1  # no raylet left
-
-
-def _on_cluster(cluster, code: str) -> subprocess.CompletedProcess:
-    """Run Python code connected to the cluster (token from its file) in a fresh process."""
-    env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(cluster["token"]))
-    script = f"import json, ray\nray.init(address={cluster['head']!r}, logging_level='ERROR')\n{code}"
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    with local_cluster_at(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
+    assert subprocess.run(["pgrep", "-f", "raylet"], capture_output=True).returncode == 1  # no raylet left
 
 
 def test_three_nodes_with_their_resources_and_no_request_without_the_token(local_cluster):
     token = local_cluster["token"]
     assert oct(token.stat().st_mode & 0o777) == "0o600" and len(token.read_text().strip()) == 64
     # polled for a while: a node that has just registered may not have published its resources yet
-    out = _on_cluster(local_cluster, "import time\n"
+    out = on_cluster(local_cluster, "import time\n"
                                       "for _ in range(20):\n"
                                       "    nodes = [{k: v for k, v in n['Resources'].items() if not k.startswith('node:') and 'memory' not in k}"
                                       " for n in ray.nodes() if n['Alive']]\n"
@@ -66,7 +53,7 @@ def test_three_nodes_with_their_resources_and_no_request_without_the_token(local
 
 
 def test_storage_preflight_runs_on_every_node(local_cluster, tmp_path):
-    out = _on_cluster(local_cluster, "from sweeps.preflight import check_storage\n"
+    out = on_cluster(local_cluster, "from sweeps.preflight import check_storage\n"
                                      f"print(check_storage({str(tmp_path / 'shared')!r}))\n"
                                      "try:\n    check_storage('/proc/clockdistill-storage')\nexcept Exception as exc:\n    print(exc)\n")
     assert out.returncode == 0, out.stderr[-2000:]

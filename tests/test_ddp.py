@@ -5,7 +5,6 @@ under ASHA gives every stopped trial's workers back."""
 import json
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import clean_env, tune_results
+from conftest import local_cluster_at, on_cluster, tune_results
 
 pytestmark = pytest.mark.slow
 
@@ -22,20 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    state = tmp_path_factory.mktemp("ddp-cluster")
-    proc = subprocess.run([str(REPO / "cluster" / "local" / "start.sh"), str(state)], env=clean_env(), capture_output=True, text=True, timeout=300)
-    try:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        yield {"env": clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(state / "token")),
-               "head": f"127.0.0.1:{(state / 'head_port').read_text().strip()}",
-               "dashboard": f"http://127.0.0.1:{(state / 'dashboard_port').read_text().strip()}"}
-    finally:
-        subprocess.run([str(REPO / "cluster" / "local" / "stop.sh"), str(state)], env=clean_env(), capture_output=True, timeout=180)
-
-
-def _on_cluster(cluster, code: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    script = f"import json, ray\nray.init(address={cluster['head']!r}, logging_level='ERROR')\n" + textwrap.dedent(code)
-    return subprocess.run([sys.executable, "-c", script], env=cluster["env"], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    with local_cluster_at(tmp_path_factory.mktemp("ddp-cluster")) as cluster:
+        yield cluster
 
 
 def _raw(data: Path) -> dict:
@@ -75,7 +62,7 @@ def test_one_step_on_two_workers_equals_one_step_on_one(cluster, tiny_teacher, t
                      run_config=RunConfig(name="ddp-step", storage_path={str(tmp_path / "train-storage")!r})).fit()
         print("DDP-DONE")
     """
-    out = _on_cluster(cluster, code)
+    out = on_cluster(cluster, code)
     assert "DDP-DONE" in out.stdout, out.stdout[-3000:] + out.stderr[-5000:]
     nodes = {(tmp_path / "ddp" / f"rank{r}.host").read_text() for r in (0, 1)}
     assert len(nodes) == 2  # the two ranks ran on the two worker nodes
@@ -135,7 +122,7 @@ def test_a_sweep_of_two_worker_trials_under_asha_frees_every_stopped_trials_work
     assert len(runs) == 4
     full = [r for r in runs if r.data.tags.get("completed_full_budget") == "true"]
     assert full and all("best_checkpoint_sha256" in r.data.tags for r in full)  # best-student can export a DDP trial
-    left = _on_cluster(cluster, """
+    left = on_cluster(cluster, """
         import time
         from ray.util import placement_group_table
         for _ in range(30):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import clean_env, tune_results
+from conftest import clean_env, local_cluster_at, tune_results
 
 pytestmark = pytest.mark.slow
 
@@ -21,14 +21,8 @@ EPOCHS = 4
 
 @pytest.fixture
 def cluster(tmp_path):
-    state = tmp_path / "cluster"
-    proc = subprocess.run([str(REPO / "cluster" / "local" / "start.sh"), str(state)], env=clean_env(), capture_output=True, text=True, timeout=300)
-    try:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        yield clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(state / "token"),
-                   RAY_ADDRESS=f"http://127.0.0.1:{(state / 'dashboard_port').read_text().strip()}")
-    finally:
-        subprocess.run([str(REPO / "cluster" / "local" / "stop.sh"), str(state)], env=clean_env(), capture_output=True, timeout=180)
+    with local_cluster_at(tmp_path / "cluster") as c:
+        yield {**c["env"], "RAY_ADDRESS": c["dashboard"]}
 
 
 def _raylet_of(node: str) -> int:
