@@ -186,6 +186,10 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
              resources=None if address else {DRIVER_RESOURCE: 100})  # a local Ray hosts data-parallel trial drivers too
     log.info("sweep %s on %s; storage %s; mlflow %s", spec.name, f"cluster {address}" if address else "a local Ray", storage, tracking_uri)
     check_storage(storage)  # every node writes and reads it, before any trial or MLflow run exists
+    from sweeps.prebuild import needs_node_caches, prebuild_node_caches
+
+    if needs_node_caches(spec):  # decoded images and teacher outputs once per node, not in the first trials
+        prebuild_node_caches(spec)
     tracker = SweepTracker(tracking_uri, spec.mlflow.experiment, spec.name)
     tracker.start_parent(spec_to_dict(spec), search_space_summary(spec), _teacher_ap(spec))
 

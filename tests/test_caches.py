@@ -212,6 +212,9 @@ def test_a_sweep_builds_each_cache_once_and_reports_its_overhead(tiny_sweep):
     assert sorted(p.name.split("-")[0] for p in (cache / "decoded").glob("*.arrow")) == ["instances_train", "instances_val"]
     trials = tune_results(tiny_sweep["storage"], "tiny")
     assert len(trials) == 4
+    # built by the driver's per-node task before the first trial started (sweeps/prebuild.py)
+    first_start = min(rows[0]["timestamp"] - rows[0]["trial_wall_s"] for rows in trials.values())
+    assert next((cache / "teacher").glob("*.arrow")).stat().st_mtime <= first_start + 1.0  # timestamps are whole seconds
     for rows in trials.values():
         assert rows[0]["startup_s"] > 0
         for r in rows:
