@@ -17,7 +17,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from clockdistill.arrowcache import BatchWriter, BinaryRows, build_once, cache_root, content_key, human_bytes, open_mapped
-from clockdistill.data.index import AnnotationIndex, file_digest
+from clockdistill.data.index import AnnotationIndex
 from clockdistill.data.transforms import resize_longest
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def decoded_path(index: AnnotationIndex, size: int, cache_dir: str = "") -> Path
     for name in index.file_names:
         st = os.stat(index.image_dir / name)
         stats.append((name, st.st_size, st.st_mtime_ns))
-    key = content_key({"format": FORMAT, "annotations": file_digest(index.ann_path), "size": size, "files": stats})
+    key = content_key({"format": FORMAT, "annotations": index.source_sha256, "size": size, "files": stats})
     return cache_root(cache_dir) / "decoded" / f"{index.ann_path.stem}-{size}-{key}.arrow"
 
 

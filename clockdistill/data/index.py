@@ -63,6 +63,7 @@ class AnnotationIndex:
     categories: list[dict]
     image_dir: Path
     ann_path: Path
+    source_sha256: str = ""  # of the annotation file's bytes (what keys every cache built from this split)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -133,4 +134,5 @@ def load_index(root: str | Path, split: str) -> AnnotationIndex:
         categories=json.loads(meta[b"categories"]),
         image_dir=image_dir,
         ann_path=ann_path,
+        source_sha256=meta.get(b"source_sha256", b"").decode() or file_digest(ann_path),
     )

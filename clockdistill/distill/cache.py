@@ -181,7 +181,7 @@ def plan_cache(cfg: Config, teacher, dataset: CocoDetection, device: torch.devic
     weights = file_digest(Path(dc.teacher) / "model.safetensors")
     precision = "bf16" if device.type == "cuda" and cfg.train.amp else "fp32"
     key = content_key({
-        "format": FORMAT, "teacher": weights, "annotations": file_digest(dataset.index.ann_path), "canvas": canvas,
+        "format": FORMAT, "teacher": weights, "annotations": dataset.index.source_sha256, "canvas": canvas,
         "views": views, "parts": parts, "with_pos": dc.memory.with_pos, "groups": G, "random_queries": R,
         "embedding_seed": dc.logit.embedding_seed, "precision": precision,
     })
