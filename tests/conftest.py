@@ -75,6 +75,14 @@ def local_cluster_at(state: Path):
         subprocess.run([str(repo / "cluster" / "local" / "stop.sh"), str(state)], env=clean_env(), capture_output=True, timeout=180)
 
 
+@pytest.fixture
+def job_cluster(tmp_path):
+    """A fresh `local_cluster_at` cluster for one test: yields the environment for `ray job`
+    commands (RAY_ADDRESS = its dashboard, its token)."""
+    with local_cluster_at(tmp_path / "cluster") as c:
+        yield {**c["env"], "RAY_ADDRESS": c["dashboard"]}
+
+
 def on_cluster(cluster: dict, code: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run Python `code` (dedented; `json` and a connected `ray` in scope) on a `local_cluster_at`
     cluster, in a fresh process with the cluster's token."""

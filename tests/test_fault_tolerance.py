@@ -10,19 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import clean_env, local_cluster_at, tune_results
+from conftest import clean_env, tune_results
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 EPOCHS = 4
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    with local_cluster_at(tmp_path / "cluster") as c:
-        yield {**c["env"], "RAY_ADDRESS": c["dashboard"]}
 
 
 def _raylet_of(node: str) -> int:
@@ -41,7 +35,7 @@ def _ancestors(pid: int) -> set[int]:
     return seen
 
 
-def test_a_worker_node_dies_mid_trial_and_every_trial_still_finishes(cluster, tiny_teacher, tmp_path):
+def test_a_worker_node_dies_mid_trial_and_every_trial_still_finishes(job_cluster, tiny_teacher, tmp_path):
     from mlflow.tracking import MlflowClient
 
     storage, db = tmp_path / "storage", tmp_path / "mlflow.db"
@@ -54,7 +48,7 @@ def test_a_worker_node_dies_mid_trial_and_every_trial_still_finishes(cluster, ti
     t0 = time.monotonic()
     job = subprocess.Popen([str(BIN / "ray"), "job", "submit", "--submission-id", "ft-1", "--working-dir", str(REPO),
                             "--entrypoint-resources", '{"sweep_driver": 1}', "--", "clockdistill", "sweep", str(spec)],
-                           env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           env=job_cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # wait until a trial running on node_a has reported an epoch, then kill node_a
     node_a = _raylet_of("node_a")
     victim, deadline = None, time.monotonic() + 300
@@ -66,7 +60,7 @@ def test_a_worker_node_dies_mid_trial_and_every_trial_still_finishes(cluster, ti
             if rows[-1]["epoch"] < EPOCHS and node_a in _ancestors(rows[-1]["pid"]):
                 victim = trial_id, rows[-1]["epoch"], rows[-1]["pid"]
         time.sleep(0.2)
-    kill = subprocess.run([str(REPO / "cluster" / "local" / "kill-node.sh"), "node_a"], env=cluster, capture_output=True, text=True)
+    kill = subprocess.run([str(REPO / "cluster" / "local" / "kill-node.sh"), "node_a"], env=job_cluster, capture_output=True, text=True)
     assert kill.returncode == 0, kill.stderr
     killed_at = time.monotonic()
     output, _ = job.communicate(timeout=900)
@@ -96,7 +90,7 @@ def test_a_worker_node_dies_mid_trial_and_every_trial_still_finishes(cluster, ti
         assert run.info.status == "FINISHED" and run.data.tags["completed_full_budget"] == "true", run.data.tags
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "AP")) == list(range(1, EPOCHS + 1))
     # the cluster's token is nowhere in what the sweep wrote: MLflow store and artifacts, Tune's storage, the job log
-    token = Path(cluster["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    token = Path(job_cluster["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     assert token not in output
     for path in [db, *tmp_path.joinpath("mlartifacts").rglob("*"), *storage.rglob("*")]:
         if path.is_file():
