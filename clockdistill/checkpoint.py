@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from clockdistill.data.index import file_digest as file_sha256  # noqa: F401 - the checkpoint's weights digest
 from clockdistill.errors import UserError
 
 
@@ -77,16 +78,6 @@ def storage_filesystem(location: str):
     if "://" in location:
         return pafs.FileSystem.from_uri(location)
     return pafs.LocalFileSystem(), str(Path(location).resolve())
-
-
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

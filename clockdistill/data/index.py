@@ -36,7 +36,8 @@ SCHEMA = pa.schema(
 )
 
 
-def file_digest(path: Path) -> str:
+def file_digest(path: str | Path) -> str:
+    """The sha256 of a file's bytes, as hex (annotation files, checkpoint weights)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
