@@ -34,17 +34,24 @@ echo "$dash_port" > "$state/dashboard_port"
   --disable-usage-stats > "$state/head.log" 2>&1
 
 : > "$state/temp_dirs"
-for name in node_a node_b; do
+names=(node_a node_b)
+pids=()
+for name in "${names[@]}"; do
   # Every node on one machine needs its own agent and metrics ports, and its own temp dir: in a
   # shared one, a node unpacking a job's working_dir replaces the very directory another node's
-  # processes (the job driver's cwd) run in. Short paths: Unix sockets live there.
+  # processes (the job driver's cwd) run in. Short paths: Unix sockets live there. The two workers
+  # start side by side (each `ray start` mostly waits on its own processes coming up).
   temp="$(mktemp -d "/tmp/cdray-$name-XXXXXX")"
   echo "$temp" >> "$state/temp_dirs"
   "$ray" start --address "127.0.0.1:$head_port" --node-ip-address 127.0.0.1 --num-cpus "${WORKER_CPUS:-1}" --num-gpus 0 \
     --temp-dir "$temp" \
     --resources "{\"$name\": 1}" --dashboard-agent-listen-port "$(free_port)" --dashboard-agent-grpc-port "$(free_port)" \
     --runtime-env-agent-port "$(free_port)" --metrics-export-port "$(free_port)" \
-    --disable-usage-stats > "$state/$name.log" 2>&1
+    --disable-usage-stats > "$state/$name.log" 2>&1 &
+  pids+=("$!")
+done
+for i in "${!names[@]}"; do
+  wait "${pids[$i]}" || { echo "error: ray start of ${names[$i]} failed (log: $state/${names[$i]}.log)" >&2; exit 1; }
 done
 
 # wait until the head sees all three nodes alive (a worker registers a moment after `ray start` returns)
