@@ -19,7 +19,6 @@ Defaults: on CUDA the four deformable presets at 640 px; on CPU the two tiny one
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
@@ -31,6 +30,7 @@ from clockdistill.data.synth import write_synthetic
 from clockdistill.engine import DetectionTask, accelerate
 from clockdistill.losses import SetCriterion, detection_weights
 from clockdistill.models import build_detector
+from timing import interleaved_medians, training_step  # tests/bench/timing.py
 
 SWITCHES = {"eager": {}, "channels_last": {"channels_last": True}, "compile": {"compile": "default"}}
 
@@ -76,12 +76,7 @@ def main() -> None:
 
             def step(task=task, opt=opt, x=x):
                 task.model.train()
-                with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
-                    terms, weights = task.losses(x, mask, targets)
-                loss = sum(weights[k] * v for k, v in terms.items())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                training_step(task, opt, x, mask, targets, cuda)
 
             @torch.no_grad()
             def forward(model=model, x=x):
@@ -102,15 +97,7 @@ def main() -> None:
         if key[1] == "compile":
             print(f"{key[0]} {key[2]}: compiled and warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
         peak[key] = (torch.cuda.max_memory_allocated(device) - resident) / 2**20 if cuda else 0.0
-    times: dict[tuple, list[float]] = {k: [] for k in jobs}
-    for _ in range(args.repeats):
-        for key, fn in jobs.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[key].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(jobs, args.repeats, sync)
 
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n# batch {args.batch} at {size}x{size}, {name}, {'bf16 autocast' if cuda else 'fp32'}, torch {torch.__version__}, "

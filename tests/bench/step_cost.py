@@ -15,9 +15,7 @@ max_size canvas the cache needs, for every variant.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ from clockdistill.distill.cache import prepare_teacher_cache
 from clockdistill.distill.distiller import Distiller
 from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.models import build_detector
+from timing import interleaved_medians, training_step  # tests/bench/timing.py
 
 VARIANTS = ("none", "memory_only", "logit_only", "clockdistill", "vanilla_kd", "fitnet")
 CACHED = ("clockdistill", "vanilla_kd")
@@ -78,12 +77,7 @@ def main() -> None:
 
     def step(method):
         d, opt = distillers[method]
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            terms, weights = d.losses(images, mask, targets)
-        loss = sum(weights[k] * v for k, v in terms.items())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        training_step(d, opt, images, mask, targets, amp)
 
     clock = distillers["clockdistill"][0]
 
@@ -123,18 +117,10 @@ def main() -> None:
             "student fwd+bwd": lambda: student_passes("none"),
             "student fwd+bwd + separate extra pass": lambda: student_passes("separate"),
             "student fwd+bwd + fused extra queries": lambda: student_passes("fused")}
-    times: dict[str, list[float]] = {k: [] for k in jobs}
     for _ in range(2):  # warm-up
         for fn in jobs.values():
             fn()
-    for _ in range(args.repeats):
-        for name, fn in jobs.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(jobs, args.repeats, sync)
     base = med["none"]
     n_gt = sum(len(t["labels"]) for t in targets)
     print(f"# {args.teacher} -> {args.student}, batch {args.batch} at {args.size}px ({n_gt} GT boxes, "
