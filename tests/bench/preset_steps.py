@@ -19,18 +19,15 @@ Defaults: on CUDA the four deformable presets at 640 px; on CPU the two tiny one
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import torch
 
 from clockdistill.config import config_from_dict
-from clockdistill.data import CocoDetection, DetectionTransform, collate
-from clockdistill.data.synth import write_synthetic
 from clockdistill.engine import DetectionTask, accelerate
 from clockdistill.losses import SetCriterion, detection_weights
 from clockdistill.models import build_detector
-from timing import interleaved_medians, training_step  # tests/bench/timing.py
+from timing import device_sync, fixed_batch, interleaved_medians, training_step  # tests/bench/timing.py
 
 SWITCHES = {"eager": {}, "channels_last": {"channels_last": True}, "compile": {"compile": "default"}}
 
@@ -52,15 +49,8 @@ def main() -> None:
     presets = args.presets or (["teacher", "student", "tiny-teacher", "tiny-student"] if cuda else ["tiny-teacher", "tiny-student"])
     size = args.size or (640 if cuda else 128)
 
-    data = write_synthetic(tempfile.mkdtemp(prefix="preset-steps-"), args.batch, 1, seed=0, progress=False)
-    ds = CocoDetection(data, "train", DetectionTransform(size, train=False))
-    images, mask, targets = collate([ds[i % len(ds)] for i in range(args.batch)], pad_to=(size, size))
-    images, mask = images.to(device), mask.to(device)
-    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
+    ds, images, mask, targets = fixed_batch(None, args.batch, size, device, prefix="preset-steps-")
+    sync = device_sync(device)
 
     jobs, peak = {}, {}
     for preset in presets:

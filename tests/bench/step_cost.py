@@ -22,13 +22,11 @@ import torch
 
 from clockdistill.checkpoint import save_checkpoint
 from clockdistill.config import config_from_dict
-from clockdistill.data import CocoDetection, DetectionTransform, collate
-from clockdistill.data.synth import write_synthetic
 from clockdistill.distill.cache import prepare_teacher_cache
 from clockdistill.distill.distiller import Distiller
 from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.models import build_detector
-from timing import interleaved_medians, training_step  # tests/bench/timing.py
+from timing import device_sync, fixed_batch, interleaved_medians, training_step  # tests/bench/timing.py
 
 VARIANTS = ("none", "memory_only", "logit_only", "clockdistill", "vanilla_kd", "fitnet")
 CACHED = ("clockdistill", "vanilla_kd")
@@ -45,12 +43,7 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="COCO-format data set (default: a small synthetic one in a temp dir)")
     args = ap.parse_args()
     device = torch.device(args.device)
-    if args.data is None:
-        args.data = str(write_synthetic(tempfile.mkdtemp(prefix="step-cost-"), args.batch, 1, seed=0, progress=False))
-    ds = CocoDetection(args.data, "train", DetectionTransform(args.size, train=False))
-    images, mask, targets = collate([ds[i % len(ds)] for i in range(args.batch)], pad_to=(args.size, args.size))
-    images, mask = images.to(device), mask.to(device)
-    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    ds, images, mask, targets = fixed_batch(args.data, args.batch, args.size, device, prefix="step-cost-")
     amp = device.type == "cuda"
 
     torch.manual_seed(0)
@@ -71,9 +64,7 @@ def main() -> None:
         d.model.train()
         distillers[method] = (d, torch.optim.AdamW([p for _, p in d.parameters_to_train()], lr=1e-5))
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    sync = device_sync(device)
 
     def step(method):
         d, opt = distillers[method]
