@@ -16,6 +16,11 @@ bin="$(dirname "$(command -v ray || echo "$here/../../.venv/bin/ray")")"
 ray="$bin/ray"
 [ -x "$ray" ] || { echo "error: ray CLI not found (make venv, or activate .venv)" >&2; exit 2; }
 free_port() { "$bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+failed() {  # the node's log tail goes to stderr: a CI run's state dir is gone by the time anyone looks
+  echo "error: ray start of $1 failed (log: $state/$1.log); its last lines:" >&2
+  tail -n 25 "$state/$1.log" >&2
+  exit 1
+}
 
 umask 077
 if [ ! -s "$state/token" ]; then  # one token per cluster, readable by this user only
@@ -31,27 +36,30 @@ echo "$dash_port" > "$state/dashboard_port"
 
 "$ray" start --head --node-ip-address 127.0.0.1 --port "$head_port" --num-cpus 0 --num-gpus 0 \
   --resources '{"sweep_driver": 2}' --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" \
-  --disable-usage-stats > "$state/head.log" 2>&1
+  --disable-usage-stats > "$state/head.log" 2>&1 || failed head
 
 : > "$state/temp_dirs"
-names=(node_a node_b)
-pids=()
-for name in "${names[@]}"; do
+start_worker() {  # start_worker NAME: one worker node; its log in $state/NAME.log
   # Every node on one machine needs its own agent and metrics ports, and its own temp dir: in a
   # shared one, a node unpacking a job's working_dir replaces the very directory another node's
-  # processes (the job driver's cwd) run in. Short paths: Unix sockets live there. The two workers
-  # start side by side (each `ray start` mostly waits on its own processes coming up).
-  temp="$(mktemp -d "/tmp/cdray-$name-XXXXXX")"
+  # processes (the job driver's cwd) run in. Short paths: Unix sockets live there.
+  temp="$(mktemp -d "/tmp/cdray-$1-XXXXXX")"
   echo "$temp" >> "$state/temp_dirs"
   "$ray" start --address "127.0.0.1:$head_port" --node-ip-address 127.0.0.1 --num-cpus "${WORKER_CPUS:-1}" --num-gpus 0 \
     --temp-dir "$temp" \
-    --resources "{\"$name\": 1}" --dashboard-agent-listen-port "$(free_port)" --dashboard-agent-grpc-port "$(free_port)" \
+    --resources "{\"$1\": 1}" --dashboard-agent-listen-port "$(free_port)" --dashboard-agent-grpc-port "$(free_port)" \
     --runtime-env-agent-port "$(free_port)" --metrics-export-port "$(free_port)" \
-    --disable-usage-stats > "$state/$name.log" 2>&1 &
-  pids+=("$!")
-done
-for i in "${!names[@]}"; do
-  wait "${pids[$i]}" || { echo "error: ray start of ${names[$i]} failed (log: $state/${names[$i]}.log)" >&2; exit 1; }
+    --disable-usage-stats > "$state/$1.log" 2>&1
+}
+# The workers start one after the other (side by side saved about 3 s, and one such start failed in
+# CI). A failed start is tried once more with fresh ports and a fresh temp dir: a free port picked
+# here can be taken by another process before the node binds it.
+for name in node_a node_b; do
+  start_worker "$name" && continue
+  echo "warning: ray start of $name failed; trying once more. Its log's last lines:" >&2
+  tail -n 15 "$state/$name.log" >&2
+  pkill -KILL -f -- "$temp" 2> /dev/null || true  # whatever of that node did start
+  start_worker "$name" || failed "$name"
 done
 
 # wait until the head sees all three nodes alive (a worker registers a moment after `ray start` returns)
