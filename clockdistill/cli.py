@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="COCO-format data set directory")
     e.add_argument("--split", default="val", help="split to evaluate (default val)")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_evaluate)
 

@@ -111,11 +111,39 @@ def test_cli_bad_annotation_file(tmp_path):
     assert r.returncode == 2 and "instances_train.json: not valid JSON" in r.stderr
 
 
-def test_every_subcommand_has_help():
-    for args in (["--help"], ["data", "--help"], ["data", "synth", "--help"], ["data", "kitti", "--help"], ["data", "index", "--help"],
-                 ["train", "--help"], ["evaluate", "--help"], ["demo", "--help"]):
-        r = run_cli(*args)
-        assert r.returncode == 0 and "usage: clockdistill" in r.stdout
+def _commands(parser, path=()):
+    """(command path, its parser) for the parser and every (nested) subcommand under it."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*path, name))
+
+
+def test_every_subcommand_has_help(capsys):
+    """`clockdistill --help` through the real entry point, then every command's --help in-process:
+    each says what it does and every option says what it is for."""
+    import argparse
+
+    from clockdistill.cli import build_parser
+
+    r = run_cli("--help")
+    assert r.returncode == 0 and "usage: clockdistill" in r.stdout and "demo" in r.stdout, r.stdout + r.stderr
+    commands = list(_commands(build_parser()))
+    assert {" ".join(path) for path, _ in commands} >= {"data synth", "data kitti", "data index", "train", "distill", "sweep",
+                                                         "sync", "evaluate", "best-student", "report", "demo"}
+    for path, parser in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args([*path, "--help"])
+        out = capsys.readouterr().out
+        assert exit_info.value.code == 0 and out.startswith(f"usage: clockdistill {' '.join(path)}".rstrip()), out[:200]
+        assert parser.description, f"{' '.join(path) or 'clockdistill'}: no description"
+        listed = [a for sub in parser._actions if isinstance(sub, argparse._SubParsersAction) for a in sub._choices_actions]
+        silent = [a.option_strings or [a.dest] for a in parser._actions + listed
+                  if not a.help and a.dest != "help" and not isinstance(a, argparse._SubParsersAction)]
+        assert not silent, f"{' '.join(path)}: options without help: {silent}"
 
 
 def test_resumed_training_equals_uninterrupted_training(synth_data, tmp_path):
