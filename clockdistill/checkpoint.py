@@ -20,6 +20,7 @@ from torch import nn
 
 from clockdistill.data.index import file_digest as file_sha256  # noqa: F401 - the checkpoint's weights digest
 from clockdistill.errors import UserError
+from clockdistill.models import build_detector
 
 
 def _optimizer_split(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -47,10 +48,36 @@ def _state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     return {prefix + k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
+def _complete(directory: Path) -> bool:
+    """meta.json is written last: a directory that has it holds a whole checkpoint."""
+    return (directory / "meta.json").is_file()
+
+
+def recover_checkpoint(path: str | Path) -> bool:
+    """Finish a save that a crash interrupted, then say whether `path` holds a checkpoint.
+
+    A save writes `<path>.tmp` completely, moves `<path>` aside to `<path>.old`, moves the new one
+    in and deletes `.old`. A crash between the two moves leaves no `<path>`: then the new checkpoint
+    (`.tmp`, if complete) or else the previous one (`.old`) becomes `<path>` again, so a save always
+    leaves the old or the new checkpoint."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if not path.exists():
+        for candidate in (tmp, old):
+            if _complete(candidate):
+                os.replace(candidate, path)
+                break
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    return _complete(path)
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
                     extra: dict[str, nn.Module] | None = None) -> Path:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write atomically: at every moment the directory `path`, or after a crash `recover_checkpoint`,
+    gives either the previous checkpoint or this one, complete."""
     path = Path(path)
+    recover_checkpoint(path)  # an earlier save that was interrupted
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -62,7 +89,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any], op
         tensors, plain = _optimizer_split(optimizer.state_dict())
         save_file(tensors, tmp / "optimizer.safetensors")
         meta["optimizer"] = plain
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks the directory complete
     old = path.with_name(path.name + ".old")
     if path.exists():
         os.replace(path, old)
@@ -122,3 +149,14 @@ def load_extra(path: str | Path, modules: dict[str, nn.Module], device: str | to
     state = load_file(extra_file, device=str(device))
     for name, module in modules.items():
         module.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(f"{name}.")})
+
+
+def load_detector(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """A detector in eval mode on `device` and its checkpoint metadata (config, class names, metrics)."""
+    from clockdistill.config import config_from_dict
+
+    meta = read_meta(checkpoint)
+    cfg = config_from_dict(meta["config"])
+    model = build_detector(cfg.model, cfg.model.num_classes or len(meta["class_names"]))
+    load_weights(checkpoint, model, device)
+    return model.to(device).eval(), meta

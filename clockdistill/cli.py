@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from clockdistill.errors import UserError
+from clockdistill.errors import TrainingDiverged, UserError
+from sweeps.schema import OBJECTIVE_METRICS
 
 log = logging.getLogger("clockdistill")
 
@@ -101,8 +102,9 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from clockdistill.checkpoint import load_detector
     from clockdistill.data import CocoDetection, DetectionTransform
-    from clockdistill.engine import evaluate, load_detector, select_device
+    from clockdistill.engine import evaluate, select_device
 
     device = select_device(args.device)
     model, meta = load_detector(args.checkpoint, device)
@@ -117,7 +119,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_best_student(args: argparse.Namespace) -> int:
-    from clockdistill.export import best_student
+    from sweeps.best_student import best_student
 
     if args.tolerance < 0:
         raise UserError(f"--tolerance: expected an AP difference >= 0, got {args.tolerance}")
@@ -133,7 +135,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from clockdistill.demo import run_demo
+    from sweeps.demo import run_demo
 
     run_demo(Path(args.workdir), args.train, args.val, args.teacher_epochs, args.trials, args.sweep_epochs)
     return 0
@@ -249,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the alias champion. Running it again registers no second version of the same trial.",
                        epilog="example: clockdistill best-student --sweep demo --out artifacts/best-student")
     _add_sweep_arguments(b, "export directory (default artifacts/best-student; replaced)", "artifacts/best-student")
-    b.add_argument("--metric", choices=["AP", "AP50", "AP75", "APs", "APm", "APl", "params", "latency_ms"],
+    b.add_argument("--metric", choices=list(OBJECTIVE_METRICS),
                    help="rank by this objective (default: the sweep's first objective)")
     b.add_argument("--prefer", help="multi-objective sweeps: take the Pareto-set trial best in this objective (default: the first objective)")
     b.add_argument("--tolerance", type=float, default=2e-3, help="largest accepted |re-evaluated AP - logged AP| (default 0.002)")
@@ -285,8 +287,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from clockdistill.engine import TrainingDiverged
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

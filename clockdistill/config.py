@@ -5,6 +5,7 @@ every value is type-checked on the way in, so a typo or a wrong type fails with 
 dotted key. The model section starts from a named preset; keys given next to it override the preset.
 """
 
+import copy
 import dataclasses
 import re
 import typing
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 from clockdistill.errors import ConfigError
+from clockdistill.methods import METHOD_NAMES, method
 
 
 class _Loader(yaml.SafeLoader):
@@ -43,7 +45,7 @@ def parse_yaml(text: str) -> Any:
         loader.dispose()
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     root: str = ""  # COCO-format data set: annotations/instances_<split>.json + images
     train_split: str = "train"
@@ -70,7 +72,7 @@ class DataConfig:
         return (self.max_size, self.max_size) if self.pad_to == "max_size" else None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Detector architecture. `preset` fills every other field; fields given beside it win."""
 
@@ -108,7 +110,7 @@ class ModelConfig:
             raise ConfigError(f"model.d_model: expected an even number, got {self.d_model}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     """Weights of the detection terms (the criterion returns them unweighted) and matcher costs."""
 
@@ -128,7 +130,7 @@ class LossConfig:
                 _check_range(f"loss.{f.name}", getattr(self, f.name), low=0.0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 12
     batch_size: int = 8
@@ -163,11 +165,11 @@ class TrainConfig:
             raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
-METHODS = ("clockdistill", "none", "vanilla_kd", "fitnet", "memory_only", "logit_only")
+METHODS = METHOD_NAMES  # clockdistill/methods.py: what each one needs
 _LAYERS_RE = re.compile(r"all|last|last\d+|\d+(,\d+)*")
 
 
-@dataclass
+@dataclass(frozen=True)
 class MemoryDistillConfig:
     """Location-and-context-aware memory distillation (LCMD), and the FitNet baseline's weight.
 
@@ -196,7 +198,7 @@ class MemoryDistillConfig:
             _check_range(f"distill.memory.levels[{i}]", level, low=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LogitDistillConfig:
     """Target-aware consistent logit distillation (TCLD); the vanilla-KD baseline uses the same loss
     knobs on Hungarian-matched teacher/student predictions instead of the target-aware queries."""
@@ -233,7 +235,7 @@ class LogitDistillConfig:
             raise ConfigError(f"distill.logit.layers: expected all, last, lastN or a comma list of layer indices, got {self.layers!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistillConfig:
     """Which method distils the student, from which teacher, with which knobs (paper defaults)."""
 
@@ -255,11 +257,12 @@ class DistillConfig:
 
     @property
     def uses_memory(self) -> bool:
-        return self.method in ("clockdistill", "memory_only")
+        """A memory term of either kind (CLoCKDistill's masked one or FitNet's plain MSE)."""
+        return method(self.method).memory is not None
 
     @property
     def uses_target_queries(self) -> bool:
-        return self.method in ("clockdistill", "logit_only")
+        return method(self.method).target_queries
 
     def flatten(self) -> dict[str, Any]:
         """Dotted keys under `distill.`, as logged: {"distill.memory.alpha": 5e-05, ...}."""
@@ -274,7 +277,7 @@ class DistillConfig:
         return build_dataclass(cls, wrapped["distill"], "distill")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
@@ -289,6 +292,15 @@ class Config:
     def flatten(self) -> dict[str, Any]:
         """Dotted keys -> values, e.g. {"train.lr": 2e-4}; lists stay lists (MLflow params)."""
         return flatten_dict(self.to_dict())
+
+    def updated(self, changes: dict[str, Any]) -> "Config":
+        """A new config with dotted keys set, e.g. `cfg.updated({"train.epochs": 2})`, validated as
+        any config is. Configs are values: this one is left as it is. (Setting `model.preset` here
+        does not re-apply the preset: every model field is already explicit.)"""
+        data = self.to_dict()
+        for key, value in changes.items():
+            data = set_dotted(data, key, value)
+        return config_from_dict(data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,20 +372,32 @@ def _check_range(dotted: str, value: float, low: float | None = None, high: floa
         raise ConfigError(f"{dotted}: expected a value {bounds}, got {value!r}")
 
 
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A deep copy of nested dict `data` with dotted `key` set to `value` (`data` is left as it is)."""
+    out = copy.deepcopy(data)
+    parts = key.strip().split(".")
+    node = out
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: '{part}' is a value, not a section")
+    node[parts[-1]] = value
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=value` strings to a nested dict (values parsed as YAML scalars or lists)."""
+    """A copy of nested dict `data` with `a.b=value` strings applied (values parsed as YAML scalars
+    or lists); `data` itself is left as it is."""
+    out = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.epochs=3")
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
-        node[parts[-1]] = parse_yaml(raw) if raw.strip() else ""
-    return data
+        try:
+            out = set_dotted(out, key, parse_yaml(raw) if raw.strip() else "")
+        except ConfigError as exc:
+            raise ConfigError(f"--set {exc}") from None
+    return out
 
 
 def _resolve_model_preset(data: dict[str, Any]) -> dict[str, Any]:
@@ -390,8 +414,8 @@ def _resolve_model_preset(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = None) -> Config:
-    data = dict(data or {})
-    apply_overrides(data, list(overrides or []))
+    """A validated Config from a nested dict and `--set` strings; `data` is left as it is."""
+    data = apply_overrides(data or {}, list(overrides or []))
     return build_dataclass(Config, _resolve_model_preset(data))
 
 

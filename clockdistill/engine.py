@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from clockdistill.checkpoint import load_extra, load_optimizer, load_weights, read_meta, save_checkpoint
+from clockdistill.checkpoint import load_extra, load_optimizer, load_weights, read_meta, recover_checkpoint, save_checkpoint
 from clockdistill.config import Config, TrainConfig
 from clockdistill.data import CocoDetection, DetectionTransform, collate
 from clockdistill.distributed import average_across_ranks, is_distributed, rank, world_size, wrap_ddp
-from clockdistill.errors import TrainingDiverged, UserError  # noqa: F401 - TrainingDiverged re-exported
+from clockdistill.errors import TrainingDiverged, UserError
 from clockdistill.evaluation import coco_evaluate, postprocess, to_coco_results
 from clockdistill.losses import SetCriterion, detection_weights, weighted_sum
 from clockdistill.models import build_detector
@@ -253,8 +253,8 @@ def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallba
     torch.manual_seed(tc.seed)
     device = select_device(tc.device)
     train_ds, val_ds = datasets or build_datasets(cfg)
-    if cfg.model.num_classes == 0:
-        cfg.model.num_classes = train_ds.num_classes
+    if cfg.model.num_classes == 0:  # a new config: the caller's stays as it is
+        cfg = cfg.updated({"model.num_classes": train_ds.num_classes})
     if task is None:
         model = build_detector(cfg.model, train_ds.num_classes).to(device)
         criterion = SetCriterion.from_config(cfg.loss, cfg.model.num_classes)
@@ -271,7 +271,7 @@ def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallba
     out = Path(tc.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start_epoch, step, best_ap, best_epoch, history = 0, 0, -1.0, -1, []
-    if tc.resume and (out / "last" / "meta.json").is_file():
+    if tc.resume and recover_checkpoint(out / "last"):
         meta = read_meta(out / "last")
         load_weights(out / "last", task.model, device)
         load_extra(out / "last", extra, device)
@@ -311,35 +311,3 @@ def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallba
             log.info("stopped early by the epoch callback after epoch %d", epoch + 1)
             break
     return FitResult(out, best_ap, best_epoch, metrics, history)
-
-
-def load_detector(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """A detector and its checkpoint metadata (config, class names, metrics)."""
-    from clockdistill.config import config_from_dict
-
-    meta = read_meta(checkpoint)
-    cfg = config_from_dict(meta["config"])
-    model = build_detector(cfg.model, cfg.model.num_classes or len(meta["class_names"]))
-    load_weights(checkpoint, model, device)
-    return model.to(device).eval(), meta
-
-
-def forward_latency_ms(model: nn.Module, size: int, device: torch.device, repeats: int = 5) -> float:
-    """Median time of one forward pass on one size x size image on `device`, in ms (after a warm-up)."""
-    import time
-
-    model = model.to(device).eval()
-    images = torch.randn(1, 3, size, size, device=device)
-    mask = torch.zeros(1, size, size, dtype=torch.bool, device=device)
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(images, mask)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i:
-                times.append((time.perf_counter() - t0) * 1000)
-    return sorted(times)[len(times) // 2]

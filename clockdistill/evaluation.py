@@ -19,9 +19,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
+from clockdistill.metrics import STAT_NAMES
 from clockdistill.ops.boxes import box_cxcywh_to_xyxy
 
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
 
 
 @torch.no_grad()

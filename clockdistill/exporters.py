@@ -1,4 +1,4 @@
-"""Deployable forms of a detector: TorchScript, ONNX, and the measurements a model card reports.
+"""Deployable forms of a detector: TorchScript and ONNX (its size and speed: latency.py).
 
 Both exported forms take a fixed input size, the training `data.max_size` S:
     images (B, 3, S, S) float, normalised like the training transform, zero-padded to S x S
@@ -94,14 +94,3 @@ def to_onnx(detector: nn.Module, example: tuple[Tensor, Tensor], path: Path) -> 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = session.run(None, {"images": example[0].cpu().numpy(), "mask": example[1].cpu().numpy()})
     return max_abs_difference(tuple(torch.from_numpy(o) for o in out), eager)
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def cpu_latency_ms(model: nn.Module, size: int, repeats: int = 10) -> float:
-    """Median one-image forward time on the CPU, in ms."""
-    from clockdistill.engine import forward_latency_ms
-
-    return forward_latency_ms(model, size, torch.device("cpu"), repeats)

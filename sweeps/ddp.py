@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from sweeps.spec import spec_from_json
+from sweeps.schema import checkpoint_score
+from sweeps.spec import SweepSpec, spec_from_json, spec_to_json
+from sweeps.trial import run_trial
 
 log = logging.getLogger(__name__)
 
@@ -35,57 +34,42 @@ def train_run_storage(spec) -> str:
     return f"{root}/{spec.name}-train"
 
 
-def train_trial_ddp(config: dict[str, Any], spec_json: str) -> None:
+def train_trial_ddp(config: dict[str, Any], spec: SweepSpec, started: float) -> None:
     from ray import tune
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    spec = spec_from_json(spec_json)
     r = spec.resources
     trial_id = tune.get_context().get_trial_id()
     per_worker = {"CPU": r.cpu, **({"GPU": r.gpu} if r.gpu else {})}
-    primary = spec.primary
+    metric, mode = checkpoint_score(spec.primary.metric, spec.primary.mode)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": config, "spec_json": spec_json, "trial_id": trial_id, "started": time.time()},
+        train_loop_config={"config": config, "spec_json": spec_to_json(spec), "trial_id": trial_id, "started": started},
         scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpu > 0, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if r.gpu else "gloo"),
         run_config=RunConfig(name=f"train-trial_id={trial_id}", storage_path=train_run_storage(spec), callbacks=[TuneReportCallback()],
-                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=primary.metric,
-                                                                checkpoint_score_order=primary.mode)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
+                                                                checkpoint_score_order=mode)),
     )
     log.info("trial %s: data-parallel run on %d workers (%s each)", trial_id, r.workers, per_worker)
     trainer.fit()
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
-    """One rank of a data-parallel trial (runs inside a Ray Train worker)."""
+    """One rank of a data-parallel trial (runs inside a Ray Train worker): the trial loop, with
+    every rank taking part in each report and only rank 0's row and checkpoint reaching Tune."""
     import ray.train
-
-    from clockdistill.distill import run_distillation
-    from clockdistill.engine import TrainingDiverged
-    from sweeps.trainable import EpochReporter, _restore, _student_properties, trial_config
 
     spec = spec_from_json(loop_config["spec_json"])
     rank = ray.train.get_context().get_world_rank()
-    torch.set_num_threads(max(1, int(spec.resources.cpu)))
     # node-local working directory per rank (ranks of one trial may share a node)
     work = Path(tempfile.gettempdir()) / "clockdistill-ddp" / loop_config["trial_id"] / f"rank{rank}"
-    cfg = trial_config(spec, loop_config["config"], work)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a retried trial: every rank resumes from the run's latest checkpoint
-        _restore(checkpoint, work)
-    props = _student_properties(cfg, any(o.metric == "latency_ms" for o in spec.objective_list))
 
-    def send(row: dict, ckpt_dir: Path | None) -> None:
-        if rank == 0:
-            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)))
-        else:  # every rank takes part in each report; only rank 0's row and checkpoint reach Tune
-            ray.train.report(row, checkpoint=None)
+    def send(row: dict, ckpt: Path | None) -> None:
+        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None)
 
-    reporter = EpochReporter(spec, props, loop_config["started"], send)
-    try:
-        run_distillation(cfg, on_epoch_end=lambda epoch, metrics, ckpt: reporter(epoch, metrics, ckpt if rank == 0 else None))
-    except TrainingDiverged as exc:
-        ray.train.report(reporter.diverged(exc))
+    # every rank resumes a retried trial from the run's latest checkpoint
+    run_trial(spec, loop_config["config"], work, ray.train.get_checkpoint(), send, loop_config["started"],
+              reports_checkpoints=rank == 0, trial_name=f"{loop_config['trial_id']} rank {rank}")

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def needs_node_caches(spec: SweepSpec) -> bool:
-    from sweeps.trainable import trial_config
+    from sweeps.trial import trial_config
 
     cfg = trial_config(spec, {}, Path(tempfile.gettempdir()) / "clockdistill-prebuild")
     return cfg.data.decoded_cache or cfg.distill.teacher_cache != "off"
@@ -33,15 +33,15 @@ def _build(spec_json: str) -> dict:
     from clockdistill.distill.cache import prepare_teacher_cache
     from clockdistill.distill.teacher import FrozenTeacher
     from clockdistill.engine import build_datasets, select_device
-    from sweeps.trainable import trial_config
+    from sweeps.trial import trial_config
 
     t0 = time.perf_counter()
     spec = spec_from_json(spec_json)
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     cfg = trial_config(spec, {}, Path(tempfile.gettempdir()) / "clockdistill-prebuild")
-    cfg.train.progress = False
     decoded = cfg.data.decoded_cache
-    cfg.data.decoded_cache = False
+    # the decoded images are built here, waiting for them (a trial would not wait)
+    cfg = cfg.updated({"train.progress": False, "data.decoded_cache": False})
     train, val = build_datasets(cfg)
     if decoded:
         for ds in (train, val):

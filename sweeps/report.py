@@ -24,12 +24,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from clockdistill.tracking import MAXIMISED, Sweep, Trial, find_sweep, metric_history, open_client, pareto_set, rank, sweep_trials
+from clockdistill.metrics import COCO_METRICS
 from sweeps import plots
+from sweeps.mlflow_reader import Sweep, Trial, find_sweep, metric_history, open_client, pareto_set, rank, sweep_trials
 
 log = logging.getLogger(__name__)
 
-EPOCH_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "loss", "loss_det", "loss_kd_mem", "loss_kd_logit", "lr")
+EPOCH_METRICS = (*COCO_METRICS, "loss", "loss_det", "loss_kd_mem", "loss_kd_logit", "lr")
 SCORE_THRESHOLD = 0.3  # boxes drawn in the sample grid ...
 MIN_SCORE = 0.05  # ... or, for a model with fewer confident boxes than the image has objects, its top ones above this
 
@@ -135,8 +136,8 @@ def samples(client, best: Trial, sweep: Sweep, path: Path, n: int = 4) -> Path:
 
     from clockdistill.config import config_from_dict
     from clockdistill.data import CocoDetection, DetectionTransform
-    from clockdistill.engine import load_detector
-    from clockdistill.export import fetch_checkpoint
+    from clockdistill.checkpoint import load_detector
+    from sweeps.best_student import fetch_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, _ = fetch_checkpoint(client, best, Path(tmp) / "student")
@@ -183,7 +184,7 @@ def build_report(sweep_name: str | None = None, out: str | Path | None = None, t
     metric, mode = sweep.objectives[0]
     written = {"table": str(write_table(rows, sweep.objectives, out / "trials.parquet"))}
     skipped: dict[str, str] = {}
-    curve_metric = metric if metric in MAXIMISED else "AP"
+    curve_metric = metric if metric in COCO_METRICS else "AP"
     baseline = baseline_ap if baseline_ap is not None else _baseline(rows, curve_metric)
     written["ap_over_epochs"] = str(plots.ap_over_epochs(rows, curve_metric, sweep.teacher_ap, baseline, out / "ap_over_epochs.png"))
     searched = {k: next(iter(v)) for k, v in _searched(sweep).items()}

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from clockdistill.checkpoint import file_sha256
-from clockdistill.tracking import default_tracking_uri
+from sweeps import schema as S
+from sweeps.mlflow_writer import SweepTracker
 from sweeps.preflight import check_storage
-from sweeps.search import FAILED_KEY, best_key, build_scheduler, build_searcher, tune_param_space
+from sweeps.schema import FAILED_KEY, best_key, checkpoint_score, default_tracking_uri, metrics_to_log
+from sweeps.search import build_scheduler, build_searcher, tune_param_space
 from sweeps.spec import SweepSpec, load_spec, resolve_paths, search_space_summary, spec_from_json, spec_to_dict, spec_to_json, sweep_dir_name
-from sweeps.tracking import SweepTracker, metrics_to_log
 
 log = logging.getLogger("clockdistill.sweep")
 
@@ -30,9 +31,9 @@ log = logging.getLogger("clockdistill.sweep")
 DRIVER_RESOURCE = "sweep_driver"  # custom resource of the nodes that host drivers (never preemptible ones; cluster/)
 
 
-def _trial_params(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
+def trial_params(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
     """The flattened full config of a trial, as MLflow params."""
-    from sweeps.trainable import trial_config
+    from sweeps.trial import trial_config
 
     cfg = trial_config(spec, {k: v for k, v in config.items() if "." in k}, "-")
     flat = cfg.flatten()
@@ -73,7 +74,7 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
 
         def _write(self, trial, kind: str, *payload) -> None:
             if trial.trial_id not in self._trials:  # params go to MLflow once, when its run is created (they cannot change)
-                self._trials[trial.trial_id] = (str(trial), _trial_params(self.spec, trial.config))
+                self._trials[trial.trial_id] = (str(trial), trial_params(self.spec, trial.config))
             self._pending.append((kind, trial.trial_id, *payload))
             if self._down_since is None or time.monotonic() - self._last_try >= self.RETRY_S:
                 self._flush()
@@ -126,17 +127,17 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
         def _end_unguarded(self, trial, status: str, reason: str) -> None:
             result = trial.last_result or {}
             metric = self.spec.primary.metric
-            full = bool(result.get("completed_full_budget")) and not result.get(FAILED_KEY)
+            full = bool(result.get(S.FULL_BUDGET_KEY)) and not result.get(FAILED_KEY)
             best = result.get(best_key(metric))
-            tags = {"completed_full_budget": str(full).lower(), "epochs_run": str(int(result.get("epoch", 0)))}
+            tags = {S.FULL_BUDGET_TAG: str(full).lower(), S.EPOCHS_RUN_TAG: str(int(result.get("epoch", 0)))}
             if best is not None and math.isfinite(best):
-                tags[f"best_{metric}"] = f"{best:.6f}"
+                tags[best_key(metric)] = f"{best:.6f}"
             if result.get(FAILED_KEY):
-                status, reason = "FAILED", result.get("failure_reason", "diverged")
+                status, reason = "FAILED", result.get(S.FAILURE_REASON_KEY, FAILED_KEY)
             if reason:
-                tags["failure_reason"] = reason[:4000]
+                tags[S.FAILURE_REASON_TAG] = reason[:4000]
             how = "ran the full budget" if full else (f"failed: {reason}" if status == "FAILED" else
-                                                       f"stopped early after {tags['epochs_run']} epoch(s)")
+                                                       f"stopped early after {tags[S.EPOCHS_RUN_TAG]} epoch(s)")
             best_text = f"best {metric} {best:.4f}" if best is not None and math.isfinite(best) else f"no {metric}"
             print(f"trial {trial.trial_id} finished: {best_text}, {how}", flush=True)
             self._write(trial, "end", status, tags)
@@ -195,6 +196,7 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
 
     from sweeps.trainable import train_trial
 
+    score_metric, score_mode = checkpoint_score(spec.primary.metric, spec.primary.mode)
     if spec.resources.workers > 1:  # the trial only drives a Train run (which asks for its workers): a sliver of a driver node
         trial_resources = tune.PlacementGroupFactory([{"CPU": 0, DRIVER_RESOURCE: 0.01}])
     else:
@@ -219,7 +221,8 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
                 run_config=tune.RunConfig(
                     name=exp_dir, storage_path=storage,
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="AP", checkpoint_score_order="max"),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=score_metric,
+                                                            checkpoint_score_order=score_mode),
                     callbacks=[make_callback(spec, tracker)],
                     verbose=1,  # the status table; the callback prints a line per finished trial
                 ),
@@ -238,30 +241,28 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
 def finalize(spec: SweepSpec, tracker: SweepTracker, results) -> dict[str, Any]:
     """After the sweep: each trial's best checkpoint to its MLflow run, a summary table."""
     metric, mode = spec.primary.metric, spec.primary.mode
+    score_metric, score_mode = checkpoint_score(metric, mode)
     rows = []
     for result in results:
         m = result.metrics or {}
         trial_id = m.get("trial_id") or _trial_id_from_path(result.path)
-        row = {"trial_id": trial_id, "epochs": int(m.get("epoch", 0)), "full_budget": bool(m.get("completed_full_budget")) and not m.get(FAILED_KEY),
-               f"best_{metric}": m.get(best_key(metric)), "error": str(result.error).splitlines()[-1] if result.error else (m.get("failure_reason") or ""),
+        row = {"trial_id": trial_id, "epochs": int(m.get("epoch", 0)), "full_budget": bool(m.get(S.FULL_BUDGET_KEY)) and not m.get(FAILED_KEY),
+               best_key(metric): m.get(best_key(metric)),
+               "error": str(result.error).splitlines()[-1] if result.error else (m.get(S.FAILURE_REASON_KEY) or ""),
                "config": {k: v for k, v in (result.config or {}).items()}}
         try:
-            best = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
+            best = result.get_best_checkpoint(score_metric, score_mode) if result.best_checkpoints else None
         except Exception:  # noqa: BLE001 - no checkpoint with the metric
             best = None
         if best is None:
-            best = _train_run_checkpoint(spec, result, metric, mode)
+            best = _train_run_checkpoint(spec, result, score_metric, score_mode)
         if best is not None:
             row["best_checkpoint"] = best.path
             try:
                 run = tracker.find_trial_run(trial_id)
-                if run is not None and run.data.tags.get("best_checkpoint") != best.path:
+                if run is not None and run.data.tags.get(S.BEST_CHECKPOINT_TAG) != best.path:
                     with best.as_directory() as d:
-                        tracker.log_checkpoint(run.info.run_id, d)
-                        digest = file_sha256(Path(d) / "model.safetensors")
-                    # best-student refuses a checkpoint whose weights changed after this point
-                    tracker.client.set_tag(run.info.run_id, "best_checkpoint_sha256", digest)
-                    tracker.client.set_tag(run.info.run_id, "best_checkpoint", best.path)
+                        tracker.log_checkpoint(run.info.run_id, d, best.path, file_sha256(Path(d) / "model.safetensors"))
             except Exception as exc:  # noqa: BLE001
                 log.warning("mlflow: could not log the best checkpoint of trial %s: %s", trial_id, exc)
         rows.append(row)
@@ -271,18 +272,18 @@ def finalize(spec: SweepSpec, tracker: SweepTracker, results) -> dict[str, Any]:
             log.info("mlflow: deleted the runs of %d trial(s) the restored sweep replaced: %s", len(retired), ", ".join(retired))
     except Exception as exc:  # noqa: BLE001
         log.warning("mlflow: could not clean up replaced trial runs: %s", exc)
-    ranked = sorted((r for r in rows if r[f"best_{metric}"] is not None and r["full_budget"]),
-                    key=lambda r: r[f"best_{metric}"], reverse=mode == "max")
+    ranked = sorted((r for r in rows if r[best_key(metric)] is not None and r["full_budget"]),
+                    key=lambda r: r[best_key(metric)], reverse=mode == "max")
     summary = {"sweep": spec.name, "objective": f"{metric} ({mode})", "trials": rows, "best": ranked[0] if ranked else None}
     print(f"\nsweep {spec.name}: {len(rows)} trials, {sum(r['full_budget'] for r in rows)} ran the full budget")
     print(f"{'trial':<14} {'epochs':>6} {'best ' + metric:>10}  config")
     for r in sorted(rows, key=lambda r: r["trial_id"]):
-        value = r[f"best_{metric}"]
+        value = r[best_key(metric)]
         shown = f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "-"
         cfg = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in r["config"].items())
         print(f"{r['trial_id']:<14} {r['epochs']:>6} {shown:>10}  {cfg}{'  [' + r['error'] + ']' if r['error'] else ''}")
     if ranked:
-        print(f"best: trial {ranked[0]['trial_id']} with {metric} {ranked[0][f'best_{metric}']:.4f}")
+        print(f"best: trial {ranked[0]['trial_id']} with {metric} {ranked[0][best_key(metric)]:.4f}")
     return json.loads(json.dumps(summary, default=str))
 
 

@@ -11,15 +11,10 @@ import logging
 from typing import Any
 
 from clockdistill.config import Config, config_from_dict
+from sweeps.schema import FAILED_KEY, best_key
 from sweeps.spec import SweepSpec, base_config_dict
 
 log = logging.getLogger(__name__)
-
-FAILED_KEY = "diverged"  # set in a trial's final report when its loss became NaN/inf
-
-
-def best_key(metric: str) -> str:
-    return f"best_{metric}"
 
 
 def tune_param_space(spec: SweepSpec) -> dict[str, Any]:

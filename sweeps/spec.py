@@ -36,8 +36,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from clockdistill.config import Config, config_from_dict, parse_yaml
+from clockdistill.config import Config, config_from_dict, parse_yaml, set_dotted
 from clockdistill.errors import ConfigError, UserError
+from sweeps.schema import DEFAULT_OBJECTIVE, OBJECTIVE_METRICS
 
 CONFIG_SECTIONS = ("data", "model", "loss", "train", "distill")
 
@@ -121,8 +122,8 @@ class Scheduler(_Strict):
 class Objective(_Strict):
     # A COCO metric of the validation split, or a property of the student (for AP-against-size or
     # AP-against-speed sweeps): its parameter count or its one-image latency on the trial's device.
-    metric: Literal["AP", "AP50", "AP75", "APs", "APm", "APl", "params", "latency_ms"] = "AP"
-    mode: Literal["max", "min"] = "max"
+    metric: Literal[tuple(OBJECTIVE_METRICS)] = DEFAULT_OBJECTIVE[0]  # type: ignore[valid-type] - schema.py owns the list
+    mode: Literal["max", "min"] = DEFAULT_OBJECTIVE[1]
 
 
 class Resources(_Strict):
@@ -259,35 +260,19 @@ def _check_config_keys(spec: SweepSpec, source: str) -> None:
             raise SpecError(f"{source}: search_space.{key}: set by the sweep itself (use teacher, data, epochs)")
         for value in dim.candidates():
             try:
-                config_from_dict(with_dotted(base, key, value))
+                config_from_dict(set_dotted(base, key, value))
             except ConfigError as exc:
                 raise SpecError(f"{source}: search_space.{key}.{dim.kind}: {exc}") from None
-
-
-def with_dotted(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
-    """A copy of nested dict `data` with dotted `key` set to `value`."""
-    out = _deep_copy(data)
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
-
-
-def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
 def base_config_dict(spec: SweepSpec) -> dict[str, Any]:
     """The config every trial starts from: spec.config plus the sweep-level keys (teacher, data,
     student, epochs). Data and model keys left out still come from the teacher at trial time."""
-    base = _deep_copy(spec.config)
-    base = with_dotted(base, "train.epochs", spec.epochs)
+    base = set_dotted(spec.config, "train.epochs", spec.epochs)
     if spec.student:
-        base = with_dotted(base, "model.preset", spec.student)
+        base = set_dotted(base, "model.preset", spec.student)
     if spec.data:
-        base = with_dotted(base, "data.root", spec.data)
+        base = set_dotted(base, "data.root", spec.data)
     return base
 
 
@@ -339,4 +324,4 @@ def sweep_dir_name(name: str) -> str:
 
 
 __all__ = ["SpecError", "SweepSpec", "base_config_dict", "load_spec", "parse_spec", "resolve_paths", "search_space_summary", "spec_from_json",
-           "spec_to_dict", "spec_to_json", "with_dotted"]
+           "spec_to_dict", "spec_to_json"]

@@ -14,19 +14,20 @@ import logging
 from typing import Any
 
 from clockdistill.checkpoint import storage_filesystem
-from clockdistill.tracking import default_tracking_uri
-from sweeps.spec import load_spec, search_space_summary, spec_to_dict, sweep_dir_name
-from sweeps.tracking import SweepTracker
+from sweeps import schema as S
+from sweeps.mlflow_writer import SweepTracker
+from sweeps.spec import SweepSpec, load_spec, search_space_summary, spec_to_dict, sweep_dir_name
 
 log = logging.getLogger(__name__)
 
 
-def _trials(storage: str, sweep: str) -> list[tuple[dict[str, Any], list[dict[str, Any]], tuple[str, str] | None]]:
+def _trials(spec: SweepSpec) -> list[tuple[dict[str, Any], list[dict[str, Any]], tuple[str, str] | None]]:
     """[(params, result rows, best checkpoint)] of every trial directory of the sweep."""
     import pyarrow.fs as pafs
 
-    fs, root = storage_filesystem(storage)
-    base = f"{root.rstrip('/')}/{sweep_dir_name(sweep)}"
+    fs, root = storage_filesystem(spec.storage_path)
+    base = f"{root.rstrip('/')}/{sweep_dir_name(spec.name)}"
+    score = S.checkpoint_score(spec.primary.metric, spec.primary.mode)
     out = []
     for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
         if info.type != pafs.FileType.Directory or not info.base_name.startswith("train_trial_"):
@@ -40,37 +41,40 @@ def _trials(storage: str, sweep: str) -> list[tuple[dict[str, Any], list[dict[st
             log.warning("sync: %s skipped (%s)", info.base_name, exc)
             continue
         if rows:
-            out.append((params, rows, _best_checkpoint(fs, info.path)))
+            out.append((params, rows, _best_checkpoint(fs, info.path, *score)))
     return out
 
 
-def _best_checkpoint(fs, trial_dir: str) -> tuple[str, str] | None:
-    """(path, sha256 of its weights) of the trial's kept checkpoint with the highest AP."""
+def _best_checkpoint(fs, trial_dir: str, metric: str, mode: str) -> tuple[str, str] | None:
+    """(path, sha256 of its weights) of the trial's kept checkpoint best in `metric` (as the sweep
+    ranks its checkpoints: schema.checkpoint_score)."""
     import hashlib
 
     import pyarrow.fs as pafs
 
+    sign = 1.0 if mode == "max" else -1.0
     best = None
     for info in fs.get_file_info(pafs.FileSelector(trial_dir)):
         if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
             continue
         try:
             with fs.open_input_stream(f"{info.path}/meta.json") as f:
-                ap = json.loads(f.read()).get("metrics", {}).get("AP", -1.0)
+                value = json.loads(f.read()).get("metrics", {}).get(metric)
             with fs.open_input_stream(f"{info.path}/model.safetensors") as f:
                 digest = hashlib.sha256(f.read()).hexdigest()
         except (FileNotFoundError, OSError, json.JSONDecodeError):
             continue
-        if best is None or ap > best[0]:
-            best = (ap, info.path, digest)
+        score = sign * value if isinstance(value, (int, float)) else float("-inf")
+        if best is None or score > best[0]:
+            best = (score, info.path, digest)
     return (best[1], best[2]) if best else None
 
 
 def sync_sweep(spec_path: str, name: str | None = None) -> dict[str, int]:
-    from sweeps.runner import _trial_params
+    from sweeps.runner import trial_params
 
     spec = load_spec(spec_path, name)
-    tracker = SweepTracker(spec.mlflow.tracking_uri or default_tracking_uri(), spec.mlflow.experiment, spec.name)
+    tracker = SweepTracker(spec.mlflow.tracking_uri or S.default_tracking_uri(), spec.mlflow.experiment, spec.name)
     parent = tracker.find_parent()
     if parent is None:
         tracker.start_parent(spec_to_dict(spec), search_space_summary(spec), None)
@@ -78,18 +82,17 @@ def sync_sweep(spec_path: str, name: str | None = None) -> dict[str, int]:
     else:
         tracker.parent_run_id = parent.info.run_id
     counts = {"trials": 0, "epochs_written": 0, "closed": 0}
-    for params, rows, best in _trials(spec.storage_path, spec.name):
+    for params, rows, best in _trials(spec):
         trial_id = rows[-1]["trial_id"]
-        run_id = tracker.trial_run(trial_id, f"train_trial_{trial_id}", _trial_params(spec, params))
+        run_id = tracker.trial_run(trial_id, f"train_trial_{trial_id}", trial_params(spec, params))
         counts["trials"] += 1
-        counts["epochs_written"] += sum(tracker.log_epoch(run_id, row) for row in rows if "diverged" not in row)
+        counts["epochs_written"] += sum(tracker.log_epoch(run_id, row) for row in rows if S.FAILED_KEY not in row)
         run = tracker.client.get_run(run_id)
-        if best and "best_checkpoint" not in run.data.tags:  # what best-student reads
-            tracker.client.set_tag(run_id, "best_checkpoint_sha256", best[1])
-            tracker.client.set_tag(run_id, "best_checkpoint", best[0])
+        if best and S.BEST_CHECKPOINT_TAG not in run.data.tags:  # what best-student reads
+            tracker.tag_checkpoint(run_id, best[0], best[1])
         last = rows[-1]
-        if last.get("completed_full_budget") and not tracker.is_done(tracker.client.get_run(run_id)):
-            tracker.end_trial(run_id, "FINISHED", {"completed_full_budget": "true", "epochs_run": str(int(last.get("epoch", 0)))})
+        if last.get(S.FULL_BUDGET_KEY) and not tracker.is_done(tracker.client.get_run(run_id)):
+            tracker.end_trial(run_id, "FINISHED", {S.FULL_BUDGET_TAG: "true", S.EPOCHS_RUN_TAG: str(int(last.get("epoch", 0)))})
             counts["closed"] += 1
     print(f"sync {spec.name}: {counts['trials']} trials, {counts['epochs_written']} epoch(s) written, {counts['closed']} run(s) closed "
           f"-> {tracker.tracking_uri}")

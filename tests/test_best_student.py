@@ -46,7 +46,7 @@ def test_picks_the_trial_the_tune_results_say_is_best_and_its_ap_reproduces(tiny
 
 def test_export_files_torchscript_matches_eager_and_the_card_says_what_it_is(tiny_sweep, exported):
     from clockdistill.data import CocoDetection, DetectionTransform, collate
-    from clockdistill.engine import load_detector
+    from clockdistill.checkpoint import load_detector
     from clockdistill.exporters import pad_to
 
     out, manifest, _ = exported
@@ -170,15 +170,15 @@ def _trial(trial_id, status="FINISHED", full=True, **best):
     tags = {"trial_id": trial_id, "completed_full_budget": "true" if full else "false"}
     run = SimpleNamespace(info=SimpleNamespace(status=status, run_id=trial_id),
                           data=SimpleNamespace(tags=tags, metrics={f"best_{k}": v for k, v in best.items()}))
-    from clockdistill.tracking import Trial
+    from sweeps.mlflow_reader import Trial
 
     return Trial(run)
 
 
 def test_choice_rules_single_and_multi_objective():
     from clockdistill.errors import UserError
-    from clockdistill.export import choose_trial
-    from clockdistill.tracking import Sweep
+    from sweeps.best_student import choose_trial
+    from sweeps.mlflow_reader import Sweep
 
     single = Sweep(SimpleNamespace(data=SimpleNamespace(tags={"sweep_id": "s"}, metrics={}, params={})), {"objective": {"metric": "AP", "mode": "max"}})
     trials = [_trial("a", AP=0.5), _trial("b", full=False, AP=0.9), _trial("c", status="FAILED", full=False, AP=0.8), _trial("d", AP=0.6)]

@@ -86,7 +86,7 @@ def test_cache_size_is_reported_before_building_and_a_limit_falls_back(tiny_teac
     assert "> distill.teacher_cache_max_gb=1e-06; using the live teacher" in caplog.text
     assert not (tmp_path / "cache" / "teacher").exists() or not any((tmp_path / "cache" / "teacher").glob("*.arrow"))
     caplog.clear()
-    cfg.distill.teacher_cache_max_gb = 20.0
+    cfg = cfg.updated({"distill.teacher_cache_max_gb": 20.0})
     cache = prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu"))
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher cache:"))
     assert "building" in line and f"{len(train_ds) * 4} entries" in line
@@ -100,14 +100,12 @@ def test_cache_size_is_reported_before_building_and_a_limit_falls_back(tiny_teac
 def test_cache_modes_say_why_the_live_teacher_is_used(tiny_teacher, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     cfg = _cfg(tiny_teacher, tmp_path / "cache")
-    cfg.data.pad_to = "batch"
+    cfg = cfg.updated({"data.pad_to": "batch"})
     train_ds, _ = build_datasets(cfg)
     teacher = FrozenTeacher.load(tiny_teacher)
     with pytest.raises(ConfigError, match=r"^distill.teacher_cache: on, but data.pad_to: 'batch'"):
         prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu"))
-    cfg.distill.teacher_cache = "auto"
-    cfg.data.pad_to = "max_size"
-    cfg.distill.logit.label_noise = 0.3
+    cfg = cfg.updated({"distill.teacher_cache": "auto", "data.pad_to": "max_size", "distill.logit.label_noise": 0.3})
     assert prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu")) is None
     assert "teacher cache not used: distill.logit.label_noise/box_noise" in caplog.text
 
@@ -118,7 +116,7 @@ def test_a_training_run_with_the_teacher_cache_learns_like_the_live_one(tiny_tea
     kd_logit = {}
     for mode in ("off", "on"):
         cfg = _cfg(tiny_teacher, tmp_path / "cache", teacher_cache=mode, logit={"random_queries": 2})
-        cfg.train.epochs, cfg.train.output_dir = 2, str(tmp_path / mode)
+        cfg = cfg.updated({"train.epochs": 2, "train.output_dir": str(tmp_path / mode)})
         result = run_distillation(cfg)
         kd_logit[mode] = [h["loss_kd_logit"] for h in result.history]
     for live, cached in zip(kd_logit["off"], kd_logit["on"]):
@@ -165,7 +163,7 @@ def test_decoded_images_give_the_same_samples_without_opening_image_files(synth_
     cfg = config_from_dict({"data": {"root": str(data), "train_sizes": [96, 128], "cache_dir": str(tmp_path / "cache")},
                             "train": {"progress": False}})
     plain_train, plain_val = build_datasets(cfg)
-    cfg.data.decoded_cache = True
+    cfg = cfg.updated({"data.decoded_cache": True})
     cached_train, cached_val = build_datasets(cfg)
     assert len(list((tmp_path / "cache" / "decoded").glob("*.arrow"))) == 3  # train at 96 and 128, val at 128
     expected = {}
@@ -277,7 +275,7 @@ def test_decoded_files_being_built_elsewhere_are_picked_up_at_the_next_epoch(syn
         train, _ = build_datasets(cfg)
         assert train._decoded == {} and train._pending == {128: path}
         before = train[0]
-    cfg.data.root = str(synth_data)
+    cfg = cfg.updated({"data.root": str(synth_data)})
     build_datasets(cfg)  # another trial builds the file now
     train.set_epoch(0)
     assert 128 in train._decoded and not train._pending

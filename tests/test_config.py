@@ -58,3 +58,33 @@ def test_bad_files(tmp_path):
     code.write_text("name: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(ConfigError):  # safe loading: tags that run code are refused
         load_config(code)
+
+
+def test_configs_are_values_no_function_changes_its_argument(tmp_path):
+    import copy
+    import dataclasses
+
+    from clockdistill.config import apply_overrides
+    from clockdistill.distill import distill_config
+
+    raw = {"train": {"epochs": 1}, "model": {"preset": "tiny-student"}}
+    before = copy.deepcopy(raw)
+    assert apply_overrides(raw, ["train.epochs=3", "train.lr=1e-3"])["train"] == {"epochs": 3, "lr": 1e-3}
+    cfg = config_from_dict(raw, ["train.epochs=5", "data.max_size=64"])
+    assert cfg.train.epochs == 5 and raw == before  # the caller's nested dicts are untouched
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 2
+    again = cfg.updated({"train.epochs": 2})
+    assert again.train.epochs == 2 and cfg.train.epochs == 5
+    with pytest.raises(ConfigError, match="train.epochs"):
+        cfg.updated({"train.epochs": 0})
+    # distill_config reads a teacher checkpoint's metadata and fills in what the dict leaves out
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    tcfg = config_from_dict({"data": {"root": "somewhere"}, "model": {"preset": "tiny-teacher"}})
+    (teacher / "meta.json").write_text(__import__("json").dumps({"config": tcfg.to_dict(), "class_names": ["a", "b"]}))
+    data = {"distill": {"memory": {"alpha": 1e-3}}, "train": {"epochs": 2}}
+    before = copy.deepcopy(data)
+    kd = distill_config(data=data, overrides=["distill.logit.temperature=4"], teacher=teacher)
+    assert kd.model.preset == "tiny-student" and kd.data.root == "somewhere" and kd.distill.logit.temperature == 4
+    assert data == before

@@ -50,7 +50,7 @@ def test_one_step_on_two_workers_equals_one_step_on_one(cluster, tiny_teacher, t
             torch.set_num_threads(1)
             rank = ray.train.get_context().get_world_rank()
             cfg = distill_config(data=c["raw"], teacher=c["teacher"])
-            cfg.train.output_dir = c["out"] + f"/rank{{rank}}"
+            cfg = cfg.updated({{"train.output_dir": c["out"] + f"/rank{{rank}}"}})
             assert torch.distributed.get_backend() == "gloo" and torch.distributed.get_world_size() == 2
             run_distillation(cfg)
             with open(c["out"] + f"/rank{{rank}}.host", "w") as f:
@@ -69,7 +69,7 @@ def test_one_step_on_two_workers_equals_one_step_on_one(cluster, tiny_teacher, t
     assert not (tmp_path / "ddp" / "rank1" / "last").exists()  # only rank 0 writes checkpoints
 
     cfg = distill_config(data=raw, teacher=tiny_teacher)
-    cfg.train.output_dir = str(tmp_path / "single")
+    cfg = cfg.updated({"train.output_dir": str(tmp_path / "single")})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each DDP worker (1 CPU)
     try:

@@ -37,6 +37,41 @@ def test_checkpoint_round_trip_without_pickle(tmp_path):
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
 
 
+@pytest.mark.parametrize("crash_after", ["first", "second"])
+def test_a_save_interrupted_between_its_renames_leaves_the_old_or_the_new_checkpoint(tmp_path, monkeypatch, crash_after):
+    """A save moves the previous checkpoint aside, then the new one in. A crash after either move
+    (simulated: the process cannot be killed between two calls of a test) must leave a checkpoint
+    that `recover_checkpoint` (which `fit` runs before resuming) finds whole."""
+    import os
+
+    from clockdistill import checkpoint as ck
+
+    cfg = config_from_dict({"model": {"preset": "tiny-student"}})
+    model = build_detector(cfg.model, 3)
+    save_checkpoint(tmp_path / "last", model, {"epoch": 0})
+    calls, real_replace = [], os.replace
+
+    def replace_then_crash(src, dst):
+        calls.append(src)
+        if crash_after == "second" or len(calls) == 1:
+            real_replace(src, dst)
+        if (crash_after == "first" and len(calls) == 1) or (crash_after == "second" and len(calls) == 2):
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(ck.os, "replace", replace_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "last", model, {"epoch": 1})
+    monkeypatch.setattr(ck.os, "replace", real_replace)
+    assert ck.recover_checkpoint(tmp_path / "last")
+    assert read_meta(tmp_path / "last")["epoch"] == 1  # the new checkpoint was complete: it wins over the old one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    load_weights(tmp_path / "last", build_detector(cfg.model, 3))
+    # a crash while the new checkpoint is still being written leaves the old one in place
+    (tmp_path / "last.tmp").mkdir()
+    (tmp_path / "last.tmp" / "model.safetensors").write_bytes(b"partial")
+    assert ck.recover_checkpoint(tmp_path / "last") and read_meta(tmp_path / "last")["epoch"] == 1
+
+
 def test_lr_schedule_warmup_cosine_and_step():
     cfg = TrainConfig(warmup_iters=10, min_lr_ratio=0.1)
     assert lr_factor(0, 100, 10, cfg) == pytest.approx(0.1)
@@ -48,7 +83,9 @@ def test_lr_schedule_warmup_cosine_and_step():
 
 def test_fit_reports_every_epoch_and_resumes(synth_data, tmp_path):
     seen = []
-    result = fit(tiny_config(synth_data, tmp_path / "run"), on_epoch_end=lambda e, m, ck: seen.append((e, m, ck)))
+    cfg = tiny_config(synth_data, tmp_path / "run")
+    result = fit(cfg, on_epoch_end=lambda e, m, ck: seen.append((e, m, ck)))
+    assert cfg == tiny_config(synth_data, tmp_path / "run") and cfg.model.num_classes == 0  # fit kept its argument as it was
     assert [e for e, _, _ in seen] == [1, 2]
     metrics = seen[-1][1]
     for key in ("loss", "loss_cls", "loss_bbox", "loss_giou", "loss_cls_0", "lr", "AP", "AP50", "APs", "AP/circle"):

@@ -39,6 +39,7 @@ from clockdistill.config import Config, ConfigError
 from clockdistill.data import CocoDetection, collate
 from clockdistill.data.index import file_digest
 from clockdistill.distill.queries import TargetQueryBuilder
+from clockdistill.methods import method
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ class CachePlan:
 def cache_blockers(cfg: Config) -> list[str]:
     """Why this run cannot read teacher outputs from a cache (empty: it can)."""
     dc, reasons = cfg.distill, []
-    if dc.method == "none":
-        reasons.append("distill.method: none runs no teacher")
+    if not method(dc.method).uses_teacher:
+        reasons.append(f"distill.method: {dc.method} runs no teacher")
     if cfg.data.pad_to != "max_size":
         reasons.append("data.pad_to: 'batch' pads to each batch's largest image, so an image's teacher features depend on its "
                        "batch; set data.pad_to=max_size")
@@ -74,15 +75,7 @@ def cache_blockers(cfg: Config) -> list[str]:
 
 
 def needed_parts(cfg: Config) -> list[str]:
-    dc = cfg.distill
-    parts = []
-    if dc.method in ("clockdistill", "memory_only", "fitnet"):
-        parts.append("memory")
-    if dc.uses_target_queries:
-        parts.append("queries")
-    if dc.method == "vanilla_kd":
-        parts.append("default")
-    return parts
+    return list(method(cfg.distill.method).teacher_cache_parts)
 
 
 class TeacherCache:

@@ -22,13 +22,14 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from clockdistill.config import Config, ConfigError
-from clockdistill.distributed import is_distributed
-from clockdistill.errors import TrainingDiverged
 from clockdistill.distill.losses import fitnet_term, logit_terms, memory_terms
 from clockdistill.distill.masks import level_token_mask, memory_masks
 from clockdistill.distill.queries import TargetQueryBuilder
 from clockdistill.distill.teacher import FrozenTeacher
+from clockdistill.distributed import is_distributed
+from clockdistill.errors import TrainingDiverged
 from clockdistill.losses import SetCriterion, detection_weights
+from clockdistill.methods import method
 from clockdistill.models.transformer import Memory
 from clockdistill.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 
@@ -116,15 +117,16 @@ class Distiller:
         if teacher.num_classes != student.num_classes:
             raise ConfigError(f"model.num_classes: the student has {student.num_classes} classes, the teacher {teacher.num_classes}")
         self.method = dc.method
-        self.uses_memory = dc.method in ("clockdistill", "memory_only", "fitnet")
-        self.uses_queries = dc.uses_target_queries
-        self.uses_matching = dc.method == "vanilla_kd"
+        caps = self.caps = method(dc.method)
+        self.uses_memory = caps.memory is not None
+        self.uses_queries = caps.target_queries
+        self.uses_matching = caps.matched_logits
         if self.uses_memory:
             _check_memory_geometry(teacher.cfg, student.cfg)
         dt, ds = teacher.cfg.d_model, student.cfg.d_model
         self.adapter = nn.Linear(ds, dt) if self.uses_memory and ds != dt else None
         self.pairs = layer_pairs(dc.logit.layers, student.cfg.dec_layers, teacher.cfg.dec_layers)
-        if not self.pairs and (self.uses_queries or dc.method == "vanilla_kd"):
+        if not self.pairs and caps.logit_terms:
             raise ConfigError(f"distill.logit.layers: {dc.logit.layers!r} selects no student layer that has a teacher counterpart")
         self.queries = TargetQueryBuilder(student.num_classes, [dt, ds], dc.logit) if self.uses_queries else None
         self.criterion = SetCriterion.from_config(cfg.loss, student.num_classes)
@@ -175,7 +177,7 @@ class Distiller:
         qs = self.queries.sample(targets, images.device, min_slots=int(is_distributed())) if self.uses_queries else None
         mem_s, tokens_s, out_s, target_s = self.student_pass(images, mask, qs)
         terms = dict(self.criterion(out_s, targets))
-        if self.method == "none":
+        if not self.caps.uses_teacher:
             return terms, self.weights
         cache = self.cache.get() if self.cache is not None else None  # None while a cache is still being built elsewhere
         if cache is not None and cache is not self.cache:
@@ -212,7 +214,7 @@ class Distiller:
         geometry (same levels and canvas), so the student's padding mask and level shapes serve both."""
         mc = self.dcfg.memory
         levels = level_token_mask(mem_s.spatial_shapes, mc.levels, t.device)
-        if self.method == "fitnet":
+        if self.caps.memory == "plain":
             return {"kd_fitnet": fitnet_term(t, s, mem_s.padding_mask, levels)}
         m, sc = memory_masks(targets, image_hw, mem_s.spatial_shapes, mem_s.padding_mask, mc.mask, mc.gaussian_grow, mc.scale_norm)
         return memory_terms(t, s, m, sc, levels, mc.channel_reduce)
@@ -254,12 +256,12 @@ class Distiller:
 
     def _kd_weights(self) -> dict[str, float]:
         dc, w = self.dcfg, {}
-        if self.method in ("clockdistill", "memory_only"):
+        if self.caps.memory == "masked":
             w["kd_mem_fg"] = dc.memory.weight * dc.memory.alpha
             w["kd_mem_bg"] = dc.memory.weight * dc.memory.beta
-        if self.method == "fitnet":
+        if self.caps.memory == "plain":
             w["kd_fitnet"] = dc.memory.fitnet_weight
-        if self.uses_queries or self.uses_matching:
+        if self.caps.logit_terms:
             lc = dc.logit
             for e, _ in self.pairs:
                 w.update({f"kd_cls_{e}": lc.weight * lc.cls_weight, f"kd_l1_{e}": lc.weight * lc.l1_weight,
@@ -283,7 +285,7 @@ class Distiller:
         if "kd_fitnet" in kw:
             parts.append(f"{kw['kd_fitnet']:g}*kd_fitnet")
             notes.append("kd_fitnet: mean squared error over every unpadded memory token and channel")
-        if self.pairs and (self.uses_queries or self.uses_matching):
+        if self.pairs and self.caps.logit_terms:
             e0 = self.pairs[0][0]
             layers = "{" + ",".join(str(e) for e, _ in self.pairs) + "}"
             parts.append(f"sum_e in {layers} ({kw[f'kd_cls_{e0}']:g}*kd_cls_e + {kw[f'kd_l1_{e0}']:g}*kd_l1_e + {kw[f'kd_giou_{e0}']:g}*kd_giou_e)")

@@ -41,8 +41,7 @@ def distill_config(path: str | Path | None = None, overrides: list[str] | None =
                    data: dict[str, Any] | None = None) -> Config:
     """The config of a distillation run: a YAML file (or the dict `data`), dotted overrides, the
     teacher checkpoint (`teacher` wins over `distill.teacher`), then defaults from the teacher."""
-    raw = dict(data) if data is not None else read_config_file(path)
-    apply_overrides(raw, list(overrides or []))
+    raw = apply_overrides(data if data is not None else read_config_file(path), list(overrides or []))  # a copy
     section = raw.setdefault("distill", {})
     if not isinstance(section, dict):
         raise ConfigError("distill: expected a mapping of keys to values")
@@ -72,7 +71,8 @@ class DistillResult(FitResult):
 def build_distiller(cfg: Config, teacher: FrozenTeacher, num_classes: int, device: torch.device) -> Distiller:
     """Student (seeded by train.seed, optionally initialised from the teacher) + distiller, on `device`."""
     torch.manual_seed(cfg.train.seed)
-    cfg.model.num_classes = num_classes
+    if cfg.model.num_classes != num_classes:  # a new config: the caller's stays as it is
+        cfg = cfg.updated({"model.num_classes": num_classes})
     student = build_detector(cfg.model, num_classes)
     if cfg.distill.init_student:
         log.info("init_student: copied %d teacher tensors into the student", init_from_teacher(student, teacher))

@@ -23,7 +23,7 @@ class FrozenTeacher(nn.Module):
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> "FrozenTeacher":
-        from clockdistill.engine import load_detector
+        from clockdistill.checkpoint import load_detector
 
         model, meta = load_detector(checkpoint, device)
         return cls(model, meta)

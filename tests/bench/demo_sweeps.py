@@ -36,7 +36,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def run_variant(name: str, workdir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    from clockdistill.demo import demo_spec
+    from sweeps.demo import demo_spec
 
     teacher = ensure_teacher(workdir)
     out = workdir / "bench" / name

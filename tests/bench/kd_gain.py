@@ -25,7 +25,7 @@ import torch
 
 from clockdistill.config import config_from_dict
 from clockdistill.data.synth import ensure_synthetic
-from clockdistill.demo import TRAIN
+from sweeps.demo import TRAIN
 from clockdistill.distill import distill_config, run_distillation
 from clockdistill.engine import build_datasets, fit
 

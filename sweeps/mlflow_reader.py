@@ -1,11 +1,7 @@
 """Reading a sweep back from MLflow: its parent run, its trials, their metrics and the Pareto set.
 
-The sweep driver (sweeps/tracking.py) writes; `best-student` and `report` read through here:
-
-    parent run: tags clockdistill.role=sweep, sweep_id; artifact spec.json; metric teacher_AP
-    trial runs: tags clockdistill.role=trial, sweep_id, trial_id, completed_full_budget, best_checkpoint
-                (+ best_checkpoint_sha256); params = the trial's full flattened config;
-                metrics per epoch (step = epoch) and best_<objective> (best so far)
+The sweep driver writes (mlflow_writer.py); `best-student`, `report` and `sync` read through here.
+The names both sides use are in schema.py.
 """
 
 from __future__ import annotations
@@ -20,13 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from clockdistill.errors import UserError
-
-MAXIMISED = {"AP", "AP50", "AP75", "APs", "APm", "APl"}  # the rest (params, latency_ms) are minimised
-
-
-def default_tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set, else a SQLite file in the current (project) directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+from sweeps import schema as S
 
 
 def open_client(tracking_uri: str | None = None):
@@ -34,7 +24,7 @@ def open_client(tracking_uri: str | None = None):
     server that answers /health within a few seconds (MLflow itself would retry for minutes)."""
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri or default_tracking_uri()
+    uri = tracking_uri or S.default_tracking_uri()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # checkpoints and plots: bars are noise
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
@@ -52,10 +42,6 @@ def open_client(tracking_uri: str | None = None):
     return MlflowClient(uri)
 
 
-def _quote(value: str) -> str:
-    return value.replace("'", "\\'")
-
-
 @dataclass
 class Sweep:
     run: Any  # the parent mlflow Run
@@ -63,7 +49,7 @@ class Sweep:
 
     @property
     def name(self) -> str:
-        return self.run.data.tags["sweep_id"]
+        return self.run.data.tags[S.SWEEP_ID_TAG]
 
     @property
     def run_id(self) -> str:
@@ -76,12 +62,19 @@ class Sweep:
     @property
     def objectives(self) -> list[tuple[str, str]]:
         """[(metric, mode)], the primary objective first."""
-        objs = self.spec.get("objectives") or [self.spec.get("objective") or {"metric": "AP", "mode": "max"}]
-        return [(o.get("metric", "AP"), o.get("mode", "max")) for o in objs]
+        metric, mode = S.DEFAULT_OBJECTIVE
+        objs = self.spec.get("objectives") or [self.spec.get("objective") or {}]
+        return [(o.get("metric", metric), o.get("mode", mode)) for o in objs]
 
     @property
     def teacher_ap(self) -> float | None:
-        return self.run.data.metrics.get("teacher_AP")
+        return self.run.data.metrics.get(S.TEACHER_AP)
+
+    @property
+    def searched_keys(self) -> list[str]:
+        """The dotted config keys the sweep searched (its `space.` params)."""
+        prefix = S.SPACE_PARAM_PREFIX
+        return sorted(k[len(prefix):] for k in self.run.data.params if k.startswith(prefix))
 
     @property
     def registered_model(self) -> str:
@@ -96,7 +89,7 @@ class Trial:
 
     @property
     def trial_id(self) -> str:
-        return self.run.data.tags.get("trial_id", "?")
+        return self.run.data.tags.get(S.TRIAL_ID_TAG, "?")
 
     @property
     def run_id(self) -> str:
@@ -108,36 +101,36 @@ class Trial:
 
     @property
     def full_budget(self) -> bool:
-        return self.run.data.tags.get("completed_full_budget") == "true"
+        return S.ran_full_budget(self.run.data.tags)
 
     @property
     def finished(self) -> bool:
         """Ran its full budget and ended without error: an export candidate."""
-        return self.status == "FINISHED" and self.full_budget
+        return S.finished_full_budget(self.run)
 
     def best(self, metric: str) -> float | None:
-        value = self.run.data.metrics.get(f"best_{metric}")
+        value = self.run.data.metrics.get(S.best_key(metric))
         return value if value is not None and math.isfinite(value) else None
 
 
 def find_sweep(client, name: str | None = None) -> Sweep:
     """The sweep's parent run by name, or the most recently started sweep in the store."""
-    where = "tags.`clockdistill.role` = 'sweep'" + (f" and tags.sweep_id = '{_quote(name)}'" if name else "")
     experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, where, max_results=1, order_by=["attributes.start_time DESC"]) if experiments else []
+    runs = client.search_runs(experiments, S.sweep_filter(name), max_results=1, order_by=["attributes.start_time DESC"]) if experiments else []
     if not runs:
-        known = sorted({r.data.tags.get("sweep_id", "?") for r in client.search_runs(experiments, "tags.`clockdistill.role` = 'sweep'",
-                                                                                      max_results=50)}) if experiments and name else []
+        known = sorted({r.data.tags.get(S.SWEEP_ID_TAG, "?")
+                        for r in client.search_runs(experiments, S.sweep_filter(), max_results=50)}) if experiments and name else []
         hint = f" (sweeps in this store: {', '.join(known)})" if known else ": run one first (make demo, or make sweep SPEC=...)"
         raise UserError(f"no sweep {'named ' + repr(name) + ' ' if name else ''}found in MLflow store {client.tracking_uri}{hint}")
     run = runs[0]
     try:
         from mlflow.artifacts import load_dict
 
-        spec = load_dict(f"{run.info.artifact_uri.rstrip('/')}/spec.json")
+        spec = load_dict(f"{run.info.artifact_uri.rstrip('/')}/{S.SPEC_ARTIFACT}")
     except Exception:  # noqa: BLE001 - an older or hand-made sweep run: fall back to the logged params
-        spec = {"objective": {"metric": run.data.params.get("spec.objective.metric", "AP"),
-                              "mode": run.data.params.get("spec.objective.mode", "max")}}
+        metric, mode = S.DEFAULT_OBJECTIVE
+        spec = {"objective": {"metric": run.data.params.get(f"{S.SPEC_PARAM_PREFIX}objective.metric", metric),
+                              "mode": run.data.params.get(f"{S.SPEC_PARAM_PREFIX}objective.mode", mode)}}
     return Sweep(run, spec)
 
 
@@ -150,8 +143,7 @@ def _param_value(text: str) -> Any:
 
 def sweep_trials(client, sweep: Sweep) -> list[Trial]:
     """Every trial run of the sweep (deleted orphans excluded), oldest first."""
-    runs = client.search_runs([sweep.experiment_id], f"tags.sweep_id = '{_quote(sweep.name)}' and tags.`clockdistill.role` = 'trial'",
-                              max_results=10000, order_by=["attributes.start_time ASC"])
+    runs = client.search_runs([sweep.experiment_id], S.trial_filter(sweep.name), max_results=10000, order_by=["attributes.start_time ASC"])
     return [Trial(r, {k: _param_value(v) for k, v in r.data.params.items()}) for r in runs]
 
 
@@ -175,6 +167,6 @@ def pareto_set(trials: list[Trial], objectives: list[tuple[str, str]]) -> list[T
 
 def rank(trials: list[Trial], metric: str, mode: str | None = None) -> list[Trial]:
     """Trials with a value of best_<metric>, best first (ties: the earlier trial)."""
-    mode = mode or ("max" if metric in MAXIMISED else "min")
+    mode = mode or S.natural_mode(metric)
     with_value = [t for t in trials if t.best(metric) is not None]
     return sorted(with_value, key=lambda t: -t.best(metric) if mode == "max" else t.best(metric))

@@ -78,7 +78,7 @@ def _report_and_export(sweep: str, workdir: Path) -> dict[str, Any]:
     """The sweep report and `best-student` into the work directory; a failure here is reported, and
     the finished sweep stays as it is."""
     from clockdistill.errors import UserError
-    from clockdistill.export import best_student
+    from sweeps.best_student import best_student
     from sweeps.report import build_report
 
     done: dict[str, Any] = {}

@@ -1,4 +1,4 @@
-"""Writing the verified best student out: files, model card, MLflow model and registry version.
+"""Writing the verified best student out: its files and model card (the registry: registry.py).
 
     <out>/model.safetensors     student weights
     <out>/meta.json             checkpoint metadata (config, class names): `clockdistill evaluate --checkpoint <out>` works
@@ -19,14 +19,17 @@ from typing import Any
 
 import torch
 
+from clockdistill.checkpoint import load_detector
+from clockdistill.config import config_from_dict
 from clockdistill.errors import UserError
-from clockdistill.exporters import cpu_latency_ms, max_abs_difference, onnx_available, pad_to, parameter_count, to_onnx, to_torchscript
-from clockdistill.tracking import Sweep, Trial
+from clockdistill.metrics import COCO_METRICS
+from clockdistill.exporters import max_abs_difference, onnx_available, pad_to, to_onnx, to_torchscript
+from clockdistill.latency import cpu_latency_ms, parameter_count
+from sweeps.mlflow_reader import Sweep, Trial
 
 log = logging.getLogger(__name__)
 
 TORCHSCRIPT_TOLERANCE = 1e-4
-CARD_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def _test_batch(cfg, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,8 +42,6 @@ def _test_batch(cfg, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _teacher_facts(path: str, size: int) -> dict[str, Any]:
-    from clockdistill.engine import load_detector
-
     try:
         teacher, meta = load_detector(path, "cpu")
     except UserError as exc:
@@ -52,9 +53,6 @@ def _teacher_facts(path: str, size: int) -> dict[str, Any]:
 
 def export_files(checkpoint: Path, meta: dict[str, Any], metrics: dict[str, float], out: Path, *, sweep: Sweep, trial: Trial,
                  source: str) -> dict[str, Any]:
-    from clockdistill.config import config_from_dict
-    from clockdistill.engine import load_detector
-
     cfg = config_from_dict(meta["config"])
     size = cfg.data.max_size
     model, _ = load_detector(checkpoint, "cpu")
@@ -84,7 +82,7 @@ def export_files(checkpoint: Path, meta: dict[str, Any], metrics: dict[str, floa
     else:
         log.info("ONNX skipped: install the onnx extra (pip install 'clockdistill[onnx]') for student.onnx")
 
-    searched = sorted(k[len("space."):] for k in sweep.run.data.params if k.startswith("space."))
+    searched = sweep.searched_keys
     manifest = {
         "sweep": sweep.name, "sweep_run_id": sweep.run_id, "trial_id": trial.trial_id, "trial_run_id": trial.run_id,
         "checkpoint_source": source, "epoch": slim.get("metrics", {}).get("epoch"),
@@ -92,7 +90,7 @@ def export_files(checkpoint: Path, meta: dict[str, Any], metrics: dict[str, floa
         "student": {"preset": cfg.model.preset, "params": parameter_count(model), "cpu_latency_ms": cpu_latency_ms(model, size)},
         "teacher": {**_teacher_facts(cfg.distill.teacher or sweep.spec.get("teacher", ""), size), "AP": sweep.teacher_ap},
         "knobs": {k: trial.params.get(k) for k in searched}, "method": cfg.distill.method,
-        "metrics": {k: metrics[k] for k in CARD_METRICS if k in metrics},
+        "metrics": {k: metrics[k] for k in COCO_METRICS if k in metrics},
         "torchscript_max_abs_diff": diff, "onnx_max_abs_diff": onnx_diff, "files": files + ["MODEL_CARD.md", "export.json"],
     }
     (out / "MODEL_CARD.md").write_text(model_card(manifest))
@@ -146,39 +144,3 @@ Teacher AP (reference): {_fmt(t.get('AP'))}
 - Teacher checkpoint: `{t.get('path')}`
 - TorchScript max |difference| to the eager model on a validation batch: {m['torchscript_max_abs_diff']:.1e}
 """
-
-
-def register_student(client, sweep: Sweep, trial: Trial, out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Log the TorchScript student on the trial's run, register it and set the `champion` alias.
-    A version of this sweep's trial that is already registered is reused, not duplicated."""
-    import mlflow
-    import mlflow.pytorch
-
-    name = sweep.registered_model
-    existing = [v for v in client.search_model_versions(f"name = '{name}'")
-                if v.tags.get("trial_id") == trial.trial_id and v.tags.get("sweep_id") == sweep.name]
-    if existing:
-        version = existing[0]
-        print(f"model {name} version {version.version} already holds trial {trial.trial_id}: not registered again")
-    else:
-        mlflow.set_tracking_uri(client.tracking_uri)
-        scripted = torch.jit.load(str(out / "student.torchscript.pt"))
-        extra = [str(out / f) for f in ("MODEL_CARD.md", "config.json", "meta.json")]
-        tags = {"sweep_id": sweep.name, "trial_id": trial.trial_id, "AP": f"{manifest['metrics']['AP']:.6f}"}
-        quiet = logging.getLogger("mlflow.pytorch")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # its pickle warning does not apply: a ScriptModule is written by torch.jit.save
-        try:
-            with mlflow.start_run(run_id=trial.run_id):  # reopens the finished trial run; closed FINISHED again
-                info = mlflow.pytorch.log_model(scripted, name="student", serialization_format="pickle", extra_files=extra,
-                                                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], tags=tags)
-        finally:
-            quiet.setLevel(level)
-        version = mlflow.register_model(info.model_uri, name, tags=tags)
-        client.update_model_version(name, version.version, description=f"Best student of sweep {sweep.name} (trial {trial.trial_id}), "
-                                                                       f"AP {manifest['metrics']['AP']:.4f}")
-        print(f"registered model {name} version {version.version}")
-    client.set_registered_model_alias(name, "champion", version.version)
-    client.log_text(sweep.run_id, (out / "MODEL_CARD.md").read_text(), "best_student/MODEL_CARD.md")
-    print(f"alias champion -> {name} version {version.version} (load with models:/{name}@champion)")
-    return {"model": name, "version": str(version.version), "alias": "champion"}

@@ -1,4 +1,5 @@
-"""`clockdistill best-student`: pick a sweep's winner, verify it, export it and register it.
+"""`clockdistill best-student`: pick a sweep's winner, verify it, export it (student_export.py) and
+register it (registry.py).
 
     1. find the sweep in MLflow (the latest when not named) and its trials;
     2. candidates = trials that FINISHED their full budget; the best by the objective (a
@@ -26,11 +27,13 @@ from typing import Any
 
 import torch
 
+from clockdistill.checkpoint import file_sha256, load_detector, read_meta, storage_filesystem
+from clockdistill.config import config_from_dict
 from clockdistill.errors import UserError
-from clockdistill.tracking import MAXIMISED, Sweep, Trial, find_sweep, metric_history, open_client, pareto_set, rank, sweep_trials
+from sweeps import schema as S
+from sweeps.mlflow_reader import Sweep, Trial, find_sweep, metric_history, open_client, pareto_set, rank, sweep_trials
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -60,7 +63,7 @@ def choose_trial(sweep: Sweep, trials: list[Trial], metric: str | None = None, p
     else:
         metric = metric or sweep.objectives[0][0]
         pool = candidates
-    mode = objectives.get(metric) or ("max" if metric in MAXIMISED else "min")
+    mode = objectives.get(metric) or S.natural_mode(metric)
     ranked = rank(pool, metric, mode)
     if not ranked:
         raise UserError(f"--metric: no finished trial of sweep {sweep.name} logged best_{metric} "
@@ -74,9 +77,7 @@ def fetch_checkpoint(client, trial: Trial, dest: Path) -> tuple[Path, str]:
     import pyarrow as pa
     import pyarrow.fs as pafs
 
-    from clockdistill.checkpoint import storage_filesystem
-
-    source = trial.run.data.tags.get("best_checkpoint", "")
+    source = trial.run.data.tags.get(S.BEST_CHECKPOINT_TAG, "")
     if source:
         try:
             fs, path = storage_filesystem(source)
@@ -88,25 +89,23 @@ def fetch_checkpoint(client, trial: Trial, dest: Path) -> tuple[Path, str]:
         except (OSError, ValueError, pa.ArrowException) as exc:
             log.warning("trial %s: could not read %s (%s); trying the copy in MLflow", trial.trial_id, source, exc)
     try:
-        local = client.download_artifacts(trial.run_id, "best_checkpoint", str(dest.parent))
+        local = client.download_artifacts(trial.run_id, S.CHECKPOINT_ARTIFACT, str(dest.parent))
         if (Path(local) / "model.safetensors").is_file():
             if Path(local) != dest:
                 shutil.move(local, dest)
-            return dest, f"mlflow run {trial.run_id} artifacts best_checkpoint/"
+            return dest, f"mlflow run {trial.run_id} artifacts {S.CHECKPOINT_ARTIFACT}/"
     except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing artifact
         log.debug("no checkpoint artifact: %s", exc)
-    raise UserError(f"trial {trial.trial_id}: best checkpoint missing from the sweep storage ({source or 'no best_checkpoint tag'}) "
+    raise UserError(f"trial {trial.trial_id}: best checkpoint missing from the sweep storage ({source or f'no {S.BEST_CHECKPOINT_TAG} tag'}) "
                     f"and from its MLflow run {trial.run_id}; check storage_path is mounted here, or rerun the trial")
 
 
 def verify_checkpoint(client, trial: Trial, checkpoint: Path, device: torch.device, tolerance: float) -> tuple[dict[str, float], dict[str, Any]]:
     """Re-evaluate the checkpoint; returns (metrics, meta) or raises when it is not what was logged."""
-    from clockdistill.checkpoint import file_sha256, read_meta
-    from clockdistill.config import config_from_dict
     from clockdistill.data import CocoDetection, DetectionTransform
-    from clockdistill.engine import evaluate, load_detector
+    from clockdistill.engine import evaluate
 
-    recorded = trial.run.data.tags.get("best_checkpoint_sha256")
+    recorded = trial.run.data.tags.get(S.BEST_CHECKPOINT_SHA_TAG)
     actual = file_sha256(checkpoint / "model.safetensors") if recorded else None
     if recorded and actual != recorded:
         raise UserError(f"trial {trial.trial_id}: the checkpoint's weights changed after the sweep recorded them "
@@ -131,7 +130,8 @@ def best_student(sweep_name: str | None = None, metric: str | None = None, prefe
                  tracking_uri: str | None = None, tolerance: float = 2e-3, device: str = "cpu", register: bool = True) -> dict[str, Any]:
     """The whole command; returns the export manifest (also written as export.json)."""
     from clockdistill.engine import select_device
-    from clockdistill.publish import export_files, register_student
+    from sweeps.registry import register_student
+    from sweeps.student_export import export_files
 
     client = open_client(tracking_uri)
     sweep = find_sweep(client, sweep_name)

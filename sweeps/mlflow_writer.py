@@ -1,10 +1,8 @@
-"""MLflow: one parent run per sweep, one child run per trial, written by the sweep driver only.
+"""Writing a sweep to MLflow: one parent run per sweep, one child run per trial, by the driver only.
 
 Only the driver talks to MLflow (trials report to Tune; a Tune callback forwards to MLflow), so a
-SQLite store never sees concurrent writers. Runs are found again by tags, never duplicated:
-
-    parent: tags clockdistill.role=sweep, sweep_id=<name>
-    child:  tags clockdistill.role=trial, sweep_id, trial_id, mlflow.parentRunId, completed_full_budget
+SQLite store never sees concurrent writers. Runs are found again by tags, never duplicated; every
+name written here is defined in schema.py.
 """
 
 from __future__ import annotations
@@ -18,13 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sweeps import schema as S
 
 log = logging.getLogger(__name__)
 
-# Per-epoch metrics written to MLflow; everything else a trial reports stays in Tune's results.
-METRIC_ALLOW = re.compile(r"^(AP|AP50|AP75|APs|APm|APl|loss.*|kd_.*|lr|train_time_s|eval_time_s|teacher_AP|best_.*|params|latency_ms|epoch|startup_s|trial_wall_s|trial_overhead_s)$")
 PARAM_BATCH = 100  # MLflow's per-call limit on params
-EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
 def git_sha() -> str:
@@ -58,14 +54,6 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     return None
 
 
-def metrics_to_log(result: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in result.items() if METRIC_ALLOW.match(k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _quote(value: str) -> str:
-    return value.replace("'", "\\'")
-
-
 class SweepTracker:
     """MLflow bookkeeping of one sweep. Picklable (Tune stores its callbacks with the experiment)."""
 
@@ -96,8 +84,8 @@ class SweepTracker:
             exp = self.client.get_experiment_by_name(self.experiment)
             self._experiment_id = exp.experiment_id if exp else self.client.create_experiment(
                 self.experiment, artifact_location=artifact_location(self.tracking_uri, self.experiment))
-            if exp is None or EXPERIMENT_KIND not in exp.tags:  # the UI opens it on its training-runs view
-                self.client.set_experiment_tag(self._experiment_id, EXPERIMENT_KIND, "custom_model_development")
+            if exp is None or S.EXPERIMENT_KIND_TAG not in exp.tags:  # the UI opens it on its training-runs view
+                self.client.set_experiment_tag(self._experiment_id, S.EXPERIMENT_KIND_TAG, "custom_model_development")
         return self._experiment_id
 
     def _find(self, filter_string: str):
@@ -107,7 +95,7 @@ class SweepTracker:
     # -- the sweep's parent run ------------------------------------------------------------------
 
     def find_parent(self):
-        return self._find(f"tags.sweep_id = '{_quote(self.sweep_id)}' and tags.`clockdistill.role` = 'sweep'")
+        return self._find(S.sweep_filter(self.sweep_id))
 
     def start_parent(self, spec_dict: dict[str, Any], space: dict[str, str], teacher_ap: float | None) -> str:
         """Create the sweep's run, or reopen it when the sweep resumes."""
@@ -115,18 +103,18 @@ class SweepTracker:
         tags = {"git_sha": git_sha(), "ray_job_id": ray_job_id()}
         if run is None:
             run = self.client.create_run(self.experiment_id, run_name=self.sweep_id,
-                                         tags={"sweep_id": self.sweep_id, "clockdistill.role": "sweep", **tags})
+                                         tags={S.SWEEP_ID_TAG: self.sweep_id, S.ROLE_TAG: S.ROLE_SWEEP, **tags})
             from clockdistill.config import flatten_dict
             from mlflow.entities import Param
 
-            params = {f"spec.{k}": v for k, v in flatten_dict(spec_dict).items() if k != "search_space"}
-            params.update({f"space.{k}": v for k, v in space.items()})
+            params = {f"{S.SPEC_PARAM_PREFIX}{k}": v for k, v in flatten_dict(spec_dict).items() if k != "search_space"}
+            params.update({f"{S.SPACE_PARAM_PREFIX}{k}": v for k, v in space.items()})
             items = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in params.items()]
             for i in range(0, len(items), PARAM_BATCH):
                 self.client.log_batch(run.info.run_id, params=items[i:i + PARAM_BATCH])
-            self.client.log_dict(run.info.run_id, spec_dict, "spec.json")
+            self.client.log_dict(run.info.run_id, spec_dict, S.SPEC_ARTIFACT)
             if teacher_ap is not None:
-                self.client.log_metric(run.info.run_id, "teacher_AP", teacher_ap)
+                self.client.log_metric(run.info.run_id, S.TEACHER_AP, teacher_ap)
             log.info("mlflow: sweep run %s created in experiment %s", run.info.run_id, self.experiment)
         else:
             self.client.update_run(run.info.run_id, status="RUNNING")
@@ -140,13 +128,13 @@ class SweepTracker:
         if self.parent_run_id is None:
             return
         if summary:
-            self.client.log_dict(self.parent_run_id, summary, "summary.json")
+            self.client.log_dict(self.parent_run_id, summary, S.SUMMARY_ARTIFACT)
         self.client.set_terminated(self.parent_run_id, status=status)
 
     # -- trial runs ------------------------------------------------------------------------------
 
     def find_trial_run(self, trial_id: str):
-        return self._find(f"tags.sweep_id = '{_quote(self.sweep_id)}' and tags.trial_id = '{_quote(trial_id)}'")
+        return self._find(S.trial_filter(self.sweep_id, trial_id))
 
     def trial_run(self, trial_id: str, trial_name: str, params: dict[str, Any]) -> str:
         """The child run of a running trial: found by trial_id (and marked running again), created
@@ -156,8 +144,8 @@ class SweepTracker:
         run = self.find_trial_run(trial_id)
         if run is None:
             run = self.client.create_run(self.experiment_id, run_name=trial_name, tags={
-                "mlflow.parentRunId": self.parent_run_id or "", "sweep_id": self.sweep_id, "trial_id": trial_id,
-                "clockdistill.role": "trial", "completed_full_budget": "false"})
+                S.PARENT_RUN_TAG: self.parent_run_id or "", S.SWEEP_ID_TAG: self.sweep_id, S.TRIAL_ID_TAG: trial_id,
+                S.ROLE_TAG: S.ROLE_TRIAL, S.FULL_BUDGET_TAG: "false"})
             from mlflow.entities import Param
 
             items = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in params.items()]
@@ -179,7 +167,7 @@ class SweepTracker:
         if epoch <= self._logged_epoch.get(run_id, 0):
             return False
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, epoch) for k, v in metrics_to_log(result).items()]
+        metrics = [Metric(k, v, now, epoch) for k, v in S.metrics_to_log(result).items()]
         self.client.log_batch(run_id, metrics=metrics)
         self._logged_epoch[run_id] = epoch
         return True
@@ -187,7 +175,7 @@ class SweepTracker:
     @staticmethod
     def is_done(run) -> bool:
         """A run closed after its full budget: a restored sweep leaves it as it is."""
-        return run.info.status == "FINISHED" and run.data.tags.get("completed_full_budget") == "true"
+        return S.finished_full_budget(run)
 
     def end_trial(self, run_id: str, status: str, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -204,23 +192,29 @@ class SweepTracker:
         so the experiment holds one run per trial."""
         retired = []
         for run in self.trial_runs():
-            trial_id = run.data.tags.get("trial_id")
+            trial_id = run.data.tags.get(S.TRIAL_ID_TAG)
             if trial_id and trial_id not in trial_ids:
-                self.client.set_tag(run.info.run_id, "orphaned", "true")
+                self.client.set_tag(run.info.run_id, S.ORPHANED_TAG, "true")
                 if run.info.status == "RUNNING":
                     self.client.set_terminated(run.info.run_id, status="KILLED")
                 self.client.delete_run(run.info.run_id)
                 retired.append(trial_id)
         return retired
 
-    def log_checkpoint(self, run_id: str, checkpoint_dir: str | Path, artifact_path: str = "best_checkpoint") -> None:
-        """The weights and metadata of a checkpoint (not its optimizer state) as run artifacts."""
+    def log_checkpoint(self, run_id: str, checkpoint_dir: str | Path, storage_path: str, sha256: str) -> None:
+        """The weights and metadata of a trial's best checkpoint (not its optimizer state) as run
+        artifacts, and where it lives in the sweep storage with its weights' digest as tags."""
         for name in ("model.safetensors", "meta.json", "extra.safetensors"):
             path = Path(checkpoint_dir) / name
             if path.is_file():
-                self.client.log_artifact(run_id, str(path), artifact_path)
+                self.client.log_artifact(run_id, str(path), S.CHECKPOINT_ARTIFACT)
+        self.tag_checkpoint(run_id, storage_path, sha256)
+
+    def tag_checkpoint(self, run_id: str, storage_path: str, sha256: str) -> None:
+        # best-student refuses a checkpoint whose weights changed after this point
+        self.client.set_tag(run_id, S.BEST_CHECKPOINT_SHA_TAG, sha256)
+        self.client.set_tag(run_id, S.BEST_CHECKPOINT_TAG, storage_path)
 
     def trial_runs(self) -> list:
         """All child runs of this sweep."""
-        return list(self.client.search_runs([self.experiment_id], f"tags.sweep_id = '{_quote(self.sweep_id)}' and "
-                                            f"tags.`clockdistill.role` = 'trial'", max_results=10000))
+        return list(self.client.search_runs([self.experiment_id], S.trial_filter(self.sweep_id), max_results=10000))

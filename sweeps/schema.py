@@ -1,0 +1,107 @@
+"""The sweep's record in MLflow and in Tune's results: every tag, param prefix, metric name and
+filter that the writer (mlflow_writer.py) and the readers (mlflow_reader.py, best_student.py, the
+report, sync) share. Nothing else spells these names.
+
+    parent run:  tags clockdistill.role=sweep, sweep_id; params spec.<key>, space.<key>;
+                 artifacts spec.json, summary.json; metric teacher_AP
+    trial runs:  tags clockdistill.role=trial, sweep_id, trial_id, mlflow.parentRunId,
+                 completed_full_budget, epochs_run, best_<objective>, failure_reason,
+                 best_checkpoint (+ best_checkpoint_sha256); params = the trial's flattened config;
+                 metrics per epoch (step = epoch) from METRIC_ALLOW, best_<objective> so far;
+                 artifacts best_checkpoint/
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from clockdistill.metrics import COCO_METRICS
+
+# -- tags ------------------------------------------------------------------------------------------
+ROLE_TAG = "clockdistill.role"
+ROLE_SWEEP, ROLE_TRIAL = "sweep", "trial"
+SWEEP_ID_TAG = "sweep_id"
+TRIAL_ID_TAG = "trial_id"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+FULL_BUDGET_TAG = "completed_full_budget"  # "true" once a trial ran every epoch of the budget
+EPOCHS_RUN_TAG = "epochs_run"
+FAILURE_REASON_TAG = "failure_reason"
+BEST_CHECKPOINT_TAG = "best_checkpoint"  # where the trial's best checkpoint lives in the sweep storage
+BEST_CHECKPOINT_SHA_TAG = "best_checkpoint_sha256"  # its weights' digest when the sweep ended
+ORPHANED_TAG = "orphaned"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+# -- params and artifacts -------------------------------------------------------------------------
+SPEC_PARAM_PREFIX = "spec."  # parent run: the flattened spec
+SPACE_PARAM_PREFIX = "space."  # parent run: each searched key and its domain
+SPEC_ARTIFACT = "spec.json"
+SUMMARY_ARTIFACT = "summary.json"
+CHECKPOINT_ARTIFACT = "best_checkpoint"
+TEACHER_AP = "teacher_AP"
+
+# -- objectives and result keys -------------------------------------------------------------------
+STUDENT_PROPERTIES = ("params", "latency_ms")  # properties of the student a sweep can trade AP against
+OBJECTIVE_METRICS: dict[str, str] = {**{m: "max" for m in COCO_METRICS}, "params": "min", "latency_ms": "min"}  # metric -> natural mode
+DEFAULT_OBJECTIVE = ("AP", "max")  # a spec without objective(s)
+FAILED_KEY = "diverged"  # in a trial's final result when its loss became NaN/inf
+FAILURE_REASON_KEY = "failure_reason"
+FULL_BUDGET_KEY = "completed_full_budget"  # in every result row: 1 once the trial reached the budget
+
+# Per-epoch metrics written to MLflow; everything else a trial reports stays in Tune's results.
+METRIC_ALLOW = re.compile(r"^(" + "|".join(COCO_METRICS) + r"|loss.*|kd_.*|lr|train_time_s|eval_time_s|" + TEACHER_AP
+                          + r"|best_.*|params|latency_ms|epoch|startup_s|trial_wall_s|trial_overhead_s)$")
+
+
+def best_key(metric: str) -> str:
+    """The result key and MLflow metric of the best value of `metric` over a trial's life so far."""
+    return f"best_{metric}"
+
+
+def natural_mode(metric: str) -> str:
+    """max for the COCO metrics, min for the student's size and latency."""
+    return OBJECTIVE_METRICS.get(metric, "min")
+
+
+def checkpoint_score(metric: str, mode: str) -> tuple[str, str]:
+    """What a trial's checkpoints are ranked by: the primary objective when it changes with
+    training (a COCO metric), else AP (a student's size or latency is the same every epoch)."""
+    return (metric, mode) if metric in COCO_METRICS else ("AP", "max")
+
+
+def metrics_to_log(result: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in result.items() if METRIC_ALLOW.match(k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# -- where the store is, and how runs are found ---------------------------------------------------
+
+def default_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else a SQLite file in the current (project) directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def quote(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+def sweep_filter(sweep_id: str | None = None) -> str:
+    """MLflow search filter of a sweep's parent run (every sweep's when `sweep_id` is None)."""
+    where = f"tags.`{ROLE_TAG}` = '{ROLE_SWEEP}'"
+    return where + (f" and tags.{SWEEP_ID_TAG} = '{quote(sweep_id)}'" if sweep_id else "")
+
+
+def trial_filter(sweep_id: str, trial_id: str | None = None) -> str:
+    """MLflow search filter of a sweep's trial runs (one trial's when `trial_id` is given)."""
+    where = f"tags.{SWEEP_ID_TAG} = '{quote(sweep_id)}' and tags.`{ROLE_TAG}` = '{ROLE_TRIAL}'"
+    return where + (f" and tags.{TRIAL_ID_TAG} = '{quote(trial_id)}'" if trial_id else "")
+
+
+def ran_full_budget(tags: dict[str, str]) -> bool:
+    return tags.get(FULL_BUDGET_TAG) == "true"
+
+
+def finished_full_budget(run) -> bool:
+    """A trial run closed after its full budget: an export candidate, left alone by a restored sweep."""
+    return run.info.status == "FINISHED" and ran_full_budget(run.data.tags)

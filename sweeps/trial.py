@@ -1,0 +1,151 @@
+"""The trial loop, one for every kind of trial: one `run_distillation` call with the trial's knobs,
+reporting once per epoch. A single-process trial reports to Tune (trainable.py); a data-parallel
+trial runs this loop on every rank of a Ray Train run and rank 0 reports (ddp.py).
+
+Each report carries every metric of the epoch (AP..., every loss term), `best_<objective>` (best so
+far over the trial's life), the student's `params` (and `latency_ms` when an objective asks for it),
+and the epoch's checkpoint (weights, optimizer, metadata). A retried or restored trial resumes from
+its last reported checkpoint. A trial whose loss turns NaN ends with `diverged=1` and its reason
+instead of raising: retrying a deterministic divergence would only repeat it.
+
+Every report also carries the trial's own clock: `trial_wall_s` since the trial's process started
+(or, in a reused process, since it finished its previous trial), `trial_overhead_s` = the part of
+it not spent in training or evaluation epochs, and on the first report `startup_s` (imports, model
+and data set-up, cache opening, the first checkpoint) - the waste the sweep wants small.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from clockdistill.config import Config, set_dotted
+from sweeps.schema import FAILED_KEY, FAILURE_REASON_KEY, FULL_BUDGET_KEY, best_key
+from sweeps.spec import SweepSpec, base_config_dict
+
+log = logging.getLogger(__name__)
+
+_process_free_since: float | None = None  # when this (reused) process finished its previous trial
+
+Send = Callable[[dict, "Path | None"], None]  # delivers a report row (and the epoch's checkpoint directory, or None)
+
+
+def trial_clock_start() -> float:
+    """When this trial's time started: its process's start, or the end of the process's last trial."""
+    if _process_free_since is not None:
+        return _process_free_since
+    try:  # Linux: the process's start in clock ticks after boot (field 22 of /proc/self/stat)
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):  # no /proc: count from now
+        return time.time()
+
+
+def trial_config(spec: SweepSpec, params: dict[str, Any], output_dir: str | Path) -> Config:
+    """The full config of a trial: spec base + the trial's dotted params + the sweep's fixed keys."""
+    from clockdistill.distill import distill_config
+
+    raw = base_config_dict(spec)
+    for key, value in params.items():
+        raw = set_dotted(raw, key, value)
+    for key, value in (("train.output_dir", str(output_dir)), ("train.resume", True), ("train.eval_every", 1),
+                       ("train.progress", False)):
+        raw = set_dotted(raw, key, value)
+    return distill_config(data=raw, teacher=spec.teacher)
+
+
+def student_properties(cfg: Config, need_latency: bool) -> dict[str, float]:
+    from clockdistill.engine import select_device
+    from clockdistill.latency import forward_latency_ms, parameter_count
+    from clockdistill.models import build_detector
+
+    model = build_detector(cfg.model, cfg.model.num_classes)
+    props = {"params": float(parameter_count(model))}
+    if need_latency:
+        props["latency_ms"] = forward_latency_ms(model, cfg.data.max_size, select_device(cfg.train.device))
+    return props
+
+
+class EpochReporter:
+    """Turns `fit`'s epoch callback into the trial's report rows: every numeric metric, the
+    student's properties, best_<objective> so far, completed_full_budget and the trial clock.
+    `send(row, checkpoint_dir or None)` delivers a row (to Tune, or to Ray Train's report)."""
+
+    def __init__(self, spec: SweepSpec, props: dict[str, float], started: float, send: Send):
+        self.spec, self.props, self.started, self.send = spec, props, started, send
+        self.best: dict[str, float] = {}
+        self.last_epoch, self.busy = 0, 0.0
+
+    def _update_best(self, metrics: dict[str, float]) -> None:
+        for o in self.spec.objective_list:
+            if o.metric in metrics:
+                old, value = self.best.get(o.metric), metrics[o.metric]
+                self.best[o.metric] = value if old is None else (max(old, value) if o.mode == "max" else min(old, value))
+
+    def __call__(self, epoch: int, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        first = self.busy == 0.0
+        self.busy += metrics.get("train_time_s", 0.0) + metrics.get("eval_time_s", 0.0)
+        wall = time.time() - self.started
+        self.last_epoch = epoch
+        if not self.best and ckpt_dir is not None:  # after a resume: the best so far is in the checkpoint's history
+            from clockdistill.checkpoint import read_meta
+
+            for past in read_meta(ckpt_dir).get("history", [])[:-1]:
+                self._update_best({**self.props, **past})
+        row = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        row.update(self.props)
+        self._update_best(row)
+        row.update({best_key(m): v for m, v in self.best.items()})
+        row[FULL_BUDGET_KEY] = int(epoch >= self.spec.epochs)
+        row.update(trial_wall_s=wall, trial_overhead_s=wall - self.busy)
+        if first:
+            row["startup_s"] = wall - self.busy
+        self.send(row, ckpt_dir)
+
+    def diverged(self, exc: Exception) -> dict[str, Any]:
+        row = {FAILED_KEY: 1, FAILURE_REASON_KEY: str(exc), "epoch": self.last_epoch, FULL_BUDGET_KEY: 0, **self.props}
+        row.update({best_key(o.metric): self.best.get(o.metric, 0.0 if o.mode == "max" else float("inf")) for o in self.spec.objective_list})
+        return row
+
+
+def restore_checkpoint(checkpoint, work: Path) -> None:
+    """A reported checkpoint (retry, restore, PBT exploit) into `work/last`, where `fit` resumes."""
+    shutil.rmtree(work / "last", ignore_errors=True)
+    checkpoint.to_directory(str(work / "last"))
+
+
+def run_trial(spec: SweepSpec, params: dict[str, Any], work: Path, checkpoint, send: Send, started: float, *,
+              reports_checkpoints: bool = True, trial_name: str = "") -> None:
+    """One trial, on one process or one rank: config from the spec and `params` (dotted keys),
+    resume from `checkpoint` (a Tune or Train checkpoint, or None), one `send(row, checkpoint_dir)`
+    per epoch and, when the loss diverges, one final `send(row, None)` that says so (retrying a
+    deterministic divergence would only repeat it). `reports_checkpoints` False: rows go without
+    a checkpoint directory (the ranks of a data-parallel trial other than 0)."""
+    from clockdistill.distill import run_distillation
+    from clockdistill.errors import TrainingDiverged
+
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))
+    cfg = trial_config(spec, params, work)
+    if checkpoint is not None:
+        restore_checkpoint(checkpoint, work)
+        log.info("trial %s resumes from %s", trial_name, checkpoint.path)
+    props = student_properties(cfg, any(o.metric == "latency_ms" for o in spec.objective_list))
+    reporter = EpochReporter(spec, props, started, send)
+    try:
+        run_distillation(cfg, on_epoch_end=lambda epoch, metrics, ckpt: reporter(epoch, metrics, ckpt if reports_checkpoints else None))
+    except TrainingDiverged as exc:
+        log.error("trial %s diverged: %s", trial_name, exc)
+        send(reporter.diverged(exc), None)
+
+
+def mark_process_free() -> None:
+    """The trial on this process ended: the next trial on it (a reused process) counts from now."""
+    global _process_free_since
+    _process_free_since = time.time()
