@@ -9,7 +9,7 @@ MLFLOW_PORT ?= 5000
 MLFLOW_DB ?= $(CURDIR)/mlflow.db
 SWEEP  ?=
 
-.PHONY: demo test test-fast bench best-student report sweep mlflow-ui venv clean
+.PHONY: demo test test-fast lint bench best-student report sweep mlflow-ui venv clean
 
 venv: $(STAMP)
 
@@ -21,11 +21,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,onnx]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# Lint first: a style or pyflakes error fails in seconds, not after the suite.
+test: lint
 	$(PY) -m pytest -q -ra --durations=15
 
-test-fast: $(STAMP)
+test-fast: lint
 	$(PY) -m pytest -q -ra -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 demo: $(STAMP)
 	$(VENV)/bin/clockdistill demo --workdir $(DEMO)

@@ -85,7 +85,9 @@ class BatchWriter:
         self.schema = schema
 
     def write(self, columns: dict[str, list]) -> None:
-        self._writer.write_batch(pa.record_batch([pa.array(columns[f.name], f.type) for f in self.schema], schema=self.schema))
+        self._writer.write_batch(
+            pa.record_batch([pa.array(columns[f.name], f.type) for f in self.schema], schema=self.schema)
+        )
 
     def close(self) -> None:
         self._writer.close()

@@ -1,9 +1,9 @@
 """Checkpoints: a directory with safetensors tensors and a JSON of everything else. Never pickled.
 
-    <dir>/model.safetensors      model weights
-    <dir>/optimizer.safetensors  optimizer state tensors (optional)
-    <dir>/extra.safetensors      weights of trained helper modules, e.g. a distillation adapter (optional)
-    <dir>/meta.json              full config, epoch, metrics, scheduler and optimizer hyper-parameters
+<dir>/model.safetensors      model weights
+<dir>/optimizer.safetensors  optimizer state tensors (optional)
+<dir>/extra.safetensors      weights of trained helper modules, e.g. a distillation adapter (optional)
+<dir>/meta.json              full config, epoch, metrics, scheduler and optimizer hyper-parameters
 """
 
 from __future__ import annotations
@@ -72,8 +72,13 @@ def recover_checkpoint(path: str | Path) -> bool:
     return _complete(path)
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
-                    extra: dict[str, nn.Module] | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    meta: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: dict[str, nn.Module] | None = None,
+) -> Path:
     """Write atomically: at every moment the directory `path`, or after a crash `recover_checkpoint`,
     gives either the previous checkpoint or this one, complete."""
     path = Path(path)
@@ -83,7 +88,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any], op
     tmp.mkdir(parents=True)
     save_file(_state(model), tmp / "model.safetensors")
     if extra:
-        save_file({k: v for name, m in extra.items() for k, v in _state(m, f"{name}.").items()}, tmp / "extra.safetensors")
+        save_file(
+            {k: v for name, m in extra.items() for k, v in _state(m, f"{name}.").items()}, tmp / "extra.safetensors"
+        )
     meta = dict(meta)
     if optimizer is not None:
         tensors, plain = _optimizer_split(optimizer.state_dict())
@@ -128,7 +135,9 @@ def load_weights(path: str | Path, model: nn.Module, device: str | torch.device 
         raise UserError(f"{weights_file}: unreadable weights ({exc})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise UserError(f"{weights_file}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"{weights_file}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def load_optimizer(path: str | Path, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> bool:
@@ -148,7 +157,7 @@ def load_extra(path: str | Path, modules: dict[str, nn.Module], device: str | to
         raise UserError(f"{extra_file}: not found (the checkpoint holds no {', '.join(modules)} weights)")
     state = load_file(extra_file, device=str(device))
     for name, module in modules.items():
-        module.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(f"{name}.")})
+        module.load_state_dict({k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")})
 
 
 def load_detector(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -64,7 +64,9 @@ class DataConfig:
         _check_range("data.hflip", self.hflip, low=0.0, high=1.0)
         _check_range("data.num_workers", self.num_workers, low=0)
         for i, size in enumerate(self.train_sizes):
-            _check_range(f"data.train_sizes[{i}]", size, low=16, high=self.max_size if self.pad_to == "max_size" else None)
+            _check_range(
+                f"data.train_sizes[{i}]", size, low=16, high=self.max_size if self.pad_to == "max_size" else None
+            )
 
     @property
     def canvas(self) -> tuple[int, int] | None:
@@ -146,7 +148,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA; CPU always runs fp32
     channels_last: bool = False  # NHWC convolutions (faster backbones on recent GPUs with amp)
-    compile: str = "off"  # torch.compile of the trained model's encoder and decoder: off | default | reduce-overhead | max-autotune
+    # torch.compile of the trained model's encoder and decoder: off | default | reduce-overhead | max-autotune
+    compile: str = "off"
     output_dir: str = "runs/train"
     eval_every: int = 1  # evaluate on the val split every N epochs (and always after the last)
     resume: bool = True  # continue from output_dir/last when it exists
@@ -183,7 +186,9 @@ class MemoryDistillConfig:
     mask: str = "box"  # box: binary GT boxes | gaussian: boxes grown by gaussian_grow with a Gaussian fall-off
     gaussian_grow: float = 2.0  # gaussian mask: side length of the grown box as a multiple of the box's
     scale_norm: bool = True  # S mask: 1/box area inside boxes, 1/background count outside (False: S = 1)
-    channel_reduce: str = "sum"  # squared error summed (FGD convention, what alpha is tuned for) or averaged over channels
+    channel_reduce: str = (
+        "sum"  # squared error summed (FGD convention, what alpha is tuned for) or averaged over channels
+    )
     levels: list[int] = field(default_factory=list)  # memory levels to distil ([] = all; 0 = finest)
     with_pos: bool = False  # distil memory + positional encoding instead of the raw memory
     fitnet_weight: float = 1.0  # FitNet baseline: weight of the plain MSE over every unpadded token
@@ -232,7 +237,9 @@ class LogitDistillConfig:
         _check_choice("distill.logit.cls_norm", self.cls_norm, ("sum", "weight", "queries"))
         _check_choice("distill.logit.confidence", self.confidence, ("max", "squared", "none"))
         if not isinstance(self.layers, str) or not _LAYERS_RE.fullmatch(self.layers):
-            raise ConfigError(f"distill.logit.layers: expected all, last, lastN or a comma list of layer indices, got {self.layers!r}")
+            raise ConfigError(
+                f"distill.logit.layers: expected all, last, lastN or a comma list of layer indices, got {self.layers!r}"
+            )
 
 
 @dataclass(frozen=True)

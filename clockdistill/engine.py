@@ -20,7 +20,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from clockdistill.checkpoint import load_extra, load_optimizer, load_weights, read_meta, recover_checkpoint, save_checkpoint
+from clockdistill.checkpoint import (
+    load_extra,
+    load_optimizer,
+    load_weights,
+    read_meta,
+    recover_checkpoint,
+    save_checkpoint,
+)
 from clockdistill.config import Config, TrainConfig
 from clockdistill.data import CocoDetection, DetectionTransform, collate
 from clockdistill.distributed import average_across_ranks, is_distributed, rank, world_size, wrap_ddp
@@ -44,7 +51,9 @@ class TrainingTask(Protocol):
     def distribute(self, device: torch.device) -> None:
         """Wrap what trains in DistributedDataParallel (called by `fit` in a data-parallel run)."""
 
-    def losses(self, images: Tensor, mask: Tensor, targets: list[dict]) -> tuple[dict[str, Tensor], dict[str, float]]: ...
+    def losses(
+        self, images: Tensor, mask: Tensor, targets: list[dict]
+    ) -> tuple[dict[str, Tensor], dict[str, float]]: ...
 
 
 class DetectionTask:
@@ -76,7 +85,9 @@ def build_datasets(cfg: Config) -> tuple[CocoDetection, CocoDetection]:
     if not cfg.data.root:
         raise UserError("data.root: no data set given (set data.root=DIR, a COCO-format directory)")
     d = cfg.data
-    train = CocoDetection(d.root, d.train_split, DetectionTransform(d.max_size, True, d.train_sizes, d.hflip), cfg.train.seed)
+    train = CocoDetection(
+        d.root, d.train_split, DetectionTransform(d.max_size, True, d.train_sizes, d.hflip), cfg.train.seed
+    )
     val = CocoDetection(d.root, d.val_split, DetectionTransform(d.max_size, False))
     if d.decoded_cache:  # a file another trial is decoding is not waited for (see set_epoch)
         for ds in (train, val):
@@ -107,7 +118,9 @@ def lr_factor(step: int, total: int, iters_per_epoch: int, cfg: TrainConfig) -> 
 
 def _to_device(images: Tensor, mask: Tensor, targets: list[dict], device: torch.device, channels_last: bool = False):
     nb = device.type == "cuda"  # pinned host memory (the loaders pin on CUDA) lets these copies overlap compute
-    images = images.to(device, non_blocking=nb, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    images = images.to(
+        device, non_blocking=nb, memory_format=torch.channels_last if channels_last else torch.preserve_format
+    )
     mask = mask.to(device, non_blocking=nb)
     targets = [{k: (v.to(device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
     return images, mask, targets
@@ -118,12 +131,21 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 16, amp: bool = True, progress: bool = False,
-             canvas: tuple[int, int] | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    dataset: CocoDetection,
+    device: torch.device,
+    batch_size: int = 16,
+    amp: bool = True,
+    progress: bool = False,
+    canvas: tuple[int, int] | None = None,
+) -> dict[str, float]:
     """COCO metrics of `model` on a whole split (batches padded to `canvas` when given)."""
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=functools.partial(collate, pad_to=canvas))
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=functools.partial(collate, pad_to=canvas)
+    )
     results, image_ids = [], []
     for images, mask, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
         images, mask, _ = _to_device(images, mask, [], device)
@@ -137,8 +159,17 @@ def evaluate(model: nn.Module, dataset: CocoDetection, device: torch.device, bat
     return coco_evaluate(dataset.ground_truth, results, image_ids)
 
 
-def train_one_epoch(task: TrainingTask, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
-                    cfg: TrainConfig, epoch: int, step: int, total_steps: int, params: list[nn.Parameter]) -> tuple[dict[str, float], int]:
+def train_one_epoch(
+    task: TrainingTask,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    cfg: TrainConfig,
+    epoch: int,
+    step: int,
+    total_steps: int,
+    params: list[nn.Parameter],
+) -> tuple[dict[str, float], int]:
     """One pass over `loader`. Returns the epoch's mean of every loss term (and the weighted total
     under "loss"), and the global step after it."""
     task.model.train()
@@ -182,9 +213,14 @@ class ShardedBatchSampler:
     sees exactly the batches a shuffled DataLoader with that generator gives; W ranks together see
     the same global batches, which is what makes data-parallel steps equal single-process ones."""
 
-    def __init__(self, n: int, batch_size: int, drop_last: bool, generator: torch.Generator, world: int = 1, rank: int = 0):
+    def __init__(
+        self, n: int, batch_size: int, drop_last: bool, generator: torch.Generator, world: int = 1, rank: int = 0
+    ):
         if batch_size % world:
-            raise UserError(f"train.batch_size: {batch_size} does not split evenly over {world} workers (the global batch is shared)")
+            raise UserError(
+                f"train.batch_size: {batch_size} does not split evenly over {world} workers (the global batch is "
+                "shared)"
+            )
         self.n, self.batch_size, self.generator, self.world, self.rank = n, batch_size, generator, world, rank
         self.drop_last = drop_last or world > 1  # every rank must take every step
 
@@ -195,8 +231,8 @@ class ShardedBatchSampler:
         perm = torch.randperm(self.n, generator=self.generator).tolist()
         share = self.batch_size // self.world
         for k in range(len(self)):
-            batch = perm[k * self.batch_size:(k + 1) * self.batch_size]
-            yield batch[self.rank * share:(self.rank + 1) * share] if self.world > 1 else batch
+            batch = perm[k * self.batch_size : (k + 1) * self.batch_size]
+            yield batch[self.rank * share : (self.rank + 1) * share] if self.world > 1 else batch
 
 
 def train_loader(train_ds: CocoDetection, cfg: Config, device: torch.device, generator: torch.Generator) -> DataLoader:
@@ -206,9 +242,16 @@ def train_loader(train_ds: CocoDetection, cfg: Config, device: torch.device, gen
     file finished since); persistent workers kept the first epoch's copy, so every epoch saw the
     same flips and sizes."""
     tc = cfg.train
-    sampler = ShardedBatchSampler(len(train_ds), tc.batch_size, len(train_ds) > tc.batch_size, generator, world_size(), rank())
-    return DataLoader(train_ds, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_to=cfg.data.canvas),
-                      num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    sampler = ShardedBatchSampler(
+        len(train_ds), tc.batch_size, len(train_ds) > tc.batch_size, generator, world_size(), rank()
+    )
+    return DataLoader(
+        train_ds,
+        batch_sampler=sampler,
+        collate_fn=functools.partial(collate, pad_to=cfg.data.canvas),
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def accelerate(task: TrainingTask, tc: TrainConfig) -> None:
@@ -240,8 +283,12 @@ class FitResult:
 EpochCallback = Callable[[int, dict[str, float], Path], Any]
 
 
-def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallback | None = None,
-        datasets: tuple[CocoDetection, CocoDetection] | None = None) -> FitResult:
+def fit(
+    cfg: Config,
+    task: TrainingTask | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    datasets: tuple[CocoDetection, CocoDetection] | None = None,
+) -> FitResult:
     """Train for cfg.train.epochs, evaluating every eval_every epochs.
 
     Writes `<output_dir>/last` every epoch and `<output_dir>/best` when the validation AP improves;
@@ -264,7 +311,12 @@ def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallba
     main = rank() == 0  # data-parallel runs: rank 0 evaluates and writes checkpoints
     if is_distributed():
         task.distribute(device)
-        log.info("data-parallel training: rank %d of %d, %d images per rank and step", rank(), world_size(), tc.batch_size // world_size())
+        log.info(
+            "data-parallel training: rank %d of %d, %d images per rank and step",
+            rank(),
+            world_size(),
+            tc.batch_size // world_size(),
+        )
     named = task.parameters_to_train()
     params = [p for _, p in named]
     optimizer = build_optimizer(named, tc)
@@ -290,23 +342,44 @@ def fit(cfg: Config, task: TrainingTask | None = None, on_epoch_end: EpochCallba
         val_ds.set_epoch(epoch)
         shuffle_rng.manual_seed(tc.seed * 1000 + epoch)
         losses, step = train_one_epoch(task, loader, optimizer, device, tc, epoch, step, total_steps, params)
-        metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_time_s": time.perf_counter() - t0, **losses}
+        metrics = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_time_s": time.perf_counter() - t0,
+            **losses,
+        }
         if hasattr(task, "extra_metrics"):
             metrics.update(task.extra_metrics(metrics))
         if main and ((epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs):
             t1 = time.perf_counter()
-            metrics.update(evaluate(task.model, val_ds, device, tc.batch_size * 2, tc.amp, tc.progress, cfg.data.canvas))
+            metrics.update(
+                evaluate(task.model, val_ds, device, tc.batch_size * 2, tc.amp, tc.progress, cfg.data.canvas)
+            )
             metrics["eval_time_s"] = time.perf_counter() - t1
             if metrics["AP"] > best_ap:
                 best_ap, best_epoch = metrics["AP"], epoch + 1
         history.append(metrics)
-        meta = {**base_meta, "epoch": epoch, "step": step, "metrics": metrics, "best_ap": best_ap, "best_epoch": best_epoch, "history": history}
+        meta = {
+            **base_meta,
+            "epoch": epoch,
+            "step": step,
+            "metrics": metrics,
+            "best_ap": best_ap,
+            "best_epoch": best_epoch,
+            "history": history,
+        }
         if main and best_epoch == epoch + 1:
             save_checkpoint(out / "best", task.model, meta, extra=extra)
         if main:
             save_checkpoint(out / "last", task.model, meta, optimizer, extra=extra)
-        log.info("epoch %d/%d loss %.4f%s (%.1fs)", epoch + 1, tc.epochs, metrics["loss"],
-                 f" AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f}" if "AP" in metrics else "", metrics["train_time_s"])
+        log.info(
+            "epoch %d/%d loss %.4f%s (%.1fs)",
+            epoch + 1,
+            tc.epochs,
+            metrics["loss"],
+            f" AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f}" if "AP" in metrics else "",
+            metrics["train_time_s"],
+        )
         if on_epoch_end is not None and on_epoch_end(epoch + 1, metrics, out / "last"):
             log.info("stopped early by the epoch callback after epoch %d", epoch + 1)
             break

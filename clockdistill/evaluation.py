@@ -23,8 +23,6 @@ from clockdistill.metrics import STAT_NAMES
 from clockdistill.ops.boxes import box_cxcywh_to_xyxy
 
 
-
-
 @torch.no_grad()
 def postprocess(outputs: dict[str, Tensor], orig_sizes: Tensor, top_k: int = 100) -> list[dict[str, Tensor]]:
     """outputs: pred_logits (B, Q, C), pred_boxes (B, Q, 4); orig_sizes (B, 2) as (h, w).
@@ -42,14 +40,23 @@ def postprocess(outputs: dict[str, Tensor], orig_sizes: Tensor, top_k: int = 100
     return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, xyxy)]
 
 
-def to_coco_results(detections: list[dict[str, Tensor]], image_ids: list[int], label_to_cat: list[int]) -> list[dict[str, Any]]:
+def to_coco_results(
+    detections: list[dict[str, Tensor]], image_ids: list[int], label_to_cat: list[int]
+) -> list[dict[str, Any]]:
     """Detections of `postprocess` -> COCO result dicts with absolute xywh boxes."""
     results = []
     for det, image_id in zip(detections, image_ids):
         boxes = det["boxes"].cpu().numpy().astype(np.float64)
         xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
         for score, label, box in zip(det["scores"].tolist(), det["labels"].tolist(), xywh.tolist()):
-            results.append({"image_id": int(image_id), "category_id": int(label_to_cat[label]), "bbox": [round(v, 3) for v in box], "score": float(score)})
+            results.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": int(label_to_cat[label]),
+                    "bbox": [round(v, 3) for v in box],
+                    "score": float(score),
+                }
+            )
     return results
 
 
@@ -61,7 +68,9 @@ def _quiet_coco(dataset: dict[str, Any]) -> COCO:
     return coco
 
 
-def coco_evaluate(ann: str | Path | dict[str, Any], results: list[dict[str, Any]], image_ids: list[int] | None = None) -> dict[str, float]:
+def coco_evaluate(
+    ann: str | Path | dict[str, Any], results: list[dict[str, Any]], image_ids: list[int] | None = None
+) -> dict[str, float]:
     """AP, AP50, AP75, APs/m/l, AR and per-class AP ("AP/<name>") of `results` against the annotation
     file (or loaded dict). `image_ids` restricts evaluation to those images. Empty categories give -1,
     as in pycocotools."""

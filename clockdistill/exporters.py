@@ -41,9 +41,16 @@ class FixedSize(nn.Module):
         self.size = size
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        if images.shape[-1] != self.size or images.shape[-2] != self.size or mask.shape[-1] != self.size or mask.shape[-2] != self.size:
-            raise RuntimeError(f"expected images (B, 3, {self.size}, {self.size}) and mask (B, {self.size}, {self.size}): "
-                               "pad to the export size")
+        if (
+            images.shape[-1] != self.size
+            or images.shape[-2] != self.size
+            or mask.shape[-1] != self.size
+            or mask.shape[-2] != self.size
+        ):
+            raise RuntimeError(
+                f"expected images (B, 3, {self.size}, {self.size}) and mask (B, {self.size}, {self.size}): "
+                "pad to the export size"
+            )
         return self.traced(images, mask)
 
 
@@ -87,9 +94,21 @@ def to_onnx(detector: nn.Module, example: tuple[Tensor, Tensor], path: Path) -> 
     model = Predictions(detector).eval().requires_grad_(False)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, example, str(path), input_names=["images", "mask"], output_names=["pred_logits", "pred_boxes"],
-                          dynamic_axes={"images": {0: "batch"}, "mask": {0: "batch"}, "pred_logits": {0: "batch"}, "pred_boxes": {0: "batch"}},
-                          opset_version=17, dynamo=False)
+        torch.onnx.export(
+            model,
+            example,
+            str(path),
+            input_names=["images", "mask"],
+            output_names=["pred_logits", "pred_boxes"],
+            dynamic_axes={
+                "images": {0: "batch"},
+                "mask": {0: "batch"},
+                "pred_logits": {0: "batch"},
+                "pred_boxes": {0: "batch"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )
         eager = model(*example)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = session.run(None, {"images": example[0].cpu().numpy(), "mask": example[1].cpu().numpy()})

@@ -35,18 +35,28 @@ class Method:
     @property
     def teacher_cache_parts(self) -> tuple[str, ...]:
         """The teacher outputs a cache must hold for this method (see distill/cache.py)."""
-        return tuple(part for part, used in (("memory", self.memory is not None), ("queries", self.target_queries),
-                                             ("default", self.matched_logits)) if used)
+        return tuple(
+            part
+            for part, used in (
+                ("memory", self.memory is not None),
+                ("queries", self.target_queries),
+                ("default", self.matched_logits),
+            )
+            if used
+        )
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("clockdistill", "masked", True, False, "memory term + target-aware logit term"),
-    Method("none", None, False, False, "the student alone"),
-    Method("vanilla_kd", None, False, True, "KL / L1 / GIoU on Hungarian-matched teacher and student predictions"),
-    Method("fitnet", "plain", False, False, "plain MSE between the memories over every unpadded token"),
-    Method("memory_only", "masked", False, False, "the memory term alone"),
-    Method("logit_only", None, True, False, "the target-aware logit term alone"),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("clockdistill", "masked", True, False, "memory term + target-aware logit term"),
+        Method("none", None, False, False, "the student alone"),
+        Method("vanilla_kd", None, False, True, "KL / L1 / GIoU on Hungarian-matched teacher and student predictions"),
+        Method("fitnet", "plain", False, False, "plain MSE between the memories over every unpadded token"),
+        Method("memory_only", "masked", False, False, "the memory term alone"),
+        Method("logit_only", None, True, False, "the target-aware logit term alone"),
+    )
+}
 METHOD_NAMES = tuple(METHODS)
 
 

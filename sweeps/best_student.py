@@ -49,16 +49,23 @@ def choose_trial(sweep: Sweep, trials: list[Trial], metric: str | None = None, p
     primary objective); for a multi-objective sweep the best of the Pareto set by `prefer`."""
     candidates = [t for t in trials if t.finished]
     if not candidates:
-        states = ", ".join(f"{t.trial_id} {t.status.lower()}{'' if t.full_budget else ' (stopped early)'}" for t in trials) or "none"
-        raise UserError(f"sweep {sweep.name}: no trial finished its full budget (trials: {states}); "
-                        "resume the sweep (launch it again) or give it more trials")
+        states = (
+            ", ".join(f"{t.trial_id} {t.status.lower()}{'' if t.full_budget else ' (stopped early)'}" for t in trials)
+            or "none"
+        )
+        raise UserError(
+            f"sweep {sweep.name}: no trial finished its full budget (trials: {states}); "
+            "resume the sweep (launch it again) or give it more trials"
+        )
     objectives = dict(sweep.objectives)
     pareto: list[Trial] = []
     if len(sweep.objectives) > 1 and metric is None:
         pareto = pareto_set(candidates, sweep.objectives)
         metric = prefer or sweep.objectives[0][0]
         if metric not in objectives:
-            raise UserError(f"--prefer: expected one of the sweep's objectives ({', '.join(objectives)}), got {metric!r}")
+            raise UserError(
+                f"--prefer: expected one of the sweep's objectives ({', '.join(objectives)}), got {metric!r}"
+            )
         pool = pareto
     else:
         metric = metric or sweep.objectives[0][0]
@@ -66,8 +73,10 @@ def choose_trial(sweep: Sweep, trials: list[Trial], metric: str | None = None, p
     mode = objectives.get(metric) or S.natural_mode(metric)
     ranked = rank(pool, metric, mode)
     if not ranked:
-        raise UserError(f"--metric: no finished trial of sweep {sweep.name} logged best_{metric} "
-                        f"(the sweep's objectives: {', '.join(objectives)})")
+        raise UserError(
+            f"--metric: no finished trial of sweep {sweep.name} logged best_{metric} "
+            f"(the sweep's objectives: {', '.join(objectives)})"
+        )
     return Choice(ranked[0], metric, ranked[0].best(metric), pareto)
 
 
@@ -85,7 +94,11 @@ def fetch_checkpoint(client, trial: Trial, dest: Path) -> tuple[Path, str]:
                 dest.mkdir(parents=True, exist_ok=True)
                 pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
                 return dest, source
-            log.warning("trial %s: checkpoint %s is not in the sweep storage any more; trying the copy in MLflow", trial.trial_id, source)
+            log.warning(
+                "trial %s: checkpoint %s is not in the sweep storage any more; trying the copy in MLflow",
+                trial.trial_id,
+                source,
+            )
         except (OSError, ValueError, pa.ArrowException) as exc:
             log.warning("trial %s: could not read %s (%s); trying the copy in MLflow", trial.trial_id, source, exc)
     try:
@@ -96,11 +109,16 @@ def fetch_checkpoint(client, trial: Trial, dest: Path) -> tuple[Path, str]:
             return dest, f"mlflow run {trial.run_id} artifacts {S.CHECKPOINT_ARTIFACT}/"
     except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing artifact
         log.debug("no checkpoint artifact: %s", exc)
-    raise UserError(f"trial {trial.trial_id}: best checkpoint missing from the sweep storage ({source or f'no {S.BEST_CHECKPOINT_TAG} tag'}) "
-                    f"and from its MLflow run {trial.run_id}; check storage_path is mounted here, or rerun the trial")
+    raise UserError(
+        f"trial {trial.trial_id}: best checkpoint missing from the sweep storage "
+        f"({source or f'no {S.BEST_CHECKPOINT_TAG} tag'}) "
+        f"and from its MLflow run {trial.run_id}; check storage_path is mounted here, or rerun the trial"
+    )
 
 
-def verify_checkpoint(client, trial: Trial, checkpoint: Path, device: torch.device, tolerance: float) -> tuple[dict[str, float], dict[str, Any]]:
+def verify_checkpoint(
+    client, trial: Trial, checkpoint: Path, device: torch.device, tolerance: float
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Re-evaluate the checkpoint; returns (metrics, meta) or raises when it is not what was logged."""
     from clockdistill.data import CocoDetection, DetectionTransform
     from clockdistill.engine import evaluate
@@ -108,26 +126,47 @@ def verify_checkpoint(client, trial: Trial, checkpoint: Path, device: torch.devi
     recorded = trial.run.data.tags.get(S.BEST_CHECKPOINT_SHA_TAG)
     actual = file_sha256(checkpoint / "model.safetensors") if recorded else None
     if recorded and actual != recorded:
-        raise UserError(f"trial {trial.trial_id}: the checkpoint's weights changed after the sweep recorded them "
-                        f"(sha256 {actual[:12]}... != {recorded[:12]}...); refusing to export")
+        raise UserError(
+            f"trial {trial.trial_id}: the checkpoint's weights changed after the sweep recorded them "
+            f"(sha256 {actual[:12]}... != {recorded[:12]}...); refusing to export"
+        )
     meta = read_meta(checkpoint)
     epoch = int(meta.get("metrics", {}).get("epoch", meta.get("epoch", 0) + 1))
     logged = metric_history(client, trial.run_id, "AP").get(epoch)
     if logged is None:
-        raise UserError(f"trial {trial.trial_id}: MLflow has no AP for epoch {epoch} of its checkpoint; cannot verify it")
+        raise UserError(
+            f"trial {trial.trial_id}: MLflow has no AP for epoch {epoch} of its checkpoint; cannot verify it"
+        )
     cfg = config_from_dict(meta["config"])
     model, _ = load_detector(checkpoint, device)
     dataset = CocoDetection(cfg.data.root, cfg.data.val_split, DetectionTransform(cfg.data.max_size, train=False))
     metrics = evaluate(model, dataset, device, cfg.train.batch_size * 2, cfg.train.amp, canvas=cfg.data.canvas)
     if abs(metrics["AP"] - logged) > tolerance:
-        raise UserError(f"trial {trial.trial_id}: re-evaluated AP {metrics['AP']:.4f} differs from the logged {logged:.4f} "
-                        f"(epoch {epoch}) by more than {tolerance}; the checkpoint is not the one the sweep measured, refusing to export")
-    log.info("trial %s: re-evaluated AP %.4f matches the logged %.4f (epoch %d)", trial.trial_id, metrics["AP"], logged, epoch)
+        raise UserError(
+            f"trial {trial.trial_id}: re-evaluated AP {metrics['AP']:.4f} differs from the logged {logged:.4f} "
+            f"(epoch {epoch}) by more than {tolerance}; the checkpoint is not the one the sweep measured, refusing to "
+            "export"
+        )
+    log.info(
+        "trial %s: re-evaluated AP %.4f matches the logged %.4f (epoch %d)",
+        trial.trial_id,
+        metrics["AP"],
+        logged,
+        epoch,
+    )
     return metrics, meta
 
 
-def best_student(sweep_name: str | None = None, metric: str | None = None, prefer: str | None = None, out: str | Path = "artifacts/best-student",
-                 tracking_uri: str | None = None, tolerance: float = 2e-3, device: str = "cpu", register: bool = True) -> dict[str, Any]:
+def best_student(
+    sweep_name: str | None = None,
+    metric: str | None = None,
+    prefer: str | None = None,
+    out: str | Path = "artifacts/best-student",
+    tracking_uri: str | None = None,
+    tolerance: float = 2e-3,
+    device: str = "cpu",
+    register: bool = True,
+) -> dict[str, Any]:
     """The whole command; returns the export manifest (also written as export.json)."""
     from clockdistill.engine import select_device
     from sweeps.registry import register_student
@@ -141,9 +180,14 @@ def best_student(sweep_name: str | None = None, metric: str | None = None, prefe
         names = [m for m, _ in sweep.objectives]
         print(f"Pareto set of sweep {sweep.name} ({' vs '.join(names)}), best by {choice.metric} taken:")
         for t in rank(choice.pareto, choice.metric, dict(sweep.objectives)[choice.metric]):
-            print(f"  {'*' if t is choice.trial else ' '} trial {t.trial_id}: " + ", ".join(f"{m} {t.best(m):.4g}" for m in names))
-    print(f"sweep {sweep.name}: {len(trials)} trials, {sum(t.finished for t in trials)} finished their budget; "
-          f"best by {choice.metric}: trial {choice.trial.trial_id} ({choice.value:.4f})")
+            print(
+                f"  {'*' if t is choice.trial else ' '} trial {t.trial_id}: "
+                + ", ".join(f"{m} {t.best(m):.4g}" for m in names)
+            )
+    print(
+        f"sweep {sweep.name}: {len(trials)} trials, {sum(t.finished for t in trials)} finished their budget; "
+        f"best by {choice.metric}: trial {choice.trial.trial_id} ({choice.value:.4f})"
+    )
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, source = fetch_checkpoint(client, choice.trial, Path(tmp) / "checkpoint")

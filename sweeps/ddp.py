@@ -49,9 +49,14 @@ def train_trial_ddp(config: dict[str, Any], spec: SweepSpec, started: float) -> 
         train_loop_config={"config": config, "spec_json": spec_to_json(spec), "trial_id": trial_id, "started": started},
         scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpu > 0, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if r.gpu else "gloo"),
-        run_config=RunConfig(name=f"train-trial_id={trial_id}", storage_path=train_run_storage(spec), callbacks=[TuneReportCallback()],
-                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
-                                                                checkpoint_score_order=mode)),
+        run_config=RunConfig(
+            name=f"train-trial_id={trial_id}",
+            storage_path=train_run_storage(spec),
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=metric, checkpoint_score_order=mode
+            ),
+        ),
     )
     log.info("trial %s: data-parallel run on %d workers (%s each)", trial_id, r.workers, per_worker)
     trainer.fit()
@@ -71,5 +76,13 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None)
 
     # every rank resumes a retried trial from the run's latest checkpoint
-    run_trial(spec, loop_config["config"], work, ray.train.get_checkpoint(), send, loop_config["started"],
-              reports_checkpoints=rank == 0, trial_name=f"{loop_config['trial_id']} rank {rank}")
+    run_trial(
+        spec,
+        loop_config["config"],
+        work,
+        ray.train.get_checkpoint(),
+        send,
+        loop_config["started"],
+        reports_checkpoints=rank == 0,
+        trial_name=f"{loop_config['trial_id']} rank {rank}",
+    )

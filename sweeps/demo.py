@@ -23,8 +23,12 @@ TRAIN = {"lr": 4e-4, "lr_backbone": 4e-4, "clip_max_norm": 1.0, "warmup_iters": 
 
 def demo_config(name: str, data: Path, preset: str, epochs: int, out: Path):
     return config_from_dict(
-        {"name": name, "data": {"root": str(data)}, "model": {"preset": preset},
-         "train": {**TRAIN, "epochs": epochs, "output_dir": str(out)}}
+        {
+            "name": name,
+            "data": {"root": str(data)},
+            "model": {"preset": preset},
+            "train": {**TRAIN, "epochs": epochs, "output_dir": str(out)},
+        }
     )
 
 
@@ -38,7 +42,10 @@ def demo_spec(workdir: Path, trials: int | None = None, epochs: int | None = Non
         spec["num_samples"] = trials
     if epochs:
         spec["epochs"] = epochs
-        spec["scheduler"] = {**spec.get("scheduler", {}), "grace_period": max(1, min(spec["scheduler"].get("grace_period", 1), epochs - 1))}
+        spec["scheduler"] = {
+            **spec.get("scheduler", {}),
+            "grace_period": max(1, min(spec["scheduler"].get("grace_period", 1), epochs - 1)),
+        }
     path = workdir / "demo-sweep.yaml"
     import json
 
@@ -46,8 +53,14 @@ def demo_spec(workdir: Path, trials: int | None = None, epochs: int | None = Non
     return path
 
 
-def run_demo(workdir: Path, n_train: int, n_val: int, teacher_epochs: int, trials: int | None = None,
-             sweep_epochs: int | None = None) -> dict[str, Any]:
+def run_demo(
+    workdir: Path,
+    n_train: int,
+    n_val: int,
+    teacher_epochs: int,
+    trials: int | None = None,
+    sweep_epochs: int | None = None,
+) -> dict[str, Any]:
     from sweeps.runner import run_sweep
 
     t0 = time.perf_counter()
@@ -69,8 +82,11 @@ def run_demo(workdir: Path, n_train: int, n_val: int, teacher_epochs: int, trial
         print("no trial of the sweep ran its full budget")
     t2 = time.perf_counter()
     exported = _report_and_export(summary["sweep"], workdir) if best else {}
-    print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min (teacher {(t1 - t0) / 60:.1f} min, sweep {(t2 - t1) / 60:.1f} min, "
-          f"report and export {(time.perf_counter() - t2) / 60:.1f} min)")
+    print(
+        f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min (teacher {(t1 - t0) / 60:.1f} min, sweep "
+        f"{(t2 - t1) / 60:.1f} min, "
+        f"report and export {(time.perf_counter() - t2) / 60:.1f} min)"
+    )
     return {"teacher_AP": teacher.best_ap, "best": best, **exported}
 
 

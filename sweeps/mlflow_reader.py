@@ -27,18 +27,22 @@ def open_client(tracking_uri: str | None = None):
     uri = tracking_uri or S.default_tracking_uri()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # checkpoints and plots: bars are noise
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         if not db.is_file():
-            raise UserError(f"no MLflow store at {db}: run a sweep first (make demo, or make sweep SPEC=...), "
-                            "or point MLFLOW_TRACKING_URI at your store")
+            raise UserError(
+                f"no MLflow store at {db}: run a sweep first (make demo, or make sweep SPEC=...), "
+                "or point MLFLOW_TRACKING_URI at your store"
+            )
     elif uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
                 response.read()
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise UserError(f"MLflow server {uri} is unreachable ({reason}): start it (make mlflow-ui, or the cluster's "
-                            "tracking server) or set MLFLOW_TRACKING_URI") from None
+            raise UserError(
+                f"MLflow server {uri} is unreachable ({reason}): start it (make mlflow-ui, or the cluster's "
+                "tracking server) or set MLFLOW_TRACKING_URI"
+            ) from None
     return MlflowClient(uri)
 
 
@@ -74,7 +78,7 @@ class Sweep:
     def searched_keys(self) -> list[str]:
         """The dotted config keys the sweep searched (its `space.` params)."""
         prefix = S.SPACE_PARAM_PREFIX
-        return sorted(k[len(prefix):] for k in self.run.data.params if k.startswith(prefix))
+        return sorted(k[len(prefix) :] for k in self.run.data.params if k.startswith(prefix))
 
     @property
     def registered_model(self) -> str:
@@ -116,12 +120,30 @@ class Trial:
 def find_sweep(client, name: str | None = None) -> Sweep:
     """The sweep's parent run by name, or the most recently started sweep in the store."""
     experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, S.sweep_filter(name), max_results=1, order_by=["attributes.start_time DESC"]) if experiments else []
+    runs = (
+        client.search_runs(experiments, S.sweep_filter(name), max_results=1, order_by=["attributes.start_time DESC"])
+        if experiments
+        else []
+    )
     if not runs:
-        known = sorted({r.data.tags.get(S.SWEEP_ID_TAG, "?")
-                        for r in client.search_runs(experiments, S.sweep_filter(), max_results=50)}) if experiments and name else []
-        hint = f" (sweeps in this store: {', '.join(known)})" if known else ": run one first (make demo, or make sweep SPEC=...)"
-        raise UserError(f"no sweep {'named ' + repr(name) + ' ' if name else ''}found in MLflow store {client.tracking_uri}{hint}")
+        known = (
+            sorted(
+                {
+                    r.data.tags.get(S.SWEEP_ID_TAG, "?")
+                    for r in client.search_runs(experiments, S.sweep_filter(), max_results=50)
+                }
+            )
+            if experiments and name
+            else []
+        )
+        hint = (
+            f" (sweeps in this store: {', '.join(known)})"
+            if known
+            else ": run one first (make demo, or make sweep SPEC=...)"
+        )
+        raise UserError(
+            f"no sweep {'named ' + repr(name) + ' ' if name else ''}found in MLflow store {client.tracking_uri}{hint}"
+        )
     run = runs[0]
     try:
         from mlflow.artifacts import load_dict
@@ -129,8 +151,12 @@ def find_sweep(client, name: str | None = None) -> Sweep:
         spec = load_dict(f"{run.info.artifact_uri.rstrip('/')}/{S.SPEC_ARTIFACT}")
     except Exception:  # noqa: BLE001 - an older or hand-made sweep run: fall back to the logged params
         metric, mode = S.DEFAULT_OBJECTIVE
-        spec = {"objective": {"metric": run.data.params.get(f"{S.SPEC_PARAM_PREFIX}objective.metric", metric),
-                              "mode": run.data.params.get(f"{S.SPEC_PARAM_PREFIX}objective.mode", mode)}}
+        spec = {
+            "objective": {
+                "metric": run.data.params.get(f"{S.SPEC_PARAM_PREFIX}objective.metric", metric),
+                "mode": run.data.params.get(f"{S.SPEC_PARAM_PREFIX}objective.mode", mode),
+            }
+        }
     return Sweep(run, spec)
 
 
@@ -143,7 +169,9 @@ def _param_value(text: str) -> Any:
 
 def sweep_trials(client, sweep: Sweep) -> list[Trial]:
     """Every trial run of the sweep (deleted orphans excluded), oldest first."""
-    runs = client.search_runs([sweep.experiment_id], S.trial_filter(sweep.name), max_results=10000, order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [sweep.experiment_id], S.trial_filter(sweep.name), max_results=10000, order_by=["attributes.start_time ASC"]
+    )
     return [Trial(r, {k: _param_value(v) for k, v in r.data.params.items()}) for r in runs]
 
 

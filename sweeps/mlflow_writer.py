@@ -49,7 +49,7 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     ./mlruns of the creating process, would land in a Ray job's temporary working directory.
     A tracking server decides for itself (None)."""
     if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
+        db = Path(tracking_uri[len("sqlite:///") :])
         return (db.parent / "mlartifacts" / re.sub(r"[^A-Za-z0-9_.-]", "_", experiment)).resolve().as_uri()
     return None
 
@@ -82,14 +82,21 @@ class SweepTracker:
     def experiment_id(self) -> str:
         if self._experiment_id is None:
             exp = self.client.get_experiment_by_name(self.experiment)
-            self._experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-                self.experiment, artifact_location=artifact_location(self.tracking_uri, self.experiment))
+            self._experiment_id = (
+                exp.experiment_id
+                if exp
+                else self.client.create_experiment(
+                    self.experiment, artifact_location=artifact_location(self.tracking_uri, self.experiment)
+                )
+            )
             if exp is None or S.EXPERIMENT_KIND_TAG not in exp.tags:  # the UI opens it on its training-runs view
                 self.client.set_experiment_tag(self._experiment_id, S.EXPERIMENT_KIND_TAG, "custom_model_development")
         return self._experiment_id
 
     def _find(self, filter_string: str):
-        runs = self.client.search_runs([self.experiment_id], filter_string, max_results=2, order_by=["attributes.start_time ASC"])
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string, max_results=2, order_by=["attributes.start_time ASC"]
+        )
         return runs[0] if runs else None
 
     # -- the sweep's parent run ------------------------------------------------------------------
@@ -102,16 +109,20 @@ class SweepTracker:
         run = self.find_parent()
         tags = {"git_sha": git_sha(), "ray_job_id": ray_job_id()}
         if run is None:
-            run = self.client.create_run(self.experiment_id, run_name=self.sweep_id,
-                                         tags={S.SWEEP_ID_TAG: self.sweep_id, S.ROLE_TAG: S.ROLE_SWEEP, **tags})
-            from clockdistill.config import flatten_dict
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=self.sweep_id,
+                tags={S.SWEEP_ID_TAG: self.sweep_id, S.ROLE_TAG: S.ROLE_SWEEP, **tags},
+            )
             from mlflow.entities import Param
+
+            from clockdistill.config import flatten_dict
 
             params = {f"{S.SPEC_PARAM_PREFIX}{k}": v for k, v in flatten_dict(spec_dict).items() if k != "search_space"}
             params.update({f"{S.SPACE_PARAM_PREFIX}{k}": v for k, v in space.items()})
             items = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in params.items()]
             for i in range(0, len(items), PARAM_BATCH):
-                self.client.log_batch(run.info.run_id, params=items[i:i + PARAM_BATCH])
+                self.client.log_batch(run.info.run_id, params=items[i : i + PARAM_BATCH])
             self.client.log_dict(run.info.run_id, spec_dict, S.SPEC_ARTIFACT)
             if teacher_ap is not None:
                 self.client.log_metric(run.info.run_id, S.TEACHER_AP, teacher_ap)
@@ -143,14 +154,22 @@ class SweepTracker:
             return self._runs[trial_id]
         run = self.find_trial_run(trial_id)
         if run is None:
-            run = self.client.create_run(self.experiment_id, run_name=trial_name, tags={
-                S.PARENT_RUN_TAG: self.parent_run_id or "", S.SWEEP_ID_TAG: self.sweep_id, S.TRIAL_ID_TAG: trial_id,
-                S.ROLE_TAG: S.ROLE_TRIAL, S.FULL_BUDGET_TAG: "false"})
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=trial_name,
+                tags={
+                    S.PARENT_RUN_TAG: self.parent_run_id or "",
+                    S.SWEEP_ID_TAG: self.sweep_id,
+                    S.TRIAL_ID_TAG: trial_id,
+                    S.ROLE_TAG: S.ROLE_TRIAL,
+                    S.FULL_BUDGET_TAG: "false",
+                },
+            )
             from mlflow.entities import Param
 
             items = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in params.items()]
             for i in range(0, len(items), PARAM_BATCH):
-                self.client.log_batch(run.info.run_id, params=items[i:i + PARAM_BATCH])
+                self.client.log_batch(run.info.run_id, params=items[i : i + PARAM_BATCH])
         else:
             self._logged_epoch[run.info.run_id] = int(run.data.metrics.get("epoch", 0))
             if run.info.status != "RUNNING" and not self.is_done(run):

@@ -27,7 +27,9 @@ def _colour(row: dict[str, Any]) -> str:
     return FINISHED if row["completed_full_budget"] else STOPPED
 
 
-def ap_over_epochs(rows: list[dict[str, Any]], metric: str, teacher: float | None, baseline: float | None, path: Path) -> Path:
+def ap_over_epochs(
+    rows: list[dict[str, Any]], metric: str, teacher: float | None, baseline: float | None, path: Path
+) -> Path:
     """metric per epoch, one line per trial (finished blue, stopped grey, failed red), reference lines."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for row in rows:
@@ -81,7 +83,7 @@ def metric_vs_knobs(rows: list[dict[str, Any]], knobs: dict[str, str], metric: s
         ax.set_xlabel(key, fontsize=8)
         ax.set_ylabel(f"best {metric}", fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.suptitle(f"best {metric} against each searched knob (blue: full budget, grey: stopped early)", fontsize=9)
     return _save(fig, path)
@@ -99,13 +101,20 @@ def importance_bars(importances: dict[str, float], metric: str, evaluator: str, 
     return _save(fig, path)
 
 
-def pareto_front(rows: list[dict[str, Any]], objectives: list[tuple[str, str]], front_ids: set[str], path: Path) -> Path:
+def pareto_front(
+    rows: list[dict[str, Any]], objectives: list[tuple[str, str]], front_ids: set[str], path: Path
+) -> Path:
     (mx, _), (my, _) = objectives[1], objectives[0]
     fig, ax = plt.subplots(figsize=(7, 5))
     pts = [(r["best"].get(mx), r["best"].get(my), r) for r in rows]
     pts = [(x, y, r) for x, y, r in pts if x is not None and y is not None]
-    ax.scatter([x for x, _, r in pts if r["trial_id"] not in front_ids], [y for _, y, r in pts if r["trial_id"] not in front_ids],
-               color=STOPPED, s=24, label="dominated")
+    ax.scatter(
+        [x for x, _, r in pts if r["trial_id"] not in front_ids],
+        [y for _, y, r in pts if r["trial_id"] not in front_ids],
+        color=STOPPED,
+        s=24,
+        label="dominated",
+    )
     front = sorted((x, y) for x, y, r in pts if r["trial_id"] in front_ids)
     if front:
         ax.plot(*zip(*front), color=FINISHED, marker="o", lw=1.2, label="Pareto front")
@@ -117,7 +126,9 @@ def pareto_front(rows: list[dict[str, Any]], objectives: list[tuple[str, str]], 
     return _save(fig, path)
 
 
-def sample_grid(panels: list[list[tuple[Any, list[tuple[list[float], str, float | None]]]]], columns: list[str], path: Path) -> Path:
+def sample_grid(
+    panels: list[list[tuple[Any, list[tuple[list[float], str, float | None]]]]], columns: list[str], path: Path
+) -> Path:
     """panels[row][col] = (PIL image, [(xyxy box, label, score or None)]); one column per source."""
     rows, cols = len(panels), len(columns)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
@@ -129,7 +140,15 @@ def sample_grid(panels: list[list[tuple[Any, list[tuple[list[float], str, float 
             for (x0, y0, x1, y1), label, score in boxes:
                 ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, color=colours[c % 3]))
                 text = label if score is None else f"{label} {score:.2f}"
-                ax.text(x0, y0, text, fontsize=6, color="white", va="bottom", bbox={"facecolor": colours[c % 3], "pad": 0.5, "lw": 0})
+                ax.text(
+                    x0,
+                    y0,
+                    text,
+                    fontsize=6,
+                    color="white",
+                    va="bottom",
+                    bbox={"facecolor": colours[c % 3], "pad": 0.5, "lw": 0},
+                )
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

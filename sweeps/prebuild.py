@@ -59,17 +59,28 @@ def prebuild_node_caches(spec: SweepSpec, timeout_s: float = 3600.0) -> int:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     r = spec.resources
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= r.cpu and n["Resources"].get("GPU", 0) >= r.gpu]
+    nodes = [
+        n
+        for n in ray.nodes()
+        if n.get("Alive") and n["Resources"].get("CPU", 0) >= r.cpu and n["Resources"].get("GPU", 0) >= r.gpu
+    ]
     task = ray.remote(max_retries=0)(_build)
     t0 = time.perf_counter()
-    refs = {n["NodeManagerAddress"] + "/" + n["NodeID"][:8]:
-            task.options(num_cpus=r.cpu, num_gpus=r.gpu, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote(spec_to_json(spec)) for n in nodes}
+    refs = {
+        n["NodeManagerAddress"] + "/" + n["NodeID"][:8]: task.options(
+            num_cpus=r.cpu, num_gpus=r.gpu, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(spec_to_json(spec))
+        for n in nodes
+    }
     for where, ref in refs.items():
         try:
             done = ray.get(ref, timeout=timeout_s)
             log.info("node caches ready on %s (%.1f s)", where, done["seconds"])
         except Exception as exc:  # noqa: BLE001 - trials build or fall back themselves
-            log.warning("node caches could not be built on %s (%s); its first trial builds them", where, str(exc).splitlines()[-1][:300])
+            log.warning(
+                "node caches could not be built on %s (%s); its first trial builds them",
+                where,
+                str(exc).splitlines()[-1][:300],
+            )
     log.info("node caches: %d node(s) in %.1f s, before the first trial", len(refs), time.perf_counter() - t0)
     return len(refs)

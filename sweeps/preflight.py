@@ -64,13 +64,19 @@ def check_storage(storage: str, timeout_s: float = 120.0) -> int:
 
     def failures(task, args_of) -> dict[str, str]:
         """Run task(*args_of(node)) on every node; {node: error} of those that failed."""
-        refs = {node: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(*args_of(node))
-                for node in ids}
+        refs = {
+            node: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+                *args_of(node)
+            )
+            for node in ids
+        }
         _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
         if pending:
             late = [node for node, ref in refs.items() if ref in pending]
-            raise SpecError(f"storage_path: node(s) {', '.join(where[n] for n in late)} did not answer the storage check "
-                            f"within {timeout_s:.0f} s")
+            raise SpecError(
+                f"storage_path: node(s) {', '.join(where[n] for n in late)} did not answer the storage check "
+                f"within {timeout_s:.0f} s"
+            )
         return {node: error for node, error in ((n, ray.get(r)) for n, r in refs.items()) if error}
 
     failed = failures(write, lambda node: (storage, run, node))
@@ -84,7 +90,9 @@ def check_storage(storage: str, timeout_s: float = 120.0) -> int:
     if failed:
         node, reason = next(iter(failed.items()))
         more = f" (and {len(failed) - 1} more node(s))" if len(failed) > 1 else ""
-        raise SpecError(f"storage_path: {storage} is not shared and writable on node {where[node]}{more}: {reason}; "
-                        "use a path every node mounts (NFS, EFS) or an s3:// URI")
+        raise SpecError(
+            f"storage_path: {storage} is not shared and writable on node {where[node]}{more}: {reason}; "
+            "use a path every node mounts (NFS, EFS) or an s3:// URI"
+        )
     log.info("storage %s: written and read back by all %d node(s)", storage, len(ids))
     return len(ids)

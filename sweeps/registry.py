@@ -24,8 +24,11 @@ def register_student(client, sweep: Sweep, trial: Trial, out: Path, manifest: di
     import mlflow.pytorch
 
     name = sweep.registered_model
-    existing = [v for v in client.search_model_versions(f"name = '{name}'")
-                if v.tags.get(S.TRIAL_ID_TAG) == trial.trial_id and v.tags.get(S.SWEEP_ID_TAG) == sweep.name]
+    existing = [
+        v
+        for v in client.search_model_versions(f"name = '{name}'")
+        if v.tags.get(S.TRIAL_ID_TAG) == trial.trial_id and v.tags.get(S.SWEEP_ID_TAG) == sweep.name
+    ]
     if existing:
         version = existing[0]
         print(f"model {name} version {version.version} already holds trial {trial.trial_id}: not registered again")
@@ -39,13 +42,23 @@ def register_student(client, sweep: Sweep, trial: Trial, out: Path, manifest: di
         quiet.setLevel(logging.ERROR)  # its pickle warning does not apply: a ScriptModule is written by torch.jit.save
         try:
             with mlflow.start_run(run_id=trial.run_id):  # reopens the finished trial run; closed FINISHED again
-                info = mlflow.pytorch.log_model(scripted, name="student", serialization_format="pickle", extra_files=extra,
-                                                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], tags=tags)
+                info = mlflow.pytorch.log_model(
+                    scripted,
+                    name="student",
+                    serialization_format="pickle",
+                    extra_files=extra,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                    tags=tags,
+                )
         finally:
             quiet.setLevel(level)
         version = mlflow.register_model(info.model_uri, name, tags=tags)
-        client.update_model_version(name, version.version, description=f"Best student of sweep {sweep.name} (trial {trial.trial_id}), "
-                                                                       f"AP {manifest['metrics']['AP']:.4f}")
+        client.update_model_version(
+            name,
+            version.version,
+            description=f"Best student of sweep {sweep.name} (trial {trial.trial_id}), "
+            f"AP {manifest['metrics']['AP']:.4f}",
+        )
         print(f"registered model {name} version {version.version}")
     client.set_registered_model_alias(name, CHAMPION, version.version)
     client.log_text(sweep.run_id, (out / "MODEL_CARD.md").read_text(), "best_student/MODEL_CARD.md")

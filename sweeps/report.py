@@ -47,12 +47,21 @@ def trial_rows(client, sweep: Sweep, trials: list[Trial]) -> list[dict[str, Any]
     for t in trials:
         histories = {k: metric_history(client, t.run_id, k) for k in EPOCH_METRICS if k in t.run.data.metrics}
         epochs = sorted({e for h in histories.values() for e in h})
-        rows.append({
-            "trial_id": t.trial_id, "run_id": t.run_id, "run_name": t.run.info.run_name, "status": t.status,
-            "completed_full_budget": t.full_budget, "epochs_run": int(t.run.data.metrics.get("epoch", len(epochs))),
-            "best": {m: t.best(m) for m, _ in sweep.objectives}, "params": {k: t.params.get(k) for k in searched},
-            "config": t.params, "epochs": epochs, "metrics": {k: [h.get(e) for e in epochs] for k, h in histories.items()},
-        })
+        rows.append(
+            {
+                "trial_id": t.trial_id,
+                "run_id": t.run_id,
+                "run_name": t.run.info.run_name,
+                "status": t.status,
+                "completed_full_budget": t.full_budget,
+                "epochs_run": int(t.run.data.metrics.get("epoch", len(epochs))),
+                "best": {m: t.best(m) for m, _ in sweep.objectives},
+                "params": {k: t.params.get(k) for k in searched},
+                "config": t.params,
+                "epochs": epochs,
+                "metrics": {k: [h.get(e) for e in epochs] for k, h in histories.items()},
+            }
+        )
     return rows
 
 
@@ -67,7 +76,7 @@ def write_table(rows: list[dict[str, Any]], objectives: list[tuple[str, str]], p
     columns["epochs_run"] = pa.array([r["epochs_run"] for r in rows], pa.int32())
     for metric, _ in objectives:
         columns[f"best_{metric}"] = pa.array([r["best"].get(metric) for r in rows], pa.float64())
-    for key in (rows[0]["params"] if rows else {}):
+    for key in rows[0]["params"] if rows else {}:
         values = [r["params"].get(key) for r in rows]
         try:
             columns[f"param.{key}"] = pa.array(values)
@@ -103,14 +112,26 @@ def importances(rows: list[dict[str, Any]], sweep: Sweep) -> tuple[dict[str, flo
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     metric, mode = sweep.objectives[0]
     dists = {k: _distribution(*next(iter(v.items()))) for k, v in _searched(sweep).items()}
-    scored = [r for r in rows if r["status"] != "FAILED" and r["best"].get(metric) is not None and math.isfinite(r["best"][metric])]
+    scored = [
+        r
+        for r in rows
+        if r["status"] != "FAILED" and r["best"].get(metric) is not None and math.isfinite(r["best"][metric])
+    ]
     finished = [r for r in scored if r["completed_full_budget"]]
-    used, note = (finished, f"{len(finished)} finished trials") if len(finished) >= 3 else (scored, f"{len(scored)} trials incl. stopped")
+    used, note = (
+        (finished, f"{len(finished)} finished trials")
+        if len(finished) >= 3
+        else (scored, f"{len(scored)} trials incl. stopped")
+    )
     study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
     for r in used:
         params = {k: v for k, v in r["params"].items() if k in dists and v is not None}
         try:
-            study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params}, value=r["best"][metric]))
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params=params, distributions={k: dists[k] for k in params}, value=r["best"][metric]
+                )
+            )
         except ValueError as exc:  # a value outside the declared space (a hand-edited spec)
             log.warning("importance: trial %s left out (%s)", r["trial_id"], exc)
     if len(study.trials) < 2:
@@ -134,9 +155,9 @@ def samples(client, best: Trial, sweep: Sweep, path: Path, n: int = 4) -> Path:
     """Ground truth, teacher and best-student boxes on the first n validation images."""
     import torch
 
+    from clockdistill.checkpoint import load_detector
     from clockdistill.config import config_from_dict
     from clockdistill.data import CocoDetection, DetectionTransform
-    from clockdistill.checkpoint import load_detector
     from sweeps.best_student import fetch_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,30 +172,54 @@ def samples(client, best: Trial, sweep: Sweep, path: Path, n: int = 4) -> Path:
     panels = []
     for row, i in enumerate(indices):
         boxes, cats, crowd = dataset.index.annotations(i)
-        gt = [(list(map(float, b)), names[dataset.cat_to_label[int(c)]], None) for b, c, k in zip(boxes, cats, crowd) if not k]
+        gt = [
+            (list(map(float, b)), names[dataset.cat_to_label[int(c)]], None)
+            for b, c, k in zip(boxes, cats, crowd)
+            if not k
+        ]
         cells = [(dataset.load_image(i), gt)]
         for det in predicted:
             d = det[row]  # sorted by score
             keep = d["scores"] >= SCORE_THRESHOLD
             if int(keep.sum()) < len(gt):  # a weak model: its top boxes anyway, as many as the ground truth
                 keep = (d["scores"] >= MIN_SCORE) & (torch.arange(len(d["scores"])) < max(1, len(gt)))
-            cells.append((dataset.load_image(i), [(b.tolist(), names[int(lab)], float(s))
-                                                  for b, lab, s in zip(d["boxes"][keep], d["labels"][keep], d["scores"][keep])]))
+            cells.append(
+                (
+                    dataset.load_image(i),
+                    [
+                        (b.tolist(), names[int(lab)], float(s))
+                        for b, lab, s in zip(d["boxes"][keep], d["labels"][keep], d["scores"][keep])
+                    ],
+                )
+            )
         panels.append(cells)
-    columns = ["ground truth", f"teacher (AP {sweep.teacher_ap:.3f})" if sweep.teacher_ap is not None else "teacher",
-               f"best student {best.trial_id} (AP {best.best('AP') or 0:.3f})"]
+    columns = [
+        "ground truth",
+        f"teacher (AP {sweep.teacher_ap:.3f})" if sweep.teacher_ap is not None else "teacher",
+        f"best student {best.trial_id} (AP {best.best('AP') or 0:.3f})",
+    ]
     return plots.sample_grid(panels, columns, path)
 
 
 def _baseline(rows: list[dict[str, Any]], metric: str) -> float | None:
     """The best full-budget trial of the sweep that ran without distillation (distill.method none)."""
-    values = [r["best"].get(metric) for r in rows
-              if r["config"].get("distill.method") == "none" and r["completed_full_budget"] and r["best"].get(metric) is not None]
+    values = [
+        r["best"].get(metric)
+        for r in rows
+        if r["config"].get("distill.method") == "none"
+        and r["completed_full_budget"]
+        and r["best"].get(metric) is not None
+    ]
     return max(values) if values else None
 
 
-def build_report(sweep_name: str | None = None, out: str | Path | None = None, tracking_uri: str | None = None,
-                 baseline_ap: float | None = None, log_to_mlflow: bool = True) -> dict[str, Any]:
+def build_report(
+    sweep_name: str | None = None,
+    out: str | Path | None = None,
+    tracking_uri: str | None = None,
+    baseline_ap: float | None = None,
+    log_to_mlflow: bool = True,
+) -> dict[str, Any]:
     client = open_client(tracking_uri)
     sweep = find_sweep(client, sweep_name)
     trials = sweep_trials(client, sweep)
@@ -186,20 +231,27 @@ def build_report(sweep_name: str | None = None, out: str | Path | None = None, t
     skipped: dict[str, str] = {}
     curve_metric = metric if metric in COCO_METRICS else "AP"
     baseline = baseline_ap if baseline_ap is not None else _baseline(rows, curve_metric)
-    written["ap_over_epochs"] = str(plots.ap_over_epochs(rows, curve_metric, sweep.teacher_ap, baseline, out / "ap_over_epochs.png"))
+    written["ap_over_epochs"] = str(
+        plots.ap_over_epochs(rows, curve_metric, sweep.teacher_ap, baseline, out / "ap_over_epochs.png")
+    )
     searched = {k: next(iter(v)) for k, v in _searched(sweep).items()}
     if searched:
         written["ap_vs_knobs"] = str(plots.metric_vs_knobs(rows, searched, metric, out / "ap_vs_knobs.png"))
     try:
         values, note = importances(rows, sweep)
-        written["param_importance"] = str(plots.importance_bars(values, metric, f"fANOVA, {note}", out / "param_importance.png"))
+        written["param_importance"] = str(
+            plots.importance_bars(values, metric, f"fANOVA, {note}", out / "param_importance.png")
+        )
     except (ValueError, RuntimeError) as exc:
         skipped["param_importance"] = str(exc)
     finished = [t for t in trials if t.finished]
     if len(sweep.objectives) > 1:
         front = {t.trial_id for t in pareto_set(finished, sweep.objectives)}
-        written["pareto_front"] = str(plots.pareto_front([r for r in rows if r["completed_full_budget"]], sweep.objectives, front,
-                                                         out / "pareto_front.png"))
+        written["pareto_front"] = str(
+            plots.pareto_front(
+                [r for r in rows if r["completed_full_budget"]], sweep.objectives, front, out / "pareto_front.png"
+            )
+        )
     ranked = rank(finished, metric, mode)
     if ranked:
         try:
@@ -212,8 +264,18 @@ def build_report(sweep_name: str | None = None, out: str | Path | None = None, t
         print(f"report: {name} skipped: {reason}")
     if log_to_mlflow:
         client.log_artifacts(sweep.run_id, str(out), "report")
-    summary = {"sweep": sweep.name, "out": str(out), "trials": len(rows), "files": written, "skipped": skipped,
-               "baseline_ap": baseline, "logged_to": f"run {sweep.run_id} artifacts report/" if log_to_mlflow else None}
-    print(f"report of sweep {sweep.name}: {len(rows)} trials -> {out} ({', '.join(Path(p).name for p in written.values())})"
-          + (f"; logged to MLflow run {sweep.run_id} under report/" if log_to_mlflow else ""))
+    summary = {
+        "sweep": sweep.name,
+        "out": str(out),
+        "trials": len(rows),
+        "files": written,
+        "skipped": skipped,
+        "baseline_ap": baseline,
+        "logged_to": f"run {sweep.run_id} artifacts report/" if log_to_mlflow else None,
+    }
+    print(
+        f"report of sweep {sweep.name}: {len(rows)} trials -> {out} "
+        f"({', '.join(Path(p).name for p in written.values())})"
+        + (f"; logged to MLflow run {sweep.run_id} under report/" if log_to_mlflow else "")
+    )
     return summary

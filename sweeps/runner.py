@@ -23,7 +23,16 @@ from sweeps.mlflow_writer import SweepTracker
 from sweeps.preflight import check_storage
 from sweeps.schema import FAILED_KEY, best_key, checkpoint_score, default_tracking_uri, metrics_to_log
 from sweeps.search import build_scheduler, build_searcher, tune_param_space
-from sweeps.spec import SweepSpec, load_spec, resolve_paths, search_space_summary, spec_from_json, spec_to_dict, spec_to_json, sweep_dir_name
+from sweeps.spec import (
+    SweepSpec,
+    load_spec,
+    resolve_paths,
+    search_space_summary,
+    spec_from_json,
+    spec_to_dict,
+    spec_to_json,
+    sweep_dir_name,
+)
 
 log = logging.getLogger("clockdistill.sweep")
 
@@ -63,8 +72,15 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
             self._last_try = 0.0
 
         def __getstate__(self):
-            return {"spec_json": self.spec_json, "tracker": self.tracker, "_spec": None, "_pending": list(self._pending),
-                    "_trials": dict(self._trials), "_down_since": None, "_last_try": 0.0}
+            return {
+                "spec_json": self.spec_json,
+                "tracker": self.tracker,
+                "_spec": None,
+                "_pending": list(self._pending),
+                "_trials": dict(self._trials),
+                "_down_since": None,
+                "_last_try": 0.0,
+            }
 
         @property
         def spec(self) -> SweepSpec:
@@ -73,7 +89,9 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
             return self._spec
 
         def _write(self, trial, kind: str, *payload) -> None:
-            if trial.trial_id not in self._trials:  # params go to MLflow once, when its run is created (they cannot change)
+            if (
+                trial.trial_id not in self._trials
+            ):  # params go to MLflow once, when its run is created (they cannot change)
                 self._trials[trial.trial_id] = (str(trial), trial_params(self.spec, trial.config))
             self._pending.append((kind, trial.trial_id, *payload))
             if self._down_since is None or time.monotonic() - self._last_try >= self.RETRY_S:
@@ -93,11 +111,18 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
                 except Exception as exc:  # noqa: BLE001 - the store is down or refusing: keep the write
                     if self._down_since is None:
                         self._down_since = time.monotonic()
-                        log.warning("mlflow: %s; buffering its writes and retrying every %.0f s", str(exc).splitlines()[0][:300], self.RETRY_S)
+                        log.warning(
+                            "mlflow: %s; buffering its writes and retrying every %.0f s",
+                            str(exc).splitlines()[0][:300],
+                            self.RETRY_S,
+                        )
                     return False
                 self._pending.pop(0)
             if self._down_since is not None:
-                log.warning("mlflow: reachable again after %.0f s; buffered writes are written", time.monotonic() - self._down_since)
+                log.warning(
+                    "mlflow: reachable again after %.0f s; buffered writes are written",
+                    time.monotonic() - self._down_since,
+                )
                 self._down_since = None
             return True
 
@@ -115,8 +140,12 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
             while not self._flush() and time.monotonic() < deadline:
                 time.sleep(self.RETRY_S)
             if self._pending:
-                log.error("mlflow: %d write(s) could not be made within %.0f s; Tune's results in the sweep storage keep them",
-                          len(self._pending), patience)
+                log.error(
+                    "mlflow: %d write(s) could not be made within %.0f s; Tune's results in the sweep storage keep "
+                    "them",
+                    len(self._pending),
+                    patience,
+                )
 
         def _end(self, trial, status: str, reason: str = "") -> None:
             try:
@@ -136,8 +165,15 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
                 status, reason = "FAILED", result.get(S.FAILURE_REASON_KEY, FAILED_KEY)
             if reason:
                 tags[S.FAILURE_REASON_TAG] = reason[:4000]
-            how = "ran the full budget" if full else (f"failed: {reason}" if status == "FAILED" else
-                                                       f"stopped early after {tags[S.EPOCHS_RUN_TAG]} epoch(s)")
+            how = (
+                "ran the full budget"
+                if full
+                else (
+                    f"failed: {reason}"
+                    if status == "FAILED"
+                    else f"stopped early after {tags[S.EPOCHS_RUN_TAG]} epoch(s)"
+                )
+            )
             best_text = f"best {metric} {best:.4f}" if best is not None and math.isfinite(best) else f"no {metric}"
             print(f"trial {trial.trial_id} finished: {best_text}, {how}", flush=True)
             self._write(trial, "end", status, tags)
@@ -175,17 +211,31 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     if not spec.mlflow.tracking_uri and "runtime_resources" in str(Path.cwd()):
-        log.warning("mlflow: the default store %s is inside this Ray job's temporary working directory and goes away with it; "
-                    "set mlflow.tracking_uri in the spec (a server, or an absolute sqlite path)", tracking_uri)
+        log.warning(
+            "mlflow: the default store %s is inside this Ray job's temporary working directory and goes away with it; "
+            "set mlflow.tracking_uri in the spec (a server, or an absolute sqlite path)",
+            tracking_uri,
+        )
 
     import ray
     from ray import tune
 
     address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or None, logging_level=logging.WARNING, include_dashboard=None if address else False,
-             configure_logging=True, log_to_driver=True,
-             resources=None if address else {DRIVER_RESOURCE: 100})  # a local Ray hosts data-parallel trial drivers too
-    log.info("sweep %s on %s; storage %s; mlflow %s", spec.name, f"cluster {address}" if address else "a local Ray", storage, tracking_uri)
+    ray.init(
+        address=address or None,
+        logging_level=logging.WARNING,
+        include_dashboard=None if address else False,
+        configure_logging=True,
+        log_to_driver=True,
+        resources=None if address else {DRIVER_RESOURCE: 100},
+    )  # a local Ray hosts data-parallel trial drivers too
+    log.info(
+        "sweep %s on %s; storage %s; mlflow %s",
+        spec.name,
+        f"cluster {address}" if address else "a local Ray",
+        storage,
+        tracking_uri,
+    )
     check_storage(storage)  # every node writes and reads it, before any trial or MLflow run exists
     from sweeps.prebuild import needs_node_caches, prebuild_node_caches
 
@@ -197,7 +247,9 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
     from sweeps.trainable import train_trial
 
     score_metric, score_mode = checkpoint_score(spec.primary.metric, spec.primary.mode)
-    if spec.resources.workers > 1:  # the trial only drives a Train run (which asks for its workers): a sliver of a driver node
+    if (
+        spec.resources.workers > 1
+    ):  # the trial only drives a Train run (which asks for its workers): a sliver of a driver node
         trial_resources = tune.PlacementGroupFactory([{"CPU": 0, DRIVER_RESOURCE: 0.01}])
     else:
         trial_resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
@@ -215,14 +267,20 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
             tuner = tune.Tuner(
                 trainable,
                 param_space=tune_param_space(spec),
-                tune_config=tune.TuneConfig(search_alg=build_searcher(spec), scheduler=build_scheduler(spec),
-                                            num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials,
-                                            reuse_actors=spec.reuse_actors),
+                tune_config=tune.TuneConfig(
+                    search_alg=build_searcher(spec),
+                    scheduler=build_scheduler(spec),
+                    num_samples=spec.num_samples,
+                    max_concurrent_trials=spec.max_concurrent_trials,
+                    reuse_actors=spec.reuse_actors,
+                ),
                 run_config=tune.RunConfig(
-                    name=exp_dir, storage_path=storage,
+                    name=exp_dir,
+                    storage_path=storage,
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=score_metric,
-                                                            checkpoint_score_order=score_mode),
+                    checkpoint_config=tune.CheckpointConfig(
+                        num_to_keep=1, checkpoint_score_attribute=score_metric, checkpoint_score_order=score_mode
+                    ),
                     callbacks=[make_callback(spec, tracker)],
                     verbose=1,  # the status table; the callback prints a line per finished trial
                 ),
@@ -246,10 +304,14 @@ def finalize(spec: SweepSpec, tracker: SweepTracker, results) -> dict[str, Any]:
     for result in results:
         m = result.metrics or {}
         trial_id = m.get("trial_id") or _trial_id_from_path(result.path)
-        row = {"trial_id": trial_id, "epochs": int(m.get("epoch", 0)), "full_budget": bool(m.get(S.FULL_BUDGET_KEY)) and not m.get(FAILED_KEY),
-               best_key(metric): m.get(best_key(metric)),
-               "error": str(result.error).splitlines()[-1] if result.error else (m.get(S.FAILURE_REASON_KEY) or ""),
-               "config": {k: v for k, v in (result.config or {}).items()}}
+        row = {
+            "trial_id": trial_id,
+            "epochs": int(m.get("epoch", 0)),
+            "full_budget": bool(m.get(S.FULL_BUDGET_KEY)) and not m.get(FAILED_KEY),
+            best_key(metric): m.get(best_key(metric)),
+            "error": str(result.error).splitlines()[-1] if result.error else (m.get(S.FAILURE_REASON_KEY) or ""),
+            "config": {k: v for k, v in (result.config or {}).items()},
+        }
         try:
             best = result.get_best_checkpoint(score_metric, score_mode) if result.best_checkpoints else None
         except Exception:  # noqa: BLE001 - no checkpoint with the metric
@@ -262,26 +324,42 @@ def finalize(spec: SweepSpec, tracker: SweepTracker, results) -> dict[str, Any]:
                 run = tracker.find_trial_run(trial_id)
                 if run is not None and run.data.tags.get(S.BEST_CHECKPOINT_TAG) != best.path:
                     with best.as_directory() as d:
-                        tracker.log_checkpoint(run.info.run_id, d, best.path, file_sha256(Path(d) / "model.safetensors"))
+                        tracker.log_checkpoint(
+                            run.info.run_id, d, best.path, file_sha256(Path(d) / "model.safetensors")
+                        )
             except Exception as exc:  # noqa: BLE001
                 log.warning("mlflow: could not log the best checkpoint of trial %s: %s", trial_id, exc)
         rows.append(row)
     try:
         retired = tracker.retire_orphans({r["trial_id"] for r in rows})
         if retired:
-            log.info("mlflow: deleted the runs of %d trial(s) the restored sweep replaced: %s", len(retired), ", ".join(retired))
+            log.info(
+                "mlflow: deleted the runs of %d trial(s) the restored sweep replaced: %s",
+                len(retired),
+                ", ".join(retired),
+            )
     except Exception as exc:  # noqa: BLE001
         log.warning("mlflow: could not clean up replaced trial runs: %s", exc)
-    ranked = sorted((r for r in rows if r[best_key(metric)] is not None and r["full_budget"]),
-                    key=lambda r: r[best_key(metric)], reverse=mode == "max")
-    summary = {"sweep": spec.name, "objective": f"{metric} ({mode})", "trials": rows, "best": ranked[0] if ranked else None}
+    ranked = sorted(
+        (r for r in rows if r[best_key(metric)] is not None and r["full_budget"]),
+        key=lambda r: r[best_key(metric)],
+        reverse=mode == "max",
+    )
+    summary = {
+        "sweep": spec.name,
+        "objective": f"{metric} ({mode})",
+        "trials": rows,
+        "best": ranked[0] if ranked else None,
+    }
     print(f"\nsweep {spec.name}: {len(rows)} trials, {sum(r['full_budget'] for r in rows)} ran the full budget")
     print(f"{'trial':<14} {'epochs':>6} {'best ' + metric:>10}  config")
     for r in sorted(rows, key=lambda r: r["trial_id"]):
         value = r[best_key(metric)]
         shown = f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "-"
         cfg = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in r["config"].items())
-        print(f"{r['trial_id']:<14} {r['epochs']:>6} {shown:>10}  {cfg}{'  [' + r['error'] + ']' if r['error'] else ''}")
+        print(
+            f"{r['trial_id']:<14} {r['epochs']:>6} {shown:>10}  {cfg}{'  [' + r['error'] + ']' if r['error'] else ''}"
+        )
     if ranked:
         print(f"best: trial {ranked[0]['trial_id']} with {metric} {ranked[0][best_key(metric)]:.4f}")
     return json.loads(json.dumps(summary, default=str))
@@ -299,7 +377,9 @@ def _train_run_checkpoint(spec: SweepSpec, result, metric: str, mode: str):
     if df is None or "checkpoint_path" not in df or metric not in df:
         return None
     fs, _ = storage_filesystem(spec.storage_path)
-    for path in df.dropna(subset=["checkpoint_path", metric]).sort_values(metric, ascending=mode == "min")["checkpoint_path"]:
+    for path in df.dropna(subset=["checkpoint_path", metric]).sort_values(metric, ascending=mode == "min")[
+        "checkpoint_path"
+    ]:
         if fs.get_file_info(str(path)).type == pafs.FileType.Directory:
             return tune.Checkpoint(str(path), filesystem=fs)
     return None

@@ -44,15 +44,24 @@ TEACHER_AP = "teacher_AP"
 
 # -- objectives and result keys -------------------------------------------------------------------
 STUDENT_PROPERTIES = ("params", "latency_ms")  # properties of the student a sweep can trade AP against
-OBJECTIVE_METRICS: dict[str, str] = {**{m: "max" for m in COCO_METRICS}, "params": "min", "latency_ms": "min"}  # metric -> natural mode
+OBJECTIVE_METRICS: dict[str, str] = {
+    **{m: "max" for m in COCO_METRICS},
+    "params": "min",
+    "latency_ms": "min",
+}  # metric -> natural mode
 DEFAULT_OBJECTIVE = ("AP", "max")  # a spec without objective(s)
 FAILED_KEY = "diverged"  # in a trial's final result when its loss became NaN/inf
 FAILURE_REASON_KEY = "failure_reason"
 FULL_BUDGET_KEY = "completed_full_budget"  # in every result row: 1 once the trial reached the budget
 
 # Per-epoch metrics written to MLflow; everything else a trial reports stays in Tune's results.
-METRIC_ALLOW = re.compile(r"^(" + "|".join(COCO_METRICS) + r"|loss.*|kd_.*|lr|train_time_s|eval_time_s|" + TEACHER_AP
-                          + r"|best_.*|params|latency_ms|epoch|startup_s|trial_wall_s|trial_overhead_s)$")
+METRIC_ALLOW = re.compile(
+    r"^("
+    + "|".join(COCO_METRICS)
+    + r"|loss.*|kd_.*|lr|train_time_s|eval_time_s|"
+    + TEACHER_AP
+    + r"|best_.*|params|latency_ms|epoch|startup_s|trial_wall_s|trial_overhead_s)$"
+)
 
 
 def best_key(metric: str) -> str:
@@ -72,10 +81,15 @@ def checkpoint_score(metric: str, mode: str) -> tuple[str, str]:
 
 
 def metrics_to_log(result: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in result.items() if METRIC_ALLOW.match(k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: float(v)
+        for k, v in result.items()
+        if METRIC_ALLOW.match(k) and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 # -- where the store is, and how runs are found ---------------------------------------------------
+
 
 def default_tracking_uri() -> str:
     """MLFLOW_TRACKING_URI when set, else a SQLite file in the current (project) directory."""

@@ -140,11 +140,22 @@ def build_scheduler(spec: SweepSpec):
     sc, primary = spec.scheduler, spec.primary
     metric = best_key(primary.metric)
     if sc.type == "asha":
-        return ASHAScheduler(time_attr="training_iteration", metric=metric, mode=primary.mode, max_t=spec.epochs,
-                             grace_period=sc.grace_period, reduction_factor=sc.reduction_factor)
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            metric=metric,
+            mode=primary.mode,
+            max_t=spec.epochs,
+            grace_period=sc.grace_period,
+            reduction_factor=sc.reduction_factor,
+        )
     if sc.type == "pbt":
         mutations = {k: v for k, v in tune_param_space(spec).items() if hasattr(v, "sample")}
-        return PopulationBasedTraining(time_attr="training_iteration", metric=primary.metric, mode=primary.mode,
-                                       perturbation_interval=sc.perturbation_interval, hyperparam_mutations=mutations,
-                                       quantile_fraction=sc.quantile_fraction)
+        return PopulationBasedTraining(
+            time_attr="training_iteration",
+            metric=primary.metric,
+            mode=primary.mode,
+            perturbation_interval=sc.perturbation_interval,
+            hyperparam_mutations=mutations,
+            quantile_fraction=sc.quantile_fraction,
+        )
     return FIFOScheduler()

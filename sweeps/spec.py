@@ -15,7 +15,8 @@
       distill.memory.beta: {fixed: 1.0e-7}
     search: {algorithm: tpe, seed: 0}               # tpe | gp | cmaes | random | grid
     scheduler: {type: asha, grace_period: 1, reduction_factor: 2}   # asha | pbt | none
-    objective: {metric: AP, mode: max}              # or objectives: [{metric: AP, mode: max}, {metric: params, mode: min}]
+    objective: {metric: AP, mode: max}              # or several: objectives: [{metric: AP, mode: max},
+                                                    #                         {metric: params, mode: min}]
     num_samples: 8
     max_concurrent_trials: 2
     resources: {cpu: 1, gpu: 0}                     # per trial; fractional GPUs allowed; workers: N for DDP trials
@@ -67,8 +68,10 @@ class Dimension(_Strict):
     @classmethod
     def _one_kind(cls, data: Any) -> Any:
         if not isinstance(data, dict) or len(data) != 1:
-            raise ValueError("expected exactly one of uniform: [low, high], loguniform: [low, high], int: [low, high], "
-                             "choice: [values], grid: [values], fixed: value")
+            raise ValueError(
+                "expected exactly one of uniform: [low, high], loguniform: [low, high], int: [low, high], "
+                "choice: [values], grid: [values], fixed: value"
+            )
         return data
 
     @field_validator("uniform", "loguniform", "integer")
@@ -129,7 +132,9 @@ class Objective(_Strict):
 class Resources(_Strict):
     cpu: float = Field(1.0, gt=0)  # per trial, or per worker of a data-parallel trial
     gpu: float = Field(0.0, ge=0)
-    workers: int = Field(1, ge=1)  # > 1: each trial is a data-parallel Ray Train run of this many workers (sweeps/ddp.py)
+    workers: int = Field(
+        1, ge=1
+    )  # > 1: each trial is a data-parallel Ray Train run of this many workers (sweeps/ddp.py)
 
 
 class MlflowSpec(_Strict):
@@ -165,8 +170,10 @@ class SweepSpec(_Strict):
         if self.objectives is not None and len(self.objectives) < 2:
             raise ValueError("objectives: a multi-objective sweep needs at least two objectives (or use objective)")
         if self.resources.workers > 1 and self.scheduler.type == "pbt":
-            raise ValueError("scheduler.type: pbt exploits Tune checkpoints, which data-parallel trials (resources.workers > 1) "
-                             "do not make; use asha or none")
+            raise ValueError(
+                "scheduler.type: pbt exploits Tune checkpoints, which data-parallel trials (resources.workers > 1) "
+                "do not make; use asha or none"
+            )
         algorithm = self.search.algorithm
         grid_keys = [k for k, d in self.search_space.items() if d.kind == "grid"]
         if grid_keys and algorithm != "grid":
@@ -174,7 +181,9 @@ class SweepSpec(_Strict):
         if algorithm == "grid":
             bad = [k for k, d in self.search_space.items() if d.kind not in ("grid", "fixed", "choice")]
             if bad:
-                raise ValueError(f"search_space.{bad[0]}: search.algorithm grid takes grid, choice or fixed values, not ranges")
+                raise ValueError(
+                    f"search_space.{bad[0]}: search.algorithm grid takes grid, choice or fixed values, not ranges"
+                )
         if self.multi_objective and algorithm == "cmaes":
             raise ValueError("search.algorithm: cmaes cannot optimise several objectives (use tpe, gp or random)")
         if self.multi_objective and algorithm == "grid":
@@ -182,7 +191,9 @@ class SweepSpec(_Strict):
         if self.scheduler.type == "pbt" and algorithm != "random":
             raise ValueError("scheduler.type: pbt mutates running trials itself; use it with search.algorithm: random")
         if self.scheduler.type == "asha" and self.scheduler.grace_period >= self.epochs and self.epochs > 1:
-            raise ValueError(f"scheduler.grace_period: must be < epochs ({self.epochs}), got {self.scheduler.grace_period}")
+            raise ValueError(
+                f"scheduler.grace_period: must be < epochs ({self.epochs}), got {self.scheduler.grace_period}"
+            )
         if not any(d.kind != "fixed" for d in self.search_space.values()):
             raise ValueError("search_space: nothing to search (give at least one key a range, choice or grid)")
         return self
@@ -254,7 +265,7 @@ def _check_config_keys(spec: SweepSpec, source: str) -> None:
         if key not in known:
             section = key.rsplit(".", 1)[0] if "." in key else ""
             near = sorted(k for k in known if k.startswith(section + ".")) if section else []
-            hint = f" (known under {section}: {', '.join(k[len(section) + 1:] for k in near)})" if near else ""
+            hint = f" (known under {section}: {', '.join(k[len(section) + 1 :] for k in near)})" if near else ""
             raise SpecError(f"{source}: search_space.{key}: unknown config key{hint}")
         if key in ("distill.teacher", "data.root", "train.epochs", "train.output_dir"):
             raise SpecError(f"{source}: search_space.{key}: set by the sweep itself (use teacher, data, epochs)")
@@ -292,20 +303,30 @@ def resolve_paths(spec: SweepSpec, source: str = "spec") -> SweepSpec:
 
     teacher = Path(spec.teacher).expanduser()
     if not (teacher / "meta.json").is_file():
-        raise SpecError(f"{source}: teacher: {spec.teacher} is not a checkpoint directory (expected meta.json and model.safetensors)")
+        raise SpecError(
+            f"{source}: teacher: {spec.teacher} is not a checkpoint directory (expected meta.json and "
+            "model.safetensors)"
+        )
     meta = read_meta(teacher)
     data = Path(spec.data or meta["config"]["data"]["root"]).expanduser()
     where = "data" if spec.data else "data (taken from the teacher's checkpoint)"
     if not (data / "annotations").is_dir():
-        raise SpecError(f"{source}: {where}: {data} is not a COCO-format data set (expected {data}/annotations/instances_<split>.json)")
+        raise SpecError(
+            f"{source}: {where}: {data} is not a COCO-format data set (expected "
+            f"{data}/annotations/instances_<split>.json)"
+        )
     storage = spec.storage_path if "://" in spec.storage_path else str(Path(spec.storage_path).expanduser().resolve())
-    return spec.model_copy(update={"teacher": str(teacher.resolve()), "data": str(data.resolve()), "storage_path": storage})
+    return spec.model_copy(
+        update={"teacher": str(teacher.resolve()), "data": str(data.resolve()), "storage_path": storage}
+    )
 
 
 def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
     """A plain dict that validates back into the same spec (JSON types; each dimension as its one key)."""
     data = spec.model_dump(mode="json", by_alias=True, exclude={"search_space"})
-    data["search_space"] = {k: {d.kind: list(d.value) if isinstance(d.value, tuple) else d.value} for k, d in spec.search_space.items()}
+    data["search_space"] = {
+        k: {d.kind: list(d.value) if isinstance(d.value, tuple) else d.value} for k, d in spec.search_space.items()
+    }
     return data
 
 
@@ -323,5 +344,15 @@ def sweep_dir_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
-__all__ = ["SpecError", "SweepSpec", "base_config_dict", "load_spec", "parse_spec", "resolve_paths", "search_space_summary", "spec_from_json",
-           "spec_to_dict", "spec_to_json"]
+__all__ = [
+    "SpecError",
+    "SweepSpec",
+    "base_config_dict",
+    "load_spec",
+    "parse_spec",
+    "resolve_paths",
+    "search_space_summary",
+    "spec_from_json",
+    "spec_to_dict",
+    "spec_to_json",
+]

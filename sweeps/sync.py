@@ -92,8 +92,13 @@ def sync_sweep(spec_path: str, name: str | None = None) -> dict[str, int]:
             tracker.tag_checkpoint(run_id, best[0], best[1])
         last = rows[-1]
         if last.get(S.FULL_BUDGET_KEY) and not tracker.is_done(tracker.client.get_run(run_id)):
-            tracker.end_trial(run_id, "FINISHED", {S.FULL_BUDGET_TAG: "true", S.EPOCHS_RUN_TAG: str(int(last.get("epoch", 0)))})
+            tracker.end_trial(
+                run_id, "FINISHED", {S.FULL_BUDGET_TAG: "true", S.EPOCHS_RUN_TAG: str(int(last.get("epoch", 0)))}
+            )
             counts["closed"] += 1
-    print(f"sync {spec.name}: {counts['trials']} trials, {counts['epochs_written']} epoch(s) written, {counts['closed']} run(s) closed "
-          f"-> {tracker.tracking_uri}")
+    print(
+        f"sync {spec.name}: {counts['trials']} trials, {counts['epochs_written']} epoch(s) written, {counts['closed']} "
+        "run(s) closed "
+        f"-> {tracker.tracking_uri}"
+    )
     return counts

@@ -34,4 +34,12 @@ def _single_process_trial(config: dict[str, Any], spec, started: float) -> None:
     def send(row: dict, ckpt: Path | None) -> None:
         tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None)
 
-    run_trial(spec, config, Path(ctx.get_trial_dir()) / "work", tune.get_checkpoint(), send, started, trial_name=ctx.get_trial_id())
+    run_trial(
+        spec,
+        config,
+        Path(ctx.get_trial_dir()) / "work",
+        tune.get_checkpoint(),
+        send,
+        started,
+        trial_name=ctx.get_trial_id(),
+    )

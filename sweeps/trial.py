@@ -55,8 +55,12 @@ def trial_config(spec: SweepSpec, params: dict[str, Any], output_dir: str | Path
     raw = base_config_dict(spec)
     for key, value in params.items():
         raw = set_dotted(raw, key, value)
-    for key, value in (("train.output_dir", str(output_dir)), ("train.resume", True), ("train.eval_every", 1),
-                       ("train.progress", False)):
+    for key, value in (
+        ("train.output_dir", str(output_dir)),
+        ("train.resume", True),
+        ("train.eval_every", 1),
+        ("train.progress", False),
+    ):
         raw = set_dotted(raw, key, value)
     return distill_config(data=raw, teacher=spec.teacher)
 
@@ -87,7 +91,9 @@ class EpochReporter:
         for o in self.spec.objective_list:
             if o.metric in metrics:
                 old, value = self.best.get(o.metric), metrics[o.metric]
-                self.best[o.metric] = value if old is None else (max(old, value) if o.mode == "max" else min(old, value))
+                self.best[o.metric] = (
+                    value if old is None else (max(old, value) if o.mode == "max" else min(old, value))
+                )
 
     def __call__(self, epoch: int, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
         first = self.busy == 0.0
@@ -111,7 +117,12 @@ class EpochReporter:
 
     def diverged(self, exc: Exception) -> dict[str, Any]:
         row = {FAILED_KEY: 1, FAILURE_REASON_KEY: str(exc), "epoch": self.last_epoch, FULL_BUDGET_KEY: 0, **self.props}
-        row.update({best_key(o.metric): self.best.get(o.metric, 0.0 if o.mode == "max" else float("inf")) for o in self.spec.objective_list})
+        row.update(
+            {
+                best_key(o.metric): self.best.get(o.metric, 0.0 if o.mode == "max" else float("inf"))
+                for o in self.spec.objective_list
+            }
+        )
         return row
 
 
@@ -121,8 +132,17 @@ def restore_checkpoint(checkpoint, work: Path) -> None:
     checkpoint.to_directory(str(work / "last"))
 
 
-def run_trial(spec: SweepSpec, params: dict[str, Any], work: Path, checkpoint, send: Send, started: float, *,
-              reports_checkpoints: bool = True, trial_name: str = "") -> None:
+def run_trial(
+    spec: SweepSpec,
+    params: dict[str, Any],
+    work: Path,
+    checkpoint,
+    send: Send,
+    started: float,
+    *,
+    reports_checkpoints: bool = True,
+    trial_name: str = "",
+) -> None:
     """One trial, on one process or one rank: config from the spec and `params` (dotted keys),
     resume from `checkpoint` (a Tune or Train checkpoint, or None), one `send(row, checkpoint_dir)`
     per epoch and, when the loss diverges, one final `send(row, None)` that says so (retrying a
@@ -139,7 +159,10 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], work: Path, checkpoint, s
     props = student_properties(cfg, any(o.metric == "latency_ms" for o in spec.objective_list))
     reporter = EpochReporter(spec, props, started, send)
     try:
-        run_distillation(cfg, on_epoch_end=lambda epoch, metrics, ckpt: reporter(epoch, metrics, ckpt if reports_checkpoints else None))
+        run_distillation(
+            cfg,
+            on_epoch_end=lambda epoch, metrics, ckpt: reporter(epoch, metrics, ckpt if reports_checkpoints else None),
+        )
     except TrainingDiverged as exc:
         log.error("trial %s diverged: %s", trial_name, exc)
         send(reporter.diverged(exc), None)

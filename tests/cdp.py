@@ -34,7 +34,9 @@ def find_or_install_chromium() -> tuple[str | None, str]:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
         subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=300, check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, capture_output=True, timeout=900, check=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "chromium"], env=env, capture_output=True, timeout=900, check=True
+        )
     except (subprocess.SubprocessError, OSError) as exc:
         return None, f"could not install chromium with apt-get: {exc}"
     path = shutil.which("chromium")
@@ -47,10 +49,23 @@ class Browser:
     def __init__(self, binary: str, profile: Path, width: int = 1600, height: int = 1000):
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-             f"--remote-debugging-port={self.port}", "--remote-debugging-address=127.0.0.1", f"--user-data-dir={profile}",
-             f"--window-size={width},{height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                binary,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                f"--remote-debugging-port={self.port}",
+                "--remote-debugging-address=127.0.0.1",
+                f"--user-data-dir={profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.loop = asyncio.new_event_loop()
         self.ws = self.session = None
         self._id = 0
@@ -111,7 +126,10 @@ class Browser:
     def click(self, selector: str, timeout: float = 60) -> None:
         """Click the first element matching the CSS selector, once it exists."""
         deadline = time.monotonic() + timeout
-        script = f"(() => {{ const e = document.querySelector({json.dumps(selector)}); if (!e) return false; e.click(); return true; }})()"
+        script = (
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); "
+            "if (!e) return false; e.click(); return true; })()"
+        )
         while not self.evaluate(script):
             if time.monotonic() > deadline:
                 raise AssertionError(f"no element {selector} on the page; it shows: {self.text()[:1000]!r}")

@@ -23,7 +23,9 @@ def write_coco(root: Path, split: str, images, annotations, categories=None, mak
     (root / "images" / split).mkdir(parents=True, exist_ok=True)
     if make_images:
         for img in images:
-            Image.new("RGB", (img["width"], img["height"]), (90, 90, 90)).save(root / "images" / split / img["file_name"])
+            Image.new("RGB", (img["width"], img["height"]), (90, 90, 90)).save(
+                root / "images" / split / img["file_name"]
+            )
     doc = {"images": images, "annotations": annotations, "categories": categories or [{"id": 1, "name": "thing"}]}
     path = root / "annotations" / f"instances_{split}.json"
     path.write_text(json.dumps(doc))
@@ -41,9 +43,22 @@ def tiny_teacher(synth_data, tmp_path_factory) -> Path:
     from clockdistill.engine import fit
 
     out = tmp_path_factory.mktemp("teacher")
-    cfg = config_from_dict({"data": {"root": str(synth_data)}, "model": {"preset": "tiny-teacher"},
-                            "train": {"epochs": 2, "batch_size": 8, "lr": 4e-4, "lr_backbone": 4e-4, "clip_max_norm": 1.0,
-                                      "device": "cpu", "output_dir": str(out), "progress": False}})
+    cfg = config_from_dict(
+        {
+            "data": {"root": str(synth_data)},
+            "model": {"preset": "tiny-teacher"},
+            "train": {
+                "epochs": 2,
+                "batch_size": 8,
+                "lr": 4e-4,
+                "lr_backbone": 4e-4,
+                "clip_max_norm": 1.0,
+                "device": "cpu",
+                "output_dir": str(out),
+                "progress": False,
+            },
+        }
+    )
     fit(cfg)
     return out / "best"
 
@@ -65,14 +80,26 @@ def local_cluster_at(state: Path):
     stop.sh afterwards. Yields {state, token, head (host:port), dashboard (URL), env (a clean
     environment with the cluster's token)}."""
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([str(repo / "cluster" / "local" / "start.sh"), str(state)], env=clean_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(repo / "cluster" / "local" / "start.sh"), str(state)],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     try:
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        yield {"state": state, "token": state / "token", "head": f"127.0.0.1:{(state / 'head_port').read_text().strip()}",
-               "dashboard": f"http://127.0.0.1:{(state / 'dashboard_port').read_text().strip()}",
-               "env": clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(state / "token"))}
+        yield {
+            "state": state,
+            "token": state / "token",
+            "head": f"127.0.0.1:{(state / 'head_port').read_text().strip()}",
+            "dashboard": f"http://127.0.0.1:{(state / 'dashboard_port').read_text().strip()}",
+            "env": clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(state / "token")),
+        }
     finally:
-        subprocess.run([str(repo / "cluster" / "local" / "stop.sh"), str(state)], env=clean_env(), capture_output=True, timeout=180)
+        subprocess.run(
+            [str(repo / "cluster" / "local" / "stop.sh"), str(state)], env=clean_env(), capture_output=True, timeout=180
+        )
 
 
 @pytest.fixture
@@ -89,8 +116,14 @@ def on_cluster(cluster: dict, code: str, timeout: int = 600) -> subprocess.Compl
     import textwrap
 
     script = f"import json, ray\nray.init(address={cluster['head']!r}, logging_level='ERROR')\n" + textwrap.dedent(code)
-    return subprocess.run([sys.executable, "-c", script], env=cluster["env"], capture_output=True, text=True, timeout=timeout,
-                          cwd=Path(__file__).resolve().parents[1])
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        env=cluster["env"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).resolve().parents[1],
+    )
 
 
 def tune_results(storage: Path, sweep: str) -> dict[str, list[dict]]:
@@ -107,8 +140,14 @@ def run_sweep_cli(spec: Path, cwd: Path) -> subprocess.CompletedProcess:
     """`python -m sweeps SPEC --summary cwd/summary.json` on an in-process local Ray (no RAY_ADDRESS,
     no MLFLOW_TRACKING_URI from the caller); fails the test unless it exits 0."""
     env = clean_env()
-    proc = subprocess.run([sys.executable, "-m", "sweeps", str(spec), "--summary", str(cwd / "summary.json")],
-                          capture_output=True, text=True, timeout=900, env=env, cwd=cwd)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweeps", str(spec), "--summary", str(cwd / "summary.json")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=cwd,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
@@ -135,10 +174,25 @@ def tiny_sweep(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny-sweep")
     data = memorised_data(root / "data")
-    cfg = config_from_dict({"data": {"root": str(data)}, "model": {"preset": "tiny-teacher"},
-                            "train": {"epochs": 200, "batch_size": 6, "lr": 1e-3, "lr_backbone": 1e-3, "weight_decay": 0.0, "warmup_iters": 0,
-                                      "clip_max_norm": 1.0, "eval_every": 50, "device": "cpu", "output_dir": str(root / "teacher"),
-                                      "progress": False}})
+    cfg = config_from_dict(
+        {
+            "data": {"root": str(data)},
+            "model": {"preset": "tiny-teacher"},
+            "train": {
+                "epochs": 200,
+                "batch_size": 6,
+                "lr": 1e-3,
+                "lr_backbone": 1e-3,
+                "weight_decay": 0.0,
+                "warmup_iters": 0,
+                "clip_max_norm": 1.0,
+                "eval_every": 50,
+                "device": "cpu",
+                "output_dir": str(root / "teacher"),
+                "progress": False,
+            },
+        }
+    )
     fit(cfg)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     spec = root / "tiny.yaml"
@@ -147,10 +201,21 @@ def tiny_sweep(tmp_path_factory):
         "config:\n  train: {batch_size: 6, weight_decay: 0.0, warmup_iters: 0, clip_max_norm: 1.0}\n"
         "  distill: {init_student: true, teacher_cache: 'on'}\n"
         f"  data: {{pad_to: max_size, decoded_cache: true, cache_dir: '{root / 'cache'}'}}\n"
-        "search_space:\n  train.lr: {grid: [1.0e-4, 2.0e-3, 1.0e-5, 3.0e-4]}\n  distill.logit.temperature: {choice: [1, 10]}\n"
+        "search_space:\n  train.lr: {grid: [1.0e-4, 2.0e-3, 1.0e-5, 3.0e-4]}\n  distill.logit.temperature: {choice: "
+        "[1, 10]}\n"
         "search: {algorithm: grid, seed: 1}\nscheduler: {type: asha, grace_period: 1, reduction_factor: 2}\n"
         "num_samples: 1\nmax_concurrent_trials: 1\nresources: {cpu: 1}\n"
-        f"storage_path: {root / 'storage'}\nmlflow: {{tracking_uri: '{uri}', experiment: tiny, registered_model: tiny-student}}\n")
+        f"storage_path: {root / 'storage'}\nmlflow: "
+        f"{{tracking_uri: '{uri}', experiment: tiny, registered_model: tiny-student}}\n"
+    )
     proc = run_sweep_cli(spec, root)
-    return {"root": root, "tracking_uri": uri, "spec": spec, "storage": root / "storage", "summary": json.loads((root / "summary.json").read_text()),
-            "teacher": root / "teacher" / "best", "data": data, "stdout": proc.stdout}
+    return {
+        "root": root,
+        "tracking_uri": uri,
+        "spec": spec,
+        "storage": root / "storage",
+        "summary": json.loads((root / "summary.json").read_text()),
+        "teacher": root / "teacher" / "best",
+        "data": data,
+        "stdout": proc.stdout,
+    }

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import run_cli, tune_results
 
 pytestmark = pytest.mark.slow
@@ -45,12 +44,19 @@ def test_picks_the_trial_the_tune_results_say_is_best_and_its_ap_reproduces(tiny
 
 
 def test_export_files_torchscript_matches_eager_and_the_card_says_what_it_is(tiny_sweep, exported):
-    from clockdistill.data import CocoDetection, DetectionTransform, collate
     from clockdistill.checkpoint import load_detector
+    from clockdistill.data import CocoDetection, DetectionTransform, collate
     from clockdistill.exporters import pad_to
 
     out, manifest, _ = exported
-    for name in ("model.safetensors", "meta.json", "config.json", "student.torchscript.pt", "MODEL_CARD.md", "export.json"):
+    for name in (
+        "model.safetensors",
+        "meta.json",
+        "config.json",
+        "student.torchscript.pt",
+        "MODEL_CARD.md",
+        "export.json",
+    ):
         assert (out / name).is_file(), name
     assert json.loads((out / "config.json").read_text())["distill"]["method"] == "clockdistill"
     eager, meta = load_detector(out, "cpu")
@@ -65,10 +71,23 @@ def test_export_files_torchscript_matches_eager_and_the_card_says_what_it_is(tin
     with pytest.raises(Exception, match="pad to the export size"):
         scripted(images[:, :, :96], mask[:, :96])
     card = (out / "MODEL_CARD.md").read_text()
-    for fact in ("sweep `tiny`", manifest["trial_id"], f"{manifest['metrics']['AP']:.4f}", "APl", "parameters", "latency",
-                 "`train.lr`", "Teacher AP (reference)", str(tiny_sweep["data"])):
+    for fact in (
+        "sweep `tiny`",
+        manifest["trial_id"],
+        f"{manifest['metrics']['AP']:.4f}",
+        "APl",
+        "parameters",
+        "latency",
+        "`train.lr`",
+        "Teacher AP (reference)",
+        str(tiny_sweep["data"]),
+    ):
         assert fact in card, fact
-    assert manifest["student"]["params"] > 0 and manifest["student"]["cpu_latency_ms"] > 0 and manifest["teacher"]["cpu_latency_ms"] > 0
+    assert (
+        manifest["student"]["params"] > 0
+        and manifest["student"]["cpu_latency_ms"] > 0
+        and manifest["teacher"]["cpu_latency_ms"] > 0
+    )
 
 
 def test_onnx_export_agrees_with_onnxruntime(exported):
@@ -129,7 +148,9 @@ def test_a_tampered_checkpoint_is_refused(tiny_sweep, exported, tmp_path):
         client.delete_tag(run.info.run_id, "best_checkpoint_sha256")
         try:
             proc = _best_student(tiny_sweep, tmp_path / "y", "--no-register")
-            assert proc.returncode == 2 and "re-evaluated AP" in proc.stderr and "refusing to export" in proc.stderr, proc.stderr[-1500:]
+            assert proc.returncode == 2 and "re-evaluated AP" in proc.stderr and "refusing to export" in proc.stderr, (
+                proc.stderr[-1500:]
+            )
         finally:
             client.set_tag(run.info.run_id, "best_checkpoint_sha256", sha)
     finally:
@@ -139,7 +160,11 @@ def test_a_tampered_checkpoint_is_refused(tiny_sweep, exported, tmp_path):
 
 def test_errors_say_what_to_do(tiny_sweep, tmp_path):
     proc = _best_student(tiny_sweep, tmp_path / "o", "--sweep", "nope")
-    assert proc.returncode == 2 and "no sweep named 'nope' found" in proc.stderr and "sweeps in this store: tiny" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "no sweep named 'nope' found" in proc.stderr
+        and "sweeps in this store: tiny" in proc.stderr
+    )
     proc = run_cli("best-student", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}")
     assert proc.returncode == 2 and "no MLflow store at" in proc.stderr and "make demo" in proc.stderr
     with socket.socket() as s:
@@ -168,8 +193,10 @@ def test_a_checkpoint_missing_everywhere_is_reported(tiny_sweep, exported, tmp_p
 
 def _trial(trial_id, status="FINISHED", full=True, **best):
     tags = {"trial_id": trial_id, "completed_full_budget": "true" if full else "false"}
-    run = SimpleNamespace(info=SimpleNamespace(status=status, run_id=trial_id),
-                          data=SimpleNamespace(tags=tags, metrics={f"best_{k}": v for k, v in best.items()}))
+    run = SimpleNamespace(
+        info=SimpleNamespace(status=status, run_id=trial_id),
+        data=SimpleNamespace(tags=tags, metrics={f"best_{k}": v for k, v in best.items()}),
+    )
     from sweeps.mlflow_reader import Trial
 
     return Trial(run)
@@ -180,14 +207,28 @@ def test_choice_rules_single_and_multi_objective():
     from sweeps.best_student import choose_trial
     from sweeps.mlflow_reader import Sweep
 
-    single = Sweep(SimpleNamespace(data=SimpleNamespace(tags={"sweep_id": "s"}, metrics={}, params={})), {"objective": {"metric": "AP", "mode": "max"}})
-    trials = [_trial("a", AP=0.5), _trial("b", full=False, AP=0.9), _trial("c", status="FAILED", full=False, AP=0.8), _trial("d", AP=0.6)]
+    single = Sweep(
+        SimpleNamespace(data=SimpleNamespace(tags={"sweep_id": "s"}, metrics={}, params={})),
+        {"objective": {"metric": "AP", "mode": "max"}},
+    )
+    trials = [
+        _trial("a", AP=0.5),
+        _trial("b", full=False, AP=0.9),
+        _trial("c", status="FAILED", full=False, AP=0.8),
+        _trial("d", AP=0.6),
+    ]
     assert choose_trial(single, trials).trial.trial_id == "d"  # b stopped early, c failed: not candidates
     with pytest.raises(UserError, match="no trial finished its full budget"):
         choose_trial(single, trials[1:3])
-    multi = Sweep(single.run, {"objectives": [{"metric": "AP", "mode": "max"}, {"metric": "latency_ms", "mode": "min"}]})
-    trials = [_trial("fast", AP=0.4, latency_ms=5.0), _trial("good", AP=0.7, latency_ms=20.0), _trial("worse", AP=0.39, latency_ms=6.0),
-              _trial("mid", AP=0.6, latency_ms=10.0)]
+    multi = Sweep(
+        single.run, {"objectives": [{"metric": "AP", "mode": "max"}, {"metric": "latency_ms", "mode": "min"}]}
+    )
+    trials = [
+        _trial("fast", AP=0.4, latency_ms=5.0),
+        _trial("good", AP=0.7, latency_ms=20.0),
+        _trial("worse", AP=0.39, latency_ms=6.0),
+        _trial("mid", AP=0.6, latency_ms=10.0),
+    ]
     choice = choose_trial(multi, trials)
     assert {t.trial_id for t in choice.pareto} == {"fast", "good", "mid"} and choice.trial.trial_id == "good"
     assert choose_trial(multi, trials, prefer="latency_ms").trial.trial_id == "fast"

@@ -32,7 +32,9 @@ def test_conversions_round_trip():
     gen = torch.Generator().manual_seed(0)
     boxes = random_xyxy(50, gen)
     assert torch.allclose(box_cxcywh_to_xyxy(box_xyxy_to_cxcywh(boxes)), boxes, atol=1e-6)
-    assert torch.allclose(box_xyxy_to_cxcywh(torch.tensor([[1.0, 2.0, 5.0, 4.0]])), torch.tensor([[3.0, 3.0, 4.0, 2.0]]))
+    assert torch.allclose(
+        box_xyxy_to_cxcywh(torch.tensor([[1.0, 2.0, 5.0, 4.0]])), torch.tensor([[3.0, 3.0, 4.0, 2.0]])
+    )
 
 
 def test_iou_and_giou_match_brute_force():

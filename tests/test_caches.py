@@ -18,26 +18,39 @@ from clockdistill.distill.cache import TeacherCache, prepare_teacher_cache
 from clockdistill.distill.run import build_distiller
 from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.engine import build_datasets
+from clockdistill.errors import DataError
 
 
 def _cfg(teacher, cache_dir, **distill):
     data = {"pad_to": "max_size", "train_sizes": [96, 128], "hflip": 0.5, "cache_dir": str(cache_dir)}
-    return distill_config(data={"data": data, "train": {"device": "cpu", "progress": False, "batch_size": 4},
-                                "distill": {"teacher_cache": "on", **distill}}, teacher=teacher)
+    return distill_config(
+        data={
+            "data": data,
+            "train": {"device": "cpu", "progress": False, "batch_size": 4},
+            "distill": {"teacher_cache": "on", **distill},
+        },
+        teacher=teacher,
+    )
 
 
 def _loader(ds, cfg, epoch):
     ds.set_epoch(epoch)
     g = torch.Generator().manual_seed(epoch)
-    return DataLoader(ds, batch_size=4, shuffle=True, generator=g, collate_fn=lambda b: collate(b, pad_to=cfg.data.canvas))
+    return DataLoader(
+        ds, batch_size=4, shuffle=True, generator=g, collate_fn=lambda b: collate(b, pad_to=cfg.data.canvas)
+    )
 
 
-@pytest.mark.parametrize("distill", [
-    {"method": "clockdistill", "logit": {"random_queries": 3, "groups": 2}},
-    {"method": "clockdistill", "memory": {"with_pos": True}, "logit": {"layers": "last"}},
-    {"method": "vanilla_kd"},
-    {"method": "fitnet"},
-], ids=["clockdistill", "with_pos", "vanilla_kd", "fitnet"])
+@pytest.mark.parametrize(
+    "distill",
+    [
+        {"method": "clockdistill", "logit": {"random_queries": 3, "groups": 2}},
+        {"method": "clockdistill", "memory": {"with_pos": True}, "logit": {"layers": "last"}},
+        {"method": "vanilla_kd"},
+        {"method": "fitnet"},
+    ],
+    ids=["clockdistill", "with_pos", "vanilla_kd", "fitnet"],
+)
 def test_losses_with_the_teacher_cache_equal_the_live_teacher(tiny_teacher, tmp_path, distill):
     cfg = _cfg(tiny_teacher, tmp_path / "cache", **distill)
     train_ds, _ = build_datasets(cfg)
@@ -129,6 +142,7 @@ def _build(path, log_path):
             f.write("built\n")
         time.sleep(1.0)
         Path(tmp).write_text("done")
+
     build_once(Path(path), write)
 
 
@@ -160,8 +174,12 @@ def test_decoded_images_give_the_same_samples_without_opening_image_files(synth_
 
     data = tmp_path / "data"
     shutil.copytree(synth_data, data)
-    cfg = config_from_dict({"data": {"root": str(data), "train_sizes": [96, 128], "cache_dir": str(tmp_path / "cache")},
-                            "train": {"progress": False}})
+    cfg = config_from_dict(
+        {
+            "data": {"root": str(data), "train_sizes": [96, 128], "cache_dir": str(tmp_path / "cache")},
+            "train": {"progress": False},
+        }
+    )
     plain_train, plain_val = build_datasets(cfg)
     cfg = cfg.updated({"data.decoded_cache": True})
     cached_train, cached_val = build_datasets(cfg)
@@ -182,7 +200,7 @@ def test_decoded_images_give_the_same_samples_without_opening_image_files(synth_
     # DataLoader workers re-map the files in their own process
     loader = DataLoader(cached_train, batch_size=4, num_workers=2, collate_fn=collate)
     assert sum(len(t) for _, _, t in loader) == len(cached_train)
-    with pytest.raises(Exception):
+    with pytest.raises(DataError, match="missing image file"):  # the files are really gone
         plain_train[0]
 
 
@@ -207,12 +225,17 @@ def test_a_sweep_builds_each_cache_once_and_reports_its_overhead(tiny_sweep):
 
     cache = tiny_sweep["root"] / "cache"
     assert len(list((cache / "teacher").glob("*.arrow"))) == 1
-    assert sorted(p.name.split("-")[0] for p in (cache / "decoded").glob("*.arrow")) == ["instances_train", "instances_val"]
+    assert sorted(p.name.split("-")[0] for p in (cache / "decoded").glob("*.arrow")) == [
+        "instances_train",
+        "instances_val",
+    ]
     trials = tune_results(tiny_sweep["storage"], "tiny")
     assert len(trials) == 4
     # built by the driver's per-node task before the first trial started (sweeps/prebuild.py)
     first_start = min(rows[0]["timestamp"] - rows[0]["trial_wall_s"] for rows in trials.values())
-    assert next((cache / "teacher").glob("*.arrow")).stat().st_mtime <= first_start + 1.0  # timestamps are whole seconds
+    assert (
+        next((cache / "teacher").glob("*.arrow")).stat().st_mtime <= first_start + 1.0
+    )  # timestamps are whole seconds
     for rows in trials.values():
         assert rows[0]["startup_s"] > 0
         for r in rows:
@@ -226,7 +249,11 @@ def test_a_sweep_builds_each_cache_once_and_reports_its_overhead(tiny_sweep):
     for startups in by_pid.values():
         assert all(later < startups[0] / 3 for later in startups[1:]), by_pid
     client = MlflowClient(tiny_sweep["tracking_uri"])
-    runs = [r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id]) if "trial_id" in r.data.tags]
+    runs = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+        if "trial_id" in r.data.tags
+    ]
     assert len(runs) == 4 and all("startup_s" in r.data.metrics and "trial_overhead_s" in r.data.metrics for r in runs)
 
 
@@ -265,8 +292,12 @@ def test_decoded_files_being_built_elsewhere_are_picked_up_at_the_next_epoch(syn
     from clockdistill.config import config_from_dict
     from clockdistill.data.decoded import decoded_path
 
-    cfg = config_from_dict({"data": {"root": str(synth_data), "cache_dir": str(tmp_path / "cache"), "decoded_cache": True},
-                            "train": {"progress": False}})
+    cfg = config_from_dict(
+        {
+            "data": {"root": str(synth_data), "cache_dir": str(tmp_path / "cache"), "decoded_cache": True},
+            "train": {"progress": False},
+        }
+    )
     probe, _ = build_datasets(config_from_dict({"data": {"root": str(synth_data)}}))
     path = decoded_path(probe.index, 128, str(tmp_path / "cache"))
     path.parent.mkdir(parents=True)

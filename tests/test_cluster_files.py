@@ -6,18 +6,24 @@ secret is written down."""
 import json
 import os
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 YAMLS = sorted(p for p in CLUSTER.rglob("*.y*ml"))
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-RAY_VERSION = next(re.search(r"==([\d.]+)", d).group(1) for d in PYPROJECT["project"]["dependencies"] if d.startswith("ray["))
-PYTHON = next(c.rsplit(" ", 1)[-1] for c in PYPROJECT["project"]["classifiers"] if c.startswith("Programming Language :: Python :: 3."))
+RAY_VERSION = next(
+    re.search(r"==([\d.]+)", d).group(1) for d in PYPROJECT["project"]["dependencies"] if d.startswith("ray[")
+)
+PYTHON = next(
+    c.rsplit(" ", 1)[-1]
+    for c in PYPROJECT["project"]["classifiers"]
+    if c.startswith("Programming Language :: Python :: 3.")
+)
 
 
 def _docs(path: Path) -> list[dict]:
@@ -25,13 +31,28 @@ def _docs(path: Path) -> list[dict]:
 
 
 def _kubernetes_docs() -> list[tuple[str, dict]]:
-    return [(f"{p.relative_to(REPO)}#{i}", d) for p in YAMLS for i, d in enumerate(_docs(p)) if "apiVersion" in d and "kind" in d]
+    return [
+        (f"{p.relative_to(REPO)}#{i}", d)
+        for p in YAMLS
+        for i, d in enumerate(_docs(p))
+        if "apiVersion" in d and "kind" in d
+    ]
 
 
 def test_there_is_a_file_for_each_deployment_path():
     names = {str(p.relative_to(CLUSTER)) for p in CLUSTER.rglob("*") if p.is_file()}
-    assert {"docker/Dockerfile", "launcher/aws.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/storage.yaml",
-            "mlflow/docker-compose.yaml", "mlflow/kubernetes.yaml", "local/start.sh", "local/stop.sh", "local/mlflow.sh"} <= names
+    assert {
+        "docker/Dockerfile",
+        "launcher/aws.yaml",
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob.yaml",
+        "kuberay/storage.yaml",
+        "mlflow/docker-compose.yaml",
+        "mlflow/kubernetes.yaml",
+        "local/start.sh",
+        "local/stop.sh",
+        "local/mlflow.sh",
+    } <= names
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(REPO)))
@@ -39,7 +60,11 @@ def test_every_yaml_file_parses(path):
     assert _docs(path), path
 
 
-@pytest.mark.parametrize("name,doc", [d for d in _kubernetes_docs() if not d[1]["apiVersion"].startswith("ray.io/")], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "name,doc",
+    [d for d in _kubernetes_docs() if not d[1]["apiVersion"].startswith("ray.io/")],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
 def test_kubernetes_objects_validate_against_the_schemas(name, doc):
     import kubernetes_validate
 
@@ -73,8 +98,11 @@ def test_kuberay_clusters_pin_ray_use_tokens_and_valid_pod_templates(name, spec)
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert "nvidia.com/gpu" in limits
     for template in _pod_templates(spec):
-        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template},
-                                     kubernetes_validate.latest_version(), strict=True)
+        kubernetes_validate.validate(
+            {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template},
+            kubernetes_validate.latest_version(),
+            strict=True,
+        )
 
 
 def test_rayjob_runs_a_sweep_off_preemptible_workers_and_cleans_up():
@@ -94,7 +122,9 @@ def test_launcher_yaml_validates_against_rays_schema_and_keeps_drivers_on_the_he
     types = config["available_node_types"]
     assert "sweep_driver" in types[config["head_node_type"]]["resources"]
     workers = [t for n, t in types.items() if n != config["head_node_type"]]
-    assert workers and all("sweep_driver" not in t["resources"] and t["max_workers"] >= t["min_workers"] for t in workers)
+    assert workers and all(
+        "sweep_driver" not in t["resources"] and t["max_workers"] >= t["min_workers"] for t in workers
+    )
     assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
     assert all("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"] if "--head" in c)
 
@@ -130,7 +160,9 @@ def test_local_scripts_bind_to_loopback_with_token_auth():
 
 
 def test_no_secret_is_written_down():
-    literal = re.compile(r"(RAY_AUTH_TOKEN|PASSWORD|SECRET_ACCESS_KEY)\s*[:=]\s*['\"]?(?![$\s{]|change-me)[A-Za-z0-9+/]{8,}", re.I)
+    literal = re.compile(
+        r"(RAY_AUTH_TOKEN|PASSWORD|SECRET_ACCESS_KEY)\s*[:=]\s*['\"]?(?![$\s{]|change-me)[A-Za-z0-9+/]{8,}", re.I
+    )
     for path in CLUSTER.rglob("*"):
         if path.is_file():
             assert not literal.search(path.read_text()), path

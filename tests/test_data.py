@@ -4,13 +4,13 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import write_coco
 
 from clockdistill.data import CocoDetection, DetectionTransform, build_index, load_index
 from clockdistill.data.coco import parse_coco
 from clockdistill.data.kitti import convert_kitti
 from clockdistill.data.synth import CLASSES, write_synthetic
 from clockdistill.errors import DataError
-from conftest import write_coco
 
 
 def tree_digest(root):
@@ -32,7 +32,9 @@ def test_synthetic_is_deterministic_per_seed(tmp_path):
 def test_synthetic_content(synth_data):
     doc = json.loads((synth_data / "annotations" / "instances_train.json").read_text())
     assert [c["name"] for c in doc["categories"]] == list(CLASSES)
-    assert len(doc["images"]) == 24 and all((synth_data / "images" / "train" / i["file_name"]).is_file() for i in doc["images"])
+    assert len(doc["images"]) == 24 and all(
+        (synth_data / "images" / "train" / i["file_name"]).is_file() for i in doc["images"]
+    )
     per_image = {i["id"]: 0 for i in doc["images"]}
     for a in doc["annotations"]:
         per_image[a["image_id"]] += 1
@@ -76,8 +78,10 @@ def test_index_rebuilt_when_annotations_change(tmp_path):
 
 def test_dataset_targets_normalised_cxcywh_and_crowd_excluded(tmp_path):
     img = [{"id": 3, "file_name": "a.png", "width": 200, "height": 100}]
-    anns = [{"id": 1, "image_id": 3, "category_id": 9, "bbox": [20, 10, 40, 20]},
-            {"id": 2, "image_id": 3, "category_id": 9, "bbox": [100, 50, 20, 20], "iscrowd": 1}]
+    anns = [
+        {"id": 1, "image_id": 3, "category_id": 9, "bbox": [20, 10, 40, 20]},
+        {"id": 2, "image_id": 3, "category_id": 9, "bbox": [100, 50, 20, 20], "iscrowd": 1},
+    ]
     write_coco(tmp_path, "val", img, anns, categories=[{"id": 9, "name": "x"}])
     ds = CocoDetection(tmp_path, "val", DetectionTransform(64, train=False))
     image, target = ds[0]
@@ -118,9 +122,18 @@ def test_corrupt_json(tmp_path):
     [
         (lambda d: d.pop("annotations"), r"'annotations': expected a list"),
         (lambda d: d["images"][0].update(width="40"), r"images\[0\]\.width: expected a positive integer"),
-        (lambda d: d["annotations"].append({"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]}), r"annotations\[0\]\.bbox: expected \[x, y, width, height\]"),
-        (lambda d: d["annotations"].append({"id": 1, "image_id": 99, "category_id": 1, "bbox": [1, 2, 3, 4]}), r"annotations\[0\]\.image_id"),
-        (lambda d: d["annotations"].append({"id": 1, "image_id": 1, "category_id": 5, "bbox": [1, 2, 3, 4]}), r"annotations\[0\]\.category_id: unknown class 5"),
+        (
+            lambda d: d["annotations"].append({"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]}),
+            r"annotations\[0\]\.bbox: expected \[x, y, width, height\]",
+        ),
+        (
+            lambda d: d["annotations"].append({"id": 1, "image_id": 99, "category_id": 1, "bbox": [1, 2, 3, 4]}),
+            r"annotations\[0\]\.image_id",
+        ),
+        (
+            lambda d: d["annotations"].append({"id": 1, "image_id": 1, "category_id": 5, "bbox": [1, 2, 3, 4]}),
+            r"annotations\[0\]\.category_id: unknown class 5",
+        ),
     ],
 )
 def test_schema_violations(tmp_path, mutate, match):
@@ -139,9 +152,11 @@ def test_missing_image(tmp_path):
 
 
 def test_degenerate_boxes_are_skipped_and_counted(tmp_path, caplog):
-    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 0, 5]},
-            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, -2]},
-            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}]
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 0, 5]},
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, -2]},
+        {"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]},
+    ]
     path = write_coco(tmp_path, "train", _img(), anns)
     with caplog.at_level(logging.WARNING):
         coco = parse_coco(path)

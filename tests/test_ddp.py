@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import local_cluster_at, on_cluster, tune_results
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -26,11 +25,21 @@ def cluster(tmp_path_factory):
 
 
 def _raw(data: Path) -> dict:
-    return {"data": {"root": str(data), "pad_to": "max_size", "hflip": 0.5},
-            "model": {"frozen_bn": True},
-            "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "lr_backbone": 1e-3, "warmup_iters": 0, "device": "cpu",
-                      "progress": False, "seed": 3},
-            "distill": {"method": "clockdistill", "logit": {"random_queries": 2}}}
+    return {
+        "data": {"root": str(data), "pad_to": "max_size", "hflip": 0.5},
+        "model": {"frozen_bn": True},
+        "train": {
+            "epochs": 1,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "lr_backbone": 1e-3,
+            "warmup_iters": 0,
+            "device": "cpu",
+            "progress": False,
+            "seed": 3,
+        },
+        "distill": {"method": "clockdistill", "logit": {"random_queries": 2}},
+    }
 
 
 def test_one_step_on_two_workers_equals_one_step_on_one(cluster, tiny_teacher, tmp_path):
@@ -56,7 +65,8 @@ def test_one_step_on_two_workers_equals_one_step_on_one(cluster, tiny_teacher, t
             with open(c["out"] + f"/rank{{rank}}.host", "w") as f:
                 f.write(ray.get_runtime_context().get_node_id())
 
-        TorchTrainer(loop, train_loop_config={{"raw": {raw!r}, "teacher": {str(tiny_teacher)!r}, "out": {str(tmp_path / "ddp")!r}}},
+        config = {{"raw": {raw!r}, "teacher": {str(tiny_teacher)!r}, "out": {str(tmp_path / "ddp")!r}}}
+        TorchTrainer(loop, train_loop_config=config,
                      scaling_config=ScalingConfig(num_workers=2, resources_per_worker={{"CPU": 1}}),
                      torch_config=TorchConfig(backend="gloo"),
                      run_config=RunConfig(name="ddp-step", storage_path={str(tmp_path / "train-storage")!r})).fit()
@@ -90,24 +100,58 @@ def test_one_step_on_two_workers_equals_one_step_on_one(cluster, tiny_teacher, t
     fresh = build_distiller(initial, FrozenTeacher.load(tiny_teacher), 4, torch.device("cpu")).model.state_dict()
     moved = max((one[k].float() - fresh[k].float()).abs().max().item() for k in one if k in fresh)
     assert moved > 1e-4
-    print(f"DDP step: max |w(2 workers) - w(1 process)| = {worst[0]:.2e} ({worst[1]}); the step moved weights by up to {moved:.2e}")
+    print(
+        f"DDP step: max |w(2 workers) - w(1 process)| = {worst[0]:.2e} ({worst[1]}); the step moved weights by up to "
+        f"{moved:.2e}"
+    )
 
 
-def test_a_sweep_of_two_worker_trials_under_asha_frees_every_stopped_trials_workers(cluster, tiny_teacher, synth_data, tmp_path):
+def test_a_sweep_of_two_worker_trials_under_asha_frees_every_stopped_trials_workers(
+    cluster, tiny_teacher, synth_data, tmp_path
+):
     spec = tmp_path / "ddp.yaml"
-    spec.write_text(json.dumps({
-        "name": "ddp", "teacher": str(tiny_teacher), "student": "tiny-student", "epochs": 3,
-        "config": {"train": {"batch_size": 8, "warmup_iters": 0}, "model": {"frozen_bn": True}},
-        "search_space": {"train.lr": {"grid": [1e-3, 1e-6, 5e-4, 1e-7]}},
-        "search": {"algorithm": "grid"}, "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-        "num_samples": 1, "max_concurrent_trials": 1, "resources": {"cpu": 1, "workers": 2},
-        "storage_path": str(tmp_path / "storage"), "max_failures": 0,
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "ddp"}}))
+    spec.write_text(
+        json.dumps(
+            {
+                "name": "ddp",
+                "teacher": str(tiny_teacher),
+                "student": "tiny-student",
+                "epochs": 3,
+                "config": {"train": {"batch_size": 8, "warmup_iters": 0}, "model": {"frozen_bn": True}},
+                "search_space": {"train.lr": {"grid": [1e-3, 1e-6, 5e-4, 1e-7]}},
+                "search": {"algorithm": "grid"},
+                "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                "num_samples": 1,
+                "max_concurrent_trials": 1,
+                "resources": {"cpu": 1, "workers": 2},
+                "storage_path": str(tmp_path / "storage"),
+                "max_failures": 0,
+                "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "ddp"},
+            }
+        )
+    )
     env = {**cluster["env"], "RAY_ADDRESS": cluster["dashboard"]}
     t0 = time.monotonic()
-    submit = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", str(REPO),
-                             "--entrypoint-resources", '{"sweep_driver": 1}', "--", "clockdistill", "sweep", str(spec)],
-                            env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    submit = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "job",
+            "submit",
+            "--working-dir",
+            str(REPO),
+            "--entrypoint-resources",
+            '{"sweep_driver": 1}',
+            "--",
+            "clockdistill",
+            "sweep",
+            str(spec),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
     wall = time.monotonic() - t0
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-3000:]
     trials = tune_results(tmp_path / "storage", "ddp")
@@ -118,11 +162,15 @@ def test_a_sweep_of_two_worker_trials_under_asha_frees_every_stopped_trials_work
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = [r for r in client.search_runs([client.get_experiment_by_name("ddp").experiment_id]) if "trial_id" in r.data.tags]
+    runs = [
+        r for r in client.search_runs([client.get_experiment_by_name("ddp").experiment_id]) if "trial_id" in r.data.tags
+    ]
     assert len(runs) == 4
     full = [r for r in runs if r.data.tags.get("completed_full_budget") == "true"]
     assert full and all("best_checkpoint_sha256" in r.data.tags for r in full)  # best-student can export a DDP trial
-    left = on_cluster(cluster, """
+    left = on_cluster(
+        cluster,
+        """
         import time
         from ray.util import placement_group_table
         for _ in range(30):
@@ -132,7 +180,8 @@ def test_a_sweep_of_two_worker_trials_under_asha_frees_every_stopped_trials_work
                 break
             time.sleep(1)
         print(json.dumps({"free": free, "total": total, "live": len(live)}))
-    """)
+    """,
+    )
     state = json.loads(left.stdout.strip().splitlines()[-1])
     assert state == {"free": 2.0, "total": 2.0, "live": 0}, state
     print(f"DDP sweep: 4 trials x 2 workers, epochs run {epochs}, wall {wall:.0f} s")

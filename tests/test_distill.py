@@ -108,7 +108,9 @@ def test_each_method_trains_and_its_loss_falls_on_one_batch(batch, tiny_teacher,
     images, mask, targets = (x[:2] for x in batch)
     # A trained teacher (a random one agrees with a fresh student on boxes: nothing to learn), and
     # memory weights raised so that the memory term is not swamped by the detection terms here.
-    d = _distiller(method, teacher=FrozenTeacher.load(tiny_teacher), memory={"alpha": 5e-3, "beta": 1e-5, "fitnet_weight": 10.0})
+    d = _distiller(
+        method, teacher=FrozenTeacher.load(tiny_teacher), memory={"alpha": 5e-3, "beta": 1e-5, "fitnet_weight": 10.0}
+    )
     kd_keys = [k for k in d.weights if k.startswith("kd_")]
     assert (method == "none") == (not kd_keys)
     opt = torch.optim.AdamW([p for _, p in d.parameters_to_train()], lr=1e-3)
@@ -181,16 +183,43 @@ def test_distill_config_takes_data_and_student_preset_from_the_teacher(tiny_teac
 
 
 def test_run_distillation_reports_map_and_every_loss_term(tiny_teacher, tmp_path):
-    cfg = distill_config(None, ["train.epochs=2", "train.batch_size=8", "train.progress=false", "train.device=cpu",
-                                f"train.output_dir={tmp_path / 'kd'}", "distill.logit.random_queries=3"], teacher=tiny_teacher)
+    cfg = distill_config(
+        None,
+        [
+            "train.epochs=2",
+            "train.batch_size=8",
+            "train.progress=false",
+            "train.device=cpu",
+            f"train.output_dir={tmp_path / 'kd'}",
+            "distill.logit.random_queries=3",
+        ],
+        teacher=tiny_teacher,
+    )
     seen = []
     result = run_distillation(cfg, on_epoch_end=lambda e, m, ckpt: seen.append((e, dict(m), ckpt)))
     assert [e for e, _, _ in seen] == [1, 2]
     metrics = seen[-1][1]
-    for key in ("AP", "AP50", "AP75", "APs", "loss", "loss_cls", "kd_mem_fg", "kd_mem_bg", "kd_cls_0", "kd_l1_2", "kd_giou_1",
-                "loss_det", "loss_kd_mem", "loss_kd_logit", "teacher_AP"):
+    for key in (
+        "AP",
+        "AP50",
+        "AP75",
+        "APs",
+        "loss",
+        "loss_cls",
+        "kd_mem_fg",
+        "kd_mem_bg",
+        "kd_cls_0",
+        "kd_l1_2",
+        "kd_giou_1",
+        "loss_det",
+        "loss_kd_mem",
+        "loss_kd_logit",
+        "teacher_AP",
+    ):
         assert key in metrics, key
-    assert metrics["loss"] == pytest.approx(metrics["loss_det"] + metrics["loss_kd_mem"] + metrics["loss_kd_logit"], rel=1e-4)
+    assert metrics["loss"] == pytest.approx(
+        metrics["loss_det"] + metrics["loss_kd_mem"] + metrics["loss_kd_logit"], rel=1e-4
+    )
     assert result.teacher_ap == metrics["teacher_AP"] and "kd_mem_fg" in result.formula
     assert (seen[-1][2] / "model.safetensors").is_file()
 
@@ -198,8 +227,14 @@ def test_run_distillation_reports_map_and_every_loss_term(tiny_teacher, tmp_path
 def test_adapter_is_checkpointed_and_restored(tiny_teacher, tmp_path):
     from clockdistill.checkpoint import load_extra
 
-    overrides = ["train.epochs=1", "train.progress=false", "train.device=cpu", f"train.output_dir={tmp_path}", "model.d_model=32",
-                 "model.ffn_dim=64"]
+    overrides = [
+        "train.epochs=1",
+        "train.progress=false",
+        "train.device=cpu",
+        f"train.output_dir={tmp_path}",
+        "model.d_model=32",
+        "model.ffn_dim=64",
+    ]
     cfg = distill_config(None, overrides, teacher=tiny_teacher)
     run_distillation(cfg)
     assert (tmp_path / "last" / "extra.safetensors").is_file()
@@ -213,22 +248,38 @@ def test_adapter_is_checkpointed_and_restored(tiny_teacher, tmp_path):
 
 
 def test_cli_distill_prints_formula_epochs_and_summary(tiny_teacher, tmp_path):
-    proc = run_cli("distill", "--teacher", str(tiny_teacher), "--set", "train.epochs=1", "--set", "train.progress=false",
-                   "--set", "train.device=cpu", "--set", f"train.output_dir={tmp_path}", "--set", "distill.method=vanilla_kd")
+    proc = run_cli(
+        "distill",
+        "--teacher",
+        str(tiny_teacher),
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.progress=false",
+        "--set",
+        "train.device=cpu",
+        "--set",
+        f"train.output_dir={tmp_path}",
+        "--set",
+        "distill.method=vanilla_kd",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "loss (vanilla_kd) = L_det" in proc.stdout and "epoch 1/1: AP" in proc.stdout
-    summary = json.loads(proc.stdout[proc.stdout.rindex("\n{") + 1:])
+    summary = json.loads(proc.stdout[proc.stdout.rindex("\n{") + 1 :])
     assert summary["method"] == "vanilla_kd" and 0 <= summary["best_AP"] <= 1 and summary["teacher_AP"] is not None
 
 
-@pytest.mark.parametrize("override,field", [
-    ("distill.method=fitnets", "distill.method"),
-    ("distill.logit.temperature=-1", "distill.logit.temperature"),
-    ("distill.memory.alpha='5e-5'", "distill.memory.alpha"),
-    ("distill.memory.beta=-1e-7", "distill.memory.beta"),
-    ("distill.logit.layers=first", "distill.logit.layers"),
-    ("distill.bogus=1", "distill.bogus"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("distill.method=fitnets", "distill.method"),
+        ("distill.logit.temperature=-1", "distill.logit.temperature"),
+        ("distill.memory.alpha='5e-5'", "distill.memory.alpha"),
+        ("distill.memory.beta=-1e-7", "distill.memory.beta"),
+        ("distill.logit.layers=first", "distill.logit.layers"),
+        ("distill.bogus=1", "distill.bogus"),
+    ],
+)
 def test_cli_distill_rejects_bad_values_with_one_line(tiny_teacher, override, field):
     proc = run_cli("distill", "--teacher", str(tiny_teacher), "--set", override, "--print-config")
     assert proc.returncode == 2
@@ -267,7 +318,9 @@ def test_filler_query_slots_change_no_loss(batch):
     d.model.eval()
     plain, _ = d.losses(images, mask, targets)
     sample = d.queries.sample
-    d.queries.sample = lambda t, device, min_slots=0: sample(t, device, min_slots=64)  # more slots than GT and random queries
+    d.queries.sample = lambda t, device, min_slots=0: sample(
+        t, device, min_slots=64
+    )  # more slots than GT and random queries
     try:
         padded, _ = d.losses(images, mask, targets)
     finally:

@@ -13,7 +13,9 @@ from clockdistill.distill.masks import level_masks, level_token_mask, memory_mas
 def _xyxy_to_target(boxes, h, w):
     """Pixel xyxy boxes -> a dataset-style target (normalised cxcywh of an h x w image)."""
     b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2 / w, (b[:, 1] + b[:, 3]) / 2 / h, (b[:, 2] - b[:, 0]) / w, (b[:, 3] - b[:, 1]) / h], -1)
+    cxcywh = torch.stack(
+        [(b[:, 0] + b[:, 2]) / 2 / w, (b[:, 1] + b[:, 3]) / 2 / h, (b[:, 2] - b[:, 0]) / w, (b[:, 3] - b[:, 1]) / h], -1
+    )
     return {"boxes": cxcywh, "labels": torch.zeros(len(b), dtype=torch.long), "size": torch.tensor([h, w])}
 
 
@@ -69,14 +71,23 @@ def test_empty_image_is_all_background_and_two_levels_are_concatenated():
 def test_gaussian_mask_falls_off_around_the_box_and_scales_by_the_grown_area():
     # 10 x 10 grid; a 2 x 2-cell box at cells 4..5, grown x2 -> a margin of 1 cell, sigma 0.5 cell.
     boxes = torch.tensor([[[4.0, 4.0, 6.0, 6.0]]])
-    m, s = level_masks(boxes, torch.ones(1, 1, dtype=torch.bool), (10, 10), (10, 10), torch.zeros(1, 10, 10, dtype=torch.bool),
-                       mode="gaussian", grow=2.0)
+    m, s = level_masks(
+        boxes,
+        torch.ones(1, 1, dtype=torch.bool),
+        (10, 10),
+        (10, 10),
+        torch.zeros(1, 10, 10, dtype=torch.bool),
+        mode="gaussian",
+        grow=2.0,
+    )
     m, s = m[0], s[0]
     assert m[4:6, 4:6].eq(1).all()
     assert m[4, 3].item() == pytest.approx(math.exp(-0.5))  # cell centre 0.5 cell left of the box
     assert m[3, 3].item() == pytest.approx(math.exp(-1.0))
     assert m[4, 2].item() == 0 and m[0, 0].item() == 0  # outside the grown box
-    assert s[4, 4].item() == pytest.approx(1 / 16) and s[3, 3].item() == pytest.approx(1 / 16)  # grown box is 4 x 4 cells
+    assert s[4, 4].item() == pytest.approx(1 / 16) and s[3, 3].item() == pytest.approx(
+        1 / 16
+    )  # grown box is 4 x 4 cells
     assert s[0, 0].item() == pytest.approx(1 / (100 - 16))
 
 
@@ -131,7 +142,10 @@ def _giou_by_hand(a, b):
     return inter / union - (hull - union) / hull
 
 
-@pytest.mark.parametrize("form,norm,conf", [("softmax_kl", "sum", "max"), ("binary_kl", "weight", "squared"), ("softmax_kl", "queries", "none")])
+@pytest.mark.parametrize(
+    "form,norm,conf",
+    [("softmax_kl", "sum", "max"), ("binary_kl", "weight", "squared"), ("softmax_kl", "queries", "none")],
+)
 def test_logit_terms_match_the_formula_written_out(form, norm, conf):
     g = torch.Generator().manual_seed(1)
     B, K, C, T = 2, 3, 4, 4.0
@@ -140,7 +154,9 @@ def test_logit_terms_match_the_formula_written_out(form, norm, conf):
     bs = torch.cat([0.3 + 0.4 * torch.rand(B, K, 2, generator=g), 0.1 + 0.3 * torch.rand(B, K, 2, generator=g)], -1)
     valid = torch.tensor([[True, True, False], [True, True, True]])
     cfg = LogitDistillConfig(temperature=T, cls_form=form, cls_norm=norm, confidence=conf)
-    cls, l1, giou = logit_terms({"pred_logits": zt, "pred_boxes": bt}, {"pred_logits": zs, "pred_boxes": bs}, valid, cfg)
+    cls, l1, giou = logit_terms(
+        {"pred_logits": zt, "pred_boxes": bt}, {"pred_logits": zs, "pred_boxes": bs}, valid, cfg
+    )
 
     ws, kls, l1s, gious = [], [], [], []
     for b in range(B):
@@ -165,9 +181,19 @@ def test_confidence_threshold_drops_unsure_teacher_outputs():
     zs = torch.zeros(1, 2, 2)
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2]]])
     valid = torch.ones(1, 2, dtype=torch.bool)
-    full = logit_terms({"pred_logits": zt, "pred_boxes": boxes}, {"pred_logits": zs, "pred_boxes": boxes}, valid, LogitDistillConfig())[0]
-    cut = logit_terms({"pred_logits": zt, "pred_boxes": boxes}, {"pred_logits": zs, "pred_boxes": boxes}, valid,
-                      LogitDistillConfig(confidence_threshold=0.5))[0]
-    only_first = logit_terms({"pred_logits": zt[:, :1], "pred_boxes": boxes[:, :1]}, {"pred_logits": zs[:, :1], "pred_boxes": boxes[:, :1]},
-                             valid[:, :1], LogitDistillConfig())[0]
+    full = logit_terms(
+        {"pred_logits": zt, "pred_boxes": boxes}, {"pred_logits": zs, "pred_boxes": boxes}, valid, LogitDistillConfig()
+    )[0]
+    cut = logit_terms(
+        {"pred_logits": zt, "pred_boxes": boxes},
+        {"pred_logits": zs, "pred_boxes": boxes},
+        valid,
+        LogitDistillConfig(confidence_threshold=0.5),
+    )[0]
+    only_first = logit_terms(
+        {"pred_logits": zt[:, :1], "pred_boxes": boxes[:, :1]},
+        {"pred_logits": zs[:, :1], "pred_boxes": boxes[:, :1]},
+        valid[:, :1],
+        LogitDistillConfig(),
+    )[0]
     assert cut.item() == pytest.approx(only_first.item()) and cut.item() < full.item()

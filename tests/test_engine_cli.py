@@ -5,17 +5,22 @@ import math
 
 import pytest
 import torch
+from conftest import run_cli
 
 from clockdistill.checkpoint import load_optimizer, load_weights, read_meta, save_checkpoint
 from clockdistill.config import TrainConfig, config_from_dict
 from clockdistill.engine import build_optimizer, fit, lr_factor
 from clockdistill.models import build_detector
-from conftest import run_cli
 
 
 def tiny_config(data, out, **train):
-    return config_from_dict({"data": {"root": str(data), "max_size": 96}, "model": {"preset": "tiny-student"},
-                             "train": {"epochs": 2, "batch_size": 4, "output_dir": str(out), "progress": False, **train}})
+    return config_from_dict(
+        {
+            "data": {"root": str(data), "max_size": 96},
+            "model": {"preset": "tiny-student"},
+            "train": {"epochs": 2, "batch_size": 4, "output_dir": str(out), "progress": False, **train},
+        }
+    )
 
 
 def test_checkpoint_round_trip_without_pickle(tmp_path):
@@ -26,7 +31,11 @@ def test_checkpoint_round_trip_without_pickle(tmp_path):
     loss.backward()
     opt.step()
     save_checkpoint(tmp_path / "ck", model, {"epoch": 1, "config": cfg.to_dict()}, opt)
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["meta.json", "model.safetensors", "optimizer.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "meta.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+    ]
     other = build_detector(cfg.model, 3)
     load_weights(tmp_path / "ck", other)
     for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
@@ -38,7 +47,9 @@ def test_checkpoint_round_trip_without_pickle(tmp_path):
 
 
 @pytest.mark.parametrize("crash_after", ["first", "second"])
-def test_a_save_interrupted_between_its_renames_leaves_the_old_or_the_new_checkpoint(tmp_path, monkeypatch, crash_after):
+def test_a_save_interrupted_between_its_renames_leaves_the_old_or_the_new_checkpoint(
+    tmp_path, monkeypatch, crash_after
+):
     """A save moves the previous checkpoint aside, then the new one in. A crash after either move
     (simulated: the process cannot be killed between two calls of a test) must leave a checkpoint
     that `recover_checkpoint` (which `fit` runs before resuming) finds whole."""
@@ -85,7 +96,9 @@ def test_fit_reports_every_epoch_and_resumes(synth_data, tmp_path):
     seen = []
     cfg = tiny_config(synth_data, tmp_path / "run")
     result = fit(cfg, on_epoch_end=lambda e, m, ck: seen.append((e, m, ck)))
-    assert cfg == tiny_config(synth_data, tmp_path / "run") and cfg.model.num_classes == 0  # fit kept its argument as it was
+    assert (
+        cfg == tiny_config(synth_data, tmp_path / "run") and cfg.model.num_classes == 0
+    )  # fit kept its argument as it was
     assert [e for e, _, _ in seen] == [1, 2]
     metrics = seen[-1][1]
     for key in ("loss", "loss_cls", "loss_bbox", "loss_giou", "loss_cls_0", "lr", "AP", "AP50", "APs", "AP/circle"):
@@ -103,14 +116,30 @@ def test_fit_reports_every_epoch_and_resumes(synth_data, tmp_path):
 
 def test_callback_can_stop_early(synth_data, tmp_path):
     calls = []
-    fit(tiny_config(synth_data, tmp_path / "run", epochs=5, eval_every=5), on_epoch_end=lambda e, m, ck: calls.append(e) or True)
+    fit(
+        tiny_config(synth_data, tmp_path / "run", epochs=5, eval_every=5),
+        on_epoch_end=lambda e, m, ck: calls.append(e) or True,
+    )
     assert calls == [1]
 
 
 def test_cli_train_then_evaluate(synth_data, tmp_path):
     out = tmp_path / "cli"
-    r = run_cli("train", "--set", f"data.root={synth_data}", "--set", "model.preset=tiny-student", "--set", "train.epochs=1",
-                "--set", "train.batch_size=4", "--set", f"train.output_dir={out}", "--set", "data.max_size=96")
+    r = run_cli(
+        "train",
+        "--set",
+        f"data.root={synth_data}",
+        "--set",
+        "model.preset=tiny-student",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        f"train.output_dir={out}",
+        "--set",
+        "data.max_size=96",
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["best_epoch"] == 1
@@ -169,17 +198,33 @@ def test_every_subcommand_has_help(capsys):
     r = run_cli("--help")
     assert r.returncode == 0 and "usage: clockdistill" in r.stdout and "demo" in r.stdout, r.stdout + r.stderr
     commands = list(_commands(build_parser()))
-    assert {" ".join(path) for path, _ in commands} >= {"data synth", "data kitti", "data index", "train", "distill", "sweep",
-                                                         "sync", "evaluate", "best-student", "report", "demo"}
+    assert {" ".join(path) for path, _ in commands} >= {
+        "data synth",
+        "data kitti",
+        "data index",
+        "train",
+        "distill",
+        "sweep",
+        "sync",
+        "evaluate",
+        "best-student",
+        "report",
+        "demo",
+    }
     for path, parser in commands:
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args([*path, "--help"])
         out = capsys.readouterr().out
         assert exit_info.value.code == 0 and out.startswith(f"usage: clockdistill {' '.join(path)}".rstrip()), out[:200]
         assert parser.description, f"{' '.join(path) or 'clockdistill'}: no description"
-        listed = [a for sub in parser._actions if isinstance(sub, argparse._SubParsersAction) for a in sub._choices_actions]
-        silent = [a.option_strings or [a.dest] for a in parser._actions + listed
-                  if not a.help and a.dest != "help" and not isinstance(a, argparse._SubParsersAction)]
+        listed = [
+            a for sub in parser._actions if isinstance(sub, argparse._SubParsersAction) for a in sub._choices_actions
+        ]
+        silent = [
+            a.option_strings or [a.dest]
+            for a in parser._actions + listed
+            if not a.help and a.dest != "help" and not isinstance(a, argparse._SubParsersAction)
+        ]
         assert not silent, f"{' '.join(path)}: options without help: {silent}"
 
 

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import clean_env, tune_results
 
 pytestmark = pytest.mark.slow
@@ -43,12 +42,32 @@ def test_a_worker_node_dies_mid_trial_and_every_trial_still_finishes(job_cluster
     spec.write_text(
         f"name: ft\nteacher: {tiny_teacher}\nepochs: {EPOCHS}\nconfig:\n  train: {{batch_size: 8}}\n"
         "search_space:\n  train.lr: {grid: [4.0e-4, 3.0e-4, 2.0e-4, 1.0e-4]}\n"
-        "search: {algorithm: grid}\nscheduler: {type: none}\nnum_samples: 1\nmax_concurrent_trials: 2\nmax_failures: 3\n"
-        f"resources: {{cpu: 1}}\nstorage_path: {storage}\nmlflow: {{tracking_uri: 'sqlite:///{db}', experiment: ft}}\n")
+        "search: {algorithm: grid}\nscheduler: {type: none}\nnum_samples: 1\nmax_concurrent_trials: 2\nmax_failures: "
+        "3\n"
+        f"resources: {{cpu: 1}}\nstorage_path: {storage}\nmlflow: {{tracking_uri: 'sqlite:///{db}', experiment: ft}}\n"
+    )
     t0 = time.monotonic()
-    job = subprocess.Popen([str(BIN / "ray"), "job", "submit", "--submission-id", "ft-1", "--working-dir", str(REPO),
-                            "--entrypoint-resources", '{"sweep_driver": 1}', "--", "clockdistill", "sweep", str(spec)],
-                           env=job_cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--submission-id",
+            "ft-1",
+            "--working-dir",
+            str(REPO),
+            "--entrypoint-resources",
+            '{"sweep_driver": 1}',
+            "--",
+            "clockdistill",
+            "sweep",
+            str(spec),
+        ],
+        env=job_cluster,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     # wait until a trial running on node_a has reported an epoch, then kill node_a
     node_a = _raylet_of("node_a")
     victim, deadline = None, time.monotonic() + 300
@@ -60,7 +79,9 @@ def test_a_worker_node_dies_mid_trial_and_every_trial_still_finishes(job_cluster
             if rows[-1]["epoch"] < EPOCHS and node_a in _ancestors(rows[-1]["pid"]):
                 victim = trial_id, rows[-1]["epoch"], rows[-1]["pid"]
         time.sleep(0.2)
-    kill = subprocess.run([str(REPO / "cluster" / "local" / "kill-node.sh"), "node_a"], env=job_cluster, capture_output=True, text=True)
+    kill = subprocess.run(
+        [str(REPO / "cluster" / "local" / "kill-node.sh"), "node_a"], env=job_cluster, capture_output=True, text=True
+    )
     assert kill.returncode == 0, kill.stderr
     killed_at = time.monotonic()
     output, _ = job.communicate(timeout=900)
@@ -95,23 +116,30 @@ def test_a_worker_node_dies_mid_trial_and_every_trial_still_finishes(job_cluster
     for path in [db, *tmp_path.joinpath("mlartifacts").rglob("*"), *storage.rglob("*")]:
         if path.is_file():
             assert token.encode() not in path.read_bytes(), path
-    print(f"\nfault tolerance: 4 trials, 1 node killed (node_a) at epoch {epoch_at_kill} of trial {trial_id}, {retries} retry(ies); "
-          f"retried trial finished on node_b; results lost 0; sweep wall {wall:.0f} s; "
-          f"kill -> next epoch of the retried trial {recovery if recovery is None else round(recovery, 1)} s")
+    print(
+        f"\nfault tolerance: 4 trials, 1 node killed (node_a) at epoch {epoch_at_kill} of trial {trial_id}, {retries} "
+        "retry(ies); "
+        f"retried trial finished on node_b; results lost 0; sweep wall {wall:.0f} s; "
+        f"kill -> next epoch of the retried trial {recovery if recovery is None else round(recovery, 1)} s"
+    )
 
 
 def test_the_mlflow_server_down_for_30_s_mid_sweep_loses_no_metric(tiny_teacher, tmp_path):
     import signal
 
-    from mlflow.tracking import MlflowClient
-
     from cdp import free_port
+    from mlflow.tracking import MlflowClient
 
     state, port, storage = tmp_path / "mlflow", free_port(), tmp_path / "storage"
 
     def start_server() -> None:
-        up = subprocess.run([str(REPO / "cluster" / "local" / "mlflow.sh"), str(state), str(port)], env=clean_env(), capture_output=True,
-                            text=True, timeout=180)
+        up = subprocess.run(
+            [str(REPO / "cluster" / "local" / "mlflow.sh"), str(state), str(port)],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert up.returncode == 0, up.stderr
 
     start_server()
@@ -120,9 +148,16 @@ def test_the_mlflow_server_down_for_30_s_mid_sweep_loses_no_metric(tiny_teacher,
         f"name: down\nteacher: {tiny_teacher}\nepochs: 6\nconfig:\n  train: {{batch_size: 8}}\n"
         "search_space:\n  train.lr: {grid: [4.0e-4, 2.0e-4]}\nsearch: {algorithm: grid}\nscheduler: {type: none}\n"
         f"num_samples: 1\nmax_concurrent_trials: 1\nresources: {{cpu: 1}}\nstorage_path: {storage}\n"
-        f"mlflow: {{tracking_uri: 'http://127.0.0.1:{port}', experiment: down}}\n")
-    sweep = subprocess.Popen([sys.executable, "-m", "sweeps", str(spec)], env=clean_env(), cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+        f"mlflow: {{tracking_uri: 'http://127.0.0.1:{port}', experiment: down}}\n"
+    )
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "sweeps", str(spec)],
+        env=clean_env(),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not any(rows for rows in tune_results(storage, "down").values()):
         assert sweep.poll() is None and time.monotonic() < deadline, "the sweep reported nothing"
@@ -142,10 +177,14 @@ def test_the_mlflow_server_down_for_30_s_mid_sweep_loses_no_metric(tiny_teacher,
     assert epochs_during > 0  # trials reported while the server was down
 
     client = MlflowClient(f"http://127.0.0.1:{port}")
-    runs = client.search_runs([client.get_experiment_by_name("down").experiment_id], "tags.`clockdistill.role` = 'trial'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("down").experiment_id], "tags.`clockdistill.role` = 'trial'"
+    )
     assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(tune_results(storage, "down"))
     for run in runs:
         assert run.info.status == "FINISHED" and run.data.tags["completed_full_budget"] == "true"
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "AP")) == list(range(1, 7))
     subprocess.run(["pkill", "-g", str(int((state / "mlflow.pid").read_text()))], capture_output=True)
-    print(f"\nmlflow down 30 s: {epochs_during} epoch report(s) arrived meanwhile, all written after the restart; lost 0")
+    print(
+        f"\nmlflow down 30 s: {epochs_during} epoch report(s) arrived meanwhile, all written after the restart; lost 0"
+    )

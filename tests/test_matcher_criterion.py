@@ -8,12 +8,18 @@ from clockdistill.losses import HungarianMatcher, SetCriterion, detection_weight
 
 def make_outputs(B=3, Q=6, C=4, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return {"pred_logits": torch.randn(B, Q, C, generator=gen), "pred_boxes": torch.rand(B, Q, 4, generator=gen) * 0.5 + 0.2}
+    return {
+        "pred_logits": torch.randn(B, Q, C, generator=gen),
+        "pred_boxes": torch.rand(B, Q, 4, generator=gen) * 0.5 + 0.2,
+    }
 
 
 def make_targets(sizes, C=4, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return [{"labels": torch.randint(0, C, (n,), generator=gen), "boxes": torch.rand(n, 4, generator=gen) * 0.4 + 0.1} for n in sizes]
+    return [
+        {"labels": torch.randint(0, C, (n,), generator=gen), "boxes": torch.rand(n, 4, generator=gen) * 0.4 + 0.1}
+        for n in sizes
+    ]
 
 
 def test_matcher_batched_equals_per_image_and_handles_empty():

@@ -10,7 +10,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from cdp import Browser, find_or_install_chromium, free_port
 from conftest import run_cli
 
@@ -32,9 +31,14 @@ def chromium():
 def mlflow_ui(tiny_sweep):
     """`make mlflow-ui` on the tiny sweep's SQLite store, on a free port; yields its base URL."""
     port = free_port()
-    db = tiny_sweep["tracking_uri"][len("sqlite:///"):]
-    proc = subprocess.Popen(["make", "-s", "mlflow-ui", f"MLFLOW_DB={db}", f"MLFLOW_PORT={port}"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    db = tiny_sweep["tracking_uri"][len("sqlite:///") :]
+    proc = subprocess.Popen(
+        ["make", "-s", "mlflow-ui", f"MLFLOW_DB={db}", f"MLFLOW_PORT={port}"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -62,7 +66,9 @@ def test_mlflow_ui_shows_the_trials_and_the_report(tiny_sweep, mlflow_ui, chromi
     client = MlflowClient(tiny_sweep["tracking_uri"])
     exp = client.get_experiment_by_name("tiny")
     parent = client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'sweep'")[0]
-    trial_names = [r.info.run_name for r in client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'trial'")]
+    trial_names = [
+        r.info.run_name for r in client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'trial'")
+    ]
     assert trial_names
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser = Browser(chromium, tmp_path / "profile")
@@ -76,9 +82,18 @@ def test_mlflow_ui_shows_the_trials_and_the_report(tiny_sweep, mlflow_ui, chromi
         browser.screenshot(ARTIFACTS / "mlflow-ui-trials.png")
 
         # the sweep run's artifacts, opened on one report plot (its folder unfolds with it)
-        browser.goto(f"{mlflow_ui}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts/report/ap_over_epochs.png")
-        browser.wait_for_text("report", "spec.json", "ap_over_epochs.png", "ap_vs_knobs.png", "param_importance.png", "samples.png",
-                              "trials.parquet")
+        browser.goto(
+            f"{mlflow_ui}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts/report/ap_over_epochs.png"
+        )
+        browser.wait_for_text(
+            "report",
+            "spec.json",
+            "ap_over_epochs.png",
+            "ap_vs_knobs.png",
+            "param_importance.png",
+            "samples.png",
+            "trials.parquet",
+        )
         shown = "(document.querySelector('img[alt=\"report/ap_over_epochs.png\"]') || {}).naturalWidth || 0"
         deadline = time.monotonic() + 30
         while not browser.evaluate(shown) and time.monotonic() < deadline:

@@ -57,8 +57,11 @@ def test_output_dict_shapes_and_extra_queries(preset):
     mask = torch.zeros(2, 96, 128, dtype=torch.bool)
     mask[1, :, 100:] = True
     K, D = 4, cfg.model.d_model
-    extra = {"content": torch.randn(2, K, D), "reference": torch.rand(2, K, 4) * 0.5 + 0.25,
-             "padding_mask": torch.tensor([[False, False, True, True], [True] * 4])}
+    extra = {
+        "content": torch.randn(2, K, D),
+        "reference": torch.rand(2, K, 4) * 0.5 + 0.25,
+        "padding_mask": torch.tensor([[False, False, True, True], [True] * 4]),
+    }
     with torch.no_grad():
         out = model(images, mask, extra_queries=extra)
         plain = model(images, mask)

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli, tune_results
 
 pytestmark = pytest.mark.slow
@@ -39,8 +38,20 @@ def test_parquet_table_has_one_row_per_trial_with_its_epochs(tiny_sweep, report)
     tune_rows = tune_results(tiny_sweep["storage"], "tiny")
     assert sorted(r["trial_id"] for r in table) == sorted(tune_rows)
     columns = set(table[0])
-    assert {"trial_id", "run_id", "status", "completed_full_budget", "epochs_run", "best_AP", "param.train.lr",
-            "param.distill.logit.temperature", "config", "epoch", "metric.AP", "metric.loss"} <= columns
+    assert {
+        "trial_id",
+        "run_id",
+        "status",
+        "completed_full_budget",
+        "epochs_run",
+        "best_AP",
+        "param.train.lr",
+        "param.distill.logit.temperature",
+        "config",
+        "epoch",
+        "metric.AP",
+        "metric.loss",
+    } <= columns
     for row in table:
         lines = tune_rows[row["trial_id"]]
         assert row["epoch"] == [r["epoch"] for r in lines]
@@ -70,12 +81,18 @@ def test_every_plot_is_a_valid_png_and_everything_is_on_the_sweep_run(tiny_sweep
 def test_pareto_front_plot_for_two_objectives(tmp_path):
     from sweeps.plots import pareto_front
 
-    rows = [{"trial_id": t, "best": {"AP": ap, "latency_ms": ms}} for t, ap, ms in
-            (("a", 0.4, 5.0), ("b", 0.7, 20.0), ("c", 0.39, 6.0), ("d", 0.6, 10.0))]
+    rows = [
+        {"trial_id": t, "best": {"AP": ap, "latency_ms": ms}}
+        for t, ap, ms in (("a", 0.4, 5.0), ("b", 0.7, 20.0), ("c", 0.39, 6.0), ("d", 0.6, 10.0))
+    ]
     path = pareto_front(rows, [("AP", "max"), ("latency_ms", "min")], {"a", "b", "d"}, tmp_path / "pareto.png")
     assert _valid_png(path)
 
 
 def test_report_errors_are_one_line(tmp_path):
     proc = run_cli("report", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}")
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: no MLflow store at") and len(proc.stderr.strip().splitlines()) == 1
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip().startswith("error: no MLflow store at")
+        and len(proc.stderr.strip().splitlines()) == 1
+    )

@@ -21,7 +21,9 @@ def batch(synth_data):
 def _task(cfg):
     torch.manual_seed(0)
     model = build_detector(cfg.model, 4)
-    return DetectionTask(model, SetCriterion.from_config(cfg.loss, 4), detection_weights(cfg.loss, cfg.model.dec_layers - 1))
+    return DetectionTask(
+        model, SetCriterion.from_config(cfg.loss, 4), detection_weights(cfg.loss, cfg.model.dec_layers - 1)
+    )
 
 
 def _step(task, batch, channels_last=False):

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import tune_results
 
 pytestmark = pytest.mark.slow
@@ -20,8 +19,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _submit(env, submission_id: str, spec: Path, wait: bool) -> subprocess.CompletedProcess | subprocess.Popen:
-    cmd = [str(BIN / "ray"), "job", "submit", "--submission-id", submission_id, "--working-dir", str(REPO),
-           "--entrypoint-resources", '{"sweep_driver": 1}', "--", "clockdistill", "sweep", str(spec)]
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--submission-id",
+        submission_id,
+        "--working-dir",
+        str(REPO),
+        "--entrypoint-resources",
+        '{"sweep_driver": 1}',
+        "--",
+        "clockdistill",
+        "sweep",
+        str(spec),
+    ]
     if wait:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -41,9 +53,12 @@ def test_a_killed_driver_resumes_on_relaunch_without_rerunning_finished_trials(j
     spec = tmp_path / "tiny.yaml"
     spec.write_text(
         f"name: tiny\nteacher: {tiny_teacher}\nepochs: 2\nconfig:\n  train: {{batch_size: 8}}\n"
-        "search_space:\n  distill.memory.alpha: {loguniform: [1.0e-5, 1.0e-2]}\n  distill.logit.temperature: {choice: [1, 2, 4, 10]}\n"
+        "search_space:\n  distill.memory.alpha: {loguniform: [1.0e-5, 1.0e-2]}\n  distill.logit.temperature: {choice: "
+        "[1, 2, 4, 10]}\n"
         "search: {algorithm: tpe, seed: 0}\nscheduler: {type: none}\nnum_samples: 4\nmax_concurrent_trials: 2\n"
-        f"resources: {{cpu: 1}}\nstorage_path: {storage}\nmlflow: {{tracking_uri: 'sqlite:///{db}', experiment: tiny}}\n")
+        f"resources: {{cpu: 1}}\nstorage_path: {storage}\nmlflow: "
+        f"{{tracking_uri: 'sqlite:///{db}', experiment: tiny}}\n"
+    )
     client = MlflowClient(f"sqlite:///{db}")
 
     # 1. Launch, wait for a first finished trial, then kill the driver (SIGKILL: no chance to save anything).
@@ -57,13 +72,21 @@ def test_a_killed_driver_resumes_on_relaunch_without_rerunning_finished_trials(j
             runs = _children(client, "tiny")
         except Exception:  # the store may be mid-creation
             continue
-        finished_before = {r.data.tags["trial_id"]: r.info.end_time for r in runs
-                           if r.info.status == "FINISHED" and r.data.tags.get("completed_full_budget") == "true"}
+        finished_before = {
+            r.data.tags["trial_id"]: r.info.end_time
+            for r in runs
+            if r.info.status == "FINISHED" and r.data.tags.get("completed_full_budget") == "true"
+        }
         if finished_before:
             break
     assert finished_before, "no trial finished within 10 minutes"
-    kill = subprocess.run([str(REPO / "cluster" / "local" / "kill-driver.sh"), "tiny-first"], env=job_cluster, capture_output=True,
-                          text=True, timeout=120)
+    kill = subprocess.run(
+        [str(REPO / "cluster" / "local" / "kill-driver.sh"), "tiny-first"],
+        env=job_cluster,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert kill.returncode == 0, kill.stdout + kill.stderr
     killed_at = time.monotonic()
     first.wait(timeout=120)
@@ -97,7 +120,9 @@ def test_a_killed_driver_resumes_on_relaunch_without_rerunning_finished_trials(j
         assert sorted(m.step for m in ap) == [1, 2], (tags["trial_id"], [(m.step, m.value) for m in ap])
         assert "kd_mem_fg" in run.data.metrics and "loss_giou" in run.data.metrics
         assert {a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")} >= {
-            "best_checkpoint/model.safetensors", "best_checkpoint/meta.json"}
+            "best_checkpoint/model.safetensors",
+            "best_checkpoint/meta.json",
+        }
     # Trials that had finished before the kill were not run (nor closed) again.
     for run in children:
         if run.data.tags["trial_id"] in finished_before:
@@ -118,6 +143,8 @@ def test_a_killed_driver_resumes_on_relaunch_without_rerunning_finished_trials(j
 
     results = tune_results(storage, "tiny")
     redone = sum(len(results[t]) - len({r["epoch"] for r in results[t]}) for t in trial_ids)
-    print(f"\ndriver kill: 4 trials, killed after {killed_at - t0:.0f} s with {len(finished_before)} finished and "
-          f"{sum(rows_at_kill.values())} epoch(s) reported; relaunch finished the sweep in {second_wall:.0f} s; "
-          f"epochs run again {redone}; finished trials rerun 0; results lost 0")
+    print(
+        f"\ndriver kill: 4 trials, killed after {killed_at - t0:.0f} s with {len(finished_before)} finished and "
+        f"{sum(rows_at_kill.values())} epoch(s) reported; relaunch finished the sweep in {second_wall:.0f} s; "
+        f"epochs run again {redone}; finished trials rerun 0; results lost 0"
+    )

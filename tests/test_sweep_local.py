@@ -2,7 +2,6 @@
 finishes, and the sweep itself succeeds."""
 
 import pytest
-
 from conftest import run_sweep_cli
 
 pytestmark = pytest.mark.slow
@@ -14,14 +13,21 @@ def test_a_diverging_trial_fails_alone_and_the_sweep_goes_on(tiny_teacher, tmp_p
     db = tmp_path / "mlflow.db"
     spec = tmp_path / "grid.yaml"
     spec.write_text(
-        f"name: grid\nteacher: {tiny_teacher}\nepochs: 1\nconfig:\n  train: {{batch_size: 8, clip_max_norm: 0.0, warmup_iters: 0}}\n"
+        f"name: grid\nteacher: {tiny_teacher}\nepochs: 1\nconfig:\n  train: "
+        f"{{batch_size: 8, clip_max_norm: 0.0, warmup_iters: 0}}\n"
         "search_space:\n  train.lr: {grid: [4.0e-4, 1.0e+8]}\n"
-        "search: {algorithm: grid}\nscheduler: {type: none}\nnum_samples: 1\nmax_concurrent_trials: 2\nmax_failures: 2\n"
-        f"resources: {{cpu: 1}}\nstorage_path: {tmp_path / 'storage'}\nmlflow: {{tracking_uri: 'sqlite:///{db}', experiment: grid}}\n")
+        "search: {algorithm: grid}\nscheduler: {type: none}\nnum_samples: 1\nmax_concurrent_trials: 2\nmax_failures: "
+        "2\n"
+        f"resources: {{cpu: 1}}\nstorage_path: {tmp_path / 'storage'}\nmlflow: "
+        f"{{tracking_uri: 'sqlite:///{db}', experiment: grid}}\n"
+    )
     proc = run_sweep_cli(spec, tmp_path)
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("grid")
-    runs = {r.data.params["train.lr"]: r for r in client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'trial'")}
+    runs = {
+        r.data.params["train.lr"]: r
+        for r in client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'trial'")
+    }
     assert set(runs) == {"0.0004", "100000000.0"}
     good, bad = runs["0.0004"], runs["100000000.0"]
     assert good.info.status == "FINISHED" and good.data.tags["completed_full_budget"] == "true"

@@ -7,10 +7,18 @@ import pytest
 from sweeps.search import build_scheduler, build_searcher, paper_defaults_point, tune_param_space
 from sweeps.spec import SpecError, load_spec, parse_spec, resolve_paths, spec_from_json, spec_to_json
 
-BASE = {"name": "t", "teacher": "x", "epochs": 3,
-        "search_space": {"distill.memory.alpha": {"loguniform": [1e-6, 1e-2]}, "distill.logit.groups": {"int": [1, 3]},
-                         "distill.logit.temperature": {"choice": [1, 2, 4, 10]}, "distill.memory.beta": {"fixed": 1e-7},
-                         "distill.logit.cls_weight": {"uniform": [0.5, 4.0]}}}
+BASE = {
+    "name": "t",
+    "teacher": "x",
+    "epochs": 3,
+    "search_space": {
+        "distill.memory.alpha": {"loguniform": [1e-6, 1e-2]},
+        "distill.logit.groups": {"int": [1, 3]},
+        "distill.logit.temperature": {"choice": [1, 2, 4, 10]},
+        "distill.memory.beta": {"fixed": 1e-7},
+        "distill.logit.cls_weight": {"uniform": [0.5, 4.0]},
+    },
+}
 
 
 def _spec(**changes):
@@ -18,31 +26,67 @@ def _spec(**changes):
     return parse_spec({k: v for k, v in data.items() if v is not None}, "s.yaml")
 
 
-@pytest.mark.parametrize("changes,expected", [
-    ({"search_space": {"distill.memory.alpah": {"uniform": [1, 2]}}}, "s.yaml: search_space.distill.memory.alpah: unknown config key"),
-    ({"search_space": {"distill.memory.alpha": {"uniform": [2, 2]}}}, "search_space.distill.memory.alpha.uniform: low must be < high"),
-    ({"search_space": {"distill.memory.alpha": {"uniform": [3, 2]}}}, "search_space.distill.memory.alpha.uniform: low must be < high"),
-    ({"search_space": {"distill.memory.alpha": {"loguniform": [0, 1]}}}, "search_space.distill.memory.alpha.loguniform: low must be > 0"),
-    ({"search_space": {"distill.logit.temperature": {"choice": []}}}, "search_space.distill.logit.temperature.choice: expected a non-empty list"),
-    ({"search_space": {"distill.logit.temperature": {"choice": [2, -1]}}}, "search_space.distill.logit.temperature.choice: distill.logit.temperature: expected a value > 0"),
-    ({"search_space": {"distill.memory.alpha": {"normal": [0, 1]}}}, "search_space.distill.memory.alpha.normal: unknown key"),
-    ({"search_space": {"distill.memory.alpha": {"uniform": [0, 1], "fixed": 1}}}, "search_space.distill.memory.alpha: expected exactly one of"),
-    ({"search_space": {"distill.memory.beta": {"fixed": 1e-7}}}, "search_space: nothing to search"),
-    ({"search_space": {"train.epochs": {"int": [1, 4]}}}, "search_space.train.epochs: set by the sweep itself"),
-    ({"search": {"algorithm": "bayes"}}, "search.algorithm: Input should be 'tpe', 'gp', 'cmaes', 'random' or 'grid', got 'bayes'"),
-    ({"scheduler": {"type": "hyperband"}}, "scheduler.type: Input should be"),
-    ({"scheduler": {"type": "asha", "grace_period": 3}}, "scheduler.grace_period: must be < epochs (3), got 3"),
-    ({"teacher": None}, "s.yaml: teacher: required"),
-    ({"epochs": 0}, "epochs: Input should be greater than or equal to 1"),
-    ({"colour": "red"}, "colour: unknown key"),
-    ({"config": {"trian": {"lr": 1}}}, "config.trian: unknown section"),
-    ({"config": {"train": {"lr": "fast"}}}, "config: train.lr: expected a number"),
-    ({"objective": {"metric": "mAP"}}, "objective.metric: Input should be"),
-    ({"search_space": {"distill.method": {"grid": ["none", "clockdistill"]}}}, "grid values need search.algorithm: grid"),
-    ({"objectives": [{"metric": "AP"}, {"metric": "params", "mode": "min"}], "search": {"algorithm": "cmaes"}}, "cmaes cannot optimise several objectives"),
-    ({"scheduler": {"type": "pbt"}}, "scheduler.type: pbt mutates running trials itself"),
-    ({"name": "my sweep!"}, "name: String should match pattern"),
-])
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        (
+            {"search_space": {"distill.memory.alpah": {"uniform": [1, 2]}}},
+            "s.yaml: search_space.distill.memory.alpah: unknown config key",
+        ),
+        (
+            {"search_space": {"distill.memory.alpha": {"uniform": [2, 2]}}},
+            "search_space.distill.memory.alpha.uniform: low must be < high",
+        ),
+        (
+            {"search_space": {"distill.memory.alpha": {"uniform": [3, 2]}}},
+            "search_space.distill.memory.alpha.uniform: low must be < high",
+        ),
+        (
+            {"search_space": {"distill.memory.alpha": {"loguniform": [0, 1]}}},
+            "search_space.distill.memory.alpha.loguniform: low must be > 0",
+        ),
+        (
+            {"search_space": {"distill.logit.temperature": {"choice": []}}},
+            "search_space.distill.logit.temperature.choice: expected a non-empty list",
+        ),
+        (
+            {"search_space": {"distill.logit.temperature": {"choice": [2, -1]}}},
+            "search_space.distill.logit.temperature.choice: distill.logit.temperature: expected a value > 0",
+        ),
+        (
+            {"search_space": {"distill.memory.alpha": {"normal": [0, 1]}}},
+            "search_space.distill.memory.alpha.normal: unknown key",
+        ),
+        (
+            {"search_space": {"distill.memory.alpha": {"uniform": [0, 1], "fixed": 1}}},
+            "search_space.distill.memory.alpha: expected exactly one of",
+        ),
+        ({"search_space": {"distill.memory.beta": {"fixed": 1e-7}}}, "search_space: nothing to search"),
+        ({"search_space": {"train.epochs": {"int": [1, 4]}}}, "search_space.train.epochs: set by the sweep itself"),
+        (
+            {"search": {"algorithm": "bayes"}},
+            "search.algorithm: Input should be 'tpe', 'gp', 'cmaes', 'random' or 'grid', got 'bayes'",
+        ),
+        ({"scheduler": {"type": "hyperband"}}, "scheduler.type: Input should be"),
+        ({"scheduler": {"type": "asha", "grace_period": 3}}, "scheduler.grace_period: must be < epochs (3), got 3"),
+        ({"teacher": None}, "s.yaml: teacher: required"),
+        ({"epochs": 0}, "epochs: Input should be greater than or equal to 1"),
+        ({"colour": "red"}, "colour: unknown key"),
+        ({"config": {"trian": {"lr": 1}}}, "config.trian: unknown section"),
+        ({"config": {"train": {"lr": "fast"}}}, "config: train.lr: expected a number"),
+        ({"objective": {"metric": "mAP"}}, "objective.metric: Input should be"),
+        (
+            {"search_space": {"distill.method": {"grid": ["none", "clockdistill"]}}},
+            "grid values need search.algorithm: grid",
+        ),
+        (
+            {"objectives": [{"metric": "AP"}, {"metric": "params", "mode": "min"}], "search": {"algorithm": "cmaes"}},
+            "cmaes cannot optimise several objectives",
+        ),
+        ({"scheduler": {"type": "pbt"}}, "scheduler.type: pbt mutates running trials itself"),
+        ({"name": "my sweep!"}, "name: String should match pattern"),
+    ],
+)
 def test_bad_specs_fail_with_one_line_naming_the_field(changes, expected):
     with pytest.raises(SpecError) as err:
         _spec(**changes)
@@ -62,8 +106,10 @@ def test_missing_teacher_or_data_set_is_caught_before_ray(tmp_path, tiny_teacher
 
 def test_spec_file_round_trip_and_name_override(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text("name: a\nteacher: x\nepochs: 2\nsearch_space:\n  distill.memory.alpha: {loguniform: [1e-6, 1e-2]}\n"
-                    "  distill.logit.groups: {int: [1, 3]}\n")
+    path.write_text(
+        "name: a\nteacher: x\nepochs: 2\nsearch_space:\n  distill.memory.alpha: {loguniform: [1e-6, 1e-2]}\n"
+        "  distill.logit.groups: {int: [1, 3]}\n"
+    )
     spec = load_spec(path, name="b")
     assert spec.name == "b" and spec.search_space["distill.memory.alpha"].kind == "loguniform"
     again = spec_from_json(spec_to_json(spec))
@@ -80,29 +126,57 @@ def test_search_space_translates_to_tune_domains():
 
     space = tune_param_space(_spec())
     assert isinstance(space["distill.memory.alpha"], Float) and space["distill.memory.alpha"].lower == 1e-6
-    assert isinstance(space["distill.logit.groups"], Integer) and (space["distill.logit.groups"].lower, space["distill.logit.groups"].upper) == (1, 4)
-    assert isinstance(space["distill.logit.temperature"], Categorical) and space["distill.logit.temperature"].categories == [1, 2, 4, 10]
+    assert isinstance(space["distill.logit.groups"], Integer) and (
+        space["distill.logit.groups"].lower,
+        space["distill.logit.groups"].upper,
+    ) == (1, 4)
+    assert isinstance(space["distill.logit.temperature"], Categorical) and space[
+        "distill.logit.temperature"
+    ].categories == [1, 2, 4, 10]
     assert space["distill.memory.beta"] == 1e-7
     samples = [space["distill.memory.alpha"].sample() for _ in range(200)]
-    assert all(1e-6 <= s <= 1e-2 for s in samples) and sum(s < 1e-4 for s in samples) > 60  # log-uniform: half below the geometric mean
-    grid = tune_param_space(_spec(search={"algorithm": "grid"}, search_space={"distill.method": {"grid": ["none", "clockdistill"]}}))
+    assert (
+        all(1e-6 <= s <= 1e-2 for s in samples) and sum(s < 1e-4 for s in samples) > 60
+    )  # log-uniform: half below the geometric mean
+    grid = tune_param_space(
+        _spec(search={"algorithm": "grid"}, search_space={"distill.method": {"grid": ["none", "clockdistill"]}})
+    )
     assert grid["distill.method"] == {"grid_search": ["none", "clockdistill"]}
 
 
 def test_paper_defaults_are_the_first_point_and_are_brought_into_the_space():
     point = paper_defaults_point(_spec())
-    assert point == {"distill.memory.alpha": 5e-5, "distill.logit.groups": 3, "distill.logit.temperature": 10, "distill.logit.cls_weight": 1.0}
-    outside = _spec(search_space={"distill.memory.alpha": {"loguniform": [1e-3, 1e-2]}, "distill.logit.temperature": {"choice": [1, 2]},
-                                  "distill.logit.cls_form": {"choice": ["binary_kl"]}})
-    assert paper_defaults_point(outside) == {"distill.memory.alpha": 1e-3, "distill.logit.temperature": 2, "distill.logit.cls_form": "binary_kl"}
+    assert point == {
+        "distill.memory.alpha": 5e-5,
+        "distill.logit.groups": 3,
+        "distill.logit.temperature": 10,
+        "distill.logit.cls_weight": 1.0,
+    }
+    outside = _spec(
+        search_space={
+            "distill.memory.alpha": {"loguniform": [1e-3, 1e-2]},
+            "distill.logit.temperature": {"choice": [1, 2]},
+            "distill.logit.cls_form": {"choice": ["binary_kl"]},
+        }
+    )
+    assert paper_defaults_point(outside) == {
+        "distill.memory.alpha": 1e-3,
+        "distill.logit.temperature": 2,
+        "distill.logit.cls_form": "binary_kl",
+    }
     # the spec's own config is the default where it sets a key
-    own = _spec(config={"train": {"lr": 3e-4}}, search_space={"train.lr": {"choice": [1e-5, 3e-4]}, "distill.memory.alpha": {"uniform": [1e-5, 1e-4]}})
+    own = _spec(
+        config={"train": {"lr": 3e-4}},
+        search_space={"train.lr": {"choice": [1e-5, 3e-4]}, "distill.memory.alpha": {"uniform": [1e-5, 1e-4]}},
+    )
     assert paper_defaults_point(own) == {"train.lr": 3e-4, "distill.memory.alpha": 5e-5}
 
 
 def test_a_default_outside_one_dimension_still_gives_optuna_a_complete_first_point():
     # a point naming only some keys made OptunaSearch refuse the whole sweep ("Dim of point ... do not match")
-    spec = _spec(search_space={"train.lr": {"choice": [1e-5, 1e-3]}, "distill.memory.alpha": {"loguniform": [1e-5, 1e-3]}})
+    spec = _spec(
+        search_space={"train.lr": {"choice": [1e-5, 1e-3]}, "distill.memory.alpha": {"loguniform": [1e-5, 1e-3]}}
+    )
     searcher = _optuna_searcher(spec)
     assert searcher.suggest("t1") == {"train.lr": 1e-5, "distill.memory.alpha": 5e-5}
 
@@ -145,7 +219,10 @@ def test_multi_objective_searcher_and_asha_on_the_first_objective():
     assert scheduler.metric == "best_AP" and scheduler._max_t == 3
 
 
-@pytest.mark.parametrize("path", sorted(str(p) for p in (__import__("pathlib").Path(__file__).parents[1] / "sweeps" / "configs").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "path",
+    sorted(str(p) for p in (__import__("pathlib").Path(__file__).parents[1] / "sweeps" / "configs").glob("*.yaml")),
+)
 def test_shipped_specs_are_valid(path):
     spec = load_spec(path)
     assert spec.search_space and spec.epochs >= 1
@@ -159,14 +236,38 @@ def test_demo_runs_data_teacher_sweep_and_prints_the_best_student(tmp_path):
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "clockdistill", "demo", "--workdir", str(tmp_path / "demo"), "--train", "16", "--val", "4",
-                           "--teacher-epochs", "1", "--trials", "2", "--sweep-epochs", "1"],
-                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clockdistill",
+            "demo",
+            "--workdir",
+            str(tmp_path / "demo"),
+            "--train",
+            "16",
+            "--val",
+            "4",
+            "--teacher-epochs",
+            "1",
+            "--trials",
+            "2",
+            "--sweep-epochs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "best student (tiny-student)" in proc.stdout and "winning knobs: distill." in proc.stdout
     assert "sweep demo: 2 trials, 2 ran the full budget" in proc.stdout
     # the demo ends with the report and the exported, registered best student
-    assert (tmp_path / "demo" / "report" / "trials.parquet").is_file() and (tmp_path / "demo" / "report" / "ap_over_epochs.png").is_file()
+    assert (tmp_path / "demo" / "report" / "trials.parquet").is_file() and (
+        tmp_path / "demo" / "report" / "ap_over_epochs.png"
+    ).is_file()
     assert (tmp_path / "demo" / "best-student" / "student.torchscript.pt").is_file()
     assert "alias champion -> clockdistill-demo-student version 1" in proc.stdout
 
@@ -178,8 +279,12 @@ def test_pbt_mutates_the_searched_keys_and_grid_uses_tune_variants():
     spec = _spec(search={"algorithm": "random"}, scheduler={"type": "pbt", "perturbation_interval": 1})
     scheduler = build_scheduler(spec)
     assert isinstance(scheduler, PopulationBasedTraining)
-    assert set(scheduler._hyperparam_mutations) == {"distill.memory.alpha", "distill.logit.groups", "distill.logit.temperature",
-                                                     "distill.logit.cls_weight"}
+    assert set(scheduler._hyperparam_mutations) == {
+        "distill.memory.alpha",
+        "distill.logit.groups",
+        "distill.logit.temperature",
+        "distill.logit.cls_weight",
+    }
     assert isinstance(build_searcher(spec), BasicVariantGenerator)
     grid = _spec(search={"algorithm": "grid"}, search_space={"distill.method": {"grid": ["none", "clockdistill"]}})
     assert isinstance(build_searcher(grid), BasicVariantGenerator)

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -22,7 +21,10 @@ def test_sync_rebuilds_the_sweep_in_an_empty_store_and_best_student_works_on_it(
 
     def trials(client):
         exp = client.get_experiment_by_name("tiny")
-        return {r.data.tags["trial_id"]: r for r in client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'trial'")}
+        return {
+            r.data.tags["trial_id"]: r
+            for r in client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'trial'")
+        }
 
     before, after = trials(original), trials(MlflowClient(target))
     assert set(after) == set(before)

@@ -111,7 +111,11 @@ def parse_coco(path: str | Path, data: dict[str, Any] | None = None) -> CocoAnno
             known = ", ".join(str(c) for c in sorted(cat_ids))
             raise DataError(f"{where}.category_id: unknown class {cat!r} (categories have ids {known})")
         bbox = ann.get("bbox")
-        _expect(isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_num, bbox)), f"{where}.bbox", f"[x, y, width, height] with 4 finite numbers, got {bbox!r}")
+        _expect(
+            isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_num, bbox)),
+            f"{where}.bbox",
+            f"[x, y, width, height] with 4 finite numbers, got {bbox!r}",
+        )
         x, y, w, h = (float(v) for v in bbox)
         # Clip to the image: a box partly outside is kept with its visible part.
         x0, y0 = max(x, 0.0), max(y, 0.0)

@@ -12,8 +12,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from clockdistill.data.index import AnnotationIndex, load_index
 from clockdistill.data.decoded import DecodedImages
+from clockdistill.data.index import AnnotationIndex, load_index
 from clockdistill.data.transforms import DetectionTransform, resize_longest
 from clockdistill.errors import DataError
 from clockdistill.ops.boxes import box_xyxy_to_cxcywh

@@ -16,7 +16,15 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from clockdistill.arrowcache import BatchWriter, BinaryRows, build_once, cache_root, content_key, human_bytes, open_mapped
+from clockdistill.arrowcache import (
+    BatchWriter,
+    BinaryRows,
+    build_once,
+    cache_root,
+    content_key,
+    human_bytes,
+    open_mapped,
+)
 from clockdistill.data.index import AnnotationIndex
 from clockdistill.data.transforms import resize_longest
 
@@ -56,8 +64,15 @@ class DecodedImages:
         return self._pixels[i].reshape(int(self.heights[i]), int(self.widths[i]), 3)
 
     @classmethod
-    def open_or_build(cls, index: AnnotationIndex, size: int, load_image, cache_dir: str = "",
-                      progress: bool = True, wait: bool = True) -> "DecodedImages | Path":
+    def open_or_build(
+        cls,
+        index: AnnotationIndex,
+        size: int,
+        load_image,
+        cache_dir: str = "",
+        progress: bool = True,
+        wait: bool = True,
+    ) -> "DecodedImages | Path":
         """Map the split's decoded file at `size`, decoding every image with `load_image(i)` (a PIL
         image) first if no process on this node has. With `wait` False and another process building
         it, returns the file's path instead (to be opened once it exists)."""
@@ -67,10 +82,16 @@ class DecodedImages:
             writer = BatchWriter(tmp, SCHEMA)
             rows: dict[str, list] = {name: [] for name in SCHEMA.names}
             total = 0
-            for i in tqdm(range(len(index)), desc=f"decode {index.ann_path.stem} @{size}", unit="img", disable=not progress):
+            for i in tqdm(
+                range(len(index)), desc=f"decode {index.ann_path.stem} @{size}", unit="img", disable=not progress
+            ):
                 arr = np.asarray(resize_longest(load_image(i), size), dtype=np.uint8)
-                for name, value in (("image_id", int(index.image_ids[i])), ("height", arr.shape[0]), ("width", arr.shape[1]),
-                                    ("pixels", arr.tobytes())):
+                for name, value in (
+                    ("image_id", int(index.image_ids[i])),
+                    ("height", arr.shape[0]),
+                    ("width", arr.shape[1]),
+                    ("pixels", arr.tobytes()),
+                ):
                     rows[name].append(value)
                 total += arr.nbytes
                 if len(rows["image_id"]) == 256:
@@ -79,8 +100,14 @@ class DecodedImages:
             if rows["image_id"]:
                 writer.write(rows)
             writer.close()
-            log.info("decoded %d images of %s at longest side %d: %s in %s", len(index), index.ann_path.name, size,
-                     human_bytes(total), path)
+            log.info(
+                "decoded %d images of %s at longest side %d: %s in %s",
+                len(index),
+                index.ann_path.name,
+                size,
+                human_bytes(total),
+                path,
+            )
 
         if build_once(path, write, wait) is None:
             log.info("%s is being built by another process; decoding image files until it is ready", path.name)

@@ -75,12 +75,21 @@ def parse_label_file(path: Path, map_similar: bool = False) -> tuple[list[tuple[
         elif kind == "DontCare":
             objects.append(("DontCare", box, True))
         else:
-            raise DataError(f"{path}:{n}: unknown KITTI class {kind!r} (expected Car, Van, Truck, Pedestrian, Person_sitting, Cyclist, Tram, Misc or DontCare)")
+            raise DataError(
+                f"{path}:{n}: unknown KITTI class {kind!r} (expected Car, Van, Truck, Pedestrian, Person_sitting, "
+                "Cyclist, Tram, Misc or DontCare)"
+            )
     return objects, degenerate
 
 
-def convert_kitti(kitti: str | Path, out: str | Path, train_ids: str | Path | None = None, val_ids: str | Path | None = None,
-                  map_similar: bool = False, copy: bool = False) -> dict[str, int]:
+def convert_kitti(
+    kitti: str | Path,
+    out: str | Path,
+    train_ids: str | Path | None = None,
+    val_ids: str | Path | None = None,
+    map_similar: bool = False,
+    copy: bool = False,
+) -> dict[str, int]:
     """Write `out/annotations/instances_{train,val}.json` and `out/images/{split}/` (symlinks unless
     `copy`). Returns the number of images per split."""
     kitti, out = Path(kitti), Path(out)
@@ -108,7 +117,9 @@ def convert_kitti(kitti: str | Path, out: str | Path, train_ids: str | Path | No
             label = label_dir / f"{sid}.txt"
             if not label.is_file():
                 raise DataError(f"{label}: label file for id {sid} of the {split} list not found")
-            src = next((image_dir / f"{sid}{ext}" for ext in (".png", ".jpg") if (image_dir / f"{sid}{ext}").is_file()), None)
+            src = next(
+                (image_dir / f"{sid}{ext}" for ext in (".png", ".jpg") if (image_dir / f"{sid}{ext}").is_file()), None
+            )
             if src is None:
                 raise DataError(f"{image_dir / (sid + '.png')}: missing image file for id {sid}")
             with Image.open(src) as im:
@@ -120,12 +131,17 @@ def convert_kitti(kitti: str | Path, out: str | Path, train_ids: str | Path | No
             objects, bad = parse_label_file(label, map_similar)
             degenerate += bad
             for kind, box, ignore in objects:
-                annotations.append({
-                    "id": len(annotations) + 1, "image_id": image_id,
-                    # ignore regions need a category for pycocotools; they only ever match as crowd
-                    "category_id": cat_id.get(kind, cat_id["Car"]), "bbox": box,
-                    "area": box[2] * box[3], "iscrowd": int(ignore),
-                })
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        # ignore regions need a category for pycocotools; they only ever match as crowd
+                        "category_id": cat_id.get(kind, cat_id["Car"]),
+                        "bbox": box,
+                        "area": box[2] * box[3],
+                        "iscrowd": int(ignore),
+                    }
+                )
         doc = {"images": images, "annotations": annotations, "categories": categories}
         (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
         counts[split] = len(images)

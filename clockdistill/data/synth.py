@@ -40,7 +40,9 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return img
 
 
-def _shape_mask(rng: np.random.Generator, cls: str, h: int, w: int, box: tuple[float, float, float, float]) -> np.ndarray:
+def _shape_mask(
+    rng: np.random.Generator, cls: str, h: int, w: int, box: tuple[float, float, float, float]
+) -> np.ndarray:
     x0, y0, x1, y1 = box
     canvas = Image.new("L", (w, h), 0)
     d = ImageDraw.Draw(canvas)
@@ -108,11 +110,21 @@ def write_synthetic(out: str | Path, train: int, val: int, seed: int = 0, progre
             images.append({"id": i + 1, "file_name": name, "width": pixels.shape[1], "height": pixels.shape[0]})
             for cls, bbox in objects:
                 annotations.append(
-                    {"id": len(annotations) + 1, "image_id": i + 1, "category_id": cls + 1, "bbox": bbox,
-                     "area": bbox[2] * bbox[3], "iscrowd": 0}
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": i + 1,
+                        "category_id": cls + 1,
+                        "bbox": bbox,
+                        "area": bbox[2] * bbox[3],
+                        "iscrowd": 0,
+                    }
                 )
-        doc = {"info": {"description": f"clockdistill synthetic shapes, seed {seed}"}, "images": images,
-               "annotations": annotations, "categories": categories}
+        doc = {
+            "info": {"description": f"clockdistill synthetic shapes, seed {seed}"},
+            "images": images,
+            "annotations": annotations,
+            "categories": categories,
+        }
         (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
     return out
 

@@ -57,7 +57,9 @@ class DetectionTransform:
         size = rng.choice(self.train_sizes) if self.train else self.max_size
         return size, flip
 
-    def apply(self, resized: Image.Image | np.ndarray, target: dict[str, Tensor], view: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def apply(
+        self, resized: Image.Image | np.ndarray, target: dict[str, Tensor], view: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """A resized image (PIL or uint8 HWC array) and its target -> tensor and target with
         `size` (h, w) and `view`."""
         arr = np.asarray(resized)
@@ -69,12 +71,16 @@ class DetectionTransform:
         target = {**target, "size": torch.tensor([arr.shape[0], arr.shape[1]]), "view": view}
         return to_tensor(arr), target
 
-    def __call__(self, image: Image.Image, target: dict[str, Tensor], rng: random.Random) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(
+        self, image: Image.Image, target: dict[str, Tensor], rng: random.Random
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         size, view = self.choose(rng)
         return self.apply(resize_longest(image, size), target, view)
 
 
-def collate(batch: list[tuple[Tensor, dict]], pad_to: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, list[dict]]:
+def collate(
+    batch: list[tuple[Tensor, dict]], pad_to: tuple[int, int] | None = None
+) -> tuple[Tensor, Tensor, list[dict]]:
     """Pad images to the batch's largest size (or to the fixed canvas `pad_to` = (H, W), so that an
     image's features do not depend on the other images of its batch). Returns images (B, 3, H, W),
     mask (B, H, W) True on padding, and the list of targets."""

@@ -34,7 +34,16 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from clockdistill.arrowcache import BatchWriter, BinaryRows, build_once, cache_root, chunked, content_key, human_bytes, open_mapped
+from clockdistill.arrowcache import (
+    BatchWriter,
+    BinaryRows,
+    build_once,
+    cache_root,
+    chunked,
+    content_key,
+    human_bytes,
+    open_mapped,
+)
 from clockdistill.config import Config, ConfigError
 from clockdistill.data import CocoDetection, collate
 from clockdistill.data.index import file_digest
@@ -44,8 +53,16 @@ from clockdistill.methods import method
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-SCHEMA = pa.schema([("image_id", pa.int64()), ("size", pa.int32()), ("view", pa.int8()),
-                    ("memory", pa.binary()), ("queries", pa.binary()), ("default", pa.binary())])
+SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("size", pa.int32()),
+        ("view", pa.int8()),
+        ("memory", pa.binary()),
+        ("queries", pa.binary()),
+        ("default", pa.binary()),
+    ]
+)
 DTYPES = {"memory": np.float16, "queries": np.float32, "default": np.float32}
 PAD_BOX = (0.5, 0.5, 0.1, 0.1)  # what padded query slots hold (never used: zero weight, but finite)
 
@@ -67,8 +84,10 @@ def cache_blockers(cfg: Config) -> list[str]:
     if not method(dc.method).uses_teacher:
         reasons.append(f"distill.method: {dc.method} runs no teacher")
     if cfg.data.pad_to != "max_size":
-        reasons.append("data.pad_to: 'batch' pads to each batch's largest image, so an image's teacher features depend on its "
-                       "batch; set data.pad_to=max_size")
+        reasons.append(
+            "data.pad_to: 'batch' pads to each batch's largest image, so an image's teacher features depend on its "
+            "batch; set data.pad_to=max_size"
+        )
     if dc.uses_target_queries and (dc.logit.label_noise > 0 or dc.logit.box_noise > 0):
         reasons.append("distill.logit.label_noise/box_noise: noisy queries change the teacher's input every step")
     return reasons
@@ -88,7 +107,9 @@ class TeacherCache:
         self.layers, self.num_classes = int(meta["layers"]), int(meta["num_classes"])
         self.d_model, self.tokens = int(meta["d_model"]), int(meta["tokens"])
         self.groups, self.random_queries = int(meta["groups"]), int(meta["random_queries"])
-        keys = zip(table["image_id"].to_numpy().tolist(), table["size"].to_numpy().tolist(), table["view"].to_numpy().tolist())
+        keys = zip(
+            table["image_id"].to_numpy().tolist(), table["size"].to_numpy().tolist(), table["view"].to_numpy().tolist()
+        )
         self.rows = {key: row for row, key in enumerate(keys)}
         self.columns = {part: BinaryRows(table[part], DTYPES[part]) for part in self.parts}
 
@@ -100,7 +121,9 @@ class TeacherCache:
         for t in targets:
             key = (int(t["image_id"]), int(max(t["size"].tolist())), int(t.get("view", 0)))
             if key not in self.rows:
-                raise KeyError(f"teacher cache {self.path.name} has no entry for image {key[0]} at size {key[1]}, view {key[2]}")
+                raise KeyError(
+                    f"teacher cache {self.path.name} has no entry for image {key[0]} at size {key[1]}, view {key[2]}"
+                )
             rows.append(self.rows[key])
         return rows
 
@@ -116,9 +139,14 @@ class TeacherCache:
         """The teacher's predictions on its own queries, per decoder layer (first to last)."""
         rows = self._rows(targets)
         x = self._stack("default", rows, (self.layers, -1, self.num_classes + 4), device)  # (B, L, Q, C+4)
-        return [{"pred_logits": x[:, l, :, : self.num_classes], "pred_boxes": x[:, l, :, self.num_classes:]} for l in range(self.layers)]
+        return [
+            {"pred_logits": x[:, layer, :, : self.num_classes], "pred_boxes": x[:, layer, :, self.num_classes :]}
+            for layer in range(self.layers)
+        ]
 
-    def query_layers(self, targets: list[dict], n_gt: int, device: torch.device, size: int = 0) -> list[dict[str, Tensor]]:
+    def query_layers(
+        self, targets: list[dict], n_gt: int, device: torch.device, size: int = 0
+    ) -> list[dict[str, Tensor]]:
         """The teacher's predictions on the batch's target-aware queries, laid out as
         `TargetQueryBuilder.sample` lays them out (G groups of n_gt slots, then the random queries),
         per decoder layer, `size` slots at least. Padded slots hold zero logits and a dummy box."""
@@ -131,7 +159,7 @@ class TeacherCache:
             slots = [g * n_gt + j for g in range(G) for j in range(n)] + [G * n_gt + r for r in range(R)]
             cached = torch.tensor(self.columns["queries"][row].reshape(L, len(slots), C + 4), device=device)
             out[b, :, slots] = cached
-        return [{"pred_logits": out[:, l, :, :C], "pred_boxes": out[:, l, :, C:]} for l in range(L)]
+        return [{"pred_logits": out[:, layer, :, :C], "pred_boxes": out[:, layer, :, C:]} for layer in range(L)]
 
 
 class PendingTeacherCache:
@@ -160,7 +188,9 @@ def plan_cache(cfg: Config, teacher, dataset: CocoDetection, device: torch.devic
     views = [(size, flip) for size in dataset.transform.sizes for flip in dataset.transform.views]
     canvas = cfg.data.canvas
     with torch.no_grad():
-        probe = teacher.encode(torch.zeros(1, 3, *canvas, device=device), torch.zeros(1, *canvas, dtype=torch.bool, device=device))
+        probe = teacher.encode(
+            torch.zeros(1, 3, *canvas, device=device), torch.zeros(1, *canvas, dtype=torch.bool, device=device)
+        )
     tokens, layers, C, Q = probe.memory.shape[1], tcfg.dec_layers, teacher.num_classes, tcfg.num_queries
     n_gt = np.array([int((~dataset.index.annotations(i)[2]).sum()) for i in range(len(dataset))])
     G, R = dc.logit.groups, dc.logit.random_queries
@@ -173,26 +203,50 @@ def plan_cache(cfg: Config, teacher, dataset: CocoDetection, device: torch.devic
         per_image += layers * Q * (C + 4) * 4
     weights = file_digest(Path(dc.teacher) / "model.safetensors")
     precision = "bf16" if device.type == "cuda" and cfg.train.amp else "fp32"
-    key = content_key({
-        "format": FORMAT, "teacher": weights, "annotations": dataset.index.source_sha256, "canvas": canvas,
-        "views": views, "parts": parts, "with_pos": dc.memory.with_pos, "groups": G, "random_queries": R,
-        "embedding_seed": dc.logit.embedding_seed, "precision": precision,
-    })
+    key = content_key(
+        {
+            "format": FORMAT,
+            "teacher": weights,
+            "annotations": dataset.index.source_sha256,
+            "canvas": canvas,
+            "views": views,
+            "parts": parts,
+            "with_pos": dc.memory.with_pos,
+            "groups": G,
+            "random_queries": R,
+            "embedding_seed": dc.logit.embedding_seed,
+            "precision": precision,
+        }
+    )
     path = cache_root(cfg.data.cache_dir) / "teacher" / f"{weights[:12]}-{key}.arrow"
     return CachePlan(path, parts, views, len(dataset) * len(views), int(per_image.sum()) * len(views))
 
 
 @torch.no_grad()
-def write_cache(tmp: Path, plan: CachePlan, cfg: Config, teacher, dataset: CocoDetection, device: torch.device,
-                batch_size: int, progress: bool = True) -> None:
+def write_cache(
+    tmp: Path,
+    plan: CachePlan,
+    cfg: Config,
+    teacher,
+    dataset: CocoDetection,
+    device: torch.device,
+    batch_size: int,
+    progress: bool = True,
+) -> None:
     """One teacher pass over every (image, view) of `dataset`, written as the plan's cache file."""
     from clockdistill.distill.distiller import decoder_layers
 
     dc, C = cfg.distill, teacher.num_classes
     builder = TargetQueryBuilder(C, [teacher.cfg.d_model], dc.logit).to(device) if "queries" in plan.parts else None
-    meta = {"parts": ",".join(plan.parts), "layers": str(teacher.cfg.dec_layers), "num_classes": str(C),
-            "d_model": str(teacher.cfg.d_model), "groups": str(dc.logit.groups), "random_queries": str(dc.logit.random_queries),
-            "tokens": "0"}
+    meta = {
+        "parts": ",".join(plan.parts),
+        "layers": str(teacher.cfg.dec_layers),
+        "num_classes": str(C),
+        "d_model": str(teacher.cfg.d_model),
+        "groups": str(dc.logit.groups),
+        "random_queries": str(dc.logit.random_queries),
+        "tokens": "0",
+    }
     writer = None
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.amp)
     bar = tqdm(total=plan.rows, desc="teacher cache", unit="img", disable=not progress)
@@ -203,9 +257,14 @@ def write_cache(tmp: Path, plan: CachePlan, cfg: Config, teacher, dataset: CocoD
             targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
             with amp:
                 mem = teacher.encode(images, mask)
-            cols: dict[str, list[Any]] = {"image_id": [t["image_id"] for t in targets], "size": [size] * len(idx),
-                                          "view": [flip] * len(idx), "memory": [b""] * len(idx), "queries": [b""] * len(idx),
-                                          "default": [b""] * len(idx)}
+            cols: dict[str, list[Any]] = {
+                "image_id": [t["image_id"] for t in targets],
+                "size": [size] * len(idx),
+                "view": [flip] * len(idx),
+                "memory": [b""] * len(idx),
+                "queries": [b""] * len(idx),
+                "default": [b""] * len(idx),
+            }
             if "memory" in plan.parts:
                 t = mem.memory + mem.pos if dc.memory.with_pos else mem.memory
                 cols["memory"] = [_bytes(x, torch.float16) for x in t]
@@ -214,12 +273,16 @@ def write_cache(tmp: Path, plan: CachePlan, cfg: Config, teacher, dataset: CocoD
                 qs = builder.sample(targets, device)
                 with amp:
                     layers = decoder_layers(teacher.decode(mem, **builder.embed(qs, teacher.cfg.d_model)))
-                x = torch.stack([torch.cat([o["pred_logits"].float(), o["pred_boxes"].float()], -1) for o in layers], 1)  # (B, L, K, C+4)
+                x = torch.stack(
+                    [torch.cat([o["pred_logits"].float(), o["pred_boxes"].float()], -1) for o in layers], 1
+                )  # (B, L, K, C+4)
                 n_max = max(len(t["labels"]) for t in targets)
                 G, R = dc.logit.groups, dc.logit.random_queries
                 cols["queries"] = []
                 for b, t in enumerate(targets):
-                    slots = [g * n_max + j for g in range(G) for j in range(len(t["labels"]))] + [G * n_max + r for r in range(R)]
+                    slots = [g * n_max + j for g in range(G) for j in range(len(t["labels"]))] + [
+                        G * n_max + r for r in range(R)
+                    ]
                     cols["queries"].append(_bytes(x[b][:, slots], torch.float32))
             if "default" in plan.parts:
                 with amp:
@@ -240,8 +303,9 @@ def _bytes(x: Tensor, dtype: torch.dtype) -> bytes:
     return x.detach().to("cpu", dtype).contiguous().numpy().tobytes()
 
 
-def prepare_teacher_cache(cfg: Config, teacher, dataset: CocoDetection, device: torch.device,
-                          wait: bool = True) -> TeacherCache | PendingTeacherCache | None:
+def prepare_teacher_cache(
+    cfg: Config, teacher, dataset: CocoDetection, device: torch.device, wait: bool = True
+) -> TeacherCache | PendingTeacherCache | None:
     """The run's teacher cache (mapped; built first when no process on this node has), or None
     for the live teacher: `teacher_cache: off`, or `auto` with a reason logged. `on` raises a
     ConfigError naming the reason instead. With `wait` False and another process building the
@@ -257,17 +321,28 @@ def prepare_teacher_cache(cfg: Config, teacher, dataset: CocoDetection, device: 
         return None
     plan = plan_cache(cfg, teacher, dataset, device)
     limit = cfg.distill.teacher_cache_max_gb * 1e9
-    where = f"{plan.rows} entries ({len(dataset)} images x {len(plan.views)} views), {'+'.join(plan.parts)}: {human_bytes(plan.bytes)}"
+    parts = "+".join(plan.parts)
+    where = f"{plan.rows} entries ({len(dataset)} images x {len(plan.views)} views), {parts}: {human_bytes(plan.bytes)}"
     if plan.bytes > limit:
-        log.warning("teacher cache would need %s > distill.teacher_cache_max_gb=%g; using the live teacher", where, cfg.distill.teacher_cache_max_gb)
+        log.warning(
+            "teacher cache would need %s > distill.teacher_cache_max_gb=%g; using the live teacher",
+            where,
+            cfg.distill.teacher_cache_max_gb,
+        )
         return None
     if plan.path.is_file():
         log.info("teacher cache: %s, reading %s", where, plan.path)
     else:
         log.info("teacher cache: %s, building %s", where, plan.path)
-    built = build_once(plan.path, lambda tmp: write_cache(tmp, plan, cfg, teacher, dataset, device, 2 * cfg.train.batch_size,
-                                                          cfg.train.progress), wait)
+    built = build_once(
+        plan.path,
+        lambda tmp: write_cache(tmp, plan, cfg, teacher, dataset, device, 2 * cfg.train.batch_size, cfg.train.progress),
+        wait,
+    )
     if built is None:
-        log.info("teacher cache %s is being built by another process; the live teacher serves until it is ready", plan.path.name)
+        log.info(
+            "teacher cache %s is being built by another process; the live teacher serves until it is ready",
+            plan.path.name,
+        )
         return PendingTeacherCache(plan.path)
     return TeacherCache(plan.path)

@@ -55,7 +55,10 @@ def layer_pairs(spec: str, student_layers: int, teacher_layers: int) -> list[tup
         chosen = sorted({int(x) for x in spec.split(",")})
         bad = [i for i in chosen if i >= student_layers]
         if bad:
-            raise ConfigError(f"distill.logit.layers: layer {bad[0]} does not exist (the student has {student_layers} decoder layers, 0..{student_layers - 1})")
+            raise ConfigError(
+                f"distill.logit.layers: layer {bad[0]} does not exist (the student has {student_layers} decoder "
+                f"layers, 0..{student_layers - 1})"
+            )
     offset = teacher_layers - student_layers
     return [(e, e + offset) for e in chosen if e + offset >= 0]
 
@@ -67,7 +70,9 @@ class StudentPass(nn.Module):
     the memory terms compare (memory, + pos with `with_pos`, through the adapter when widths differ).
     Returns (memory, tokens or None, own-query output, target-query layers or None)."""
 
-    def __init__(self, student: nn.Module, queries: TargetQueryBuilder | None, adapter: nn.Linear | None, tokens: str | None):
+    def __init__(
+        self, student: nn.Module, queries: TargetQueryBuilder | None, adapter: nn.Linear | None, tokens: str | None
+    ):
         super().__init__()
         self.student, self.queries, self.adapter, self.tokens = student, queries, adapter, tokens
         self.fuse = True  # the student's own and target-aware queries in one decoder pass
@@ -79,7 +84,11 @@ class StudentPass(nn.Module):
             out, target = self._decode_fused(mem, qs)
         else:
             out = m.decode(mem, *m.default_queries(images.shape[0]))
-            target = decoder_layers(m.decode(mem, **self.queries.embed(qs, m.cfg.d_model))) if qs is not None and qs.size else None
+            target = (
+                decoder_layers(m.decode(mem, **self.queries.embed(qs, m.cfg.d_model)))
+                if qs is not None and qs.size
+                else None
+            )
         tokens = None
         if self.tokens is not None:
             tokens = mem.memory + mem.pos if self.tokens == "memory+pos" else mem.memory
@@ -101,8 +110,15 @@ class StudentPass(nn.Module):
         attn_mask[:, :Q, :Q] = False
         attn_mask[:, Q:, Q:] = extra["self_attn_mask"]
         position = torch.cat([extra["position"].new_zeros(B, Q, extra["position"].shape[-1]), extra["position"]], 1)
-        layers = decoder_layers(m.decode(mem_s, torch.cat([content, extra["content"].to(content.dtype)], 1),
-                                         torch.cat([reference, extra["reference"].to(reference.dtype)], 1), position, attn_mask))
+        layers = decoder_layers(
+            m.decode(
+                mem_s,
+                torch.cat([content, extra["content"].to(content.dtype)], 1),
+                torch.cat([reference, extra["reference"].to(reference.dtype)], 1),
+                position,
+                attn_mask,
+            )
+        )
         own = [{k: v[:, :Q] for k, v in layer.items()} for layer in layers]
         target = [{k: v[:, Q:] for k, v in layer.items()} for layer in layers]
         return {**own[-1], "aux_outputs": own[:-1]}, target
@@ -115,7 +131,9 @@ class Distiller:
         self.teacher, self.model, self.cfg = teacher, student, cfg
         dc = self.dcfg = cfg.distill
         if teacher.num_classes != student.num_classes:
-            raise ConfigError(f"model.num_classes: the student has {student.num_classes} classes, the teacher {teacher.num_classes}")
+            raise ConfigError(
+                f"model.num_classes: the student has {student.num_classes} classes, the teacher {teacher.num_classes}"
+            )
         self.method = dc.method
         caps = self.caps = method(dc.method)
         self.uses_memory = caps.memory is not None
@@ -127,15 +145,21 @@ class Distiller:
         self.adapter = nn.Linear(ds, dt) if self.uses_memory and ds != dt else None
         self.pairs = layer_pairs(dc.logit.layers, student.cfg.dec_layers, teacher.cfg.dec_layers)
         if not self.pairs and caps.logit_terms:
-            raise ConfigError(f"distill.logit.layers: {dc.logit.layers!r} selects no student layer that has a teacher counterpart")
+            raise ConfigError(
+                f"distill.logit.layers: {dc.logit.layers!r} selects no student layer that has a teacher counterpart"
+            )
         self.queries = TargetQueryBuilder(student.num_classes, [dt, ds], dc.logit) if self.uses_queries else None
         self.criterion = SetCriterion.from_config(cfg.loss, student.num_classes)
         self.weights = detection_weights(cfg.loss, student.cfg.dec_layers - 1)
         self.kd_weights = self._kd_weights()
         self.weights.update(self.kd_weights)
-        self.cache = None  # a TeacherCache (teacher outputs read, not computed) or a PendingTeacherCache (see distill/cache.py)
+        self.cache = (
+            None  # a TeacherCache (teacher outputs read, not computed) or a PendingTeacherCache (see distill/cache.py)
+        )
         tokens = ("memory+pos" if dc.memory.with_pos else "memory") if self.uses_memory else None
-        self.student_pass: nn.Module = StudentPass(student, self.queries, self.adapter, tokens)  # DDP-wrapped in data-parallel runs
+        self.student_pass: nn.Module = StudentPass(
+            student, self.queries, self.adapter, tokens
+        )  # DDP-wrapped in data-parallel runs
 
     @property
     def fuse_decoder(self) -> bool:
@@ -179,20 +203,28 @@ class Distiller:
         terms = dict(self.criterion(out_s, targets))
         if not self.caps.uses_teacher:
             return terms, self.weights
-        cache = self.cache.get() if self.cache is not None else None  # None while a cache is still being built elsewhere
+        cache = (
+            self.cache.get() if self.cache is not None else None
+        )  # None while a cache is still being built elsewhere
         if cache is not None and cache is not self.cache:
             self.cache = cache
         mem_t = None if cache is not None else self.teacher.encode(images, mask)
         if self.uses_memory:
-            terms.update(self._memory_terms(self._teacher_memory(mem_t, mem_s, targets), tokens_s, mem_s, targets, tuple(images.shape[-2:])))
+            terms.update(
+                self._memory_terms(
+                    self._teacher_memory(mem_t, mem_s, targets), tokens_s, mem_s, targets, tuple(images.shape[-2:])
+                )
+            )
         if self.uses_queries:
             terms.update(self._target_query_terms(mem_t, qs, target_s, targets, out_s))
         if self.uses_matching:
-            layers_t = self.cache.default_layers(targets, images.device) if mem_t is None else \
-                decoder_layers(self.teacher.predict_default(mem_t))
+            layers_t = (
+                self.cache.default_layers(targets, images.device)
+                if mem_t is None
+                else decoder_layers(self.teacher.predict_default(mem_t))
+            )
             terms.update(self._matched_terms(layers_t, out_s))
         return terms, self.weights
-
 
     # -- the terms -------------------------------------------------------------------------------
 
@@ -201,25 +233,36 @@ class Distiller:
         if mem_t is None:
             t = self.cache.memory(targets, mem_s.memory.device)
             if t.shape[1] != mem_s.memory.shape[1]:
-                raise ConfigError(f"distill.teacher_cache: the cached teacher memory has {t.shape[1]} tokens per image, the student's "
-                                  f"{mem_s.memory.shape[1]} (a different canvas or levels; delete {self.cache.path})")
+                raise ConfigError(
+                    f"distill.teacher_cache: the cached teacher memory has {t.shape[1]} tokens per image, the "
+                    "student's "
+                    f"{mem_s.memory.shape[1]} (a different canvas or levels; delete {self.cache.path})"
+                )
             return t
         if mem_t.spatial_shapes != mem_s.spatial_shapes:
-            raise ConfigError(f"model: the student's memory levels {mem_s.spatial_shapes} do not line up with the teacher's "
-                              f"{mem_t.spatial_shapes} (use the same num_levels / feature_stride)")
+            raise ConfigError(
+                f"model: the student's memory levels {mem_s.spatial_shapes} do not line up with the teacher's "
+                f"{mem_t.spatial_shapes} (use the same num_levels / feature_stride)"
+            )
         return mem_t.memory + mem_t.pos if self.dcfg.memory.with_pos else mem_t.memory
 
-    def _memory_terms(self, t: Tensor, s: Tensor, mem_s: Memory, targets: list[dict], image_hw: tuple[int, int]) -> dict[str, Tensor]:
+    def _memory_terms(
+        self, t: Tensor, s: Tensor, mem_s: Memory, targets: list[dict], image_hw: tuple[int, int]
+    ) -> dict[str, Tensor]:
         """Teacher tokens `t` against the student's `s` (memory, + pos, adapted); the two share their
         geometry (same levels and canvas), so the student's padding mask and level shapes serve both."""
         mc = self.dcfg.memory
         levels = level_token_mask(mem_s.spatial_shapes, mc.levels, t.device)
         if self.caps.memory == "plain":
             return {"kd_fitnet": fitnet_term(t, s, mem_s.padding_mask, levels)}
-        m, sc = memory_masks(targets, image_hw, mem_s.spatial_shapes, mem_s.padding_mask, mc.mask, mc.gaussian_grow, mc.scale_norm)
+        m, sc = memory_masks(
+            targets, image_hw, mem_s.spatial_shapes, mem_s.padding_mask, mc.mask, mc.gaussian_grow, mc.scale_norm
+        )
         return memory_terms(t, s, m, sc, levels, mc.channel_reduce)
 
-    def _target_query_terms(self, mem_t: Memory | None, qs, layers_s: list[dict] | None, targets: list[dict], out_s: dict) -> dict[str, Tensor]:
+    def _target_query_terms(
+        self, mem_t: Memory | None, qs, layers_s: list[dict] | None, targets: list[dict], out_s: dict
+    ) -> dict[str, Tensor]:
         if qs.size == 0:  # no GT in the batch and no random queries: zero terms that still touch the graph
             zero = out_s["pred_logits"].sum() * 0
             return {f"kd_{part}_{e}": zero for e, _ in self.pairs for part in LOGIT_PARTS}
@@ -239,8 +282,13 @@ class Distiller:
             t, s = layers_t[e_t], layers_s[e_s]
             si, ti = _match(t, s)
             keys = ("pred_logits", "pred_boxes")
-            pairs.append((e_s, {k: torch.stack([t[k][b, i] for b, i in enumerate(ti)]) for k in keys},
-                          {k: torch.stack([s[k][b, i] for b, i in enumerate(si)]) for k in keys}))
+            pairs.append(
+                (
+                    e_s,
+                    {k: torch.stack([t[k][b, i] for b, i in enumerate(ti)]) for k in keys},
+                    {k: torch.stack([s[k][b, i] for b, i in enumerate(si)]) for k in keys},
+                )
+            )
         valid = torch.ones(len(si), len(si[0]), dtype=torch.bool, device=out_s["pred_logits"].device)
         return self._pair_terms(pairs, valid)
 
@@ -264,8 +312,13 @@ class Distiller:
         if self.caps.logit_terms:
             lc = dc.logit
             for e, _ in self.pairs:
-                w.update({f"kd_cls_{e}": lc.weight * lc.cls_weight, f"kd_l1_{e}": lc.weight * lc.l1_weight,
-                          f"kd_giou_{e}": lc.weight * lc.giou_weight})
+                w.update(
+                    {
+                        f"kd_cls_{e}": lc.weight * lc.cls_weight,
+                        f"kd_l1_{e}": lc.weight * lc.l1_weight,
+                        f"kd_giou_{e}": lc.weight * lc.giou_weight,
+                    }
+                )
         return w
 
     def formula(self) -> str:
@@ -279,22 +332,36 @@ class Distiller:
         if "kd_mem_fg" in kw:
             parts.append(f"{kw['kd_mem_fg']:g}*kd_mem_fg + {kw['kd_mem_bg']:g}*kd_mem_bg")
             levels = ",".join(map(str, mc.levels)) or "all"
-            notes.append(f"kd_mem: GT {mc.mask} mask M, scale mask S {'on' if mc.scale_norm else 'off'}, squared error "
-                         f"{'summed' if mc.channel_reduce == 'sum' else 'averaged'} over {self.teacher.cfg.d_model} channels, levels {levels}"
-                         f"{', memory+pos' if mc.with_pos else ''}{', student adapter' if self.adapter is not None else ''}; /batch")
+            notes.append(
+                f"kd_mem: GT {mc.mask} mask M, scale mask S {'on' if mc.scale_norm else 'off'}, squared error "
+                f"{'summed' if mc.channel_reduce == 'sum' else 'averaged'} over {self.teacher.cfg.d_model} channels, "
+                f"levels {levels}"
+                f"{', memory+pos' if mc.with_pos else ''}{', student adapter' if self.adapter is not None else ''}; "
+                "/batch"
+            )
         if "kd_fitnet" in kw:
             parts.append(f"{kw['kd_fitnet']:g}*kd_fitnet")
             notes.append("kd_fitnet: mean squared error over every unpadded memory token and channel")
         if self.pairs and self.caps.logit_terms:
             e0 = self.pairs[0][0]
             layers = "{" + ",".join(str(e) for e, _ in self.pairs) + "}"
-            parts.append(f"sum_e in {layers} ({kw[f'kd_cls_{e0}']:g}*kd_cls_e + {kw[f'kd_l1_{e0}']:g}*kd_l1_e + {kw[f'kd_giou_{e0}']:g}*kd_giou_e)")
-            src = (f"target-aware queries ({lc.groups} group(s) of GT queries, {lc.random_queries} random, "
-                   f"noise label {lc.label_noise:g} / box {lc.box_noise:g})") if self.uses_queries else \
-                "Hungarian-matched predictions of the detectors' own queries"
-            notes.append(f"kd_cls/l1/giou: {src}; teacher-confidence weight {lc.confidence}; "
-                         f"{lc.cls_form} at T={lc.temperature:g} x T^2, cls normalised by {lc.cls_norm}; "
-                         f"student layer e <- teacher layer {self.pairs[0][1] - e0:+d}")
+            parts.append(
+                f"sum_e in {layers} ({kw[f'kd_cls_{e0}']:g}*kd_cls_e + {kw[f'kd_l1_{e0}']:g}*kd_l1_e + "
+                f"{kw[f'kd_giou_{e0}']:g}*kd_giou_e)"
+            )
+            src = (
+                (
+                    f"target-aware queries ({lc.groups} group(s) of GT queries, {lc.random_queries} random, "
+                    f"noise label {lc.label_noise:g} / box {lc.box_noise:g})"
+                )
+                if self.uses_queries
+                else "Hungarian-matched predictions of the detectors' own queries"
+            )
+            notes.append(
+                f"kd_cls/l1/giou: {src}; teacher-confidence weight {lc.confidence}; "
+                f"{lc.cls_form} at T={lc.temperature:g} x T^2, cls normalised by {lc.cls_norm}; "
+                f"student layer e <- teacher layer {self.pairs[0][1] - e0:+d}"
+            )
         head = f"loss ({dc.method}) = " + " + ".join(parts)
         return "\n".join([head] + [f"  {n}" for n in notes])
 
@@ -304,7 +371,11 @@ class Distiller:
         groups = {"loss_det": 0.0, "loss_kd_mem": 0.0, "loss_kd_logit": 0.0}
         for k, w in self.weights.items():
             if k in metrics:
-                group = "loss_det" if not k.startswith("kd_") else ("loss_kd_mem" if k.startswith(("kd_mem", "kd_fitnet")) else "loss_kd_logit")
+                group = (
+                    "loss_det"
+                    if not k.startswith("kd_")
+                    else ("loss_kd_mem" if k.startswith(("kd_mem", "kd_fitnet")) else "loss_kd_logit")
+                )
                 groups[group] += w * metrics[k]
         if self.teacher.best_ap is not None:
             groups["teacher_AP"] = self.teacher.best_ap
@@ -319,8 +390,11 @@ def _match(t: dict[str, Tensor], s: dict[str, Tensor]) -> tuple[list[Tensor], li
     bt, bs = t["pred_boxes"].float(), s["pred_boxes"].float()
     s_idx, t_idx = [], []
     for b in range(pt.shape[0]):
-        cost = torch.cdist(ps[b], pt[b], p=1) / pt.shape[-1] + 5 * torch.cdist(bs[b], bt[b], p=1) \
+        cost = (
+            torch.cdist(ps[b], pt[b], p=1) / pt.shape[-1]
+            + 5 * torch.cdist(bs[b], bt[b], p=1)
             - 2 * generalized_box_iou(box_cxcywh_to_xyxy(bs[b]), box_cxcywh_to_xyxy(bt[b]))
+        )
         if not torch.isfinite(cost).all():
             raise TrainingDiverged("the student's predictions are not finite (NaN or inf): the model has diverged")
         si, ti = linear_sum_assignment(cost.cpu().numpy())
@@ -334,9 +408,14 @@ def _check_memory_geometry(t, s) -> None:
     if t.arch != s.arch:
         raise ConfigError(f"model.arch: memory distillation needs the teacher's architecture ({t.arch}), got {s.arch}")
     if t.arch == "deformable" and t.num_levels != s.num_levels:
-        raise ConfigError(f"model.num_levels: memory distillation needs the teacher's {t.num_levels} levels, got {s.num_levels}")
+        raise ConfigError(
+            f"model.num_levels: memory distillation needs the teacher's {t.num_levels} levels, got {s.num_levels}"
+        )
     if t.arch == "dab" and t.feature_stride != s.feature_stride:
-        raise ConfigError(f"model.feature_stride: memory distillation needs the teacher's stride {t.feature_stride}, got {s.feature_stride}")
+        raise ConfigError(
+            f"model.feature_stride: memory distillation needs the teacher's stride {t.feature_stride}, got "
+            f"{s.feature_stride}"
+        )
 
 
 def init_from_teacher(student: nn.Module, teacher: FrozenTeacher) -> int:

@@ -23,8 +23,9 @@ def squared_error(teacher: Tensor, student: Tensor, reduce: str = "sum") -> Tens
     return d2.sum(-1) if reduce == "sum" else d2.mean(-1)
 
 
-def memory_terms(teacher: Tensor, student: Tensor, m: Tensor, s: Tensor, token_mask: Tensor | None = None,
-                 reduce: str = "sum") -> dict[str, Tensor]:
+def memory_terms(
+    teacher: Tensor, student: Tensor, m: Tensor, s: Tensor, token_mask: Tensor | None = None, reduce: str = "sum"
+) -> dict[str, Tensor]:
     """kd_mem_fg = (1/B) sum M S ||t-s||^2 and kd_mem_bg = (1/B) sum (1-M) S ||t-s||^2.
 
     teacher, student (B, N, C) memories (student already adapted to the teacher's width); m, s (B, N)
@@ -77,7 +78,9 @@ def class_divergence(teacher_logits: Tensor, student_logits: Tensor, temperature
     return kl.mean(-1) * temperature**2
 
 
-def logit_terms(teacher: dict[str, Tensor], student: dict[str, Tensor], valid: Tensor, cfg: LogitDistillConfig) -> tuple[Tensor, Tensor, Tensor]:
+def logit_terms(
+    teacher: dict[str, Tensor], student: dict[str, Tensor], valid: Tensor, cfg: LogitDistillConfig
+) -> tuple[Tensor, Tensor, Tensor]:
     """(cls, l1, giou) for one decoder layer; teacher/student hold pred_logits (B, K, C) and
     pred_boxes (B, K, 4) for the same K queries; valid (B, K) is False on padded slots.
 

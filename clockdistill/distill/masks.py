@@ -114,7 +114,7 @@ def memory_masks(
     boxes, valid = boxes_in_pixels(targets, padding_mask.device)
     ms, ss, start = [], [], 0
     for h, w in spatial_shapes:
-        pad = padding_mask[:, start:start + h * w].view(-1, h, w)
+        pad = padding_mask[:, start : start + h * w].view(-1, h, w)
         m, s = level_masks(boxes, valid, image_hw, (h, w), pad, mode, grow, scale_norm)
         ms.append(m.flatten(1))
         ss.append(s.flatten(1))
@@ -126,5 +126,8 @@ def level_token_mask(spatial_shapes: list[tuple[int, int]], levels: list[int], d
     """(N,) bool, True on the tokens of the chosen levels; None when every level is chosen."""
     if not levels:
         return None
-    parts = [torch.full((h * w,), lvl in levels, dtype=torch.bool, device=device) for lvl, (h, w) in enumerate(spatial_shapes)]
+    parts = [
+        torch.full((h * w,), lvl in levels, dtype=torch.bool, device=device)
+        for lvl, (h, w) in enumerate(spatial_shapes)
+    ]
     return torch.cat(parts)

@@ -72,8 +72,12 @@ class TargetQueryEmbedding(nn.Module):
         content = torch.cat([content, torch.ones_like(content[..., :1])], -1)
         if qs.random.any():
             content[:, qs.random] = self.random_content[None].expand(content.shape[0], -1, -1).to(content.dtype)
-        return {"content": content, "reference": qs.boxes, "position": self.box_position(qs.boxes),
-                "self_attn_mask": qs.attention_mask()}
+        return {
+            "content": content,
+            "reference": qs.boxes,
+            "position": self.box_position(qs.boxes),
+            "self_attn_mask": qs.attention_mask(),
+        }
 
 
 class TargetQueryBuilder(nn.Module):
@@ -83,8 +87,12 @@ class TargetQueryBuilder(nn.Module):
     def __init__(self, num_classes: int, widths: list[int], cfg: LogitDistillConfig):
         super().__init__()
         self.num_classes, self.cfg = num_classes, cfg
-        self.embeddings = nn.ModuleDict({str(d): TargetQueryEmbedding(num_classes, d, cfg.random_queries, cfg.embedding_seed)
-                                         for d in sorted(set(widths))})
+        self.embeddings = nn.ModuleDict(
+            {
+                str(d): TargetQueryEmbedding(num_classes, d, cfg.random_queries, cfg.embedding_seed)
+                for d in sorted(set(widths))
+            }
+        )
         g = torch.Generator().manual_seed(cfg.embedding_seed + 1)
         centres = torch.rand(cfg.random_queries, 2, generator=g)
         sizes = 0.05 + 0.25 * torch.rand(cfg.random_queries, 2, generator=g)
@@ -117,13 +125,13 @@ class TargetQueryBuilder(nn.Module):
             boxes = torch.where(valid[..., None], boxes + jitter, boxes)
         group = torch.arange(G, device=device).repeat_interleave(n_gt)
         if R:
-            boxes[:, G * n_gt:G * n_gt + R] = self.random_boxes.to(device)
-            valid[:, G * n_gt:G * n_gt + R] = True
+            boxes[:, G * n_gt : G * n_gt + R] = self.random_boxes.to(device)
+            valid[:, G * n_gt : G * n_gt + R] = True
             group = torch.cat([group, torch.full((R,), G, device=device)])
         if K > G * n_gt + R:  # filler slots: padding of a group of their own
             group = torch.cat([group, torch.full((K - G * n_gt - R,), G + 1, device=device)])
         random = torch.zeros(K, dtype=torch.bool, device=device)
-        random[G * n_gt:G * n_gt + R] = True
+        random[G * n_gt : G * n_gt + R] = True
         return QuerySet(labels, boxes.clamp(1e-4, 1 - 1e-4), valid, group, random)
 
     def embed(self, qs: QuerySet, d_model: int) -> dict[str, Tensor]:

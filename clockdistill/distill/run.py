@@ -33,12 +33,19 @@ log = logging.getLogger(__name__)
 def student_preset_for(teacher_preset: str) -> str:
     name = teacher_preset.replace("teacher", "student")
     if name == teacher_preset or name not in PRESETS:
-        raise ConfigError(f"model.preset: no student preset given, and none follows from the teacher's preset {teacher_preset!r} (set model.preset)")
+        raise ConfigError(
+            f"model.preset: no student preset given, and none follows from the teacher's preset {teacher_preset!r} "
+            "(set model.preset)"
+        )
     return name
 
 
-def distill_config(path: str | Path | None = None, overrides: list[str] | None = None, teacher: str | Path | None = None,
-                   data: dict[str, Any] | None = None) -> Config:
+def distill_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    teacher: str | Path | None = None,
+    data: dict[str, Any] | None = None,
+) -> Config:
     """The config of a distillation run: a YAML file (or the dict `data`), dotted overrides, the
     teacher checkpoint (`teacher` wins over `distill.teacher`), then defaults from the teacher."""
     raw = apply_overrides(data if data is not None else read_config_file(path), list(overrides or []))  # a copy
@@ -48,7 +55,9 @@ def distill_config(path: str | Path | None = None, overrides: list[str] | None =
     if teacher is not None:
         section["teacher"] = str(teacher)
     if not section.get("teacher"):
-        raise ConfigError("distill.teacher: no teacher checkpoint given (--teacher CKPT, a directory from `clockdistill train`)")
+        raise ConfigError(
+            "distill.teacher: no teacher checkpoint given (--teacher CKPT, a directory from `clockdistill train`)"
+        )
     meta = read_meta(section["teacher"])
     tcfg = meta["config"]
     for name in ("data", "model", "train"):
@@ -79,8 +88,9 @@ def build_distiller(cfg: Config, teacher: FrozenTeacher, num_classes: int, devic
     return Distiller(teacher, student, cfg).to(device)
 
 
-def run_distillation(cfg: Config, on_epoch_end: EpochCallback | None = None,
-                     datasets: tuple[CocoDetection, CocoDetection] | None = None) -> DistillResult:
+def run_distillation(
+    cfg: Config, on_epoch_end: EpochCallback | None = None, datasets: tuple[CocoDetection, CocoDetection] | None = None
+) -> DistillResult:
     """Train one student with one distillation setting; `on_epoch_end(epoch, metrics, ckpt_dir)` gets
     AP/AP50/... and every loss term (unweighted), plus `loss_det`, `loss_kd_mem`, `loss_kd_logit`
     (the weighted parts) and `teacher_AP`; returning True stops the run."""
@@ -88,7 +98,10 @@ def run_distillation(cfg: Config, on_epoch_end: EpochCallback | None = None,
     teacher = FrozenTeacher.load(cfg.distill.teacher, device)
     train_ds, val_ds = datasets or build_datasets(cfg)
     if train_ds.class_names != teacher.meta["class_names"]:
-        raise DataError(f"data.root {cfg.data.root}: classes {train_ds.class_names} differ from the teacher's {teacher.meta['class_names']}")
+        raise DataError(
+            f"data.root {cfg.data.root}: classes {train_ds.class_names} differ from the teacher's "
+            f"{teacher.meta['class_names']}"
+        )
     distiller = build_distiller(cfg, teacher, train_ds.num_classes, device)
     distiller.cache = prepare_teacher_cache(cfg, teacher, train_ds, device, wait=False)
     formula = distiller.formula()

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clockdistill.config import LossConfig
+from clockdistill.distributed import global_mean
 from clockdistill.losses.matcher import HungarianMatcher
 from clockdistill.ops.boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
-from clockdistill.distributed import global_mean
 
 TERMS = ("loss_cls", "loss_bbox", "loss_giou")
 
@@ -31,17 +31,28 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gam
 
 
 class SetCriterion(nn.Module):
-    def __init__(self, num_classes: int, matcher: HungarianMatcher, focal_alpha: float = 0.25, focal_gamma: float = 2.0, aux_loss: bool = True):
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        aux_loss: bool = True,
+    ):
         super().__init__()
         self.num_classes, self.matcher = num_classes, matcher
         self.focal_alpha, self.focal_gamma, self.aux_loss = focal_alpha, focal_gamma, aux_loss
 
     @classmethod
     def from_config(cls, cfg: LossConfig, num_classes: int) -> "SetCriterion":
-        matcher = HungarianMatcher(cfg.match_cost_class, cfg.match_cost_bbox, cfg.match_cost_giou, cfg.focal_alpha, cfg.focal_gamma)
+        matcher = HungarianMatcher(
+            cfg.match_cost_class, cfg.match_cost_bbox, cfg.match_cost_giou, cfg.focal_alpha, cfg.focal_gamma
+        )
         return cls(num_classes, matcher, cfg.focal_alpha, cfg.focal_gamma, cfg.aux_loss)
 
-    def layer_losses(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], num_boxes: float) -> dict[str, Tensor]:
+    def layer_losses(
+        self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], num_boxes: float
+    ) -> dict[str, Tensor]:
         """The three terms for one decoder layer's predictions, each normalised by the box count."""
         logits = outputs["pred_logits"].float()  # (B, Q, C)
         boxes = outputs["pred_boxes"].float()  # (B, Q, 4)

@@ -19,7 +19,14 @@ def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma:
 
 
 class HungarianMatcher(nn.Module):
-    def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0, alpha: float = 0.25, gamma: float = 2.0):
+    def __init__(
+        self,
+        cost_class: float = 2.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+    ):
         super().__init__()
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.alpha, self.gamma = alpha, gamma
@@ -44,7 +51,9 @@ class HungarianMatcher(nn.Module):
         )
         cost = cost.view(B, Q, -1).cpu()
         if not torch.isfinite(cost).all():
-            raise TrainingDiverged("the predictions are not finite (NaN or inf in the matching cost): the model has diverged")
+            raise TrainingDiverged(
+                "the predictions are not finite (NaN or inf in the matching cost): the model has diverged"
+            )
         result = []
         for i, block in enumerate(cost.split(sizes, -1)):
             if sizes[i] == 0:

@@ -85,9 +85,7 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(B, Q, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(B, Q, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
-            normaliser = torch.tensor(
-                [[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device
-            )
+            normaliser = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device)
             locations = reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
         else:
             # Offsets scaled by the box size: sampling spreads over the box (box refinement).

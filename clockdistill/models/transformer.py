@@ -63,7 +63,9 @@ def _ffn(d_model: int, ffn_dim: int, dropout: float) -> nn.Sequential:
 class EncoderLayer(nn.Module):
     """Post-norm encoder layer; self-attention is deformable (multi-scale) or global (single level)."""
 
-    def __init__(self, d_model: int, nheads: int, ffn_dim: int, dropout: float, deformable: bool, n_levels: int, n_points: int):
+    def __init__(
+        self, d_model: int, nheads: int, ffn_dim: int, dropout: float, deformable: bool, n_levels: int, n_points: int
+    ):
         super().__init__()
         self.deformable = deformable
         if deformable:
@@ -74,7 +76,9 @@ class EncoderLayer(nn.Module):
         self.ffn = _ffn(d_model, ffn_dim, dropout)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, src: Tensor, pos: Tensor, mask: Tensor, shapes: list[tuple[int, int]], ref_points: Tensor | None) -> Tensor:
+    def forward(
+        self, src: Tensor, pos: Tensor, mask: Tensor, shapes: list[tuple[int, int]], ref_points: Tensor | None
+    ) -> Tensor:
         q = src + pos
         if self.deformable:
             attn = self.self_attn(q, ref_points, src, shapes, mask)
@@ -105,7 +109,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
 
-    def forward(self, src: Tensor, pos: Tensor, mask: Tensor, shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
+    def forward(
+        self, src: Tensor, pos: Tensor, mask: Tensor, shapes: list[tuple[int, int]], valid_ratios: Tensor
+    ) -> Tensor:
         ref = encoder_reference_points(shapes, valid_ratios) if self.layers and self.layers[0].deformable else None
         for layer in self.layers:
             src = layer(src, pos, mask, shapes, ref)
@@ -113,7 +119,9 @@ class Encoder(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, d_model: int, nheads: int, ffn_dim: int, dropout: float, deformable: bool, n_levels: int, n_points: int):
+    def __init__(
+        self, d_model: int, nheads: int, ffn_dim: int, dropout: float, deformable: bool, n_levels: int, n_points: int
+    ):
         super().__init__()
         self.deformable = deformable
         self.self_attn = nn.MultiheadAttention(d_model, nheads, dropout=dropout, batch_first=True)
@@ -135,7 +143,9 @@ class DecoderLayer(nn.Module):
         query_padding_mask: Tensor | None,
     ) -> Tensor:
         q = tgt + query_pos
-        attn = self.self_attn(q, q, tgt, attn_mask=self_attn_mask, key_padding_mask=query_padding_mask, need_weights=False)[0]
+        attn = self.self_attn(
+            q, q, tgt, attn_mask=self_attn_mask, key_padding_mask=query_padding_mask, need_weights=False
+        )[0]
         tgt = self.norm1(tgt + self.dropout(attn))
         q = tgt + query_pos
         if self.deformable:
@@ -143,7 +153,9 @@ class DecoderLayer(nn.Module):
             refs = ref_boxes[:, :, None] * ratios[:, None]  # (B, Q, L, 4)
             attn = self.cross_attn(q, refs, mem.memory, mem.spatial_shapes, mem.padding_mask)
         else:
-            attn = self.cross_attn(q, mem.memory + mem.pos, mem.memory, key_padding_mask=mem.padding_mask, need_weights=False)[0]
+            attn = self.cross_attn(
+                q, mem.memory + mem.pos, mem.memory, key_padding_mask=mem.padding_mask, need_weights=False
+            )[0]
         tgt = self.norm2(tgt + self.dropout(attn))
         return self.norm3(tgt + self.dropout(self.ffn(tgt)))
 

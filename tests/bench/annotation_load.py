@@ -28,17 +28,27 @@ def write_coco_scale(path: Path, n_images: int, n_boxes: int, seed: int = 0) -> 
     per_image = rng.multinomial(n_boxes, np.full(n_images, 1.0 / n_images))
     widths = rng.integers(320, 641, n_images)
     heights = rng.integers(240, 481, n_images)
-    images = [{"id": i + 1, "file_name": f"{i + 1:012d}.jpg", "width": int(w), "height": int(h)}
-              for i, (w, h) in enumerate(zip(widths, heights))]
+    images = [
+        {"id": i + 1, "file_name": f"{i + 1:012d}.jpg", "width": int(w), "height": int(h)}
+        for i, (w, h) in enumerate(zip(widths, heights))
+    ]
     img_of_box = np.repeat(np.arange(n_images), per_image)
     bw = rng.uniform(4, 200, n_boxes)
     bh = rng.uniform(4, 200, n_boxes)
     x = rng.uniform(0, 1, n_boxes) * np.maximum(widths[img_of_box] - bw, 1)
     y = rng.uniform(0, 1, n_boxes) * np.maximum(heights[img_of_box] - bh, 1)
     cats = rng.integers(1, 81, n_boxes)
-    annotations = [{"id": k + 1, "image_id": int(img_of_box[k]) + 1, "category_id": int(cats[k]),
-                    "bbox": [round(float(x[k]), 2), round(float(y[k]), 2), round(float(bw[k]), 2), round(float(bh[k]), 2)],
-                    "area": round(float(bw[k] * bh[k]), 2), "iscrowd": 0} for k in range(n_boxes)]
+    annotations = [
+        {
+            "id": k + 1,
+            "image_id": int(img_of_box[k]) + 1,
+            "category_id": int(cats[k]),
+            "bbox": [round(float(x[k]), 2), round(float(y[k]), 2), round(float(bw[k]), 2), round(float(bh[k]), 2)],
+            "area": round(float(bw[k] * bh[k]), 2),
+            "iscrowd": 0,
+        }
+        for k in range(n_boxes)
+    ]
     categories = [{"id": c, "name": f"class{c}", "supercategory": "thing"} for c in range(1, 81)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))

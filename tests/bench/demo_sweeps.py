@@ -23,15 +23,30 @@ def ensure_teacher(workdir: Path) -> Path:
     """The demo teacher under `workdir` (trained by a one-trial `clockdistill demo` when missing)."""
     teacher = workdir / "teacher" / "best"
     if not (teacher / "meta.json").is_file():
-        subprocess.run([sys.executable, "-m", "clockdistill", "demo", "--workdir", str(workdir), "--trials", "1", "--sweep-epochs", "1"],
-                       check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "clockdistill",
+                "demo",
+                "--workdir",
+                str(workdir),
+                "--trials",
+                "1",
+                "--sweep-epochs",
+                "1",
+            ],
+            check=True,
+        )
     return teacher
 
 
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _merge(out.get(key) or {}, value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -43,8 +58,12 @@ def run_variant(name: str, workdir: Path, overrides: dict[str, Any]) -> dict[str
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     spec = parse_yaml(demo_spec(workdir).read_text())
-    spec.update(name=name, teacher=str(teacher), storage_path=str(out / "storage"),
-                mlflow={"tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": f"bench-{name}"})
+    spec.update(
+        name=name,
+        teacher=str(teacher),
+        storage_path=str(out / "storage"),
+        mlflow={"tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": f"bench-{name}"},
+    )
     spec = _merge(spec, {"config": {"data": {"cache_dir": str(out / "cache")}}})  # a fresh node cache
     spec = _merge(spec, overrides)
     path = out / "spec.yaml"

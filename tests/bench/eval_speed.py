@@ -32,17 +32,41 @@ def generate(n_images: int, dets_per_image: int, n_classes: int = 20, seed: int 
             x, y = rng.uniform(0, w - min(bw, w - 1)), rng.uniform(0, h - min(bh, h - 1))
             bw, bh = min(bw, w - x), min(bh, h - y)
             cat = int(rng.integers(1, n_classes + 1))
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cat, "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": cat,
+                    "bbox": [x, y, bw, bh],
+                    "area": bw * bh,
+                    "iscrowd": 0,
+                }
+            )
             if len(dets) < i * dets_per_image and rng.random() < 0.85:
                 jitter = rng.normal(0, 0.08, 4) * [bw, bh, bw, bh]
-                dets.append({"image_id": i, "category_id": cat if rng.random() < 0.9 else int(rng.integers(1, n_classes + 1)),
-                             "bbox": [x + jitter[0], y + jitter[1], max(1.0, bw + jitter[2]), max(1.0, bh + jitter[3])],
-                             "score": float(rng.uniform(0.4, 1.0))})
+                dets.append(
+                    {
+                        "image_id": i,
+                        "category_id": cat if rng.random() < 0.9 else int(rng.integers(1, n_classes + 1)),
+                        "bbox": [x + jitter[0], y + jitter[1], max(1.0, bw + jitter[2]), max(1.0, bh + jitter[3])],
+                        "score": float(rng.uniform(0.4, 1.0)),
+                    }
+                )
         while len(dets) < i * dets_per_image:
             bw, bh = rng.uniform(8, 200, 2)
-            dets.append({"image_id": i, "category_id": int(rng.integers(1, n_classes + 1)),
-                         "bbox": [rng.uniform(0, w - bw), rng.uniform(0, h - bh), bw, bh], "score": float(rng.uniform(0.0, 0.5))})
-    gt = {"images": images, "annotations": anns, "categories": [{"id": c, "name": f"c{c}"} for c in range(1, n_classes + 1)]}
+            dets.append(
+                {
+                    "image_id": i,
+                    "category_id": int(rng.integers(1, n_classes + 1)),
+                    "bbox": [rng.uniform(0, w - bw), rng.uniform(0, h - bh), bw, bh],
+                    "score": float(rng.uniform(0.0, 0.5)),
+                }
+            )
+    gt = {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": c, "name": f"c{c}"} for c in range(1, n_classes + 1)],
+    }
     return gt, dets
 
 
@@ -79,7 +103,10 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "faster-coco-eval"], check=True)
     t0 = time.perf_counter()
     gt, dets = generate(args.images, args.dets)
-    print(f"generated {len(gt['images'])} images, {len(gt['annotations'])} boxes, {len(dets)} detections ({time.perf_counter() - t0:.1f}s)")
+    print(
+        f"generated {len(gt['images'])} images, {len(gt['annotations'])} boxes, {len(dets)} detections "
+        f"({time.perf_counter() - t0:.1f}s)"
+    )
     times: dict[str, list[float]] = {"pycocotools": [], "faster_coco_eval": []}
     stats = {}
     for _ in range(args.repeats):
@@ -92,7 +119,10 @@ def main() -> None:
     print("  ".join(f"{n} {v:.4f}" for n, v in zip(names, stats["pycocotools"])))
     print(f"pycocotools      {ref:7.2f} s")
     print(f"faster-coco-eval {fast:7.2f} s   speed-up {ref / fast:.2f}x")
-    print(f"largest |difference| over the 12 summary statistics: {diff:.2e} ({'agree' if diff <= 1e-6 else 'DIFFER'} at 1e-6)")
+    print(
+        f"largest |difference| over the 12 summary statistics: {diff:.2e} ({'agree' if diff <= 1e-6 else 'DIFFER'} at "
+        "1e-6)"
+    )
 
 
 if __name__ == "__main__":

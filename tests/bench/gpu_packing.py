@@ -35,8 +35,17 @@ class GpuSampler:
 
     def __init__(self, interval_ms: int = 500):
         self.samples: list[tuple[float, float, float]] = []  # (unix s, utilisation %, memory used MiB), a line per GPU
-        self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-                                      "-lms", str(interval_ms)], stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [
+                "nvidia-smi",
+                "--query-gpu=index,utilization.gpu,memory.used",
+                "--format=csv,noheader,nounits",
+                "-lms",
+                str(interval_ms),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -69,7 +78,9 @@ def gpu_count() -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="demo-run", help="demo work directory (teacher reused or trained there)")
-    ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25], help="GPU per trial, each in (0, 1]")
+    ap.add_argument(
+        "--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25], help="GPU per trial, each in (0, 1]"
+    )
     ap.add_argument("--trials", type=int, default=4, help="trials per sweep (the same work at every fraction)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--cpus", type=float, default=2, help="CPUs per trial (data loading)")
@@ -78,7 +89,11 @@ def main() -> None:
         raise SystemExit(f"error: --fractions: expected numbers in (0, 1], got {args.fractions}")
     gpus = gpu_count()
     workdir = Path(args.workdir).resolve()
-    train_images = len(json.loads((ensure_teacher(workdir).parents[1] / "data" / "annotations" / "instances_train.json").read_text())["images"])
+    train_images = len(
+        json.loads((ensure_teacher(workdir).parents[1] / "data" / "annotations" / "instances_train.json").read_text())[
+            "images"
+        ]
+    )
 
     rows = []
     for f in args.fractions:
@@ -86,9 +101,18 @@ def main() -> None:
         name = f"gpu-packing-{f:g}"
         print(f"running the demo sweep with {f:g} GPU per trial ({at_once} at once) ...", flush=True)
         sampler = GpuSampler()
-        run = run_variant(name, workdir, {"num_samples": args.trials, "epochs": args.epochs, "max_concurrent_trials": at_once,
-                                          "resources": {"cpu": args.cpus, "gpu": f}, "search": {"algorithm": "random", "seed": 0},
-                                          "scheduler": {"type": "none"}})
+        run = run_variant(
+            name,
+            workdir,
+            {
+                "num_samples": args.trials,
+                "epochs": args.epochs,
+                "max_concurrent_trials": at_once,
+                "resources": {"cpu": args.cpus, "gpu": f},
+                "search": {"algorithm": "random", "seed": 0},
+                "scheduler": {"type": "none"},
+            },
+        )
         samples = sampler.stop()
         reports = [r for rows_ in run["trials"].values() for r in rows_]
         if len(reports) != args.trials * args.epochs:
@@ -97,23 +121,37 @@ def main() -> None:
         end = max(r["timestamp"] for r in reports)
         window = [(u, m) for t, u, m in samples if start <= t <= end] or [(u, m) for _, u, m in samples]
         seconds = max(end - start, 1e-9)
-        rows.append({"fraction": f, "at_once": at_once, "wall": run["wall_s"], "window": seconds, "epochs": len(reports),
-                     "img_s": len(reports) * train_images / seconds,
-                     "epoch_s": statistics.median(r["train_time_s"] for r in reports if "train_time_s" in r),
-                     "util_mean": statistics.mean(u for u, _ in window) if window else float("nan"),
-                     "util_median": statistics.median(u for u, _ in window) if window else float("nan"),
-                     "mem_peak": max((m for _, m in window), default=float("nan"))})
+        rows.append(
+            {
+                "fraction": f,
+                "at_once": at_once,
+                "wall": run["wall_s"],
+                "window": seconds,
+                "epochs": len(reports),
+                "img_s": len(reports) * train_images / seconds,
+                "epoch_s": statistics.median(r["train_time_s"] for r in reports if "train_time_s" in r),
+                "util_mean": statistics.mean(u for u, _ in window) if window else float("nan"),
+                "util_median": statistics.median(u for u, _ in window) if window else float("nan"),
+                "mem_peak": max((m for _, m in window), default=float("nan")),
+            }
+        )
 
-    print(f"\n# demo sweep, {args.trials} trials x {args.epochs} epochs ({train_images} training images each), "
-          f"{gpus} GPU(s), {args.cpus:g} CPUs per trial; utilisation is per GPU, mean over the training window")
-    print(f"{'GPU/trial':>9}{'at once':>8}{'wall s':>8}{'train s':>8}{'epochs':>7}{'img/s':>8}{'epoch s':>8}"
-          f"{'util %':>7}{'median %':>9}{'peak MiB':>9}{'img/s / 1 GPU':>14}")
+    print(
+        f"\n# demo sweep, {args.trials} trials x {args.epochs} epochs ({train_images} training images each), "
+        f"{gpus} GPU(s), {args.cpus:g} CPUs per trial; utilisation is per GPU, mean over the training window"
+    )
+    print(
+        f"{'GPU/trial':>9}{'at once':>8}{'wall s':>8}{'train s':>8}{'epochs':>7}{'img/s':>8}{'epoch s':>8}"
+        f"{'util %':>7}{'median %':>9}{'peak MiB':>9}{'img/s / 1 GPU':>14}"
+    )
     base = next((r["img_s"] for r in rows if r["fraction"] == 1.0), None)
     for r in rows:
         gain = f"{r['img_s'] / base:.2f}" if base else "-"
-        print(f"{r['fraction']:>9g}{r['at_once']:>8}{r['wall']:>8.0f}{r['window']:>8.0f}{r['epochs']:>7}{r['img_s']:>8.0f}"
-              f"{r['epoch_s']:>8.1f}{r['util_mean']:>7.0f}{r['util_median']:>9.0f}{r['mem_peak']:>9.0f}"
-              f"{gain:>14}")
+        print(
+            f"{r['fraction']:>9g}{r['at_once']:>8}{r['wall']:>8.0f}{r['window']:>8.0f}{r['epochs']:>7}{r['img_s']:>8.0f}"
+            f"{r['epoch_s']:>8.1f}{r['util_mean']:>7.0f}{r['util_median']:>9.0f}{r['mem_peak']:>9.0f}"
+            f"{gain:>14}"
+        )
 
 
 if __name__ == "__main__":

@@ -25,11 +25,15 @@ import torch
 
 from clockdistill.config import config_from_dict
 from clockdistill.data.synth import ensure_synthetic
-from sweeps.demo import TRAIN
 from clockdistill.distill import distill_config, run_distillation
 from clockdistill.engine import build_datasets, fit
+from sweeps.demo import TRAIN
 
-BASE_VARIANTS = {"alone": ["distill.method=none"], "vanilla_kd": ["distill.method=vanilla_kd"], "clockdistill": ["distill.method=clockdistill"]}
+BASE_VARIANTS = {
+    "alone": ["distill.method=none"],
+    "vanilla_kd": ["distill.method=vanilla_kd"],
+    "clockdistill": ["distill.method=clockdistill"],
+}
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -49,8 +53,13 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=300)
     ap.add_argument("--teacher-preset", default="tiny-teacher")
     ap.add_argument("--student-preset", default="tiny-student")
-    ap.add_argument("--variant", action="append", default=[], help="extra variant NAME:key=value,... (e.g. "
-                    "clock_a5e-3:distill.method=clockdistill,distill.memory.alpha=5e-3)")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="extra variant NAME:key=value,... (e.g. "
+        "clock_a5e-3:distill.method=clockdistill,distill.memory.alpha=5e-3)",
+    )
     ap.add_argument("--only", help="comma list of variants to run (default: all)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -59,16 +68,31 @@ def main() -> None:
     teacher = work / "teacher" / "best"
     t0 = time.perf_counter()
     if not (teacher / "meta.json").is_file():
-        cfg = config_from_dict({"name": "teacher", "data": {"root": str(data)}, "model": {"preset": args.teacher_preset},
-                                "train": {**TRAIN, "epochs": args.teacher_epochs, "output_dir": str(work / "teacher"), "progress": False}})
+        cfg = config_from_dict(
+            {
+                "name": "teacher",
+                "data": {"root": str(data)},
+                "model": {"preset": args.teacher_preset},
+                "train": {
+                    **TRAIN,
+                    "epochs": args.teacher_epochs,
+                    "output_dir": str(work / "teacher"),
+                    "progress": False,
+                },
+            }
+        )
         fit(cfg)
     teacher_meta = json.loads((teacher / "meta.json").read_text())
     teacher_ap = teacher_meta["best_ap"]
     teacher_ap50 = max(h.get("AP50", 0.0) for h in teacher_meta["history"])
-    print(f"# teacher {teacher_meta['config']['model']['preset']}: AP {teacher_ap:.4f} AP50 {teacher_ap50:.4f} "
-          f"({len(teacher_meta['history'])} epochs; {time.perf_counter() - t0:.0f}s here)")
-    print(f"# student {args.student_preset}, {args.epochs} epochs on {args.train} images, {args.seeds} seeds, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"# teacher {teacher_meta['config']['model']['preset']}: AP {teacher_ap:.4f} AP50 {teacher_ap50:.4f} "
+        f"({len(teacher_meta['history'])} epochs; {time.perf_counter() - t0:.0f}s here)"
+    )
+    print(
+        f"# student {args.student_preset}, {args.epochs} epochs on {args.train} images, {args.seeds} seeds, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
 
     variants = dict(BASE_VARIANTS)
     variants.update(parse_variant(v) for v in args.variant)
@@ -79,31 +103,54 @@ def main() -> None:
     for name, overrides in variants.items():
         for seed in range(args.seeds):
             out = work / "runs" / f"{name}-s{seed}"
-            cfg = distill_config(None, [f"model.preset={args.student_preset}", f"train.seed={seed}", f"train.epochs={args.epochs}",
-                                        f"train.output_dir={out}", "train.progress=false",
-                                        *(f"train.{k}={v}" for k, v in TRAIN.items()), *overrides], teacher=teacher)
+            cfg = distill_config(
+                None,
+                [
+                    f"model.preset={args.student_preset}",
+                    f"train.seed={seed}",
+                    f"train.epochs={args.epochs}",
+                    f"train.output_dir={out}",
+                    "train.progress=false",
+                    *(f"train.{k}={v}" for k, v in TRAIN.items()),
+                    *overrides,
+                ],
+                teacher=teacher,
+            )
             datasets = datasets or build_datasets(cfg)
             t1 = time.perf_counter()
             res = run_distillation(cfg, datasets=datasets)
             first = res.history[0]
-            row = {"AP": res.best_ap, "AP50": max(h.get("AP50", 0.0) for h in res.history), "minutes": (time.perf_counter() - t1) / 60,
-                   **{k: first.get(k, 0.0) for k in ("loss_det", "loss_kd_mem", "loss_kd_logit")}}
+            row = {
+                "AP": res.best_ap,
+                "AP50": max(h.get("AP50", 0.0) for h in res.history),
+                "minutes": (time.perf_counter() - t1) / 60,
+                **{k: first.get(k, 0.0) for k in ("loss_det", "loss_kd_mem", "loss_kd_logit")},
+            }
             results.setdefault(name, []).append(row)
-            print(f"{name:<16} seed {seed}: AP {row['AP']:.4f} AP50 {row['AP50']:.4f}  "
-                  f"(epoch-1 loss det {row['loss_det']:.3f} kd_mem {row['loss_kd_mem']:.4f} kd_logit {row['loss_kd_logit']:.3f}; "
-                  f"{row['minutes']:.1f} min)", flush=True)
+            print(
+                f"{name:<16} seed {seed}: AP {row['AP']:.4f} AP50 {row['AP50']:.4f}  "
+                f"(epoch-1 loss det {row['loss_det']:.3f} kd_mem {row['loss_kd_mem']:.4f} kd_logit "
+                f"{row['loss_kd_logit']:.3f}; "
+                f"{row['minutes']:.1f} min)",
+                flush=True,
+            )
 
     def ms(values):
         return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
-    print(f"\n{'variant':<16} {'AP mean':>8} {'sd':>7} {'AP50 mean':>10} {'sd':>7}  {'kd_mem/det':>10} {'kd_logit/det':>12}  per-seed AP")
+    print(
+        f"\n{'variant':<16} {'AP mean':>8} {'sd':>7} {'AP50 mean':>10} {'sd':>7}  {'kd_mem/det':>10} "
+        f"{'kd_logit/det':>12}  per-seed AP"
+    )
     print(f"{'teacher':<16} {teacher_ap:>8.4f} {'':>7} {teacher_ap50:>10.4f}")
     for name, rows in results.items():
         (a, sa), (a50, sa50) = ms([r["AP"] for r in rows]), ms([r["AP50"] for r in rows])
         mem = statistics.mean(r["loss_kd_mem"] / r["loss_det"] for r in rows)
         logit = statistics.mean(r["loss_kd_logit"] / r["loss_det"] for r in rows)
-        print(f"{name:<16} {a:>8.4f} {sa:>7.4f} {a50:>10.4f} {sa50:>7.4f}  {mem:>10.4f} {logit:>12.4f}  "
-              + " ".join(f"{r['AP']:.4f}" for r in rows))
+        print(
+            f"{name:<16} {a:>8.4f} {sa:>7.4f} {a50:>10.4f} {sa50:>7.4f}  {mem:>10.4f} {logit:>12.4f}  "
+            + " ".join(f"{r['AP']:.4f}" for r in rows)
+        )
     if "alone" in results:
         base = statistics.mean(r["AP"] for r in results["alone"])
         for name, rows in results.items():

@@ -22,12 +22,12 @@ import argparse
 import time
 
 import torch
+from timing import device_sync, fixed_batch, interleaved_medians, training_step  # tests/bench/timing.py
 
 from clockdistill.config import config_from_dict
 from clockdistill.engine import DetectionTask, accelerate
 from clockdistill.losses import SetCriterion, detection_weights
 from clockdistill.models import build_detector
-from timing import device_sync, fixed_batch, interleaved_medians, training_step  # tests/bench/timing.py
 
 SWITCHES = {"eager": {}, "channels_last": {"channels_last": True}, "compile": {"compile": "default"}}
 
@@ -35,8 +35,12 @@ SWITCHES = {"eager": {}, "channels_last": {"channels_last": True}, "compile": {"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--presets", nargs="+", help="model presets (default: teacher student tiny-teacher tiny-student on "
-                                                  "CUDA, tiny-teacher tiny-student on CPU)")
+    ap.add_argument(
+        "--presets",
+        nargs="+",
+        help="model presets (default: teacher student tiny-teacher tiny-student on "
+        "CUDA, tiny-teacher tiny-student on CPU)",
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, help="square canvas side in pixels (default: 640 on CUDA, 128 on CPU)")
     ap.add_argument("--switches", nargs="+", default=list(SWITCHES), choices=list(SWITCHES))
@@ -46,7 +50,9 @@ def main() -> None:
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: no CUDA device here (torch.cuda.is_available() is False)")
-    presets = args.presets or (["teacher", "student", "tiny-teacher", "tiny-student"] if cuda else ["tiny-teacher", "tiny-student"])
+    presets = args.presets or (
+        ["teacher", "student", "tiny-teacher", "tiny-student"] if cuda else ["tiny-teacher", "tiny-student"]
+    )
     size = args.size or (640 if cuda else 128)
 
     ds, images, mask, targets = fixed_batch(None, args.batch, size, device, prefix="preset-steps-")
@@ -58,8 +64,11 @@ def main() -> None:
             cfg = config_from_dict({"model": {"preset": preset}, "train": SWITCHES[switch]})
             torch.manual_seed(0)
             model = build_detector(cfg.model, ds.num_classes).to(device)
-            task = DetectionTask(model, SetCriterion.from_config(cfg.loss, ds.num_classes),
-                                 detection_weights(cfg.loss, cfg.model.dec_layers - 1))
+            task = DetectionTask(
+                model,
+                SetCriterion.from_config(cfg.loss, ds.num_classes),
+                detection_weights(cfg.loss, cfg.model.dec_layers - 1),
+            )
             accelerate(task, cfg.train)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
             x = images.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else images
@@ -90,21 +99,33 @@ def main() -> None:
     med = interleaved_medians(jobs, args.repeats, sync)
 
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n# batch {args.batch} at {size}x{size}, {name}, {'bf16 autocast' if cuda else 'fp32'}, torch {torch.__version__}, "
-          f"median of {args.repeats}")
-    print(f"{'preset':<16}{'switch':<15}{'step ms':>9}{'img/s':>8}{'fwd ms':>9}{'step MiB':>10}{'step / eager':>14}{'fwd / eager':>13}")
+    print(
+        f"\n# batch {args.batch} at {size}x{size}, {name}, {'bf16 autocast' if cuda else 'fp32'}, torch "
+        f"{torch.__version__}, "
+        f"median of {args.repeats}"
+    )
+    print(
+        f"{'preset':<16}{'switch':<15}{'step ms':>9}{'img/s':>8}{'fwd ms':>9}{'step MiB':>10}"
+        f"{'step / eager':>14}{'fwd / eager':>13}"
+    )
     for preset in presets:
         for switch in args.switches:
             s, f = med[(preset, switch, "step")], med[(preset, switch, "forward")]
             es, ef = med.get((preset, "eager", "step")), med.get((preset, "eager", "forward"))
             mem = f"{peak[(preset, switch, 'step')]:.0f}" if cuda else "-"
-            print(f"{preset:<16}{switch:<15}{s * 1e3:>9.1f}{args.batch / s:>8.1f}{f * 1e3:>9.1f}{mem:>10}"
-                  f"{(f'{s / es:.3f}' if es else '-'):>14}{(f'{f / ef:.3f}' if ef else '-'):>13}")
-    pairs = [(t, s) for t, s in (("teacher", "student"), ("tiny-teacher", "tiny-student")) if t in presets and s in presets]
+            print(
+                f"{preset:<16}{switch:<15}{s * 1e3:>9.1f}{args.batch / s:>8.1f}{f * 1e3:>9.1f}{mem:>10}"
+                f"{(f'{s / es:.3f}' if es else '-'):>14}{(f'{f / ef:.3f}' if ef else '-'):>13}"
+            )
+    pairs = [
+        (t, s) for t, s in (("teacher", "student"), ("tiny-teacher", "tiny-student")) if t in presets and s in presets
+    ]
     for t, s in pairs:
         if "eager" in args.switches:
-            print(f"{t} / {s}, eager: step {med[(t, 'eager', 'step')] / med[(s, 'eager', 'step')]:.2f}x, "
-                  f"forward {med[(t, 'eager', 'forward')] / med[(s, 'eager', 'forward')]:.2f}x")
+            print(
+                f"{t} / {s}, eager: step {med[(t, 'eager', 'step')] / med[(s, 'eager', 'step')]:.2f}x, "
+                f"forward {med[(t, 'eager', 'forward')] / med[(s, 'eager', 'forward')]:.2f}x"
+            )
 
 
 if __name__ == "__main__":

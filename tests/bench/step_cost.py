@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from timing import device_sync, fixed_batch, interleaved_medians, training_step  # tests/bench/timing.py
 
 from clockdistill.checkpoint import save_checkpoint
 from clockdistill.config import config_from_dict
@@ -26,7 +27,6 @@ from clockdistill.distill.cache import prepare_teacher_cache
 from clockdistill.distill.distiller import Distiller
 from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.models import build_detector
-from timing import device_sync, fixed_batch, interleaved_medians, training_step  # tests/bench/timing.py
 
 VARIANTS = ("none", "memory_only", "logit_only", "clockdistill", "vanilla_kd", "fitnet")
 CACHED = ("clockdistill", "vanilla_kd")
@@ -54,9 +54,14 @@ def main() -> None:
     distillers = {}
     for method in (*VARIANTS, *(f"{m}+cache" for m in CACHED)):
         name = method.removesuffix("+cache")
-        cfg = config_from_dict({"model": {"preset": args.student}, "train": {"progress": False},
-                                "data": {"max_size": args.size, "pad_to": "max_size", "cache_dir": str(work / "cache")},
-                                "distill": {"method": name, "teacher": str(work / "teacher"), "teacher_cache": "on"}})
+        cfg = config_from_dict(
+            {
+                "model": {"preset": args.student},
+                "train": {"progress": False},
+                "data": {"max_size": args.size, "pad_to": "max_size", "cache_dir": str(work / "cache")},
+                "distill": {"method": name, "teacher": str(work / "teacher"), "teacher_cache": "on"},
+            }
+        )
         torch.manual_seed(0)
         d = Distiller(teacher, build_detector(cfg.model, ds.num_classes), cfg).to(device)
         if method.endswith("+cache"):
@@ -102,32 +107,47 @@ def main() -> None:
         finally:
             clock.fuse_decoder = True
 
-    jobs = {**{m: (lambda m=m: step(m)) for m in distillers}, "teacher encode (no grad)": teacher_forward,
-            "teacher encode + extra decode (no grad)": teacher_extra_decode,
-            "clockdistill, two decoder passes": unfused_step,
-            "student fwd+bwd": lambda: student_passes("none"),
-            "student fwd+bwd + separate extra pass": lambda: student_passes("separate"),
-            "student fwd+bwd + fused extra queries": lambda: student_passes("fused")}
+    jobs = {
+        **{m: (lambda m=m: step(m)) for m in distillers},
+        "teacher encode (no grad)": teacher_forward,
+        "teacher encode + extra decode (no grad)": teacher_extra_decode,
+        "clockdistill, two decoder passes": unfused_step,
+        "student fwd+bwd": lambda: student_passes("none"),
+        "student fwd+bwd + separate extra pass": lambda: student_passes("separate"),
+        "student fwd+bwd + fused extra queries": lambda: student_passes("fused"),
+    }
     for _ in range(2):  # warm-up
         for fn in jobs.values():
             fn()
     med = interleaved_medians(jobs, args.repeats, sync)
     base = med["none"]
     n_gt = sum(len(t["labels"]) for t in targets)
-    print(f"# {args.teacher} -> {args.student}, batch {args.batch} at {args.size}px ({n_gt} GT boxes, "
-          f"{clock.dcfg.logit.groups} query groups), {device}{' bf16' if amp else ' fp32'}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(
+        f"# {args.teacher} -> {args.student}, batch {args.batch} at {args.size}px ({n_gt} GT boxes, "
+        f"{clock.dcfg.logit.groups} query groups), {device}{' bf16' if amp else ' fp32'}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}"
+    )
     print(f"{'step / part':<42} {'ms':>9} {'/ plain step':>13}")
     for name, t in med.items():
         print(f"{name:<42} {t * 1000:>9.1f} {t / base:>13.3f}")
     extra = med["student fwd+bwd + fused extra queries"] - med["student fwd+bwd"]
     extra_separate = med["student fwd+bwd + separate extra pass"] - med["student fwd+bwd"]
-    print(f"\ndistillation step / plain step, live teacher: {med['clockdistill'] / base:.3f} (CLoCKDistill), {med['vanilla_kd'] / base:.3f} (vanilla KD)")
-    print(f"  bound 1.0 + teacher forward + student extra pass: {1 + (med['teacher encode + extra decode (no grad)'] + max(extra, 0)) / base:.3f}")
-    print(f"distillation step / plain step, teacher cache: {med['clockdistill+cache'] / base:.3f} (CLoCKDistill), "
-          f"{med['vanilla_kd+cache'] / base:.3f} (vanilla KD); target <= 1.15")
-    print(f"  limit 1.0 + student extra queries: {1 + max(extra, 0) / base:.3f} fused into the student's decoder pass "
-          f"(as a separate pass: {1 + max(extra_separate, 0) / base:.3f})")
+    print(
+        f"\ndistillation step / plain step, live teacher: {med['clockdistill'] / base:.3f} (CLoCKDistill), "
+        f"{med['vanilla_kd'] / base:.3f} (vanilla KD)"
+    )
+    print(
+        "  bound 1.0 + teacher forward + student extra pass: "
+        f"{1 + (med['teacher encode + extra decode (no grad)'] + max(extra, 0)) / base:.3f}"
+    )
+    print(
+        f"distillation step / plain step, teacher cache: {med['clockdistill+cache'] / base:.3f} (CLoCKDistill), "
+        f"{med['vanilla_kd+cache'] / base:.3f} (vanilla KD); target <= 1.15"
+    )
+    print(
+        f"  limit 1.0 + student extra queries: {1 + max(extra, 0) / base:.3f} fused into the student's decoder pass "
+        f"(as a separate pass: {1 + max(extra_separate, 0) / base:.3f})"
+    )
 
 
 if __name__ == "__main__":

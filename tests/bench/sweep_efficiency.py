@@ -1,6 +1,7 @@
 """Benchmark: how soon a sweep finds a good student, Optuna TPE + ASHA against random search.
 
-    python tests/bench/sweep_efficiency.py [--workdir demo-run] [--tolerance 0.005] [--trials N] [--epochs E] [--seeds 0 1 2]
+    python tests/bench/sweep_efficiency.py [--workdir demo-run] [--tolerance 0.005] [--trials N] [--epochs E]
+                                           [--seeds 0 1 2]
 
 Runs the demo sweep twice with the same budget (the demo's 8 trials x 4 epochs unless --trials /
 --epochs say otherwise; 2 at a time, the same caches and reused processes): as specified (Optuna
@@ -79,22 +80,32 @@ def compare(workdir: Path, budget: dict, seed: int, tolerance: float) -> tuple[d
     tpe, rnd = "efficiency-tpe-asha", "efficiency-random"
     target = max(ap for _, ap in curves[tpe])
     fmt = lambda t: f"{t:.0f}" if t is not None else "never"  # noqa: E731
-    print(f"\n# seed {seed}: demo sweep, same budget ({runs[tpe]['spec']['num_samples']} trials x {runs[tpe]['spec']['epochs']} epochs, "
-          f"2 at a time); reached = an epoch's AP within {tolerance} of the best")
-    print(f"{'':<22}{'trials':>7}{'epochs':>7}{'wall s':>9}{'best AP':>9}{'t(TPE+ASHA best) s':>20}{'t(own best) s':>15}")
+    print(
+        f"\n# seed {seed}: demo sweep, same budget ({runs[tpe]['spec']['num_samples']} trials x "
+        f"{runs[tpe]['spec']['epochs']} epochs, "
+        f"2 at a time); reached = an epoch's AP within {tolerance} of the best"
+    )
+    print(
+        f"{'':<22}{'trials':>7}{'epochs':>7}{'wall s':>9}{'best AP':>9}{'t(TPE+ASHA best) s':>20}{'t(own best) s':>15}"
+    )
     reached = {}
     for name, c in curves.items():
         own = max(ap for _, ap in c)
         reached[name] = (time_to(c, target - tolerance), time_to(c, own - tolerance))
-        print(f"{name:<22}{len(runs[name]['trials']):>7}{len(c):>7}{runs[name]['wall_s']:>9.0f}{own:>9.4f}"
-              f"{fmt(reached[name][0]):>20}{fmt(reached[name][1]):>15}")
+        print(
+            f"{name:<22}{len(runs[name]['trials']):>7}{len(c):>7}{runs[name]['wall_s']:>9.0f}{own:>9.4f}"
+            f"{fmt(reached[name][0]):>20}{fmt(reached[name][1]):>15}"
+        )
     (a, a_own), (b, b_own) = reached[tpe], reached[rnd]
     ratio = a / b if b else None
     if b:
         print(f"TPE+ASHA / random, time to within {tolerance} of the best TPE+ASHA finds: {ratio:.3f} (target <= 0.4)")
     else:
-        print(f"random search never came within {tolerance} of the best TPE+ASHA finds ({target:.4f}) in its whole budget: "
-              f"ratio < {a / runs[rnd]['wall_s']:.3f} (TPE+ASHA's time over random's wall; target <= 0.4)")
+        print(
+            f"random search never came within {tolerance} of the best TPE+ASHA finds ({target:.4f}) in its whole "
+            "budget: "
+            f"ratio < {a / runs[rnd]['wall_s']:.3f} (TPE+ASHA's time over random's wall; target <= 0.4)"
+        )
     print(f"TPE+ASHA / random, each against its own best: {a_own / b_own:.3f}")
     print(f"sweep wall time TPE+ASHA / random: {runs[tpe]['wall_s'] / runs[rnd]['wall_s']:.3f}", flush=True)
     plot(curves, workdir / "bench" / f"sweep_efficiency-seed{seed}.png")
@@ -104,14 +115,24 @@ def compare(workdir: Path, budget: dict, seed: int, tolerance: float) -> tuple[d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="demo-run", help="demo work directory (teacher reused or trained there)")
-    ap.add_argument("--tolerance", type=float, default=0.005, help="AP below the best that still counts as reached (0.005 = 0.5 AP)")
+    ap.add_argument(
+        "--tolerance", type=float, default=0.005, help="AP below the best that still counts as reached (0.005 = 0.5 AP)"
+    )
     ap.add_argument("--trials", type=int, help="trials per sweep (default: the demo spec's num_samples)")
     ap.add_argument("--epochs", type=int, help="epochs per trial (default: the demo spec's)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
-                    help="search seeds; each runs both sweeps (random search's luck decides a lot at this size)")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="search seeds; each runs both sweeps (random search's luck decides a lot at this size)",
+    )
     args = ap.parse_args()
     workdir = Path(args.workdir).resolve()
-    budget = {**({"num_samples": args.trials} if args.trials else {}), **({"epochs": args.epochs} if args.epochs else {})}
+    budget = {
+        **({"num_samples": args.trials} if args.trials else {}),
+        **({"epochs": args.epochs} if args.epochs else {}),
+    }
     ratios = []
     for seed in args.seeds:
         ratios.append(compare(workdir, budget, seed, args.tolerance)[2])

@@ -18,8 +18,8 @@ import torch
 
 from clockdistill.config import config_from_dict
 from clockdistill.data.synth import ensure_synthetic
-from sweeps.demo import TRAIN
 from clockdistill.engine import fit
+from sweeps.demo import TRAIN
 
 
 def main() -> None:
@@ -40,12 +40,20 @@ def main() -> None:
             "name": "teacher-bench",
             "data": {"root": str(data)},
             "model": {"preset": args.preset},
-            "train": {**TRAIN, "epochs": args.epochs, "output_dir": str(work / "teacher"), "resume": False, "progress": False},
+            "train": {
+                **TRAIN,
+                "epochs": args.epochs,
+                "output_dir": str(work / "teacher"),
+                "resume": False,
+                "progress": False,
+            },
         },
         args.overrides,
     )
-    print(f"# {args.preset} on {args.train}/{args.val} synthetic images, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, budget {args.minutes} min")
+    print(
+        f"# {args.preset} on {args.train}/{args.val} synthetic images, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, budget {args.minutes} min"
+    )
     print(f"{'epoch':>5} {'wall_s':>8} {'loss':>8} {'AP':>7} {'AP50':>7}")
     start = time.perf_counter()
     rows = []
@@ -53,14 +61,19 @@ def main() -> None:
     def report(epoch, metrics, _ckpt):
         wall = time.perf_counter() - start
         rows.append((epoch, wall, metrics["AP"], metrics["AP50"]))
-        print(f"{epoch:>5} {wall:>8.1f} {metrics['loss']:>8.3f} {metrics['AP']:>7.4f} {metrics['AP50']:>7.4f}", flush=True)
+        print(
+            f"{epoch:>5} {wall:>8.1f} {metrics['loss']:>8.3f} {metrics['AP']:>7.4f} {metrics['AP50']:>7.4f}", flush=True
+        )
         return wall > args.minutes * 60
 
     fit(cfg, on_epoch_end=report)
     best = max(rows, key=lambda r: r[3])
     reached = next((r for r in rows if r[3] >= 0.5), None)
     print(f"best AP50 {best[3]:.4f} (AP {best[2]:.4f}) at epoch {best[0]}, {best[1] / 60:.1f} min")
-    print("AP50 >= 0.5 reached at " + (f"{reached[1] / 60:.1f} min (epoch {reached[0]})" if reached else "no point within the budget"))
+    print(
+        "AP50 >= 0.5 reached at "
+        + (f"{reached[1] / 60:.1f} min (epoch {reached[0]})" if reached else "no point within the budget")
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ from clockdistill.data import CocoDetection, DetectionTransform, collate
 from clockdistill.data.synth import write_synthetic
 
 
-def interleaved_medians(jobs: dict[Hashable, Callable[[], None]], repeats: int, sync: Callable[[], None]) -> dict[Hashable, float]:
+def interleaved_medians(
+    jobs: dict[Hashable, Callable[[], None]], repeats: int, sync: Callable[[], None]
+) -> dict[Hashable, float]:
     """Median seconds of each job over `repeats` rounds; each round runs every job once, in turn, so
     machine noise hits all alike. `sync` waits for the device (CUDA) around each timed call."""
     times: dict[Hashable, list[float]] = {k: [] for k in jobs}

@@ -28,8 +28,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from demo_sweeps import run_variant  # noqa: E402
 
 VARIANTS = {
-    "overhead-baseline": {"reuse_actors": False, "config": {"data": {"decoded_cache": False}, "distill": {"teacher_cache": "off"}}},
-    "overhead-optimised": {"reuse_actors": True, "config": {"data": {"decoded_cache": True}, "distill": {"teacher_cache": "on"}}},
+    "overhead-baseline": {
+        "reuse_actors": False,
+        "config": {"data": {"decoded_cache": False}, "distill": {"teacher_cache": "off"}},
+    },
+    "overhead-optimised": {
+        "reuse_actors": True,
+        "config": {"data": {"decoded_cache": True}, "distill": {"teacher_cache": "on"}},
+    },
 }
 
 
@@ -41,9 +47,18 @@ def measure(name: str, workdir: Path) -> dict:
     overhead = sum(rows[-1]["trial_overhead_s"] for rows in trials.values())
     startups = [rows[0]["startup_s"] for rows in trials.values()]
     epochs = [r["train_time_s"] for rows in trials.values() for r in rows]
-    return {"trials": len(trials), "epochs": len(epochs), "sweep_wall_s": run["wall_s"], "trial_wall_s": trial_wall, "busy_s": busy,
-            "overhead_s": overhead, "overhead_fraction": overhead / trial_wall, "startup_median_s": statistics.median(startups),
-            "startup_max_s": max(startups), "epoch_train_mean_s": statistics.mean(epochs)}
+    return {
+        "trials": len(trials),
+        "epochs": len(epochs),
+        "sweep_wall_s": run["wall_s"],
+        "trial_wall_s": trial_wall,
+        "busy_s": busy,
+        "overhead_s": overhead,
+        "overhead_fraction": overhead / trial_wall,
+        "startup_median_s": statistics.median(startups),
+        "startup_max_s": max(startups),
+        "epoch_train_mean_s": statistics.mean(epochs),
+    }
 
 
 def main() -> None:
@@ -57,17 +72,33 @@ def main() -> None:
         print(f"running the demo sweep: {name} ...", flush=True)
         results[name] = measure(name, workdir)
     print(f"\n# demo sweep, {os.cpu_count()} CPUs; trial clock from process start (or reuse) to last report")
-    cols = ("trials", "epochs", "sweep_wall_s", "trial_wall_s", "busy_s", "overhead_s", "overhead_fraction", "startup_median_s",
-            "startup_max_s", "epoch_train_mean_s")
+    cols = (
+        "trials",
+        "epochs",
+        "sweep_wall_s",
+        "trial_wall_s",
+        "busy_s",
+        "overhead_s",
+        "overhead_fraction",
+        "startup_median_s",
+        "startup_max_s",
+        "epoch_train_mean_s",
+    )
     print(f"{'':<22}" + "".join(f"{n:>12}" for n in results))
     for c in cols:
-        print(f"{c:<22}" + "".join(f"{r[c]:>12.3f}" if isinstance(r[c], float) else f"{r[c]:>12}" for r in results.values()))
+        print(
+            f"{c:<22}"
+            + "".join(f"{r[c]:>12.3f}" if isinstance(r[c], float) else f"{r[c]:>12}" for r in results.values())
+        )
     for name, r in results.items():
         print(f"{name}: overhead fraction {r['overhead_fraction']:.3f} (target < 0.05)")
     if set(VARIANTS) <= results.keys():
         b, o = (results[n] for n in VARIANTS)
-        print(f"optimised / baseline: sweep wall {o['sweep_wall_s'] / b['sweep_wall_s']:.3f}, median start-up "
-              f"{o['startup_median_s'] / b['startup_median_s']:.3f}, mean epoch {o['epoch_train_mean_s'] / b['epoch_train_mean_s']:.3f}")
+        print(
+            f"optimised / baseline: sweep wall {o['sweep_wall_s'] / b['sweep_wall_s']:.3f}, median start-up "
+            f"{o['startup_median_s'] / b['startup_median_s']:.3f}, mean epoch "
+            f"{o['epoch_train_mean_s'] / b['epoch_train_mean_s']:.3f}"
+        )
 
 
 if __name__ == "__main__":
