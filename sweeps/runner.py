@@ -21,6 +21,8 @@ from clockdistill.checkpoint import file_sha256
 from sweeps import schema as S
 from sweeps.mlflow_writer import SweepTracker
 from sweeps.preflight import check_storage
+from sweeps.ray_connect import DRIVER_RESOURCE
+from sweeps.ray_connect import connect as connect_ray
 from sweeps.schema import FAILED_KEY, best_key, checkpoint_score, default_tracking_uri, metrics_to_log
 from sweeps.search import build_scheduler, build_searcher, tune_param_space
 from sweeps.spec import (
@@ -35,9 +37,6 @@ from sweeps.spec import (
 )
 
 log = logging.getLogger("clockdistill.sweep")
-
-
-DRIVER_RESOURCE = "sweep_driver"  # custom resource of the nodes that host drivers (never preemptible ones; cluster/)
 
 
 def trial_params(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
@@ -217,25 +216,10 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
             tracking_uri,
         )
 
-    import ray
     from ray import tune
 
-    address = os.environ.get("RAY_ADDRESS")
-    ray.init(
-        address=address or None,
-        logging_level=logging.WARNING,
-        include_dashboard=None if address else False,
-        configure_logging=True,
-        log_to_driver=True,
-        resources=None if address else {DRIVER_RESOURCE: 100},
-    )  # a local Ray hosts data-parallel trial drivers too
-    log.info(
-        "sweep %s on %s; storage %s; mlflow %s",
-        spec.name,
-        f"cluster {address}" if address else "a local Ray",
-        storage,
-        tracking_uri,
-    )
+    where = connect_ray(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
+    log.info("sweep %s on %s; storage %s; mlflow %s", spec.name, where, storage, tracking_uri)
     check_storage(storage)  # every node writes and reads it, before any trial or MLflow run exists
     from sweeps.prebuild import needs_node_caches, prebuild_node_caches
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from conftest import run_cli, tune_results
 
 pytestmark = pytest.mark.slow

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cdp import free_port
+
 from conftest import clean_env, local_cluster_at, on_cluster
 
 pytestmark = pytest.mark.slow

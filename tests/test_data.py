@@ -4,13 +4,13 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import write_coco
 
 from clockdistill.data import CocoDetection, DetectionTransform, build_index, load_index
 from clockdistill.data.coco import parse_coco
 from clockdistill.data.kitti import convert_kitti
 from clockdistill.data.synth import CLASSES, write_synthetic
 from clockdistill.errors import DataError
+from conftest import write_coco
 
 
 def tree_digest(root):

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import local_cluster_at, on_cluster, tune_results
 from safetensors.torch import load_file
+
+from conftest import local_cluster_at, on_cluster, tune_results
 
 pytestmark = pytest.mark.slow
 

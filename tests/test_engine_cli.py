@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
-from conftest import run_cli
 
 from clockdistill.checkpoint import load_optimizer, load_weights, read_meta, save_checkpoint
 from clockdistill.config import TrainConfig, config_from_dict
 from clockdistill.engine import build_optimizer, fit, lr_factor
 from clockdistill.models import build_detector
+from conftest import run_cli
 
 
 def tiny_config(data, out, **train):

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import clean_env, tune_results
 
 pytestmark = pytest.mark.slow

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from cdp import Browser, find_or_install_chromium, free_port
+
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from conftest import run_cli, tune_results
 
 pytestmark = pytest.mark.slow

@@ -2,6 +2,7 @@
 finishes, and the sweep itself succeeds."""
 
 import pytest
+
 from conftest import run_sweep_cli
 
 pytestmark = pytest.mark.slow
