@@ -100,14 +100,48 @@ def local_cluster_at(state: Path):
         subprocess.run(
             [str(repo / "cluster" / "local" / "stop.sh"), str(state)], env=clean_env(), capture_output=True, timeout=180
         )
+        left = cluster_processes(state)
+        assert not left, f"stop.sh left {len(left)} process(es) of the cluster running: {left[:5]}"
+
+
+def cluster_processes(state: Path) -> list[int]:
+    """PIDs of the processes a `local_cluster_at` cluster started (they carry start.sh's marker)."""
+    marker = f"CLOCKDISTILL_LOCAL_CLUSTER={Path(state).resolve()}".encode()
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                pids.append(int(environ.parent.name))
+        except OSError:  # gone, or another user's
+            continue
+    return pids
 
 
 @pytest.fixture
 def job_cluster(tmp_path):
-    """A fresh `local_cluster_at` cluster for one test: yields the environment for `ray job`
-    commands (RAY_ADDRESS = its dashboard, its token)."""
+    """A fresh `local_cluster_at` cluster for one test that kills part of it: yields the environment
+    for `ray job` commands (RAY_ADDRESS = its dashboard, its token)."""
     with local_cluster_at(tmp_path / "cluster") as c:
         yield {**c["env"], "RAY_ADDRESS": c["dashboard"]}
+
+
+@pytest.fixture(scope="session")
+def shared_cluster(tmp_path_factory):
+    """One `local_cluster_at` cluster for every test that leaves its nodes alive (starting and
+    stopping one costs about 30 s). Those tests run last, one after the other (see
+    pytest_collection_modifyitems), so the idle cluster costs the rest of the suite nothing."""
+    with local_cluster_at(tmp_path_factory.mktemp("shared-cluster")) as c:
+        yield c
+
+
+@pytest.fixture
+def shared_job_env(shared_cluster):
+    """The environment for `ray job` commands on the shared cluster (RAY_ADDRESS, its token)."""
+    return {**shared_cluster["env"], "RAY_ADDRESS": shared_cluster["dashboard"]}
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: "shared_cluster" in getattr(item, "fixturenames", ()))  # stable: order kept otherwise
 
 
 def on_cluster(cluster: dict, code: str, timeout: int = 600) -> subprocess.CompletedProcess:

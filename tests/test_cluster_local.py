@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cdp import free_port
 
-from conftest import clean_env, local_cluster_at, on_cluster
+from conftest import clean_env, on_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -21,11 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def local_cluster(tmp_path_factory):
-    with local_cluster_at(tmp_path_factory.mktemp("cluster")) as cluster:
-        yield cluster
-    assert subprocess.run(["pgrep", "-f", "raylet"], capture_output=True).returncode == 1  # no raylet left
+@pytest.fixture
+def local_cluster(shared_cluster):
+    return shared_cluster
 
 
 def test_three_nodes_with_their_resources_and_no_request_without_the_token(local_cluster):
@@ -75,10 +73,10 @@ def test_storage_preflight_runs_on_every_node(local_cluster, tmp_path):
     assert not list((tmp_path / "shared" / ".clockdistill-preflight").iterdir())  # probes cleaned up
 
 
-def test_local_mlflow_server_starts_on_loopback_and_stops(local_cluster):
-    port = free_port()
+def test_local_mlflow_server_starts_on_loopback_and_stops(tmp_path):
+    port, state = free_port(), tmp_path / "mlflow-state"
     uri = subprocess.run(
-        [str(REPO / "cluster" / "local" / "mlflow.sh"), str(local_cluster["state"]), str(port)],
+        [str(REPO / "cluster" / "local" / "mlflow.sh"), str(state), str(port)],
         env=clean_env(),
         capture_output=True,
         text=True,
@@ -87,9 +85,9 @@ def test_local_mlflow_server_starts_on_loopback_and_stops(local_cluster):
     assert uri.returncode == 0 and uri.stdout.strip() == f"http://127.0.0.1:{port}", uri.stderr
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
         assert response.status == 200
-    pid = int((local_cluster["state"] / "mlflow.pid").read_text())
+    pid = int((state / "mlflow.pid").read_text())
     subprocess.run(
-        [str(REPO / "cluster" / "local" / "stop.sh"), str(local_cluster["state"])],
+        [str(REPO / "cluster" / "local" / "stop.sh"), str(state)],
         env=clean_env(),
         capture_output=True,
         timeout=180,

@@ -1,16 +1,20 @@
 """Which Ray a sweep runs on: its own local Ray unless RAY_ADDRESS says otherwise, beside a cluster
 that `ray start` runs on this machine, and in spite of the address file a dead one left behind."""
 
+import contextlib
 import json
+import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import clean_env
+from conftest import clean_env, cluster_processes
 from tests.cdp import free_port
 
 PROBE = """
@@ -67,7 +71,7 @@ def test_a_sweep_without_ray_address_runs_on_a_ray_of_its_own_beside_a_running_o
             "--include-dashboard=false",
             "--disable-usage-stats",
         ],
-        env=env,
+        env={**env, "CLOCKDISTILL_LOCAL_CLUSTER": str(ray_tmp)},  # marks its processes: see finally
         capture_output=True,
         text=True,
         timeout=180,
@@ -89,8 +93,15 @@ def test_a_sweep_without_ray_address_runs_on_a_ray_of_its_own_beside_a_running_o
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         assert out["WHERE"] == f"cluster 127.0.0.1:{port}" and out["GCS"].endswith(f":{port}") and out["TASK"] == "42"
         assert "sweep_driver" not in json.loads(out["RESOURCES"])  # its resources are the cluster's own
-    finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    finally:  # this cluster's processes only (`ray stop` would stop every Ray on the machine)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in cluster_processes(ray_tmp):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 15
+            while cluster_processes(ray_tmp) and time.monotonic() < deadline:
+                time.sleep(0.5)
+        assert not cluster_processes(ray_tmp)
 
 
 def test_a_ray_address_where_nothing_answers_is_one_line():

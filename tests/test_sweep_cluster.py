@@ -47,7 +47,7 @@ def _children(client, experiment: str):
     return client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'trial'")
 
 
-def test_a_killed_driver_resumes_on_relaunch_without_rerunning_finished_trials(job_cluster, tiny_teacher, tmp_path):
+def test_a_killed_driver_resumes_on_relaunch_without_rerunning_finished_trials(shared_job_env, tiny_teacher, tmp_path):
     from mlflow.tracking import MlflowClient
 
     storage, db = tmp_path / "storage", tmp_path / "mlflow.db"
@@ -64,7 +64,7 @@ def test_a_killed_driver_resumes_on_relaunch_without_rerunning_finished_trials(j
 
     # 1. Launch, wait for a first finished trial, then kill the driver (SIGKILL: no chance to save anything).
     t0 = time.monotonic()
-    first = _submit(job_cluster, "tiny-first", spec, wait=False)
+    first = _submit(shared_job_env, "tiny-first", spec, wait=False)
     deadline = time.time() + 600
     finished_before: dict[str, int] = {}
     while time.time() < deadline:
@@ -83,7 +83,7 @@ def test_a_killed_driver_resumes_on_relaunch_without_rerunning_finished_trials(j
     assert finished_before, "no trial finished within 10 minutes"
     kill = subprocess.run(
         [str(REPO / "cluster" / "local" / "kill-driver.sh"), "tiny-first"],
-        env=job_cluster,
+        env=shared_job_env,
         capture_output=True,
         text=True,
         timeout=120,
@@ -97,7 +97,7 @@ def test_a_killed_driver_resumes_on_relaunch_without_rerunning_finished_trials(j
 
     # 2. Launch the same sweep again: it resumes.
     relaunched = time.monotonic()
-    proc = _submit(job_cluster, "tiny-second", spec, wait=True)
+    proc = _submit(shared_job_env, "tiny-second", spec, wait=True)
     second_wall = time.monotonic() - relaunched
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming sweep tiny" in proc.stdout + proc.stderr

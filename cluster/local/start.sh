@@ -34,11 +34,16 @@ dash_port="${DASHBOARD_PORT:-$(free_port)}"
 echo "$head_port" > "$state/head_port"
 echo "$dash_port" > "$state/dashboard_port"
 
+# Every process of this cluster inherits this marker: stop.sh stops exactly those (found through
+# /proc/PID/environ), never another Ray on this machine. Each node has a temp dir of its own, the head too.
+export CLOCKDISTILL_LOCAL_CLUSTER="$state"
+head_temp="$(mktemp -d "/tmp/cdray-head-XXXXXX")"
+echo "$head_temp" > "$state/temp_dirs"
 "$ray" start --head --node-ip-address 127.0.0.1 --port "$head_port" --num-cpus 0 --num-gpus 0 \
+  --temp-dir "$head_temp" \
   --resources '{"sweep_driver": 2}' --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" \
   --disable-usage-stats > "$state/head.log" 2>&1 || failed head
 
-: > "$state/temp_dirs"
 start_worker() {  # start_worker NAME: one worker node; its log in $state/NAME.log
   # Every node on one machine needs its own agent and metrics ports, and its own temp dir: in a
   # shared one, a node unpacking a job's working_dir replaces the very directory another node's

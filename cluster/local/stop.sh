@@ -1,14 +1,33 @@
 #!/usr/bin/env bash
-# Stop the local cluster of start.sh (every Ray process of this user on this machine) and the local
-# MLflow server of mlflow.sh when it runs.
+# Stop the local cluster of start.sh (its own processes: any other Ray on this machine keeps running)
+# and the local MLflow server of mlflow.sh when it runs.
 set -uo pipefail
 state="${1:-.local-cluster}"
 here="$(cd "$(dirname "$0")" && pwd)"
 ray="$(command -v ray || echo "$here/../../.venv/bin/ray")"
-"$ray" stop --force > /dev/null 2>&1 || true
-if [ -s "$state/temp_dirs" ]; then  # the worker nodes' own temp dirs (start.sh)
+state="$(cd "$state" 2> /dev/null && pwd || echo "$state")"
+cluster_pids() {  # the processes start.sh started for this cluster, and theirs: they inherit its marker
+  local env_file pid
+  for env_file in /proc/[0-9]*/environ; do
+    pid="${env_file#/proc/}"
+    pid="${pid%/environ}"
+    [ "$pid" = "$$" ] && continue
+    { tr '\0' '\n' < "$env_file"; } 2> /dev/null | grep -qxF "CLOCKDISTILL_LOCAL_CLUSTER=$state" && echo "$pid"
+  done
+}
+if [ -s "$state/temp_dirs" ]; then
+  pids="$(cluster_pids)"
+  [ -n "$pids" ] && kill -TERM $pids 2> /dev/null
+  for _ in $(seq 1 20); do
+    pids="$(cluster_pids)"
+    [ -z "$pids" ] && break
+    sleep 0.5
+  done
+  [ -n "$pids" ] && kill -KILL $pids 2> /dev/null
   while read -r dir; do case "$dir" in /tmp/cdray-*) rm -rf "$dir" ;; esac; done < "$state/temp_dirs"
   rm -f "$state/temp_dirs"
+elif [ -s "$state/head_port" ]; then  # a cluster of an older start.sh: its processes carry no marker
+  "$ray" stop --force > /dev/null 2>&1 || true
 fi
 if [ -s "$state/mlflow.pid" ]; then
   pid="$(cat "$state/mlflow.pid")"  # the leader of the server's own process group (setsid in mlflow.sh)
