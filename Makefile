@@ -22,11 +22,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Lint first: a style or pyflakes error fails in seconds, not after the suite.
+# Two test processes: most tests wait on Ray, MLflow or subprocesses (tests/conftest.py: GROUPS).
 test: lint
-	$(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadgroup
 
 test-fast: lint
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra -m "not slow" -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -140,7 +140,21 @@ def shared_job_env(shared_cluster):
     return {**shared_cluster["env"], "RAY_ADDRESS": shared_cluster["dashboard"]}
 
 
+# Tests run in two processes (make test: pytest -n 2 --dist loadgroup): most wait on Ray, MLflow or
+# subprocesses more than they compute. Tests that share an expensive session fixture run in one
+# process (one fixture), and every test of a multi-node local cluster runs in one process, one after
+# the other (a node-kill test and the shared cluster never overlap).
+GROUPS = {"shared_cluster": "cluster", "job_cluster": "cluster", "tiny_sweep": "tiny_sweep"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        for fixture, group in GROUPS.items():
+            if fixture in names and not any(m.args[:1] == (group,) for m in item.iter_markers("xdist_group")):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
     items.sort(key=lambda item: "shared_cluster" in getattr(item, "fixturenames", ()))  # stable: order kept otherwise
 
 

@@ -118,8 +118,9 @@ def test_a_sweep_of_two_worker_trials_under_asha_frees_every_stopped_trials_work
                 "student": "tiny-student",
                 "epochs": 3,
                 "config": {"train": {"batch_size": 8, "warmup_iters": 0}, "model": {"frozen_bn": True}},
-                # ASHA stops the second trial (rungs at epochs 1 and 2); the third needs the workers it held
-                "search_space": {"train.lr": {"grid": [1e-3, 1e-7, 5e-4]}},
+                # ASHA stops the second trial (rungs at epochs 1 and 2); had it kept its workers' placement
+                # group, the check after the sweep finds it
+                "search_space": {"train.lr": {"grid": [1e-3, 1e-7]}},
                 "search": {"algorithm": "grid"},
                 "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
                 "num_samples": 1,
@@ -156,7 +157,7 @@ def test_a_sweep_of_two_worker_trials_under_asha_frees_every_stopped_trials_work
     wall = time.monotonic() - t0
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-3000:]
     trials = tune_results(tmp_path / "storage", "ddp")
-    assert len(trials) == 3  # each trial got both workers in turn: no stopped trial kept its placement group
+    assert len(trials) == 2
     epochs = sorted(rows[-1]["epoch"] for rows in trials.values())
     assert epochs[0] < 3 and epochs[-1] == 3, epochs  # ASHA stopped some, one ran the full budget
     assert all("checkpoint_path" in rows[-1] and "AP" in rows[-1] for rows in trials.values())
@@ -166,7 +167,7 @@ def test_a_sweep_of_two_worker_trials_under_asha_frees_every_stopped_trials_work
     runs = [
         r for r in client.search_runs([client.get_experiment_by_name("ddp").experiment_id]) if "trial_id" in r.data.tags
     ]
-    assert len(runs) == 3
+    assert len(runs) == 2
     full = [r for r in runs if r.data.tags.get("completed_full_budget") == "true"]
     assert full and all("best_checkpoint_sha256" in r.data.tags for r in full)  # best-student can export a DDP trial
     left = on_cluster(
@@ -185,4 +186,4 @@ def test_a_sweep_of_two_worker_trials_under_asha_frees_every_stopped_trials_work
     )
     state = json.loads(left.stdout.strip().splitlines()[-1])
     assert state == {"free": 2.0, "total": 2.0, "live": 0}, state
-    print(f"DDP sweep: 3 trials x 2 workers, epochs run {epochs}, wall {wall:.0f} s")
+    print(f"DDP sweep: 2 trials x 2 workers, epochs run {epochs}, wall {wall:.0f} s")

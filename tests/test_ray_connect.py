@@ -37,6 +37,7 @@ def _probe(env: dict) -> tuple[subprocess.CompletedProcess, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("cluster")  # a cluster started with `ray start`: beside the other cluster tests, not amid them
 def test_a_sweep_without_ray_address_runs_on_a_ray_of_its_own_beside_a_running_or_dead_cluster():
     ray_tmp = Path(tempfile.mkdtemp(prefix="cdr-", dir="/tmp"))  # short: Ray's Unix sockets live under it
     token = ray_tmp / "token"
