@@ -1,3 +1,8 @@
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two test processes on two cores: one thread each (and their subprocesses)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # oversubscribed OpenMP threads spin and slow everything down
+
 import contextlib
 import json
 import subprocess
@@ -147,14 +152,15 @@ def shared_job_env(shared_cluster):
 GROUPS = {"shared_cluster": "cluster", "job_cluster": "cluster", "tiny_sweep": "tiny_sweep"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_itemcollected(item):  # as each test is collected: before xdist reads the groups
+    names = getattr(item, "fixturenames", ())
+    for fixture, group in GROUPS.items():
+        if fixture in names and not any(m.args[:1] == (group,) for m in item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(group))
+            break
+
+
 def pytest_collection_modifyitems(items):
-    for item in items:
-        names = getattr(item, "fixturenames", ())
-        for fixture, group in GROUPS.items():
-            if fixture in names and not any(m.args[:1] == (group,) for m in item.iter_markers("xdist_group")):
-                item.add_marker(pytest.mark.xdist_group(group))
-                break
     items.sort(key=lambda item: "shared_cluster" in getattr(item, "fixturenames", ()))  # stable: order kept otherwise
 
 
