@@ -110,16 +110,18 @@ def local_cluster_at(state: Path):
 
 
 def cluster_processes(state: Path) -> list[int]:
-    """PIDs of the processes a `local_cluster_at` cluster started (they carry start.sh's marker)."""
+    """PIDs of the processes a `local_cluster_at` cluster started: they carry start.sh's marker, and
+    Ray's agents and workers (whose environment Ray sets itself) name one of their raylets."""
     marker = f"CLOCKDISTILL_LOCAL_CLUSTER={Path(state).resolve()}".encode()
-    pids = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
+    environs = {}
+    for path in Path("/proc").glob("[0-9]*/environ"):
         try:
-            if marker in environ.read_bytes().split(b"\0"):
-                pids.append(int(environ.parent.name))
+            environs[int(path.parent.name)] = path.read_bytes().split(b"\0")
         except OSError:  # gone, or another user's
             continue
-    return pids
+    marked = {pid for pid, env in environs.items() if marker in env}
+    raylets = {f"RAY_RAYLET_PID={pid}".encode() for pid in marked}
+    return sorted(marked | {pid for pid, env in environs.items() if raylets & set(env)})
 
 
 @pytest.fixture

@@ -70,6 +70,8 @@ def test_a_sweep_without_ray_address_runs_on_a_ray_of_its_own_beside_a_running_o
             "--num-cpus",
             "1",
             "--include-dashboard=false",
+            "--dashboard-agent-listen-port",  # not Ray's default port, which another Ray may hold
+            str(free_port()),
             "--disable-usage-stats",
         ],
         env={**env, "CLOCKDISTILL_LOCAL_CLUSTER": str(ray_tmp)},  # marks its processes: see finally

@@ -39,8 +39,11 @@ echo "$dash_port" > "$state/dashboard_port"
 export CLOCKDISTILL_LOCAL_CLUSTER="$state"
 head_temp="$(mktemp -d "/tmp/cdray-head-XXXXXX")"
 echo "$head_temp" > "$state/temp_dirs"
+# Free ports for the head's agents too: Ray's defaults (52365 for the dashboard agent, which job
+# submission needs) may be held by another Ray on this machine (any local `ray.init` takes it).
 "$ray" start --head --node-ip-address 127.0.0.1 --port "$head_port" --num-cpus 0 --num-gpus 0 \
-  --temp-dir "$head_temp" \
+  --temp-dir "$head_temp" --dashboard-agent-listen-port "$(free_port)" --dashboard-agent-grpc-port "$(free_port)" \
+  --runtime-env-agent-port "$(free_port)" --metrics-export-port "$(free_port)" \
   --resources '{"sweep_driver": 2}' --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" \
   --disable-usage-stats > "$state/head.log" 2>&1 || failed head
 

@@ -6,13 +6,22 @@ state="${1:-.local-cluster}"
 here="$(cd "$(dirname "$0")" && pwd)"
 ray="$(command -v ray || echo "$here/../../.venv/bin/ray")"
 state="$(cd "$state" 2> /dev/null && pwd || echo "$state")"
-cluster_pids() {  # the processes start.sh started for this cluster, and theirs: they inherit its marker
-  local env_file pid
+cluster_pids() {  # start.sh's processes carry its marker; Ray's agents and workers name their raylet instead
+  local env_file pid marked=" "
   for env_file in /proc/[0-9]*/environ; do
     pid="${env_file#/proc/}"
     pid="${pid%/environ}"
     [ "$pid" = "$$" ] && continue
-    { tr '\0' '\n' < "$env_file"; } 2> /dev/null | grep -qxF "CLOCKDISTILL_LOCAL_CLUSTER=$state" && echo "$pid"
+    if { tr '\0' '\n' < "$env_file"; } 2> /dev/null | grep -qxF "CLOCKDISTILL_LOCAL_CLUSTER=$state"; then
+      marked="$marked$pid "
+      echo "$pid"
+    fi
+  done
+  for env_file in /proc/[0-9]*/environ; do
+    pid="${env_file#/proc/}"
+    pid="${pid%/environ}"
+    raylet="$({ tr '\0' '\n' < "$env_file"; } 2> /dev/null | sed -n 's/^RAY_RAYLET_PID=//p')"
+    [ -n "$raylet" ] && [[ "$marked" == *" $raylet "* ]] && [[ "$marked" != *" $pid "* ]] && echo "$pid"
   done
 }
 if [ -s "$state/temp_dirs" ]; then
