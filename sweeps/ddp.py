@@ -26,6 +26,7 @@ from sweeps.trial import run_trial
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # what Ray's TuneReportCallback calls the reported checkpoint's path
+TRAIN_PLACEMENT_GROUP_KEY = "train_placement_group"  # rank 0 reports its Train run's placement group id
 
 
 def train_run_storage(spec) -> str:
@@ -66,13 +67,18 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     """One rank of a data-parallel trial (runs inside a Ray Train worker): the trial loop, with
     every rank taking part in each report and only rank 0's row and checkpoint reaching Tune."""
     import ray.train
+    from ray.util import get_current_placement_group
 
     spec = spec_from_json(loop_config["spec_json"])
     rank = ray.train.get_context().get_world_rank()
     # node-local working directory per rank (ranks of one trial may share a node)
     work = Path(tempfile.gettempdir()) / "clockdistill-ddp" / loop_config["trial_id"] / f"rank{rank}"
 
+    group = get_current_placement_group()  # the Train run's: the sweep driver removes it if Ray does not
+
     def send(row: dict, ckpt: Path | None) -> None:
+        if group is not None:
+            row = {**row, TRAIN_PLACEMENT_GROUP_KEY: group.id.hex()}
         ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None)
 
     # every rank resumes a retried trial from the run's latest checkpoint
@@ -86,3 +92,39 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         reports_checkpoints=rank == 0,
         trial_name=f"{loop_config['trial_id']} rank {rank}",
     )
+
+
+def train_run_janitor():
+    """A Tune callback for the sweep driver: when a data-parallel trial ends (finished, stopped by the
+    scheduler, or failed before a retry), the placement group of its Train run is removed if it is
+    still there. Ray 2.60 removes it when the Train run ends on its own, but a trial that Tune stops
+    mid-run (ASHA, or its last epoch reported) loses its Train controller before that cleanup now and
+    then; the group then stays reserved until the sweep's job ends and starves every later trial."""
+    from ray.tune import Callback
+
+    class TrainRunJanitor(Callback):
+        def _remove(self, trial) -> None:
+            group = (trial.last_result or {}).get(TRAIN_PLACEMENT_GROUP_KEY)
+            if not group:
+                return
+            try:
+                from ray._raylet import PlacementGroupID
+                from ray.util import placement_group_table, remove_placement_group
+                from ray.util.placement_group import PlacementGroup
+
+                state = placement_group_table().get(group, {}).get("state")
+                if state in ("PENDING", "CREATED", "RESCHEDULING"):
+                    remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(group)))
+                    log.warning(
+                        "trial %s: its Train run left placement group %s reserved; removed", trial.trial_id, group
+                    )
+            except Exception as exc:  # noqa: BLE001 - bookkeeping must never end the sweep
+                log.warning("trial %s: could not check its Train run's placement group: %s", trial.trial_id, exc)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._remove(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._remove(trial)
+
+    return TrainRunJanitor()

@@ -228,6 +228,7 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
     tracker = SweepTracker(tracking_uri, spec.mlflow.experiment, spec.name)
     tracker.start_parent(spec_to_dict(spec), search_space_summary(spec), _teacher_ap(spec))
 
+    from sweeps.ddp import train_run_janitor
     from sweeps.trainable import train_trial
 
     score_metric, score_mode = checkpoint_score(spec.primary.metric, spec.primary.mode)
@@ -265,7 +266,10 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
                     checkpoint_config=tune.CheckpointConfig(
                         num_to_keep=1, checkpoint_score_attribute=score_metric, checkpoint_score_order=score_mode
                     ),
-                    callbacks=[make_callback(spec, tracker)],
+                    callbacks=[
+                        make_callback(spec, tracker),
+                        *([train_run_janitor()] if spec.resources.workers > 1 else []),
+                    ],
                     verbose=1,  # the status table; the callback prints a line per finished trial
                 ),
             )
