@@ -46,7 +46,7 @@ sweep: $(STAMP)
 
 # The MLflow UI on 127.0.0.1 against the project's default store (sqlite mlflow.db).
 mlflow-ui: $(STAMP)
-	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port $(MLFLOW_PORT)
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 # The best finished trial of the latest sweep (or SWEEP=name): verified, exported to
 # artifacts/best-student/, registered in MLflow with the alias champion.

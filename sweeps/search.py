@@ -119,7 +119,8 @@ def build_searcher(spec: SweepSpec):
 
     objectives = spec.objective_list
     if spec.search.algorithm == "grid" or spec.scheduler.type == "pbt":
-        return BasicVariantGenerator(random_state=spec.search.seed)
+        # max_concurrent here: Tune ignores TuneConfig.max_concurrent_trials for a variant generator
+        return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=spec.max_concurrent_trials)
     point = paper_defaults_point(spec) if spec.search.paper_defaults_first else None
     metrics = [best_key(o.metric) for o in objectives]
     modes = [o.mode for o in objectives]
