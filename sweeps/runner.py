@@ -257,7 +257,9 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
                     scheduler=build_scheduler(spec),
                     num_samples=spec.num_samples,
                     max_concurrent_trials=spec.max_concurrent_trials,
-                    reuse_actors=spec.reuse_actors,
+                    # a data-parallel trial's actor only drives a Train run: nothing to save by reusing it, and
+                    # Tune cannot reset one whose run is still winding down
+                    reuse_actors=spec.reuse_actors and spec.resources.workers == 1,
                 ),
                 run_config=tune.RunConfig(
                     name=exp_dir,

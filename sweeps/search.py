@@ -148,6 +148,9 @@ def build_scheduler(spec: SweepSpec):
             max_t=spec.epochs,
             grace_period=sc.grace_period,
             reduction_factor=sc.reduction_factor,
+            # a trial that reaches the budget ends by itself: stopping it at its last report would cut a
+            # data-parallel trial's Train run short before it frees its workers
+            stop_last_trials=False,
         )
     if sc.type == "pbt":
         mutations = {k: v for k, v in tune_param_space(spec).items() if hasattr(v, "sample")}
