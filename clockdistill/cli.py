@@ -53,7 +53,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from clockdistill.config import load_config
     from clockdistill.engine import fit
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.init_from:
+        overrides.append(f"train.init_from={args.init_from}")
+    if args.class_map:
+        overrides.append(f"train.class_map={args.class_map}")
+    cfg = load_config(args.config, overrides)
     if args.print_config:
         print(json.dumps(cfg.flatten(), indent=1))
         return 0
@@ -61,6 +66,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = {"output_dir": str(result.output_dir), "best_AP": result.best_ap, "best_epoch": result.best_epoch}
     summary.update({k: result.last_metrics[k] for k in ("AP", "AP50", "AP75") if k in result.last_metrics})
     print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from clockdistill.weights.importer import import_checkpoint
+
+    if args.class_map and not args.data:
+        raise UserError("--class-map: needs --data (the data set whose classes the heads are given)")
+    import_checkpoint(args.source, args.out, args.data, args.class_map, args.overrides)
     return 0
 
 
@@ -242,9 +256,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="train one detector (teacher or plain student)",
         description="Train one detector from a YAML config (sections data, model, loss, train) with "
         "dotted overrides. Resumes from <train.output_dir>/last when it exists.",
+        epilog="example (a COCO teacher fine-tuned to KITTI): clockdistill train --init-from teachers/coco-r50 "
+        "--class-map kitti-from-coco.yaml --set model.preset=deformable-detr-r50 --set data.root=kitti-coco",
     )
     _add_config_arguments(t)
+    t.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="start from this checkpoint's weights (fine-tuning): every "
+        "tensor the detector shares is copied; class heads are copied for the same classes, mapped by "
+        "name (or --class-map) for others, fresh where no class matches",
+    )
+    t.add_argument(
+        "--class-map",
+        metavar="FILE",
+        help="with --init-from: YAML/JSON mapping new class names to the checkpoint's, e.g. 'Car: car'",
+    )
     t.set_defaults(func=_cmd_train)
+
+    im = sub.add_parser(
+        "import",
+        help="convert a published Deformable DETR / DAB-DETR checkpoint into a clockdistill checkpoint",
+        description="Read a Hugging Face model directory (DeformableDetrForObjectDetection: plain, box refinement, "
+        "two-stage; DabDetrForObjectDetection; config.json + model.safetensors) or an original repository's "
+        ".pth checkpoint (fundamentalvision/Deformable-DETR, IDEA-Research/DAB-DETR; read with the weights-only "
+        "loader) and write a clockdistill checkpoint (model.safetensors + meta.json with the model config and class "
+        "names). Every tensor is accounted for; a checkpoint that does not fit stops with one line and writes nothing.",
+        epilog="example: clockdistill import downloads/deformable-detr --out teachers/coco-r50 "
+        "(with --data DIR the class heads are cut to that data set's classes, by name or --class-map)",
+    )
+    im.add_argument("source", help="Hugging Face model directory, or a .pth / .safetensors checkpoint file")
+    im.add_argument("--out", required=True, help="checkpoint directory to write")
+    im.add_argument("--data", help="COCO-format data set: give the class heads its classes (rows taken by class name)")
+    im.add_argument(
+        "--class-map",
+        metavar="FILE",
+        help="with --data: YAML/JSON mapping its class names to the checkpoint's, e.g. 'Car: car'",
+    )
+    im.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value of the imported model, e.g. --set model.dilation=true (repeatable)",
+    )
+    im.set_defaults(func=_cmd_import)
 
     ds = sub.add_parser(
         "distill",
@@ -253,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         "vanilla_kd, fitnet, memory_only, logit_only); the call a sweep trial makes. The config "
         "has the sections of `train` plus `distill` (see clockdistill/config.py: DistillConfig). "
         "Data settings left out are taken from the teacher's checkpoint, and the student preset "
-        "from the teacher's (tiny-teacher -> tiny-student). Prints the loss formula, a line per "
+        "from the teacher's (hybrid-tiny-teacher -> hybrid-tiny-student). Prints the loss formula, a line per "
         "epoch and a JSON summary; resumes from <train.output_dir>/last.",
         epilog="example: clockdistill distill --teacher runs/teacher/best --set distill.memory.alpha=1e-4 "
         "--set train.epochs=8 --set train.output_dir=runs/kd-alpha1e-4",

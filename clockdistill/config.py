@@ -78,11 +78,20 @@ class DataConfig:
 class ModelConfig:
     """Detector architecture. `preset` fills every other field; fields given beside it win."""
 
-    preset: str = "tiny-teacher"
-    arch: str = "deformable"  # deformable (multi-scale) | dab (single-scale, 4-d anchor queries)
+    preset: str = "hybrid-tiny-teacher"
+    # deformable: Deformable DETR | dab: DAB-DETR (both as their reference implementations) | hybrid:
+    # this project's own small DETR that trains from scratch on a CPU (models/hybrid.py)
+    arch: str = "hybrid"
+    box_refine: bool = False  # deformable: iterative bounding-box refinement
+    two_stage: bool = False  # deformable: queries from the top-k encoder proposals (needs box_refine)
     num_classes: int = 0  # 0 = taken from the data set's categories
-    backbone_depth: int = 18  # 18 | 34 | 50
+    backbone_depth: int = 18  # ResNet 18 | 34 | 50 | 101, in torchvision's layout
     backbone_width: float = 0.25  # channel multiplier of the ResNet (1.0 = the standard widths)
+    backbone_norm: str = "batch"  # frozen: FrozenBatchNorm2d, as the references | batch: trainable (from scratch)
+    backbone_frozen_stages: int = 0  # 1: stem and layer1 not trained, as the references | 0: all trained
+    backbone_weights: str = ""  # ImageNet backbone to start from: a torchvision-layout state dict or a
+    #                              Hugging Face microsoft/resnet-* directory (see `clockdistill import`)
+    dilation: bool = False  # layer4 dilated instead of strided (the DC5 variants: stride 16)
     d_model: int = 64
     nheads: int = 4
     enc_layers: int = 2
@@ -90,16 +99,16 @@ class ModelConfig:
     ffn_dim: int = 256
     dropout: float = 0.0
     num_queries: int = 30
-    num_levels: int = 3  # deformable: memory levels (strides 8, 16, 32, then 64, ...)
-    n_points: int = 4  # deformable: sampling points per head and level
-    feature_stride: int = 16  # dab: stride of the single feature map (16 = C4, 32 = C5)
-    frozen_bn: bool = False  # BatchNorm uses and keeps its running statistics in training (DETR's frozen BN;
-    #                          students initialised from a teacher, and data-parallel runs without SyncBatchNorm)
+    num_levels: int = 3  # deformable, hybrid: memory levels (strides 8, 16, 32, then 64, ...)
+    n_points: int = 4  # deformable, hybrid: sampling points per head and level
+    frozen_bn: bool = False  # trainable BatchNorm uses and keeps its running statistics in training (students
+    #                          initialised from a teacher, and data-parallel runs without SyncBatchNorm)
 
     def __post_init__(self):
-        _check_choice("model.arch", self.arch, ("deformable", "dab"))
-        _check_choice("model.backbone_depth", self.backbone_depth, (18, 34, 50))
-        _check_choice("model.feature_stride", self.feature_stride, (8, 16, 32))
+        _check_choice("model.arch", self.arch, ("deformable", "dab", "hybrid"))
+        _check_choice("model.backbone_depth", self.backbone_depth, (18, 34, 50, 101))
+        _check_choice("model.backbone_norm", self.backbone_norm, ("frozen", "batch"))
+        _check_choice("model.backbone_frozen_stages", self.backbone_frozen_stages, (0, 1))
         _check_range("model.backbone_width", self.backbone_width, low=0.0625)
         for name in ("d_model", "nheads", "dec_layers", "ffn_dim", "num_queries", "num_levels", "n_points"):
             _check_range(f"model.{name}", getattr(self, name), low=1)
@@ -110,6 +119,15 @@ class ModelConfig:
             raise ConfigError(f"model.d_model: {self.d_model} must be divisible by model.nheads={self.nheads}")
         if self.d_model % 2:
             raise ConfigError(f"model.d_model: expected an even number, got {self.d_model}")
+        if (self.box_refine or self.two_stage) and self.arch != "deformable":
+            raise ConfigError(f"model.box_refine/two_stage: variants of arch deformable, not {self.arch}")
+        if self.two_stage and not self.box_refine:
+            raise ConfigError("model.two_stage: needs model.box_refine=true (as the reference's two-stage variant)")
+        if self.arch == "deformable":
+            if self.d_model % 32:
+                raise ConfigError(f"model.d_model: Deformable DETR needs a multiple of 32, got {self.d_model}")
+            if self.num_levels == 2:
+                raise ConfigError("model.num_levels: Deformable DETR takes 1 level (C5) or 3 and more (C3-C5, strided)")
 
 
 @dataclass(frozen=True)
@@ -151,6 +169,8 @@ class TrainConfig:
     # torch.compile of the trained model's encoder and decoder: off | default | reduce-overhead | max-autotune
     compile: str = "off"
     output_dir: str = "runs/train"
+    init_from: str = ""  # checkpoint whose weights start the model (fine-tuning; class heads follow the classes)
+    class_map: str = ""  # with init_from: YAML/JSON file mapping new class names to the checkpoint's (Car: car)
     eval_every: int = 1  # evaluate on the val split every N epochs (and always after the last)
     resume: bool = True  # continue from output_dir/last when it exists
     progress: bool = True  # tqdm progress bars

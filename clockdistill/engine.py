@@ -33,7 +33,7 @@ from clockdistill.data import CocoDetection, DetectionTransform, collate
 from clockdistill.distributed import average_across_ranks, is_distributed, rank, world_size, wrap_ddp
 from clockdistill.errors import TrainingDiverged, UserError
 from clockdistill.evaluation import coco_evaluate, postprocess, to_coco_results
-from clockdistill.losses import SetCriterion, detection_weights, weighted_sum
+from clockdistill.losses import SetCriterion, model_detection_weights, weighted_sum
 from clockdistill.models import build_detector
 
 log = logging.getLogger(__name__)
@@ -305,7 +305,13 @@ def fit(
     if task is None:
         model = build_detector(cfg.model, train_ds.num_classes).to(device)
         criterion = SetCriterion.from_config(cfg.loss, cfg.model.num_classes)
-        task = DetectionTask(model, criterion, detection_weights(cfg.loss, cfg.model.dec_layers - 1))
+        task = DetectionTask(model, criterion, model_detection_weights(cfg.loss, cfg.model))
+    out = Path(tc.output_dir)
+    resuming = tc.resume and recover_checkpoint(out / "last")
+    if tc.init_from and not resuming:  # a resumed run has its own weights
+        from clockdistill.weights.finetune import init_from_checkpoint
+
+        init_from_checkpoint(task.model, tc.init_from, train_ds.class_names, tc.class_map)
     extra = dict(getattr(task, "extra_modules", {}) or {})
     accelerate(task, tc)
     main = rank() == 0  # data-parallel runs: rank 0 evaluates and writes checkpoints
@@ -320,10 +326,9 @@ def fit(
     named = task.parameters_to_train()
     params = [p for _, p in named]
     optimizer = build_optimizer(named, tc)
-    out = Path(tc.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start_epoch, step, best_ap, best_epoch, history = 0, 0, -1.0, -1, []
-    if tc.resume and recover_checkpoint(out / "last"):
+    if resuming:
         meta = read_meta(out / "last")
         load_weights(out / "last", task.model, device)
         load_extra(out / "last", extra, device)

@@ -67,16 +67,16 @@ def run_demo(
     workdir.mkdir(parents=True, exist_ok=True)
     data = ensure_synthetic(workdir / "data", n_train, n_val)
     out = workdir / "teacher"
-    log.info("training the teacher (tiny-teacher, %d epochs) -> %s", teacher_epochs, out)
-    teacher = fit(demo_config("teacher", data, "tiny-teacher", teacher_epochs, out))
+    log.info("training the teacher (hybrid-tiny-teacher, %d epochs) -> %s", teacher_epochs, out)
+    teacher = fit(demo_config("teacher", data, "hybrid-tiny-teacher", teacher_epochs, out))
     t1 = time.perf_counter()
     log.info("running the demo sweep")
     summary = run_sweep(demo_spec(workdir, trials, sweep_epochs))
     best = summary.get("best") or {}
     print(f"\n{'model':<28} {'AP':>7}  checkpoint")
-    print(f"{'teacher (tiny-teacher)':<28} {teacher.best_ap:>7.4f}  {out / 'best'}")
+    print(f"{'teacher (hybrid-tiny-teacher)':<28} {teacher.best_ap:>7.4f}  {out / 'best'}")
     if best:
-        print(f"{'best student (tiny-student)':<28} {best['best_AP']:>7.4f}  {best.get('best_checkpoint', '-')}")
+        print(f"{'best student (hybrid-tiny-student)':<28} {best['best_AP']:>7.4f}  {best.get('best_checkpoint', '-')}")
         print("winning knobs: " + ", ".join(f"{k}={v}" for k, v in best["config"].items()))
     else:
         print("no trial of the sweep ran its full budget")

@@ -3,7 +3,7 @@
     name: demo                       # the sweep's id: launching the same name again resumes it
     teacher: demo-run/teacher/best   # teacher checkpoint (required)
     data: demo-run/data              # COCO-format data set (default: the teacher's)
-    student: tiny-student            # student preset (default: the teacher's counterpart)
+    student: hybrid-tiny-student            # student preset (default: the teacher's counterpart)
     epochs: 4                        # training budget of every trial
     config: {train: {batch_size: 8}} # fixed config values (sections data, model, loss, train, distill)
     search_space:                    # any dotted config key -> one of

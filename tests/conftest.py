@@ -43,7 +43,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def tiny_teacher(synth_data, tmp_path_factory) -> Path:
-    """A tiny-teacher checkpoint trained for two quick epochs on `synth_data` (its `best` directory)."""
+    """A hybrid-tiny-teacher checkpoint trained for two quick epochs on `synth_data` (its `best` directory)."""
     from clockdistill.config import config_from_dict
     from clockdistill.engine import fit
 
@@ -51,7 +51,7 @@ def tiny_teacher(synth_data, tmp_path_factory) -> Path:
     cfg = config_from_dict(
         {
             "data": {"root": str(synth_data)},
-            "model": {"preset": "tiny-teacher"},
+            "model": {"preset": "hybrid-tiny-teacher"},
             "train": {
                 "epochs": 2,
                 "batch_size": 8,
@@ -233,7 +233,7 @@ def tiny_sweep(tmp_path_factory):
     cfg = config_from_dict(
         {
             "data": {"root": str(data)},
-            "model": {"preset": "tiny-teacher"},
+            "model": {"preset": "hybrid-tiny-teacher"},
             "train": {
                 "epochs": 200,
                 "batch_size": 6,
@@ -253,7 +253,7 @@ def tiny_sweep(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     spec = root / "tiny.yaml"
     spec.write_text(
-        f"name: tiny\nteacher: {root / 'teacher' / 'best'}\nstudent: tiny-teacher\nepochs: 2\n"
+        f"name: tiny\nteacher: {root / 'teacher' / 'best'}\nstudent: hybrid-tiny-teacher\nepochs: 2\n"
         "config:\n  train: {batch_size: 6, weight_decay: 0.0, warmup_iters: 0, clip_max_norm: 1.0}\n"
         "  distill: {init_student: true, teacher_cache: 'on'}\n"
         f"  data: {{pad_to: max_size, decoded_cache: true, cache_dir: '{root / 'cache'}'}}\n"
@@ -262,7 +262,7 @@ def tiny_sweep(tmp_path_factory):
         "search: {algorithm: grid, seed: 1}\nscheduler: {type: asha, grace_period: 1, reduction_factor: 2}\n"
         "num_samples: 1\nmax_concurrent_trials: 1\nresources: {cpu: 1}\n"
         f"storage_path: {root / 'storage'}\nmlflow: "
-        f"{{tracking_uri: '{uri}', experiment: tiny, registered_model: tiny-student}}\n"
+        f"{{tracking_uri: '{uri}', experiment: tiny, registered_model: hybrid-tiny-student}}\n"
     )
     proc = run_sweep_cli(spec, root)
     return {

@@ -103,17 +103,21 @@ def test_registered_with_alias_champion_and_a_second_run_adds_no_version(tiny_sw
 
     _, manifest, _ = exported
     client = MlflowClient(tiny_sweep["tracking_uri"])
-    champion = client.get_model_version_by_alias("tiny-student", "champion")
+    champion = client.get_model_version_by_alias("hybrid-tiny-student", "champion")
     assert champion.tags["trial_id"] == manifest["trial_id"] and champion.tags["sweep_id"] == "tiny"
-    assert manifest["registered"] == {"model": "tiny-student", "version": str(champion.version), "alias": "champion"}
-    before = len(client.search_model_versions("name = 'tiny-student'"))
+    assert manifest["registered"] == {
+        "model": "hybrid-tiny-student",
+        "version": str(champion.version),
+        "alias": "champion",
+    }
+    before = len(client.search_model_versions("name = 'hybrid-tiny-student'"))
     proc = _best_student(tiny_sweep, tmp_path / "again")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "not registered again" in proc.stdout
-    assert len(client.search_model_versions("name = 'tiny-student'")) == before
-    assert client.get_model_version_by_alias("tiny-student", "champion").version == champion.version
+    assert len(client.search_model_versions("name = 'hybrid-tiny-student'")) == before
+    assert client.get_model_version_by_alias("hybrid-tiny-student", "champion").version == champion.version
     mlflow.set_tracking_uri(tiny_sweep["tracking_uri"])
-    loaded = mlflow.pytorch.load_model("models:/tiny-student@champion")
+    loaded = mlflow.pytorch.load_model("models:/hybrid-tiny-student@champion")
     images = torch.zeros(1, 3, 128, 128)
     logits, _ = loaded(images, torch.zeros(1, 128, 128, dtype=torch.bool))
     assert logits.shape[:2] == (1, json.loads((tmp_path / "again" / "config.json").read_text())["model"]["num_queries"])

@@ -329,3 +329,36 @@ def test_every_epoch_gets_fresh_augmentation_in_loader_workers(synth_data):
         g.manual_seed(0)  # the same order every epoch: only the augmentation may differ
         flips.append([t["view"] for _, _, targets in loader for t in targets])
     assert flips[0] != flips[1] or flips[1] != flips[2]
+
+
+@pytest.mark.parametrize("preset", ["deformable-detr-tiny-teacher-two-stage", "dab-detr-tiny-teacher"])
+def test_the_teacher_cache_equals_the_live_teacher_on_the_faithful_detectors(synth_data, tmp_path, preset):
+    """A two-stage teacher's own queries come from its proposals, a DAB-DETR teacher's from its
+    anchors: their cached predictions (vanilla KD) and target-aware outputs equal the live ones."""
+    from clockdistill.checkpoint import save_checkpoint
+    from clockdistill.config import config_from_dict
+    from clockdistill.data.synth import CLASSES
+    from clockdistill.models import build_detector
+
+    torch.manual_seed(0)
+    tcfg = config_from_dict({"data": {"root": str(synth_data)}, "model": {"preset": preset, "num_classes": 4}})
+    save_checkpoint(
+        tmp_path / "teacher",
+        build_detector(tcfg.model, 4),
+        {"config": tcfg.to_dict(), "class_names": list(CLASSES)},
+    )
+    for method in ("clockdistill", "vanilla_kd"):
+        cfg = _cfg(tmp_path / "teacher", tmp_path / "cache", method=method)
+        train_ds, _ = build_datasets(cfg)
+        teacher = FrozenTeacher.load(tmp_path / "teacher")
+        distiller = build_distiller(cfg, teacher, train_ds.num_classes, torch.device("cpu"))
+        cache = prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu"))
+        images, mask, targets = next(iter(_loader(train_ds, cfg, 0)))
+        distiller.cache = None
+        live, _ = distiller.losses(images, mask, targets)
+        distiller.cache = cache
+        cached, _ = distiller.losses(images, mask, targets)
+        for k in (k for k in live if k.startswith("kd_")):
+            a, b = live[k].item(), cached[k].item()
+            rtol, atol = (2e-3, 1e-5) if k.startswith("kd_mem") else (1e-4, 1e-6)
+            assert abs(a - b) <= rtol * abs(a) + atol, (preset, method, k, a, b)

@@ -5,19 +5,19 @@ from clockdistill.errors import ConfigError
 
 
 def test_preset_fills_fields_and_explicit_keys_win():
-    cfg = config_from_dict({"model": {"preset": "teacher", "dec_layers": 4}})
+    cfg = config_from_dict({"model": {"preset": "deformable-detr-r50", "dec_layers": 4}})
     assert cfg.model.backbone_depth == 50 and cfg.model.d_model == 256 and cfg.model.dec_layers == 4
-    assert config_from_dict({"model": {"preset": "tiny-student-dab"}}).model.arch == "dab"
+    assert config_from_dict({"model": {"preset": "dab-detr-tiny-student"}}).model.arch == "dab"
 
 
 def test_overrides_and_flatten_round_trip(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("train:\n  lr: 5e-5\n  epochs: 3\nmodel:\n  preset: tiny-student\n")
+    f.write_text("train:\n  lr: 5e-5\n  epochs: 3\nmodel:\n  preset: hybrid-tiny-student\n")
     cfg = load_config(f, ["train.epochs=7", "data.train_sizes=[96, 128]", "train.amp=false"])
     assert cfg.train.lr == 5e-5 and isinstance(cfg.train.lr, float)  # 5e-5 read as a number
     assert cfg.train.epochs == 7 and cfg.data.train_sizes == [96, 128] and cfg.train.amp is False
     flat = cfg.flatten()
-    assert flat["train.epochs"] == 7 and flat["model.preset"] == "tiny-student"
+    assert flat["train.epochs"] == 7 and flat["model.preset"] == "hybrid-tiny-student"
     again = config_from_dict(cfg.to_dict())
     assert again == cfg
 
@@ -67,7 +67,7 @@ def test_configs_are_values_no_function_changes_its_argument(tmp_path):
     from clockdistill.config import apply_overrides
     from clockdistill.distill import distill_config
 
-    raw = {"train": {"epochs": 1}, "model": {"preset": "tiny-student"}}
+    raw = {"train": {"epochs": 1}, "model": {"preset": "hybrid-tiny-student"}}
     before = copy.deepcopy(raw)
     assert apply_overrides(raw, ["train.epochs=3", "train.lr=1e-3"])["train"] == {"epochs": 3, "lr": 1e-3}
     cfg = config_from_dict(raw, ["train.epochs=5", "data.max_size=64"])
@@ -81,10 +81,12 @@ def test_configs_are_values_no_function_changes_its_argument(tmp_path):
     # distill_config reads a teacher checkpoint's metadata and fills in what the dict leaves out
     teacher = tmp_path / "teacher"
     teacher.mkdir()
-    tcfg = config_from_dict({"data": {"root": "somewhere"}, "model": {"preset": "tiny-teacher"}})
+    tcfg = config_from_dict({"data": {"root": "somewhere"}, "model": {"preset": "hybrid-tiny-teacher"}})
     (teacher / "meta.json").write_text(__import__("json").dumps({"config": tcfg.to_dict(), "class_names": ["a", "b"]}))
     data = {"distill": {"memory": {"alpha": 1e-3}}, "train": {"epochs": 2}}
     before = copy.deepcopy(data)
     kd = distill_config(data=data, overrides=["distill.logit.temperature=4"], teacher=teacher)
-    assert kd.model.preset == "tiny-student" and kd.data.root == "somewhere" and kd.distill.logit.temperature == 4
+    assert (
+        kd.model.preset == "hybrid-tiny-student" and kd.data.root == "somewhere" and kd.distill.logit.temperature == 4
+    )
     assert data == before

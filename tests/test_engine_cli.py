@@ -17,14 +17,14 @@ def tiny_config(data, out, **train):
     return config_from_dict(
         {
             "data": {"root": str(data), "max_size": 96},
-            "model": {"preset": "tiny-student"},
+            "model": {"preset": "hybrid-tiny-student"},
             "train": {"epochs": 2, "batch_size": 4, "output_dir": str(out), "progress": False, **train},
         }
     )
 
 
 def test_checkpoint_round_trip_without_pickle(tmp_path):
-    cfg = config_from_dict({"model": {"preset": "tiny-student"}})
+    cfg = config_from_dict({"model": {"preset": "hybrid-tiny-student"}})
     model = build_detector(cfg.model, 3)
     opt = build_optimizer(list(model.named_parameters()), cfg.train)
     loss = sum(p.sum() for p in model.parameters())
@@ -57,7 +57,7 @@ def test_a_save_interrupted_between_its_renames_leaves_the_old_or_the_new_checkp
 
     from clockdistill import checkpoint as ck
 
-    cfg = config_from_dict({"model": {"preset": "tiny-student"}})
+    cfg = config_from_dict({"model": {"preset": "hybrid-tiny-student"}})
     model = build_detector(cfg.model, 3)
     save_checkpoint(tmp_path / "last", model, {"epoch": 0})
     calls, real_replace = [], os.replace
@@ -130,7 +130,7 @@ def test_cli_train_then_evaluate(synth_data, tmp_path):
         "--set",
         f"data.root={synth_data}",
         "--set",
-        "model.preset=tiny-student",
+        "model.preset=hybrid-tiny-student",
         "--set",
         "train.epochs=1",
         "--set",

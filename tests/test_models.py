@@ -7,7 +7,7 @@ from clockdistill.config import config_from_dict
 from clockdistill.data import CocoDetection, DetectionTransform, collate
 from clockdistill.engine import build_optimizer
 from clockdistill.evaluation import coco_evaluate, postprocess, to_coco_results
-from clockdistill.losses import SetCriterion, detection_weights, weighted_sum
+from clockdistill.losses import SetCriterion, model_detection_weights, weighted_sum
 from clockdistill.models import build_detector
 from clockdistill.models.deformable_attention import deformable_sample
 
@@ -49,7 +49,7 @@ def test_deformable_sample_matches_naive_bilinear():
     assert torch.allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("preset", ["tiny-teacher", "tiny-student-dab"])
+@pytest.mark.parametrize("preset", ["hybrid-tiny-teacher", "dab-detr-tiny-student"])
 def test_output_dict_shapes_and_extra_queries(preset):
     cfg = config_from_dict({"model": {"preset": preset}})
     model = build_detector(cfg.model, num_classes=5).eval()
@@ -82,7 +82,7 @@ def test_output_dict_shapes_and_extra_queries(preset):
 def test_padding_geometry_of_a_padded_image():
     """An image padded inside a larger batch: every level's valid ratios and the memory padding mask
     cover exactly its unpadded part."""
-    cfg = config_from_dict({"model": {"preset": "tiny-teacher"}})
+    cfg = config_from_dict({"model": {"preset": "hybrid-tiny-teacher"}})
     model = build_detector(cfg.model, 3).eval()
     images = torch.randn(2, 3, 96, 128)
     mask = torch.zeros(2, 96, 128, dtype=torch.bool)
@@ -108,7 +108,7 @@ def overfit(preset: str, data, steps: int, lr: float = 1e-3):
     cfg = config_from_dict({"model": {"preset": preset}, "train": {"lr": lr, "lr_backbone": lr, "weight_decay": 0.0}})
     model = build_detector(cfg.model, ds.num_classes)
     crit = SetCriterion.from_config(cfg.loss, ds.num_classes)
-    weights = detection_weights(cfg.loss, cfg.model.dec_layers - 1)
+    weights = model_detection_weights(cfg.loss, cfg.model)
     opt = build_optimizer(list(model.named_parameters()), cfg.train)
     losses = []
     for step in range(steps):
@@ -129,7 +129,7 @@ def overfit(preset: str, data, steps: int, lr: float = 1e-3):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,steps", [("tiny-teacher", 400), ("tiny-teacher-dab", 400)])
+@pytest.mark.parametrize("preset,steps", [("hybrid-tiny-teacher", 400), ("dab-detr-tiny-teacher", 400)])
 def test_detector_overfits_one_batch(preset, steps, synth_data):
     losses, metrics = overfit(preset, synth_data, steps)
     # Measured over seeds 0-4 and 1 or 2 threads: loss ratio 0.003-0.04, AP 1.0 except seed 0 of the
@@ -137,3 +137,51 @@ def test_detector_overfits_one_batch(preset, steps, synth_data):
     # two; the thresholds sit well clear of that spread.
     assert sum(losses[-10:]) / 10 < 0.2 * sum(losses[:10]) / 10
     assert metrics["AP"] > 0.75, metrics
+
+
+def test_faithful_detectors_start_as_the_references_do():
+    """The reference implementations' initialisation and frozen parts (checked here; the numbers of
+    a forward pass are checked against transformers in test_reference_detectors.py)."""
+    from clockdistill.models.deformable_attention import MSDeformAttn
+    from clockdistill.models.resnet import FrozenBatchNorm2d
+
+    prior = -math.log((1 - 0.01) / 0.01)
+    for variant in ("", "-refine", "-two-stage"):
+        torch.manual_seed(0)
+        m = build_detector(config_from_dict({"model": {"preset": f"deformable-detr-r50{variant}"}}).model, 91)
+        attn = m.encoder.layers[0].self_attn
+        assert (
+            isinstance(attn, MSDeformAttn)
+            and not attn.sampling_offsets.weight.any()
+            and not attn.attention_weights.bias.any()
+        )
+        ring = attn.sampling_offsets.bias.view(8, 4, 4, 2)  # heads, levels, points, (x, y)
+        for h in range(8):
+            theta = 2 * math.pi * h / 8
+            direction = torch.tensor([math.cos(theta), math.sin(theta)])
+            direction = direction / direction.abs().max()
+            for p in range(4):
+                assert torch.allclose(ring[h, 0, p], direction * (p + 1), atol=1e-5)
+        assert 0.85 < m.level_embed.std().item() < 1.15  # N(0, 1), not the 0.02 a look-alike uses
+        heads = list(m.class_embed) if variant else [m.class_embed]
+        assert all(torch.allclose(c.bias, torch.full_like(c.bias, prior)) for c in heads)
+        boxes = list(m.bbox_embed) if variant else [m.bbox_embed]
+        assert not any(b.layers[-1].weight.any() for b in boxes)
+        size_bias = boxes[0].layers[-1].bias[2:]
+        assert torch.equal(size_bias, torch.full_like(size_bias, 0.0 if variant == "-two-stage" else -2.0))
+        assert all(not b.layers[-1].bias.any() for b in boxes[1:])
+        if variant:  # one head per layer, and the two-stage proposals' own
+            assert len(heads) == 6 + (variant == "-two-stage")
+        frozen = {n.split(".")[1] for n, p in m.named_parameters() if n.startswith("backbone.") and not p.requires_grad}
+        assert frozen == {"conv1", "layer1"} and all(p.requires_grad for n, p in m.named_parameters() if "layer2" in n)
+        assert isinstance(m.backbone.bn1, FrozenBatchNorm2d) and not list(m.backbone.bn1.parameters())
+    dab = build_detector(config_from_dict({"model": {"preset": "dab-detr-r50"}}).model, 91)
+    assert torch.allclose(dab.class_embed.bias, torch.full_like(dab.class_embed.bias, prior))
+    assert not dab.bbox_embed.layers[-1].weight.any() and not dab.bbox_embed.layers[-1].bias.any()
+    assert hasattr(dab.decoder.layers[0], "ca_qpos_proj") and not hasattr(dab.decoder.layers[1], "ca_qpos_proj")
+    assert dab.encoder.layers[0].activation.weight.item() == 0.25  # PReLU
+    assert (
+        dab.backbone.strides[-1] == 32
+        and build_detector(config_from_dict({"model": {"preset": "dab-detr-r50-dc5"}}).model, 91).backbone.strides[-1]
+        == 16
+    )

@@ -8,7 +8,7 @@ import torch
 from clockdistill.config import ConfigError, config_from_dict
 from clockdistill.data import CocoDetection, DetectionTransform, collate
 from clockdistill.engine import DetectionTask, accelerate
-from clockdistill.losses import SetCriterion, detection_weights
+from clockdistill.losses import SetCriterion, model_detection_weights
 from clockdistill.models import build_detector
 
 
@@ -21,9 +21,7 @@ def batch(synth_data):
 def _task(cfg):
     torch.manual_seed(0)
     model = build_detector(cfg.model, 4)
-    return DetectionTask(
-        model, SetCriterion.from_config(cfg.loss, 4), detection_weights(cfg.loss, cfg.model.dec_layers - 1)
-    )
+    return DetectionTask(model, SetCriterion.from_config(cfg.loss, 4), model_detection_weights(cfg.loss, cfg.model))
 
 
 def _step(task, batch, channels_last=False):
@@ -38,7 +36,7 @@ def _step(task, batch, channels_last=False):
 
 @pytest.mark.parametrize("switch", [{"channels_last": True}, {"compile": "default"}], ids=["channels_last", "compile"])
 def test_speed_switches_leave_loss_and_gradients_unchanged(batch, switch, monkeypatch):
-    cfg = config_from_dict({"model": {"preset": "tiny-student"}, "train": switch})
+    cfg = config_from_dict({"model": {"preset": "hybrid-tiny-student"}, "train": switch})
     eager = _task(cfg)
     fast = _task(cfg)
     fast.model.load_state_dict(copy.deepcopy(eager.model.state_dict()))
@@ -59,7 +57,7 @@ def test_speed_switches_leave_loss_and_gradients_unchanged(batch, switch, monkey
     if cfg.train.compile != "off":
         assert compiled == ["encode", "decode"] and {"encode", "decode"} <= set(vars(fast.model))  # compiled in place
     if cfg.train.channels_last:
-        assert fast.model.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert fast.model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     loss_e, grads_e = _step(eager, batch)
     loss_f, grads_f = _step(fast, batch, cfg.train.channels_last)
     assert abs(loss_e - loss_f) <= 1e-4 * abs(loss_e)

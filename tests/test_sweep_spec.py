@@ -262,7 +262,7 @@ def test_demo_runs_data_teacher_sweep_and_prints_the_best_student(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "best student (tiny-student)" in proc.stdout and "winning knobs: distill." in proc.stdout
+    assert "best student (hybrid-tiny-student)" in proc.stdout and "winning knobs: distill." in proc.stdout
     assert "sweep demo: 2 trials, 2 ran the full budget" in proc.stdout
     # the demo ends with the report and the exported, registered best student
     assert (tmp_path / "demo" / "report" / "trials.parquet").is_file() and (

@@ -28,9 +28,9 @@ from clockdistill.distill.queries import TargetQueryBuilder
 from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.distributed import is_distributed
 from clockdistill.errors import TrainingDiverged
-from clockdistill.losses import SetCriterion, detection_weights
+from clockdistill.losses import SetCriterion, model_detection_weights
 from clockdistill.methods import method
-from clockdistill.models.transformer import Memory
+from clockdistill.models import Memory, Queries
 from clockdistill.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 
 log = logging.getLogger(__name__)
@@ -80,15 +80,14 @@ class StudentPass(nn.Module):
     def forward(self, images: Tensor, mask: Tensor, qs=None):
         m = self.student
         mem = m.encode(images, mask)
-        if qs is not None and qs.size and self.fuse:
-            out, target = self._decode_fused(mem, qs)
+        own = m.default_queries(mem)
+        extra = target_queries(m, self.queries, qs) if qs is not None and qs.size else None
+        if extra is not None and self.fuse and extra["reference"].shape[-1] == own.reference.shape[-1]:
+            out, target = self._decode_fused(mem, own, extra)
         else:
-            out = m.decode(mem, *m.default_queries(images.shape[0]))
-            target = (
-                decoder_layers(m.decode(mem, **self.queries.embed(qs, m.cfg.d_model)))
-                if qs is not None and qs.size
-                else None
-            )
+            out = m.decode(mem, own.content, own.reference, own.position)
+            target = decoder_layers(m.decode(mem, **extra)) if extra is not None else None
+        out.update(own.outputs)  # a two-stage student's proposals, for its detection loss
         tokens = None
         if self.tokens is not None:
             tokens = mem.memory + mem.pos if self.tokens == "memory+pos" else mem.memory
@@ -96,22 +95,22 @@ class StudentPass(nn.Module):
                 tokens = self.adapter(tokens)
         return mem, tokens, out, target
 
-    def _decode_fused(self, mem_s: Memory, qs) -> tuple[dict[str, Any], list[dict[str, Tensor]]]:
+    def _decode_fused(self, mem_s: Memory, own: Queries, extra: dict[str, Tensor]) -> tuple[dict[str, Any], list]:
         """The student's own queries and the target-aware queries in one decoder pass: concatenated,
         with a self-attention mask that keeps the two sets (and the query groups) apart, so every
         output equals that of two separate passes, for one pass's fixed cost. Returns the default
-        queries' output (as `decode`) and the target-aware queries' per-layer predictions."""
-        m = self.student
-        B = mem_s.memory.shape[0]
-        content, reference = m.default_queries(B)
-        extra = self.queries.embed(qs, m.cfg.d_model)
-        Q, K = content.shape[1], qs.size
+        queries' output (as `decode`) and the target-aware queries' per-layer predictions. (Only when
+        both start from the same kind of reference: a box refining detector's own queries start from
+        points, its target-aware ones from boxes, and are then decoded apart.)"""
+        content, reference = own.content, own.reference
+        B, Q, K = content.shape[0], content.shape[1], extra["content"].shape[1]
         attn_mask = torch.ones(B, Q + K, Q + K, dtype=torch.bool, device=content.device)
         attn_mask[:, :Q, :Q] = False
         attn_mask[:, Q:, Q:] = extra["self_attn_mask"]
-        position = torch.cat([extra["position"].new_zeros(B, Q, extra["position"].shape[-1]), extra["position"]], 1)
+        own_pos = own.position if own.position is not None else torch.zeros_like(content)
+        position = torch.cat([own_pos, extra["position"].to(own_pos.dtype)], 1)
         layers = decoder_layers(
-            m.decode(
+            self.student.decode(
                 mem_s,
                 torch.cat([content, extra["content"].to(content.dtype)], 1),
                 torch.cat([reference, extra["reference"].to(reference.dtype)], 1),
@@ -119,9 +118,19 @@ class StudentPass(nn.Module):
                 attn_mask,
             )
         )
-        own = [{k: v[:, :Q] for k, v in layer.items()} for layer in layers]
+        own_layers = [{k: v[:, :Q] for k, v in layer.items()} for layer in layers]
         target = [{k: v[:, Q:] for k, v in layer.items()} for layer in layers]
-        return {**own[-1], "aux_outputs": own[:-1]}, target
+        return {**own_layers[-1], "aux_outputs": own_layers[:-1]}, target
+
+
+def target_queries(model: nn.Module, builder: TargetQueryBuilder, qs) -> dict[str, Tensor]:
+    """The target-aware queries as `model.decode` inputs: embedded at the model's width, their
+    reference the GT box, or its centre for a detector whose queries are points (plain Deformable
+    DETR). They never pass through a two-stage detector's proposals."""
+    extra = builder.embed(qs, model.cfg.d_model)
+    if getattr(model, "target_query_dim", 4) == 2:
+        extra = {**extra, "reference": extra["reference"][..., :2]}
+    return extra
 
 
 class Distiller:
@@ -150,7 +159,7 @@ class Distiller:
             )
         self.queries = TargetQueryBuilder(student.num_classes, [dt, ds], dc.logit) if self.uses_queries else None
         self.criterion = SetCriterion.from_config(cfg.loss, student.num_classes)
-        self.weights = detection_weights(cfg.loss, student.cfg.dec_layers - 1)
+        self.weights = model_detection_weights(cfg.loss, student.cfg)
         self.kd_weights = self._kd_weights()
         self.weights.update(self.kd_weights)
         self.cache = (
@@ -242,7 +251,7 @@ class Distiller:
         if mem_t.spatial_shapes != mem_s.spatial_shapes:
             raise ConfigError(
                 f"model: the student's memory levels {mem_s.spatial_shapes} do not line up with the teacher's "
-                f"{mem_t.spatial_shapes} (use the same num_levels / feature_stride)"
+                f"{mem_t.spatial_shapes} (use the same num_levels and dilation)"
             )
         return mem_t.memory + mem_t.pos if self.dcfg.memory.with_pos else mem_t.memory
 
@@ -270,7 +279,9 @@ class Distiller:
             n_gt = max((len(t["labels"]) for t in targets), default=0)
             layers_t = self.cache.query_layers(targets, n_gt, qs.labels.device, qs.size)
         else:
-            layers_t = decoder_layers(self.teacher.decode(mem_t, **self.queries.embed(qs, self.teacher.cfg.d_model)))
+            layers_t = decoder_layers(
+                self.teacher.decode(mem_t, **target_queries(self.teacher.detector, self.queries, qs))
+            )
         return self._pair_terms([(e_s, layers_t[e_t], layers_s[e_s]) for e_s, e_t in self.pairs], qs.valid)
 
     def _matched_terms(self, layers_t: list[dict], out_s: dict) -> dict[str, Tensor]:
@@ -407,14 +418,14 @@ def _check_memory_geometry(t, s) -> None:
     """Memory distillation compares token i of the teacher with token i of the student."""
     if t.arch != s.arch:
         raise ConfigError(f"model.arch: memory distillation needs the teacher's architecture ({t.arch}), got {s.arch}")
-    if t.arch == "deformable" and t.num_levels != s.num_levels:
+    if t.arch != "dab" and t.num_levels != s.num_levels:
         raise ConfigError(
             f"model.num_levels: memory distillation needs the teacher's {t.num_levels} levels, got {s.num_levels}"
         )
-    if t.arch == "dab" and t.feature_stride != s.feature_stride:
+    if t.dilation != s.dilation:
         raise ConfigError(
-            f"model.feature_stride: memory distillation needs the teacher's stride {t.feature_stride}, got "
-            f"{s.feature_stride}"
+            f"model.dilation: memory distillation needs the teacher's feature stride (dilation {t.dilation}), "
+            f"got dilation {s.dilation}"
         )
 
 

@@ -4,7 +4,7 @@
     result = run_distillation(cfg, on_epoch_end=callback)   # callback(epoch, metrics, checkpoint_dir)
 
 Keys the config leaves out are taken from the teacher's checkpoint: the whole `data` section (same
-data set, image size and splits) and the student preset (`tiny-teacher` -> `tiny-student`, ...).
+data set, image size and splits) and the student preset (`hybrid-tiny-teacher` -> `hybrid-tiny-student`, ...).
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.engine import EpochCallback, FitResult, build_datasets, fit, select_device
 from clockdistill.errors import ConfigError, DataError
 from clockdistill.models import build_detector
-from clockdistill.models.presets import PRESETS
+from clockdistill.models.presets import student_preset_for as usual_student
 
 log = logging.getLogger(__name__)
 
 
 def student_preset_for(teacher_preset: str) -> str:
-    name = teacher_preset.replace("teacher", "student")
-    if name == teacher_preset or name not in PRESETS:
+    name = usual_student(teacher_preset)
+    if name is None:
         raise ConfigError(
             f"model.preset: no student preset given, and none follows from the teacher's preset {teacher_preset!r} "
             "(set model.preset)"

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from clockdistill.models.transformer import Memory
+from clockdistill.models import Memory
 
 
 class FrozenTeacher(nn.Module):
@@ -60,4 +60,5 @@ class FrozenTeacher(nn.Module):
     @torch.no_grad()
     def predict_default(self, mem: Memory) -> dict[str, Any]:
         """The teacher's own (learned) queries decoded on a memory."""
-        return self.detector.decode(mem, *self.detector.default_queries(mem.memory.shape[0]))
+        own = self.detector.default_queries(mem)
+        return self.detector.decode(mem, own.content, own.reference, own.position)

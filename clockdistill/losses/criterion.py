@@ -77,17 +77,29 @@ class SetCriterion(nn.Module):
         if self.aux_loss:
             for i, aux in enumerate(outputs.get("aux_outputs", [])):
                 losses.update({f"{k}_{i}": v for k, v in self.layer_losses(aux, targets, num_boxes).items()})
+        if "enc_outputs" in outputs:  # two-stage proposals: class-agnostic, every object is class 0
+            agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            enc = self.layer_losses(outputs["enc_outputs"], agnostic, num_boxes)
+            losses.update({f"{k}_enc": v for k, v in enc.items()})
         return losses
 
 
-def detection_weights(cfg: LossConfig, num_aux: int) -> dict[str, float]:
-    """Weight of every term the criterion returns, aux layers included."""
+def detection_weights(cfg: LossConfig, num_aux: int, proposals: bool = False) -> dict[str, float]:
+    """Weight of every term the criterion returns: aux layers included, and a two-stage detector's
+    proposal terms (`*_enc`) when `proposals`."""
     base = {"loss_cls": cfg.cls, "loss_bbox": cfg.bbox, "loss_giou": cfg.giou}
     weights = dict(base)
     if cfg.aux_loss:
         for i in range(num_aux):
             weights.update({f"{k}_{i}": w for k, w in base.items()})
+    if proposals:
+        weights.update({f"{k}_enc": w for k, w in base.items()})
     return weights
+
+
+def model_detection_weights(cfg: LossConfig, model_cfg) -> dict[str, float]:
+    """`detection_weights` for a detector's config."""
+    return detection_weights(cfg, model_cfg.dec_layers - 1, model_cfg.two_stage)
 
 
 def weighted_sum(losses: dict[str, Tensor], weights: dict[str, float]) -> Tensor:

@@ -1,8 +1,17 @@
 """Named detector presets. A preset fills every ModelConfig field; a config may override any of them.
 
-teacher / student are the full-size pair (d_model 256, so memories line up without an adapter);
-tiny-teacher / tiny-student run on a CPU in minutes, for tests and the demo. `-dab` variants use the
-single-scale DAB-style detector instead of Deformable DETR.
+Presets named after a paper detector are that detector as its reference implementation builds it
+(the published checkpoints load into them), at the sizes distillation papers pair:
+
+    deformable-detr-{r18,r50,r101}[-refine|-two-stage]   Deformable DETR: 4 levels, 6/6 layers, d 256,
+                                                         300 queries, frozen-BN ResNet (stem+layer1 frozen)
+    dab-detr-{r18,r50,r101}[-dc5]                        DAB-DETR: single scale, 6/6 layers, d 256, PReLU
+    *-tiny-teacher, *-tiny-student                       the same architectures at CPU size (ResNet-18
+                                                         x0.25 / x0.125, d 64, trainable BatchNorm), for
+                                                         tests, the demo and CPU benchmarks
+
+`hybrid-*` are this project's own DETR (models/hybrid.py), which trains fast from scratch.
+`student_preset_for` gives the student a teacher preset is usually distilled into.
 """
 
 from __future__ import annotations
@@ -11,35 +20,11 @@ from typing import Any
 
 from clockdistill.errors import ConfigError
 
-_DEFORMABLE: dict[str, dict[str, Any]] = {
+_REFERENCE_BACKBONE = dict(backbone_width=1.0, backbone_norm="frozen", backbone_frozen_stages=1)
+_TINY_BACKBONE = dict(backbone_depth=18, backbone_norm="batch", backbone_frozen_stages=0, dropout=0.0)
+_TINY = {  # teacher / student sizes shared by every tiny architecture
     "teacher": dict(
-        backbone_depth=50,
-        backbone_width=1.0,
-        d_model=256,
-        nheads=8,
-        enc_layers=6,
-        dec_layers=6,
-        ffn_dim=1024,
-        num_queries=300,
-        num_levels=4,
-        n_points=4,
-        dropout=0.1,
-    ),
-    "student": dict(
-        backbone_depth=18,
-        backbone_width=1.0,
-        d_model=256,
-        nheads=8,
-        enc_layers=3,
-        dec_layers=6,
-        ffn_dim=1024,
-        num_queries=300,
-        num_levels=4,
-        n_points=4,
-        dropout=0.1,
-    ),
-    "tiny-teacher": dict(
-        backbone_depth=18,
+        _TINY_BACKBONE,
         backbone_width=0.25,
         d_model=64,
         nheads=4,
@@ -47,12 +32,9 @@ _DEFORMABLE: dict[str, dict[str, Any]] = {
         dec_layers=3,
         ffn_dim=256,
         num_queries=30,
-        num_levels=3,
-        n_points=4,
-        dropout=0.0,
     ),
-    "tiny-student": dict(
-        backbone_depth=18,
+    "student": dict(
+        _TINY_BACKBONE,
         backbone_width=0.125,
         d_model=64,
         nheads=4,
@@ -60,20 +42,91 @@ _DEFORMABLE: dict[str, dict[str, Any]] = {
         dec_layers=3,
         ffn_dim=128,
         num_queries=30,
-        num_levels=3,
-        n_points=4,
-        dropout=0.0,
     ),
 }
 
 PRESETS: dict[str, dict[str, Any]] = {}
-for _name, _fields in _DEFORMABLE.items():
-    PRESETS[_name] = {"arch": "deformable", **_fields}
-    _dab = {k: v for k, v in _fields.items() if k not in ("num_levels", "n_points")}
-    PRESETS[f"{_name}-dab"] = {"arch": "dab", "feature_stride": 32 if _name in ("teacher", "student") else 16, **_dab}
+_STUDENTS: dict[str, str] = {}  # teacher preset -> its usual student
+
+_DEFORMABLE = dict(
+    arch="deformable",
+    d_model=256,
+    nheads=8,
+    enc_layers=6,
+    dec_layers=6,
+    ffn_dim=1024,
+    dropout=0.1,
+    num_queries=300,
+    num_levels=4,
+    n_points=4,
+    dilation=False,
+)
+_DAB = dict(
+    arch="dab",
+    d_model=256,
+    nheads=8,
+    enc_layers=6,
+    dec_layers=6,
+    ffn_dim=2048,
+    dropout=0.0,
+    num_queries=300,
+    num_levels=1,
+    n_points=4,
+)
+_VARIANTS = {"": {}, "-refine": {"box_refine": True}, "-two-stage": {"box_refine": True, "two_stage": True}}
+
+for _depth in (18, 50, 101):
+    for _suffix, _variant in _VARIANTS.items():
+        PRESETS[f"deformable-detr-r{_depth}{_suffix}"] = {
+            **_DEFORMABLE,
+            **_REFERENCE_BACKBONE,
+            "backbone_depth": _depth,
+            **_variant,
+        }
+        PRESETS[f"deformable-detr-tiny-teacher{_suffix}"] = {**_DEFORMABLE, **_TINY["teacher"], **_variant}
+        PRESETS[f"deformable-detr-tiny-student{_suffix}"] = {**_DEFORMABLE, **_TINY["student"], **_variant}
+    for _suffix, _dilation in (("", False), ("-dc5", True)):
+        PRESETS[f"dab-detr-r{_depth}{_suffix}"] = {
+            **_DAB,
+            **_REFERENCE_BACKBONE,
+            "backbone_depth": _depth,
+            "dilation": _dilation,
+        }
+for _size in ("teacher", "student"):  # C5 of a 128-pixel image is 4 x 4 cells: the tiny DAB dilates (DC5)
+    PRESETS[f"dab-detr-tiny-{_size}"] = {**_DAB, **_TINY[_size], "dilation": True}
+
+_HYBRID = dict(arch="hybrid", backbone_norm="batch", backbone_frozen_stages=0, dilation=False, n_points=4)
+PRESETS["hybrid-teacher"] = dict(
+    _HYBRID,
+    backbone_depth=50,
+    backbone_width=1.0,
+    d_model=256,
+    nheads=8,
+    enc_layers=6,
+    dec_layers=6,
+    ffn_dim=1024,
+    num_queries=300,
+    num_levels=4,
+    dropout=0.1,
+)
+PRESETS["hybrid-student"] = dict(PRESETS["hybrid-teacher"], backbone_depth=18, enc_layers=3)
+PRESETS["hybrid-tiny-teacher"] = dict(_HYBRID, **_TINY["teacher"], num_levels=3)
+PRESETS["hybrid-tiny-student"] = dict(_HYBRID, **_TINY["student"], num_levels=3)
+
+for _name in PRESETS:
+    if "teacher" in _name:
+        _STUDENTS[_name] = _name.replace("teacher", "student")
+    for _big, _small in (("r101", "r50"), ("r50", "r18")):
+        if f"-{_big}" in _name:
+            _STUDENTS[_name] = _name.replace(f"-{_big}", f"-{_small}")
 
 
 def preset_fields(name: str) -> dict[str, Any]:
     if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})")
     return dict(PRESETS[name])
+
+
+def student_preset_for(teacher_preset: str) -> str | None:
+    """The student preset a teacher preset is usually distilled into (None when it has none)."""
+    return _STUDENTS.get(teacher_preset)

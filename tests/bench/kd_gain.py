@@ -51,8 +51,8 @@ def main() -> None:
     ap.add_argument("--teacher-epochs", type=int, default=16)
     ap.add_argument("--train", type=int, default=2000)
     ap.add_argument("--val", type=int, default=300)
-    ap.add_argument("--teacher-preset", default="tiny-teacher")
-    ap.add_argument("--student-preset", default="tiny-student")
+    ap.add_argument("--teacher-preset", default="hybrid-tiny-teacher")
+    ap.add_argument("--student-preset", default="hybrid-tiny-student")
     ap.add_argument(
         "--variant",
         action="append",

@@ -1,7 +1,7 @@
 """Benchmark: training-step and frozen-forward times of the model presets, and what the speed
 switches (train.channels_last, train.compile) do to them.
 
-    python tests/bench/preset_steps.py [--device cuda|cpu] [--presets teacher student ...] [--batch 8]
+    python tests/bench/preset_steps.py [--device cuda|cpu] [--presets deformable-detr-r50 ...] [--batch 8]
                                        [--size 640] [--switches eager channels_last compile] [--repeats 10]
 
 For every preset and switch: one full supervised training step (forward, set-criterion loss,
@@ -13,7 +13,9 @@ are warm-up and not timed. Printed: ms per step, images/s, peak CUDA memory, and
 variant's step adds at its peak (activations, gradients, optimizer state), and each switch's step
 time over eager (below 1.0: the switch helps this preset on this device).
 
-Defaults: on CUDA the four deformable presets at 640 px; on CPU the two tiny ones at 128 px.
+Defaults: on CUDA the full-size Deformable DETR, DAB-DETR and hybrid teachers and students at 640 px;
+on CPU their tiny versions at 128 px. Each faithful preset's times are also printed over those of the
+hybrid preset of its size, which it replaced as the detector of the paper detectors' names.
 """
 
 from __future__ import annotations
@@ -26,10 +28,20 @@ from timing import device_sync, fixed_batch, interleaved_medians, training_step 
 
 from clockdistill.config import config_from_dict
 from clockdistill.engine import DetectionTask, accelerate
-from clockdistill.losses import SetCriterion, detection_weights
+from clockdistill.losses import SetCriterion, model_detection_weights
 from clockdistill.models import build_detector
 
 SWITCHES = {"eager": {}, "channels_last": {"channels_last": True}, "compile": {"compile": "default"}}
+REPLACED = {  # faithful preset -> the hybrid preset of its size
+    "deformable-detr-r50": "hybrid-teacher",
+    "deformable-detr-r18": "hybrid-student",
+    "dab-detr-r50": "hybrid-teacher",
+    "dab-detr-r18": "hybrid-student",
+    "deformable-detr-tiny-teacher": "hybrid-tiny-teacher",
+    "deformable-detr-tiny-student": "hybrid-tiny-student",
+    "dab-detr-tiny-teacher": "hybrid-tiny-teacher",
+    "dab-detr-tiny-student": "hybrid-tiny-student",
+}
 
 
 def main() -> None:
@@ -38,8 +50,8 @@ def main() -> None:
     ap.add_argument(
         "--presets",
         nargs="+",
-        help="model presets (default: teacher student tiny-teacher tiny-student on "
-        "CUDA, tiny-teacher tiny-student on CPU)",
+        help="model presets (default: the full-size faithful and hybrid teachers and students on CUDA, their "
+        "tiny versions on CPU)",
     )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, help="square canvas side in pixels (default: 640 on CUDA, 128 on CPU)")
@@ -50,8 +62,8 @@ def main() -> None:
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: no CUDA device here (torch.cuda.is_available() is False)")
-    presets = args.presets or (
-        ["teacher", "student", "tiny-teacher", "tiny-student"] if cuda else ["tiny-teacher", "tiny-student"]
+    presets = args.presets or [p for p in REPLACED if ("tiny" in p) != cuda] + sorted(
+        {v for k, v in REPLACED.items() if ("tiny" in k) != cuda}
     )
     size = args.size or (640 if cuda else 128)
 
@@ -67,7 +79,7 @@ def main() -> None:
             task = DetectionTask(
                 model,
                 SetCriterion.from_config(cfg.loss, ds.num_classes),
-                detection_weights(cfg.loss, cfg.model.dec_layers - 1),
+                model_detection_weights(cfg.loss, cfg.model),
             )
             accelerate(task, cfg.train)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -105,7 +117,7 @@ def main() -> None:
         f"median of {args.repeats}"
     )
     print(
-        f"{'preset':<16}{'switch':<15}{'step ms':>9}{'img/s':>8}{'fwd ms':>9}{'step MiB':>10}"
+        f"{'preset':<30}{'switch':<15}{'step ms':>9}{'img/s':>8}{'fwd ms':>9}{'step MiB':>10}"
         f"{'step / eager':>14}{'fwd / eager':>13}"
     )
     for preset in presets:
@@ -114,18 +126,15 @@ def main() -> None:
             es, ef = med.get((preset, "eager", "step")), med.get((preset, "eager", "forward"))
             mem = f"{peak[(preset, switch, 'step')]:.0f}" if cuda else "-"
             print(
-                f"{preset:<16}{switch:<15}{s * 1e3:>9.1f}{args.batch / s:>8.1f}{f * 1e3:>9.1f}{mem:>10}"
+                f"{preset:<30}{switch:<15}{s * 1e3:>9.1f}{args.batch / s:>8.1f}{f * 1e3:>9.1f}{mem:>10}"
                 f"{(f'{s / es:.3f}' if es else '-'):>14}{(f'{f / ef:.3f}' if ef else '-'):>13}"
             )
-    pairs = [
-        (t, s) for t, s in (("teacher", "student"), ("tiny-teacher", "tiny-student")) if t in presets and s in presets
-    ]
-    for t, s in pairs:
-        if "eager" in args.switches:
-            print(
-                f"{t} / {s}, eager: step {med[(t, 'eager', 'step')] / med[(s, 'eager', 'step')]:.2f}x, "
-                f"forward {med[(t, 'eager', 'forward')] / med[(s, 'eager', 'forward')]:.2f}x"
-            )
+    if "eager" in args.switches:
+        for faithful, hybrid in REPLACED.items():
+            if faithful in presets and hybrid in presets:
+                step = med[(faithful, "eager", "step")] / med[(hybrid, "eager", "step")]
+                fwd = med[(faithful, "eager", "forward")] / med[(hybrid, "eager", "forward")]
+                print(f"{faithful} / {hybrid}, eager: step {step:.2f}x, forward {fwd:.2f}x")
 
 
 if __name__ == "__main__":

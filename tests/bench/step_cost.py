@@ -1,6 +1,6 @@
 """Benchmark: the cost of one distillation training step against one plain student step, same batch.
 
-    python tests/bench/step_cost.py [--device cpu|cuda] [--teacher tiny-teacher --student tiny-student]
+    python tests/bench/step_cost.py [--device cpu|cuda] [--teacher hybrid-tiny-teacher --student hybrid-tiny-student]
                                     [--batch 8] [--size 128] [--repeats 10]
 
 Every variant runs the full step (forward, losses, backward, optimizer step) on the same batch; the
@@ -24,7 +24,7 @@ from timing import device_sync, fixed_batch, interleaved_medians, training_step 
 from clockdistill.checkpoint import save_checkpoint
 from clockdistill.config import config_from_dict
 from clockdistill.distill.cache import prepare_teacher_cache
-from clockdistill.distill.distiller import Distiller
+from clockdistill.distill.distiller import Distiller, target_queries
 from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.models import build_detector
 
@@ -35,8 +35,8 @@ CACHED = ("clockdistill", "vanilla_kd")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--teacher", default="tiny-teacher", help="teacher preset")
-    ap.add_argument("--student", default="tiny-student", help="student preset")
+    ap.add_argument("--teacher", default="hybrid-tiny-teacher", help="teacher preset")
+    ap.add_argument("--student", default="hybrid-tiny-student", help="student preset")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=128, help="longest image side")
     ap.add_argument("--repeats", type=int, default=10)
@@ -85,19 +85,21 @@ def main() -> None:
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             mem = teacher.encode(images, mask)
             qs = clock.queries.sample(targets, device)
-            teacher.decode(mem, **clock.queries.embed(qs, teacher.cfg.d_model))
+            teacher.decode(mem, **target_queries(teacher.detector, clock.queries, qs))
 
     def student_passes(extra: str):
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             mem = clock.model.encode(images, mask)
+            own = clock.model.default_queries(mem)
             if extra == "fused":
-                own, target = clock._pass()._decode_fused(mem, clock.queries.sample(targets, device))
-                outs = [own, target[-1]]
+                qs = clock.queries.sample(targets, device)
+                out, target = clock._pass()._decode_fused(mem, own, target_queries(clock.model, clock.queries, qs))
+                outs = [out, target[-1]]
             else:
-                outs = [clock.model.decode(mem, *clock.model.default_queries(images.shape[0]))]
+                outs = [clock.model.decode(mem, own.content, own.reference, own.position)]
             if extra == "separate":
                 qs = clock.queries.sample(targets, device)
-                outs.append(clock.model.decode(mem, **clock.queries.embed(qs, clock.model.cfg.d_model)))
+                outs.append(clock.model.decode(mem, **target_queries(clock.model, clock.queries, qs)))
         sum(o["pred_logits"].float().sum() + o["pred_boxes"].float().sum() for o in outs).backward()
 
     def unfused_step():

@@ -1,0 +1,72 @@
+"""Reading weight files safely: safetensors, or torch pickles through `torch.load(weights_only=True)`
+(PyTorch's restricted unpickler: tensors and plain containers; the reference repositories'
+checkpoints also carry their argparse Namespace, which is allowed as the plain record it is).
+Anything else is refused with one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from clockdistill.errors import UserError
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def read_checkpoint(path: str | Path, field: str = "checkpoint") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(state dict, everything else the file holds): a safetensors file, a torch pickle (the state
+    dict itself, or under `model` / `state_dict` as the reference repositories save it), or a
+    Hugging Face model directory (its model.safetensors, and config.json as `config`)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).is_file():
+                state, extras = read_checkpoint(path / name, field)
+                if (path / "config.json").is_file():
+                    extras["config"] = json.loads((path / "config.json").read_text())
+                return state, extras
+        raise UserError(f"{field}: {path} holds no model.safetensors or pytorch_model.bin")
+    if not path.is_file():
+        raise UserError(f"{field}: {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path), {}
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise UserError(f"{field}: {path} is not a readable safetensors file ({exc})") from None
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise UserError(
+            f"{field}: {path}: expected a .safetensors or {'/'.join(PICKLE_SUFFIXES)} file, or a model directory"
+        )
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{field}: {path} is not a plain state dict (refused by the weights-only loader: {reason})"
+        ) from None
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict) and _is_state(obj[key]):
+                return obj[key], {k: v for k, v in obj.items() if k != key}
+        if _is_state(obj):
+            return obj, {}
+    raise UserError(
+        f"{field}: {path} holds no state dict (expected a mapping of names to tensors, or one under 'model')"
+    )
+
+
+def _is_state(obj: dict) -> bool:
+    return bool(obj) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+
+
+def read_state_dict(path: str | Path, field: str = "checkpoint") -> dict[str, Tensor]:
+    return read_checkpoint(path, field)[0]

@@ -1,0 +1,173 @@
+"""`clockdistill import`: a published or fine-tuned Deformable DETR / DAB-DETR checkpoint as a
+clockdistill checkpoint (model.safetensors + meta.json with the model config and class names).
+
+    clockdistill import SenseTime-deformable-detr/ --out teachers/coco-r50          # Hugging Face directory
+    clockdistill import r50_deformable_detr-checkpoint.pth --out teachers/coco-r50  # the original repository's
+    clockdistill import ... --data kitti-coco/ --class-map kitti.yaml               # heads for a data set's classes
+
+Every tensor is accounted for: a name that is not understood, a tensor the detector lacks or one it
+needs that the checkpoint does not hold, or a shape that does not fit stops the import with one
+line, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from clockdistill.errors import UserError
+from clockdistill.weights.architecture import from_args, from_hf_config, from_tensors, resnet_from_tensors
+from clockdistill.weights.files import read_checkpoint
+from clockdistill.weights.layouts import rename
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("huggingface", "original")
+
+
+def detect_layout(state: dict[str, Tensor], extras: dict[str, Any], source: str) -> str:
+    if "config" in extras:
+        return "huggingface"
+    if any(k.startswith(("transformer.", "backbone.0.body.")) for k in state):
+        return "original"
+    if any(k.startswith("model.") for k in state):
+        raise UserError(
+            f"{source}: looks like a Hugging Face model without its config.json; import the model directory"
+        )
+    raise UserError(
+        f"{source}: layout not understood (known: a Hugging Face model directory of DeformableDetr or "
+        "DabDetr, an original Deformable-DETR / DAB-DETR .pth checkpoint)"
+    )
+
+
+def class_names_of(layout: str, extras: dict[str, Any], num_classes: int) -> list[str]:
+    from clockdistill.data.coco_names import COCO_ID_NAMES
+
+    id2label = (extras.get("config") or {}).get("id2label") if layout == "huggingface" else None
+    if id2label and len(id2label) == num_classes:
+        return [str(id2label[str(i)] if str(i) in id2label else id2label[i]) for i in range(num_classes)]
+    if num_classes == len(COCO_ID_NAMES):
+        return list(COCO_ID_NAMES)
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def _preset_for(fields: dict[str, Any]) -> str:
+    from clockdistill.models.presets import PRESETS
+
+    depth = fields.get("backbone_depth", 50)
+    if fields["arch"] == "dab":
+        name = f"dab-detr-r{depth}{'-dc5' if fields.get('dilation') else ''}"
+    else:
+        variant = "-two-stage" if fields.get("two_stage") else ("-refine" if fields.get("box_refine") else "")
+        name = f"deformable-detr-r{depth}{variant}"
+    return name if name in PRESETS else ("dab-detr-r50" if fields["arch"] == "dab" else "deformable-detr-r50")
+
+
+def import_checkpoint(
+    source: str | Path,
+    out: str | Path,
+    data: str | Path | None = None,
+    class_map: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Convert `source` and write the checkpoint directory `out`; returns its metadata."""
+    from clockdistill.checkpoint import save_checkpoint
+    from clockdistill.config import config_from_dict
+    from clockdistill.models import build_detector
+
+    source = str(source)
+    state, extras = read_checkpoint(source, "SOURCE")
+    layout = detect_layout(state, extras, source)
+    if layout == "huggingface":
+        arch, fields = from_hf_config(extras["config"], source)
+    elif extras.get("args") is not None and hasattr(extras["args"], "hidden_dim"):
+        arch, fields = from_args(extras["args"], source)
+        trunk = {k[len("backbone.0.body.") :]: v for k, v in state.items() if k.startswith("backbone.0.body.")}
+        fields.update(resnet_from_tensors(trunk, source))  # the weights say the width (args only the depth)
+    else:
+        arch, fields = from_tensors(state, source)
+    heads = [v for k, v in state.items() if re.fullmatch(r"(model\.)?class_embed(\.0)?\.weight", k)]
+    if not heads:
+        raise UserError(f"{source}: no class head (class_embed) found")
+    num_classes = heads[0].shape[0]
+    fields.update(num_classes=num_classes, backbone_norm="frozen", backbone_frozen_stages=1, backbone_weights="")
+    cfg = config_from_dict({"model": {"preset": _preset_for(fields), **fields}}, overrides)
+    shared = arch == "deformable" and not cfg.model.box_refine
+    renamed, unknown = rename(state, layout, arch, shared)
+    if unknown:
+        raise UserError(
+            f"{source}: {len(unknown)} tensor(s) not understood for a {layout} {arch} checkpoint "
+            f"(first: {', '.join(unknown[:3])})"
+        )
+    model = build_detector(cfg.model, num_classes)
+    _check_fit(renamed, model.state_dict(), source)
+    model.load_state_dict(renamed)
+    names = class_names_of(layout, extras, num_classes)
+    label_to_cat = list(range(num_classes))  # head index = category id, as the published COCO heads
+    if data is not None:
+        model, cfg, names, label_to_cat = _to_dataset(model, cfg, names, data, class_map)
+    meta = {
+        "config": cfg.to_dict(),
+        "class_names": names,
+        "label_to_cat": label_to_cat,
+        "epoch": -1,
+        "best_ap": -1.0,
+        "metrics": {},
+        "imported_from": {"source": source, "layout": layout, "tensors": len(renamed)},
+    }
+    save_checkpoint(out, model, meta)
+    (Path(out) / "IMPORTED.json").write_text(json.dumps(meta["imported_from"], indent=1))
+    print(f"imported {layout} {arch} checkpoint {source}: {len(renamed)} tensors, {num_classes} classes -> {out}")
+    return meta
+
+
+def _check_fit(state: dict[str, Tensor], own: dict[str, Tensor], source: str) -> None:
+    own = {k: v for k, v in own.items() if not k.endswith("num_batches_tracked")}
+    for key, value in own.items():  # the first mismatch in the detector's order: backbone, encoder, decoder
+        if key in state and tuple(state[key].shape) != tuple(value.shape):
+            raise UserError(
+                f"{source}: {key} has shape {tuple(state[key].shape)}, the detector's is {tuple(value.shape)}"
+            )
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise UserError(
+            f"{source}: {len(missing)} tensor(s) missing (first: {', '.join(missing[:3]) or '-'}), "
+            f"{len(extra)} left over (first: {', '.join(extra[:3]) or '-'})"
+        )
+
+
+def _to_dataset(model, cfg, names: list[str], data, class_map):
+    """The detector with class heads for the data set's classes: each takes the row of the class of
+    the same name (or the one the class map names); the rest start fresh."""
+    from clockdistill.config import config_from_dict
+    from clockdistill.data.index import load_index
+    from clockdistill.models import build_detector
+    from clockdistill.weights.classes import class_head_keys, class_mapping, read_class_map, remap_rows
+
+    categories = load_index(data, "train").categories
+    new_names = [c["name"] for c in categories]
+    mapping = class_mapping(new_names, names, read_class_map(class_map) if class_map else None)
+    raw = cfg.to_dict()
+    raw["model"]["num_classes"] = len(new_names)
+    raw["data"]["root"] = str(data)
+    new_cfg = config_from_dict(raw)
+    fresh_model = build_detector(new_cfg.model, len(new_names))
+    old, fresh = model.state_dict(), fresh_model.state_dict()
+    heads, proposals = class_head_keys(old, cfg.model.dec_layers, cfg.model.two_stage)
+    state = {k: v for k, v in old.items() if k not in heads and k not in proposals}
+    state.update(remap_rows(old, fresh, heads, proposals, mapping))
+    fresh_model.load_state_dict(state)
+    taken = [f"{n}<-{names[i]}" for n, i in zip(new_names, mapping) if i is not None]
+    log.info(
+        "class heads for %s: %d of %d classes from the checkpoint (%s)",
+        data,
+        len(taken),
+        len(new_names),
+        ", ".join(taken) or "none",
+    )
+    return fresh_model, new_cfg, new_names, [c["id"] for c in categories]

@@ -1,0 +1,177 @@
+"""Checkpoint layouts and their renaming to ours.
+
+    original      fundamentalvision/Deformable-DETR and IDEA-Research/DAB-DETR `.pth` files: the
+                  model's state dict under `model` (and the training arguments under `args`)
+    huggingface   a `save_pretrained` directory of transformers' DeformableDetrForObjectDetection
+                  or DabDetrForObjectDetection (config.json + model.safetensors): the published
+                  SenseTime/deformable-detr* and IDEA-Research/dab-detr-* checkpoints; the backbone
+                  in timm's (torchvision) names or Hugging Face's ResNet names
+
+Our parameter names follow the original repositories' (without `transformer.` and
+`backbone.0.body.`), so the original layout renames by prefix; Hugging Face's port renamed most
+layers and split the attention input projections, which are joined again here. Heads the
+references tie (one module listed once per decoder layer, or the decoder's copy of the model's box
+head) are written once per distinct tensor in ours; their copies must be equal, or the import stops.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+from clockdistill.errors import UserError
+from clockdistill.weights.backbone import hf_resnet_to_torchvision
+
+_HF_DEFORMABLE = [  # (pattern, replacement) on names after "model." is removed
+    (r"^level_embed$", "level_embed"),
+    (r"^query_position_embeddings\.", "query_embed."),
+    (r"^(input_proj|reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm)\.", r"\1."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.", r"encoder.layers.\1.self_attn."),
+    (r"^encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"encoder.layers.\1.norm1."),
+    (r"^encoder\.layers\.(\d+)\.fc1\.", r"encoder.layers.\1.linear1."),
+    (r"^encoder\.layers\.(\d+)\.fc2\.", r"encoder.layers.\1.linear2."),
+    (r"^encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layers.\1.norm2."),
+    (r"^decoder\.layers\.(\d+)\.encoder_attn\.", r"decoder.layers.\1.cross_attn."),
+    (r"^decoder\.layers\.(\d+)\.encoder_attn_layer_norm\.", r"decoder.layers.\1.norm1."),
+    (r"^decoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"decoder.layers.\1.self_attn.out_proj."),
+    (r"^decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"decoder.layers.\1.self_attn.\2_proj."),
+    (r"^decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"decoder.layers.\1.norm2."),
+    (r"^decoder\.layers\.(\d+)\.fc1\.", r"decoder.layers.\1.linear1."),
+    (r"^decoder\.layers\.(\d+)\.fc2\.", r"decoder.layers.\1.linear2."),
+    (r"^decoder\.layers\.(\d+)\.final_layer_norm\.", r"decoder.layers.\1.norm3."),
+    (r"^decoder\.(bbox_embed|class_embed)\.", r"decoder_copy.\1."),
+]
+
+_HF_DAB = [
+    (r"^input_projection\.", "input_proj."),
+    (r"^query_refpoint_embeddings\.", "refpoint_embed."),
+    (r"^encoder\.query_scale\.", "encoder.query_scale."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"encoder.layers.\1.self_attn.out_proj."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"encoder.layers.\1.self_attn.\2_proj."),
+    (r"^encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"encoder.layers.\1.norm1."),
+    (r"^encoder\.layers\.(\d+)\.fc1\.", r"encoder.layers.\1.linear1."),
+    (r"^encoder\.layers\.(\d+)\.fc2\.", r"encoder.layers.\1.linear2."),
+    (r"^encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layers.\1.norm2."),
+    (r"^encoder\.layers\.(\d+)\.activation_fn\.", r"encoder.layers.\1.activation."),
+    (r"^decoder\.layers\.(\d+)\.self_attn\.self_attn_query_content_proj\.", r"decoder.layers.\1.sa_qcontent_proj."),
+    (r"^decoder\.layers\.(\d+)\.self_attn\.self_attn_query_pos_proj\.", r"decoder.layers.\1.sa_qpos_proj."),
+    (r"^decoder\.layers\.(\d+)\.self_attn\.self_attn_key_content_proj\.", r"decoder.layers.\1.sa_kcontent_proj."),
+    (r"^decoder\.layers\.(\d+)\.self_attn\.self_attn_key_pos_proj\.", r"decoder.layers.\1.sa_kpos_proj."),
+    (r"^decoder\.layers\.(\d+)\.self_attn\.self_attn_value_proj\.", r"decoder.layers.\1.sa_v_proj."),
+    (r"^decoder\.layers\.(\d+)\.self_attn\.self_attn\.output_proj\.", r"decoder.layers.\1.self_attn.out_proj."),
+    (r"^decoder\.layers\.(\d+)\.self_attn\.self_attn_layer_norm\.", r"decoder.layers.\1.norm1."),
+    (r"^decoder\.layers\.(\d+)\.cross_attn\.cross_attn_query_content_proj\.", r"decoder.layers.\1.ca_qcontent_proj."),
+    (r"^decoder\.layers\.(\d+)\.cross_attn\.cross_attn_query_pos_proj\.", r"decoder.layers.\1.ca_qpos_proj."),
+    (r"^decoder\.layers\.(\d+)\.cross_attn\.cross_attn_query_pos_sine_proj\.", r"decoder.layers.\1.ca_qpos_sine_proj."),
+    (r"^decoder\.layers\.(\d+)\.cross_attn\.cross_attn_key_content_proj\.", r"decoder.layers.\1.ca_kcontent_proj."),
+    (r"^decoder\.layers\.(\d+)\.cross_attn\.cross_attn_key_pos_proj\.", r"decoder.layers.\1.ca_kpos_proj."),
+    (r"^decoder\.layers\.(\d+)\.cross_attn\.cross_attn_value_proj\.", r"decoder.layers.\1.ca_v_proj."),
+    (r"^decoder\.layers\.(\d+)\.cross_attn\.cross_attn\.output_proj\.", r"decoder.layers.\1.cross_attn.out_proj."),
+    (r"^decoder\.layers\.(\d+)\.cross_attn\.cross_attn_layer_norm\.", r"decoder.layers.\1.norm2."),
+    (r"^decoder\.layers\.(\d+)\.mlp\.fc1\.", r"decoder.layers.\1.linear1."),
+    (r"^decoder\.layers\.(\d+)\.mlp\.fc2\.", r"decoder.layers.\1.linear2."),
+    (r"^decoder\.layers\.(\d+)\.mlp\.final_layer_norm\.", r"decoder.layers.\1.norm3."),
+    (r"^decoder\.layers\.(\d+)\.mlp\.activation_fn\.", r"decoder.layers.\1.activation."),
+    (r"^decoder\.layernorm\.", "decoder.norm."),
+    (r"^decoder\.(query_scale|ref_point_head|ref_anchor_head)\.", r"decoder.\1."),
+    (r"^decoder\.bbox_embed\.", "decoder_copy.bbox_embed."),
+]
+
+_BACKBONE_PREFIXES = (
+    "model.backbone.conv_encoder.model._backbone.",
+    "model.backbone.conv_encoder.model.",
+    "backbone.0.body.",
+)
+
+
+def _backbone_name(key: str) -> str | None:
+    for prefix in _BACKBONE_PREFIXES:
+        if key.startswith(prefix):
+            rest = key[len(prefix) :]
+            name = hf_resnet_to_torchvision(rest) if rest.startswith(("embedder.", "encoder.stages.")) else rest
+            return (
+                None
+                if name is None or name.endswith("num_batches_tracked") or name.startswith("fc.")
+                else f"backbone.{name}"
+            )
+    return None
+
+
+def rename(state: dict[str, Tensor], layout: str, arch: str, shared_heads: bool) -> tuple[dict[str, Tensor], list[str]]:
+    """Our names for a checkpoint's tensors. Returns (renamed state, names not understood). Tied
+    copies are checked and left out; split q/k/v projections are joined; `shared_heads` (plain
+    Deformable DETR) folds the per-layer head entries into the one shared head."""
+    out: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    rules = _HF_DEFORMABLE if arch == "deformable" else _HF_DAB
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if key.startswith(("backbone.", "model.backbone.")):
+            name = _backbone_name(key)
+        elif layout == "original":
+            name = key.removeprefix("transformer.")
+            if name.startswith("decoder.") and re.match(r"decoder\.(bbox_embed|class_embed)\.", name):
+                name = "decoder_copy." + name[len("decoder.") :]
+        else:
+            body = key.removeprefix("model.")
+            name = None
+            if key.startswith(("class_embed.", "bbox_embed.", "bbox_predictor.")):
+                name = key.replace("bbox_predictor.", "bbox_embed.", 1)
+            else:
+                for pattern, repl in rules:
+                    if re.match(pattern, body):
+                        name = re.sub(pattern, repl, body, count=1)
+                        break
+        if name is None:
+            unknown.append(key)
+        else:
+            out[name] = value
+    out = _join_qkv(out)
+    return _untie(out, shared_heads), unknown
+
+
+def _join_qkv(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """x.q_proj / x.k_proj / x.v_proj (Hugging Face) -> x.in_proj_weight / in_proj_bias (nn.MultiheadAttention)."""
+    out = {k: v for k, v in state.items() if not re.search(r"\.[qkv]_proj\.", k)}
+    prefixes = {re.sub(r"\.[qkv]_proj\.(weight|bias)$", "", k) for k in state if re.search(r"\.[qkv]_proj\.", k)}
+    for p in prefixes:
+        for kind in ("weight", "bias"):
+            parts = [state.get(f"{p}.{c}_proj.{kind}") for c in "qkv"]
+            if any(t is None for t in parts):
+                raise UserError(f"checkpoint: {p} has only some of its q/k/v projections ({kind})")
+            out[f"{p}.in_proj_{kind}"] = torch.cat(parts, 0)
+    return out
+
+
+def _untie(state: dict[str, Tensor], shared_heads: bool) -> dict[str, Tensor]:
+    """Heads listed once per layer but shared (plain Deformable DETR, the decoder's copies of the
+    box refinement heads, DAB-DETR's decoder box head) become one tensor; copies must be equal."""
+    out = {k: v for k, v in state.items() if not k.startswith("decoder_copy.")}
+    for key, value in state.items():
+        if key.startswith("decoder_copy."):
+            own = key[len("decoder_copy.") :]
+            if own in out and not torch.equal(out[own], value):
+                raise UserError(
+                    f"checkpoint: {key[len('decoder_copy.') :]} differs from the decoder's copy of it "
+                    "(the reference ties them): not a checkpoint of this architecture"
+                )
+            out.setdefault(own, value)
+    return _share_heads(out) if shared_heads else out
+
+
+def _share_heads(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """class_embed.{i}.x / bbox_embed.{i}.x, all equal -> class_embed.x / bbox_embed.x."""
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"^(class_embed|bbox_embed)\.(\d+)\.(.+)$", key)
+        if not m:
+            out[key] = value
+            continue
+        shared = f"{m.group(1)}.{m.group(3)}"
+        if shared in out and not torch.equal(out[shared], value):
+            raise UserError(f"checkpoint: {key} differs from layer 0's head, but the detector's heads are shared")
+        out.setdefault(shared, value)
+    return out

@@ -1,0 +1,152 @@
+"""`clockdistill import` and `train --init-from` through the command line: bad checkpoints stop with
+one line and exit 2 before anything is written; a fine-tuned detector starts from the imported
+weights with its class heads mapped by name or class map."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import run_cli, write_coco
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers", reason="transformers (the dev extra) builds the checkpoints")
+
+from test_reference_detectors import _hf_deformable, original_layout, reference_args  # noqa: E402
+
+from clockdistill.weights.importer import import_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory) -> dict:
+    """A tiny Deformable DETR (box refinement) in the original repository's layout, with its args."""
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("original")
+    _hf_deformable("refine").save_pretrained(root / "hf")
+    meta = import_checkpoint(root / "hf", root / "ours")
+    state = original_layout(load_file(root / "ours" / "model.safetensors"), meta["config"])
+    return {"root": root, "state": state, "args": reference_args(meta["config"]), "meta": meta}
+
+
+def _save(path: pathlib.Path, state: dict, args: argparse.Namespace | None) -> pathlib.Path:
+    torch.save({"model": state, **({"args": args} if args is not None else {})}, path)
+    return path
+
+
+def _fails_with(tmp_path, args: list[str], pattern: str) -> None:
+    out = tmp_path / "imported"
+    proc = run_cli("import", *args, "--out", str(out))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: ") and pattern in lines[0], lines[0]
+    assert not out.exists()  # nothing written
+
+
+def test_a_checkpoint_whose_shapes_do_not_fit_names_the_first_mismatch(original, tmp_path):
+    path = _save(tmp_path / "ckpt.pth", original["state"], original["args"])
+    _fails_with(
+        tmp_path,
+        [str(path), "--set", "model.ffn_dim=64"],
+        "encoder.layers.0.linear1.weight has shape (32, 64), the detector's is (64, 64)",
+    )
+
+
+def test_missing_and_left_over_tensors_are_counted_and_named(original, tmp_path):
+    state = {k: v for k, v in original["state"].items() if k != "transformer.level_embed"}
+    _fails_with(
+        tmp_path,
+        [str(_save(tmp_path / "missing.pth", state, original["args"]))],
+        "1 tensor(s) missing (first: level_embed), 0 left over",
+    )
+    state = {**original["state"], "transformer.encoder.extra.weight": torch.zeros(2)}
+    _fails_with(
+        tmp_path,
+        [str(_save(tmp_path / "extra.pth", state, original["args"]))],
+        "0 tensor(s) missing (first: -), 1 left over (first: encoder.extra.weight)",
+    )
+
+
+def test_a_pickle_that_is_not_a_plain_state_dict_is_refused(original, tmp_path):
+    path = tmp_path / "code.pth"
+    torch.save({"model": original["state"], "hook": pathlib.Path("anything")}, path)  # an object the loader refuses
+    _fails_with(tmp_path, [str(path)], "is not a plain state dict (refused by the weights-only loader")
+
+
+def test_an_unknown_layout_lists_the_known_ones(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"encoder.conv.weight": torch.zeros(3, 3)}, path)
+    _fails_with(tmp_path, [str(path)], "layout not understood (known: a Hugging Face model directory")
+    (tmp_path / "empty").mkdir()
+    _fails_with(tmp_path, [str(tmp_path / "empty")], "holds no model.safetensors or pytorch_model.bin")
+
+
+def test_import_to_a_data_sets_classes_and_fine_tune_with_a_class_map(original, tmp_path):
+    """COCO-style names in the checkpoint, other names in the data: heads follow the class map."""
+    from clockdistill.checkpoint import load_detector
+
+    path = _save(tmp_path / "ckpt.pth", original["state"], original["args"])
+    imported = tmp_path / "imported"
+    assert run_cli("import", str(path), "--out", str(imported)).returncode == 0
+    old, old_meta = load_detector(imported)
+    assert old_meta["class_names"] == ["class_0", "class_1", "class_2"]
+    images = [{"id": i, "file_name": f"{i}.png", "width": 64, "height": 48} for i in range(1, 5)]
+    anns = [
+        {"id": i, "image_id": i, "category_id": 7 if i % 2 else 3, "bbox": [8, 8, 20, 16], "area": 320, "iscrowd": 0}
+        for i in range(1, 5)
+    ]
+    categories = [{"id": 3, "name": "Car"}, {"id": 7, "name": "Pedestrian"}, {"id": 9, "name": "Tram"}]
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        write_coco(data, split, images, anns, categories)
+    class_map = tmp_path / "map.yaml"
+    class_map.write_text("Car: class_2\nPedestrian: class_0\n")
+    out = tmp_path / "head"
+    proc = run_cli("import", str(path), "--out", str(out), "--data", str(data), "--class-map", str(class_map))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    new, meta = load_detector(out)
+    assert meta["class_names"] == ["Car", "Pedestrian", "Tram"] and meta["label_to_cat"] == [3, 7, 9]
+    for i in range(2):  # the detector's layers keep their class heads' rows by the map; Tram starts fresh
+        w_old, w_new = old.class_embed[i].weight, new.class_embed[i].weight
+        assert torch.equal(w_new[0], w_old[2]) and torch.equal(w_new[1], w_old[0])
+        assert not any(torch.equal(w_new[2], w_old[j]) for j in range(3))
+        assert new.class_embed[i].bias[2].item() == pytest.approx(-4.59512, abs=1e-4)  # the focal prior
+    assert torch.equal(new.level_embed, old.level_embed)
+    # fine-tuning the imported detector on the data set with the same map, through `train --init-from`
+    run = tmp_path / "ft"
+    proc = run_cli(
+        "train",
+        "--init-from",
+        str(imported),
+        "--class-map",
+        str(class_map),
+        "--set",
+        f"model.preset={old_meta['config']['model']['preset']}",
+        *[
+            f"--set=model.{k}={json.dumps(v)}"
+            for k, v in old_meta["config"]["model"].items()
+            if k not in ("preset", "num_classes", "backbone_weights")
+        ],
+        "--set",
+        f"data.root={data}",
+        "--set",
+        "data.max_size=64",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        f"train.output_dir={run}",
+        "--set",
+        "train.device=cpu",
+        "--set",
+        "train.progress=false",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 of 3 classes mapped (Car<-class_2, Pedestrian<-class_0)" in proc.stderr
