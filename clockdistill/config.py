@@ -156,6 +156,9 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 2e-4
     lr_backbone: float = 2e-4
+    # lr multiplier of deformable attention's sampling offsets and Deformable DETR's reference-point layer
+    # (the reference implementation trains them at 0.1x; 1.0 keeps them at train.lr)
+    lr_linear_proj_mult: float = 1.0
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1  # 0 = no clipping
     warmup_iters: int = 100
@@ -181,7 +184,7 @@ class TrainConfig:
         _check_range("train.epochs", self.epochs, low=1)
         _check_range("train.batch_size", self.batch_size, low=1)
         _check_range("train.eval_every", self.eval_every, low=1)
-        for name in ("lr", "lr_backbone", "weight_decay", "clip_max_norm", "min_lr_ratio"):
+        for name in ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "clip_max_norm", "min_lr_ratio"):
             _check_range(f"train.{name}", getattr(self, name), low=0.0)
         _check_range("train.warmup_iters", self.warmup_iters, low=0)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):

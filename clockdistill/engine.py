@@ -96,10 +96,13 @@ def build_datasets(cfg: Config) -> tuple[CocoDetection, CocoDetection]:
 
 
 def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; the backbone at its own lr; no weight decay on norms, biases and embeddings."""
+    """AdamW; the backbone at its own lr, deformable attention's sampling offsets and the reference-point
+    layer at lr x lr_linear_proj_mult; no weight decay on norms, biases and embeddings."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in named_params:
         lr = cfg.lr_backbone if ".backbone." in f".{name}" else cfg.lr
+        if ".sampling_offsets." in f".{name}" or ".reference_points." in f".{name}":
+            lr = cfg.lr * cfg.lr_linear_proj_mult
         decay = 0.0 if (p.ndim <= 1 or "query_" in name or "level_embed" in name) else cfg.weight_decay
         groups.setdefault((lr, decay), []).append(p)
     param_groups = [{"params": ps, "lr": lr, "initial_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]

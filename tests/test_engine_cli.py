@@ -46,6 +46,31 @@ def test_checkpoint_round_trip_without_pickle(tmp_path):
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
 
 
+def test_the_optimizer_gives_each_part_its_learning_rate():
+    """Backbone at lr_backbone; sampling offsets and the reference-point layer at lr x lr_linear_proj_mult
+    (the Deformable DETR recipe: 0.1); the rest at lr."""
+    cfg = config_from_dict(
+        {
+            "model": {"preset": "deformable-detr-tiny-student"},
+            "train": {"lr": 1e-4, "lr_backbone": 1e-5, "lr_linear_proj_mult": 0.1},
+        }
+    )
+    model = build_detector(cfg.model, 3)
+    opt = build_optimizer(list(model.named_parameters()), cfg.train)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    seen = set()
+    for name, p in model.named_parameters():
+        if name.startswith("backbone."):
+            want = 1e-5
+        elif "sampling_offsets" in name or name.startswith("reference_points."):
+            want = 1e-5
+            seen.add(name.split(".")[0])
+        else:
+            want = 1e-4
+        assert lr_of[id(p)] == pytest.approx(want), name
+    assert seen == {"encoder", "decoder", "reference_points"}
+
+
 @pytest.mark.parametrize("crash_after", ["first", "second"])
 def test_a_save_interrupted_between_its_renames_leaves_the_old_or_the_new_checkpoint(
     tmp_path, monkeypatch, crash_after
