@@ -65,12 +65,12 @@ def _compare(ours, theirs, memory_theirs) -> float:
     return max(diffs)
 
 
-def _hf_deformable(variant: str):
+def _hf_deformable(variant: str, backbone=None):
     torch.manual_seed(0)
     cfg = transformers.DeformableDetrConfig(
         use_timm_backbone=False,
         use_pretrained_backbone=False,
-        backbone_config=_resnet_config(["stage2", "stage3", "stage4"]),
+        backbone_config=backbone or _resnet_config(["stage2", "stage3", "stage4"]),
         d_model=D,
         encoder_layers=2,
         decoder_layers=2,
@@ -162,6 +162,50 @@ def test_dab_detr_equals_transformers(tmp_path):
     out, theirs = _run_both(hf, ours, images, valid)
     diff = _compare(out, theirs, theirs.encoder_last_hidden_state)
     print(f"dab-detr: max |ours - transformers| {diff:.1e}")
+    assert diff < TOL, diff
+
+
+def test_a_hub_checkpoint_with_a_timm_backbone_imports(tmp_path):
+    """The published hub checkpoints were made with timm's ResNet: its tensors under torchvision's
+    names below conv_encoder.model, and only the backbone's name in config.json. Written here from a
+    model built with Hugging Face's ResNet (a full-width ResNet-18: the name fixes the width)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from clockdistill.weights.backbone import hf_resnet_to_torchvision
+
+    resnet18 = transformers.ResNetConfig(
+        embedding_size=64,
+        hidden_sizes=[64, 128, 256, 512],
+        depths=[2, 2, 2, 2],
+        layer_type="basic",
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    hf = _hf_deformable("refine", backbone=resnet18)
+    hf.save_pretrained(tmp_path / "hf")
+    prefix = "model.backbone.conv_encoder.model."
+    timm = {}
+    for key, value in load_file(tmp_path / "hf" / "model.safetensors").items():
+        if key.startswith(prefix):
+            name = hf_resnet_to_torchvision(key[len(prefix) :])
+            assert name is not None, key
+            key = prefix + name
+        timm[key] = value
+    assert f"{prefix}layer4.1.bn2.running_var" in timm and f"{prefix}layer2.0.downsample.0.weight" in timm
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_file(timm, hub / "model.safetensors")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config.update(use_timm_backbone=True, backbone="resnet18", backbone_config=None)
+    (hub / "config.json").write_text(json.dumps(config))
+    meta = import_checkpoint(hub, tmp_path / "ours")
+    assert meta["config"]["model"]["backbone_depth"] == 18 and meta["config"]["model"]["backbone_width"] == 1.0
+    ours, _ = load_detector(tmp_path / "ours")
+    images, valid = _batch()
+    out, theirs = _run_both(hf, ours, images, valid)
+    diff = _compare(out, theirs, theirs.encoder_last_hidden_state)
+    print(f"deformable-detr refine, timm-layout backbone: max |ours - transformers| {diff:.1e}")
     assert diff < TOL, diff
 
 
