@@ -1,6 +1,6 @@
 """Benchmark: does distillation help? Teacher, then the student alone / with vanilla KD / with CLoCKDistill.
 
-    python tests/bench/kd_gain.py [--workdir DIR] [--seeds 3] [--epochs 8] [--train 2000] [--val 300]
+    python tests/bench/kd_gain.py [--workdir DIR] [--seeds 3 | --seed-list 0,2] [--epochs 8] [--train 2000] [--val 300]
                                   [--variant NAME:key=value,key=value ...]
 
 Trains the teacher preset on synthetic data (or reuses <workdir>/teacher/best, e.g. the one that
@@ -61,8 +61,14 @@ def main() -> None:
         "clock_a5e-3:distill.method=clockdistill,distill.memory.alpha=5e-3)",
     )
     ap.add_argument("--only", help="comma list of variants to run (default: all)")
+    ap.add_argument(
+        "--seed-list",
+        help="comma list of the seeds to run instead of 0..seeds-1 (to share a study among processes: give "
+        "each its own --workdir with the teacher's linked in, then move the runs into one and run again)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kd-gain-"))
     data = ensure_synthetic(work / "data", args.train, args.val, progress=False)
     teacher = work / "teacher" / "best"
@@ -90,7 +96,7 @@ def main() -> None:
         f"({len(teacher_meta['history'])} epochs; {time.perf_counter() - t0:.0f}s here)"
     )
     print(
-        f"# student {args.student_preset}, {args.epochs} epochs on {args.train} images, {args.seeds} seeds, "
+        f"# student {args.student_preset}, {args.epochs} epochs on {args.train} images, seeds {seeds}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
 
@@ -101,7 +107,7 @@ def main() -> None:
     datasets = None
     results: dict[str, list[dict]] = {}
     for name, overrides in variants.items():
-        for seed in range(args.seeds):
+        for seed in seeds:
             out = work / "runs" / f"{name}-s{seed}"
             cfg = distill_config(
                 None,
