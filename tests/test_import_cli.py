@@ -18,7 +18,8 @@ from conftest import run_cli, write_coco
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers", reason="transformers (the dev extra) builds the checkpoints")
 
-from test_reference_detectors import _hf_deformable, original_layout, reference_args  # noqa: E402
+from reference_layout import original_layout, reference_args  # noqa: E402
+from test_reference_detectors import _hf_deformable  # noqa: E402
 
 from clockdistill.weights.importer import import_checkpoint  # noqa: E402
 

@@ -1,0 +1,226 @@
+"""Benchmark: our Deformable DETR against the original repository's own code, on the CPU.
+
+    git clone https://github.com/fundamentalvision/Deformable-DETR /src/Deformable-DETR
+    python tests/bench/parity_reference.py --deformable-detr /src/Deformable-DETR [--variants plain refine two-stage]
+
+The tests compare our detectors with transformers' ports (tests/test_reference_detectors.py); this
+compares them with the code the published checkpoints were trained with. For each variant: our
+detector at the reference's fixed sizes (ResNet-50, d_model 256: the original hard-codes the
+backbone's channels and the two-stage position features) with 2 encoder and 2 decoder layers, every
+tensor perturbed (zero-initialised layers would hide a mapping error), is written under the original
+names (the inverse of `clockdistill import`'s rules), loaded into the original DeformableDETR with
+strict=True, and both run on a 2-image batch with one padded image. Printed: max |difference| of each
+decoder layer's logits and boxes (and the two-stage proposals' logits).
+
+How the original runs here: its CUDA op (MultiScaleDeformableAttention) is replaced by the pure-PyTorch
+function the repository ships for testing (ms_deform_attn_core_pytorch), and torchvision (a CUDA build
+on PyPI; not a dependency of this project) by a small stand-in module: the ResNet trunk is ours (its
+parameters have torchvision's names; it is checked against Hugging Face's ResNet in the tests), so this
+benchmark is about the transformer, the heads and the position encoding. The original code is imported
+from the given directory and never copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the layout helpers
+
+from clockdistill.config import config_from_dict  # noqa: E402
+from clockdistill.models import build_detector  # noqa: E402
+from clockdistill.models.resnet import ResNet  # noqa: E402
+
+VARIANTS = {"plain": {}, "refine": {"box_refine": True}, "two-stage": {"box_refine": True, "two_stage": True}}
+SIZE = 128
+
+
+class _LayerGetter(nn.Module):
+    """torchvision's IntermediateLayerGetter: run the children in order, return the named ones."""
+
+    def __init__(self, model: nn.Module, return_layers: dict[str, str]):
+        super().__init__()
+        self.return_layers = dict(return_layers)
+        last = list(return_layers)[-1]
+        for name, child in model.named_children():
+            self.add_module(name, child)
+            if name == last:
+                break
+
+    def forward(self, x):
+        out = {}
+        for name, child in self.named_children():
+            x = child(x)
+            if name in self.return_layers:
+                out[self.return_layers[name]] = x
+        return out
+
+
+def _resnet(depth: int):
+    def build(replace_stride_with_dilation=(False, False, False), pretrained=False, norm_layer=None):
+        ours = ResNet(depth, 1.0, "frozen", frozen_stages=0, dilation=bool(replace_stride_with_dilation[-1]))
+        trunk = nn.Module()  # torchvision's child order: what the layer getter runs
+        trunk.conv1, trunk.bn1 = ours.conv1, ours.bn1
+        trunk.relu, trunk.maxpool = nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+        for i in range(1, 5):
+            setattr(trunk, f"layer{i}", getattr(ours, f"layer{i}"))
+        return trunk
+
+    return build
+
+
+def _box_area(boxes):
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def _install_stand_ins(ops_functions: str) -> None:
+    """Modules the original imports that cannot be imported here: torchvision and the compiled op."""
+    tv = types.ModuleType("torchvision")
+    tv.__version__ = "0.9.0"  # util/misc.py parses it; 0.9 takes the code paths of a current torch
+    tv.models = types.ModuleType("torchvision.models")
+    tv.models._utils = types.ModuleType("torchvision.models._utils")
+    tv.models._utils.IntermediateLayerGetter = _LayerGetter
+    for depth in (18, 34, 50, 101):
+        setattr(tv.models, f"resnet{depth}", _resnet(depth))
+    tv.ops = types.ModuleType("torchvision.ops")
+    tv.ops.boxes = types.ModuleType("torchvision.ops.boxes")
+    tv.ops.boxes.box_area = _box_area
+    tv.ops.misc = types.ModuleType("torchvision.ops.misc")
+    for name, mod in {
+        "torchvision": tv,
+        "torchvision.models": tv.models,
+        "torchvision.models._utils": tv.models._utils,
+        "torchvision.ops": tv.ops,
+        "torchvision.ops.boxes": tv.ops.boxes,
+        "torchvision.ops.misc": tv.ops.misc,
+    }.items():
+        sys.modules[name] = mod
+
+    op = types.ModuleType("MultiScaleDeformableAttention")
+
+    def forward(value, shapes, level_start_index, sampling_locations, attention_weights, im2col_step):
+        core = importlib.import_module(ops_functions).ms_deform_attn_core_pytorch
+        return core(value, shapes, sampling_locations, attention_weights)
+
+    op.ms_deform_attn_forward = forward
+    sys.modules["MultiScaleDeformableAttention"] = op
+
+
+def _perturb(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        for name, b in model.named_buffers():
+            if name.endswith("running_var"):
+                b.mul_(torch.exp(torch.randn(b.shape, generator=g) * 0.2))
+            elif name.endswith("running_mean"):
+                b.add_(torch.randn(b.shape, generator=g) * 0.1)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, SIZE, SIZE, generator=g)
+    mask = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
+    mask[1, 96:, :] = True  # the second image is 112 x 96, padded below and to the right
+    mask[1, :, 112:] = True
+    images[1] *= ~mask[1]
+    return images, mask
+
+
+def original_args(model_cfg: dict) -> argparse.Namespace:
+    from reference_layout import reference_args  # the args an original checkpoint carries
+
+    args = vars(reference_args({"model": model_cfg}))
+    args.update(
+        dataset_file="coco",
+        device="cpu",
+        aux_loss=True,
+        masks=False,
+        frozen_weights=None,
+        position_embedding="sine",
+        lr_backbone=2e-5,
+        set_cost_class=2,
+        set_cost_bbox=5,
+        set_cost_giou=2,
+        cls_loss_coef=2,
+        bbox_loss_coef=5,
+        giou_loss_coef=2,
+        focal_alpha=0.25,
+    )
+    return argparse.Namespace(**args)
+
+
+def compare(variant: str, source: Path) -> dict[str, float]:
+    from reference_layout import original_layout
+
+    fields = dict(
+        arch="deformable",
+        backbone_depth=50,
+        backbone_width=1.0,
+        backbone_norm="frozen",
+        d_model=256,
+        nheads=8,
+        enc_layers=2,
+        dec_layers=2,
+        ffn_dim=256,
+        dropout=0.0,
+        num_queries=20,
+        num_levels=4,
+        n_points=4,
+        **VARIANTS[variant],
+    )
+    cfg = config_from_dict({"model": {"preset": "deformable-detr-r50", **fields}})
+    torch.manual_seed(0)
+    ours = build_detector(cfg.model, 91).eval()
+    _perturb(ours)
+    model_cfg = cfg.to_dict()["model"]
+
+    build = importlib.import_module("models.deformable_detr").build
+    theirs = build(original_args(model_cfg))[0].eval()
+    theirs.load_state_dict(original_layout(ours.state_dict(), {"model": model_cfg}), strict=True)
+
+    nested = importlib.import_module("util.misc").NestedTensor
+    images, mask = _batch()
+    with torch.no_grad():
+        a = ours(images, mask)
+        b = theirs(nested(images, mask))
+    diffs = {}
+    for i, (x, y) in enumerate(zip([*a["aux_outputs"], a], [*b["aux_outputs"], b])):
+        diffs[f"layer {i} logits"] = (x["pred_logits"] - y["pred_logits"]).abs().max().item()
+        diffs[f"layer {i} boxes"] = (x["pred_boxes"] - y["pred_boxes"]).abs().max().item()
+    if "enc_outputs" in b:
+        enc_a, enc_b = a["enc_outputs"]["pred_logits"], b["enc_outputs"]["pred_logits"]
+        diffs["proposal logits"] = (enc_a - enc_b).abs().max().item()
+    return diffs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--deformable-detr", required=True, type=Path, help="a checkout of fundamentalvision/Deformable-DETR"
+    )
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = ap.parse_args()
+    source = args.deformable_detr.resolve()
+    if not (source / "models" / "deformable_detr.py").is_file():
+        raise SystemExit(f"error: --deformable-detr: {source} has no models/deformable_detr.py")
+    sys.path.insert(0, str(source))
+    _install_stand_ins("models.ops.functions.ms_deform_attn_func")
+    torch.set_num_threads(1)
+    print(f"# ours vs the original Deformable DETR ({source.name}); torch {torch.__version__}, CPU fp32")
+    for variant in args.variants:
+        diffs = compare(variant, source)
+        worst = max(diffs.values())
+        parts = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+        print(f"{variant:<10} max |ours - original| {worst:.1e}   {parts}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Our detector's tensors and config as an original-repository checkpoint carries them
+(fundamentalvision/Deformable-DETR, IDEA-Research/DAB-DETR): for the import tests and the parity
+benchmark (tests/bench/parity_reference.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def original_layout(state: dict, cfg: dict) -> dict:
+    """Our tensors under the reference repositories' names (the inverse of the published rename
+    rules): backbone.0.body., transformer., the heads listed once per decoder layer when shared and
+    again as the decoder's copies (box refinement, two-stage, DAB-DETR's shared box head)."""
+    out, m = {}, cfg["model"]
+    for key, value in state.items():
+        if key.startswith("backbone."):
+            out["backbone.0.body." + key[len("backbone.") :]] = value
+        elif key.split(".")[0] in (
+            "encoder",
+            "decoder",
+            "level_embed",
+            "reference_points",
+            "enc_output",
+            "enc_output_norm",
+            "pos_trans",
+            "pos_trans_norm",
+        ):
+            out["transformer." + key] = value
+        elif m["arch"] == "deformable" and not m["box_refine"] and key.startswith(("class_embed.", "bbox_embed.")):
+            head, rest = key.split(".", 1)
+            for i in range(m["dec_layers"]):  # one module listed once per layer
+                out[f"{head}.{i}.{rest}"] = value
+        else:
+            out[key] = value
+    for key, value in list(out.items()):
+        copies = m["arch"] == "dab" and key.startswith("bbox_embed.")
+        copies |= m["arch"] == "deformable" and m["box_refine"] and key.startswith("bbox_embed.")
+        copies |= m["arch"] == "deformable" and m["two_stage"] and key.startswith("class_embed.")
+        if copies:
+            out["transformer.decoder." + key] = value.clone()
+    return out
+
+
+def reference_args(cfg: dict) -> argparse.Namespace:
+    """The training arguments an original checkpoint carries (main.py's names)."""
+    m = cfg["model"]
+    args = dict(
+        backbone=f"resnet{m['backbone_depth']}",
+        dilation=m["dilation"],
+        hidden_dim=m["d_model"],
+        nheads=m["nheads"],
+        enc_layers=m["enc_layers"],
+        dec_layers=m["dec_layers"],
+        dim_feedforward=m["ffn_dim"],
+        dropout=m["dropout"],
+        num_queries=m["num_queries"],
+        lr=2e-4,
+        epochs=50,
+    )
+    if m["arch"] == "dab":
+        args.update(modelname="dab_detr", transformer_activation="prelu", num_patterns=0)
+    else:
+        args.update(
+            num_feature_levels=m["num_levels"],
+            enc_n_points=m["n_points"],
+            dec_n_points=m["n_points"],
+            with_box_refine=m["box_refine"],
+            two_stage=m["two_stage"],
+        )
+    return argparse.Namespace(**args)
