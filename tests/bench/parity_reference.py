@@ -1,20 +1,23 @@
-"""Benchmark: our Deformable DETR against the original repository's own code, on the CPU.
+"""Benchmark: our Deformable DETR and DAB-DETR against the original repositories' own code, on the CPU.
 
     git clone https://github.com/fundamentalvision/Deformable-DETR /src/Deformable-DETR
-    python tests/bench/parity_reference.py --deformable-detr /src/Deformable-DETR [--variants plain refine two-stage]
+    git clone https://github.com/IDEA-Research/DAB-DETR /src/DAB-DETR
+    python tests/bench/parity_reference.py --deformable-detr /src/Deformable-DETR --dab-detr /src/DAB-DETR
 
 The tests compare our detectors with transformers' ports (tests/test_reference_detectors.py); this
-compares them with the code the published checkpoints were trained with. For each variant: our
-detector at the reference's fixed sizes (ResNet-50, d_model 256: the original hard-codes the
-backbone's channels and the two-stage position features) with 2 encoder and 2 decoder layers, every
-tensor perturbed (zero-initialised layers would hide a mapping error), is written under the original
-names (the inverse of `clockdistill import`'s rules), loaded into the original DeformableDETR with
-strict=True, and both run on a 2-image batch with one padded image. Printed: max |difference| of each
-decoder layer's logits and boxes (and the two-stage proposals' logits).
+compares them with the code the published checkpoints were trained with. For each variant (Deformable
+DETR plain, refine, two-stage; DAB-DETR): our detector at the reference's fixed sizes (ResNet-50,
+d_model 256: the original hard-codes the backbone's channels and the two-stage position features)
+with 2 encoder and 2 decoder layers, every tensor perturbed (zero-initialised layers would hide a
+mapping error), is written under the original names (the inverse of `clockdistill import`'s rules),
+loaded into the original model with strict=True, and both run on a 2-image batch with one padded
+image. Printed: max |difference| of each decoder layer's logits and boxes (and the two-stage
+proposals' logits).
 
 How the original runs here: its CUDA op (MultiScaleDeformableAttention) is replaced by the pure-PyTorch
-function the repository ships for testing (ms_deform_attn_core_pytorch), and torchvision (a CUDA build
-on PyPI; not a dependency of this project) by a small stand-in module: the ResNet trunk is ours (its
+function the repository ships for testing (ms_deform_attn_core_pytorch), torchvision (a CUDA build
+on PyPI; not a dependency of this project) and timm (DAB-DETR's Swin backbone, unused here) by small
+stand-in modules: the ResNet trunk is ours (its
 parameters have torchvision's names; it is checked against Hugging Face's ResNet in the tests), so this
 benchmark is about the transformer, the heads and the position encoding. The original code is imported
 from the given directory and never copied.
@@ -37,7 +40,12 @@ from clockdistill.config import config_from_dict  # noqa: E402
 from clockdistill.models import build_detector  # noqa: E402
 from clockdistill.models.resnet import ResNet  # noqa: E402
 
-VARIANTS = {"plain": {}, "refine": {"box_refine": True}, "two-stage": {"box_refine": True, "two_stage": True}}
+VARIANTS = {
+    "plain": dict(arch="deformable", num_levels=4),
+    "refine": dict(arch="deformable", num_levels=4, box_refine=True),
+    "two-stage": dict(arch="deformable", num_levels=4, box_refine=True, two_stage=True),
+    "dab": dict(arch="dab", num_levels=1, dilation=False),
+}
 SIZE = 128
 
 
@@ -111,6 +119,27 @@ def _install_stand_ins(ops_functions: str) -> None:
     op.ms_deform_attn_forward = forward
     sys.modules["MultiScaleDeformableAttention"] = op
 
+    timm = types.ModuleType("timm")  # DAB-DETR's Swin backbone imports it at module level
+    timm.models = types.ModuleType("timm.models")
+    timm.models.layers = types.ModuleType("timm.models.layers")
+    timm.models.layers.DropPath = nn.Identity
+    timm.models.layers.to_2tuple = lambda x: (x, x)
+    timm.models.layers.trunc_normal_ = nn.init.trunc_normal_
+    sys.modules.update({"timm": timm, "timm.models": timm.models, "timm.models.layers": timm.models.layers})
+
+
+def _use_source(source: Path) -> None:
+    """Import `models` and `util` from this repository (both repositories use the same package names)."""
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("models", "util"):
+            del sys.modules[name]
+    sys.path[:] = [p for p in sys.path if p not in _SOURCES]
+    sys.path.insert(0, str(source))
+    _SOURCES.add(str(source))
+
+
+_SOURCES: set[str] = set()
+
 
 def _perturb(model: nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
@@ -139,6 +168,11 @@ def original_args(model_cfg: dict) -> argparse.Namespace:
 
     args = vars(reference_args({"model": model_cfg}))
     args.update(
+        pre_norm=False,
+        pe_temperatureH=20,
+        pe_temperatureW=20,
+        random_refpoints_xy=False,
+        num_select=300,
         dataset_file="coco",
         device="cpu",
         aux_loss=True,
@@ -160,8 +194,8 @@ def original_args(model_cfg: dict) -> argparse.Namespace:
 def compare(variant: str, source: Path) -> dict[str, float]:
     from reference_layout import original_layout
 
+    _use_source(source)
     fields = dict(
-        arch="deformable",
         backbone_depth=50,
         backbone_width=1.0,
         backbone_norm="frozen",
@@ -172,17 +206,20 @@ def compare(variant: str, source: Path) -> dict[str, float]:
         ffn_dim=256,
         dropout=0.0,
         num_queries=20,
-        num_levels=4,
         n_points=4,
         **VARIANTS[variant],
     )
-    cfg = config_from_dict({"model": {"preset": "deformable-detr-r50", **fields}})
+    preset = "dab-detr-r50" if variant == "dab" else "deformable-detr-r50"
+    cfg = config_from_dict({"model": {"preset": preset, **fields}})
     torch.manual_seed(0)
     ours = build_detector(cfg.model, 91).eval()
     _perturb(ours)
     model_cfg = cfg.to_dict()["model"]
 
-    build = importlib.import_module("models.deformable_detr").build
+    if variant == "dab":
+        build = importlib.import_module("models.DAB_DETR.DABDETR").build_DABDETR
+    else:
+        build = importlib.import_module("models.deformable_detr").build
     theirs = build(original_args(model_cfg))[0].eval()
     theirs.load_state_dict(original_layout(ours.state_dict(), {"model": model_cfg}), strict=True)
 
@@ -203,19 +240,27 @@ def compare(variant: str, source: Path) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--deformable-detr", required=True, type=Path, help="a checkout of fundamentalvision/Deformable-DETR"
-    )
+    ap.add_argument("--deformable-detr", type=Path, help="a checkout of fundamentalvision/Deformable-DETR")
+    ap.add_argument("--dab-detr", type=Path, help="a checkout of IDEA-Research/DAB-DETR")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args()
-    source = args.deformable_detr.resolve()
-    if not (source / "models" / "deformable_detr.py").is_file():
-        raise SystemExit(f"error: --deformable-detr: {source} has no models/deformable_detr.py")
-    sys.path.insert(0, str(source))
+    sources = {}
+    for flag, path, marker in (
+        ("--deformable-detr", args.deformable_detr, "models/deformable_detr.py"),
+        ("--dab-detr", args.dab_detr, "models/DAB_DETR/DABDETR.py"),
+    ):
+        if path is not None and not (path / marker).is_file():
+            raise SystemExit(f"error: {flag}: {path} has no {marker} (expected a checkout of the repository)")
+        sources[flag] = path.resolve() if path else None
+    if not any(sources.values()):
+        raise SystemExit("error: give --deformable-detr DIR and/or --dab-detr DIR (checkouts of the originals)")
     _install_stand_ins("models.ops.functions.ms_deform_attn_func")
     torch.set_num_threads(1)
-    print(f"# ours vs the original Deformable DETR ({source.name}); torch {torch.__version__}, CPU fp32")
+    print(f"# ours vs the original repositories' code; torch {torch.__version__}, CPU fp32")
     for variant in args.variants:
+        source = sources["--dab-detr" if variant == "dab" else "--deformable-detr"]
+        if source is None:
+            continue
         diffs = compare(variant, source)
         worst = max(diffs.values())
         parts = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
