@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 
 def original_layout(state: dict, cfg: dict) -> dict:
     """Our tensors under the reference repositories' names (the inverse of the published rename
@@ -68,3 +70,17 @@ def reference_args(cfg: dict) -> argparse.Namespace:
             two_stage=m["two_stage"],
         )
     return argparse.Namespace(**args)
+
+
+def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> None:
+    """Move every parameter and BatchNorm statistic off its initial value: a fresh model's zero-initialised
+    layers (sampling offsets, attention weights, the box head's last layer) would hide mapping errors."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+        for name, b in model.named_buffers():
+            if name.endswith("running_var"):
+                b.mul_(torch.exp(torch.randn(b.shape, generator=g) * 0.2))
+            elif name.endswith("running_mean"):
+                b.add_(torch.randn(b.shape, generator=g) * 0.1)

@@ -14,7 +14,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers", reason="transformers (the dev extra) is the oracle")
 
-from reference_layout import original_layout, reference_args  # noqa: E402
+from reference_layout import original_layout, perturb, reference_args  # noqa: E402
 
 from clockdistill.checkpoint import load_detector  # noqa: E402
 from clockdistill.errors import UserError  # noqa: E402
@@ -30,18 +30,6 @@ def _resnet_config(stages):
     return transformers.ResNetConfig(
         embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[2, 2, 2, 2], layer_type="basic", out_features=stages
     )
-
-
-def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.mul_(torch.exp(torch.randn(b.shape, generator=g) * 0.2))
-            elif name.endswith("running_mean"):
-                b.add_(torch.randn(b.shape, generator=g) * 0.1)
 
 
 def _batch(seed: int = 1):
@@ -90,7 +78,7 @@ def _hf_deformable(variant: str, backbone=None):
         dropout=0.0,
     )
     model = transformers.DeformableDetrForObjectDetection(cfg).eval()
-    _perturb(model)
+    perturb(model)
     # The reference shares one module between the model's heads and the decoder's refinement (and,
     # two-stage, its proposal scoring); transformers keeps two copies, tied only with
     # tie_word_embeddings, which would also tie the heads of different layers. Equal copies it is.
@@ -121,7 +109,7 @@ def _hf_dab():
         dropout=0.0,
     )
     model = transformers.DabDetrForObjectDetection(cfg).eval()
-    _perturb(model)
+    perturb(model)
     return model
 
 
@@ -261,7 +249,7 @@ def test_an_imagenet_backbone_gives_the_features_of_its_source(tmp_path):
         out_features=["stage2", "stage3", "stage4"],
     )
     hf = transformers.ResNetBackbone(cfg).eval()
-    _perturb(hf)
+    perturb(hf)
     model_dir = tmp_path / "resnet"
     hf_model = transformers.ResNetModel(cfg)
     hf_model.embedder.load_state_dict(hf.embedder.state_dict())

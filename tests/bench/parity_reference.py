@@ -141,18 +141,6 @@ def _use_source(source: Path) -> None:
 _SOURCES: set[str] = set()
 
 
-def _perturb(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.mul_(torch.exp(torch.randn(b.shape, generator=g) * 0.2))
-            elif name.endswith("running_mean"):
-                b.add_(torch.randn(b.shape, generator=g) * 0.1)
-
-
 def _batch():
     g = torch.Generator().manual_seed(1)
     images = torch.randn(2, 3, SIZE, SIZE, generator=g)
@@ -192,7 +180,7 @@ def original_args(model_cfg: dict) -> argparse.Namespace:
 
 
 def compare(variant: str, source: Path) -> dict[str, float]:
-    from reference_layout import original_layout
+    from reference_layout import original_layout, perturb
 
     _use_source(source)
     fields = dict(
@@ -213,7 +201,9 @@ def compare(variant: str, source: Path) -> dict[str, float]:
     cfg = config_from_dict({"model": {"preset": preset, **fields}})
     torch.manual_seed(0)
     ours = build_detector(cfg.model, 91).eval()
-    _perturb(ours)
+    # 0.02 keeps the R50 / d-256 activations moderate; at the tests' 0.1 the differences are float32 rounding
+    # of larger activations (measured: 3.8e-5 plain, 8.8e-6 DAB-DETR)
+    perturb(ours, scale=0.02)
     model_cfg = cfg.to_dict()["model"]
 
     if variant == "dab":
