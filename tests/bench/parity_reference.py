@@ -40,11 +40,11 @@ from clockdistill.config import config_from_dict  # noqa: E402
 from clockdistill.models import build_detector  # noqa: E402
 from clockdistill.models.resnet import ResNet  # noqa: E402
 
-VARIANTS = {
-    "plain": dict(arch="deformable", num_levels=4),
-    "refine": dict(arch="deformable", num_levels=4, box_refine=True),
-    "two-stage": dict(arch="deformable", num_levels=4, box_refine=True, two_stage=True),
-    "dab": dict(arch="dab", num_levels=1, dilation=False),
+VARIANTS = {  # on top of the presets deformable-detr-r50 / dab-detr-r50 (ResNet-50, d 256, their levels)
+    "plain": {},
+    "refine": {"box_refine": True},
+    "two-stage": {"box_refine": True, "two_stage": True},
+    "dab": {},
 }
 SIZE = 128
 
@@ -183,20 +183,7 @@ def compare(variant: str, source: Path) -> dict[str, float]:
     from reference_layout import original_layout, perturb
 
     _use_source(source)
-    fields = dict(
-        backbone_depth=50,
-        backbone_width=1.0,
-        backbone_norm="frozen",
-        d_model=256,
-        nheads=8,
-        enc_layers=2,
-        dec_layers=2,
-        ffn_dim=256,
-        dropout=0.0,
-        num_queries=20,
-        n_points=4,
-        **VARIANTS[variant],
-    )
+    fields = dict(enc_layers=2, dec_layers=2, ffn_dim=256, dropout=0.0, num_queries=20, **VARIANTS[variant])
     preset = "dab-detr-r50" if variant == "dab" else "deformable-detr-r50"
     cfg = config_from_dict({"model": {"preset": preset, **fields}})
     torch.manual_seed(0)
