@@ -212,6 +212,11 @@ class MemoryDistillConfig:
     channel_reduce: str = (
         "sum"  # squared error summed (FGD convention, what alpha is tuned for) or averaged over channels
     )
+    # none: the paper's raw squared error (alpha follows the memory's scale and width). channel: each
+    # channel's error over the teacher memory's variance of that channel, averaged over channels.
+    # teacher: the error summed over channels over the teacher's mean ||t||^2 per token. Both are
+    # unchanged when the memory is rescaled or widened; statistics from the batch's unpadded tokens.
+    normalize: str = "none"
     levels: list[int] = field(default_factory=list)  # memory levels to distil ([] = all; 0 = finest)
     with_pos: bool = False  # distil memory + positional encoding instead of the raw memory
     fitnet_weight: float = 1.0  # FitNet baseline: weight of the plain MSE over every unpadded token
@@ -222,6 +227,7 @@ class MemoryDistillConfig:
         _check_range("distill.memory.gaussian_grow", self.gaussian_grow, low=1.0)
         _check_choice("distill.memory.mask", self.mask, ("box", "gaussian"))
         _check_choice("distill.memory.channel_reduce", self.channel_reduce, ("sum", "mean"))
+        _check_choice("distill.memory.normalize", self.normalize, ("none", "channel", "teacher"))
         for i, level in enumerate(self.levels):
             _check_range(f"distill.memory.levels[{i}]", level, low=0)
 

@@ -197,3 +197,42 @@ def test_confidence_threshold_drops_unsure_teacher_outputs():
         LogitDistillConfig(),
     )[0]
     assert cut.item() == pytest.approx(only_first.item()) and cut.item() < full.item()
+
+
+@pytest.mark.parametrize("normalize", ["channel", "teacher"])
+def test_scale_free_memory_error_ignores_the_memorys_scale_width_and_padding(normalize):
+    g = torch.Generator().manual_seed(1)
+    B, N, C = 2, 6, 4
+    t = torch.randn(B, N, C, generator=g) * torch.tensor([1.0, 3.0, 0.5, 2.0]) + 0.7
+    st = t + 0.3 * torch.randn(B, N, C, generator=g)
+    m = (torch.rand(B, N, generator=g) > 0.5).float()
+    s = torch.rand(B, N, generator=g) + 0.1
+    s[1, 5], m[1, 5] = 0.0, 0.0  # a padded token
+    ref = memory_terms(t, st, m, s, normalize=normalize)
+    raw = memory_terms(t, st, m, s)
+    for name, (tt, ss) in {
+        "x40": (t * 40, st * 40),  # a memory 40 times larger
+        "4x wider": (t.repeat(1, 1, 4), st.repeat(1, 1, 4)),  # d_model 16 instead of 4, same content
+    }.items():
+        other = memory_terms(tt, ss, m, s, normalize=normalize)
+        for key in ref:
+            assert other[key].item() == pytest.approx(ref[key].item(), rel=1e-4), (name, key)
+        assert memory_terms(tt, ss, m, s)["kd_mem_fg"].item() > 3.9 * raw["kd_mem_fg"].item()  # raw grows
+    padded = t.clone()
+    padded[1, 5] = 1e4  # what padding holds never reaches the statistics
+    assert memory_terms(padded, st, m, s, normalize=normalize)["kd_mem_fg"].item() == pytest.approx(
+        ref["kd_mem_fg"].item(), rel=1e-5
+    )
+
+
+def test_channel_normalized_memory_error_written_out():
+    g = torch.Generator().manual_seed(2)
+    B, N, C = 1, 4, 2
+    t, st = torch.randn(B, N, C, generator=g), torch.randn(B, N, C, generator=g)
+    m, s = torch.ones(B, N), torch.ones(B, N)
+    var = [sum((t[0, i, c].item() - t[0, :, c].mean().item()) ** 2 for i in range(N)) / N for c in range(C)]
+    fg = sum((t[0, i, c].item() - st[0, i, c].item()) ** 2 / var[c] for i in range(N) for c in range(C)) / C
+    assert memory_terms(t, st, m, s, normalize="channel")["kd_mem_fg"].item() == pytest.approx(fg, rel=1e-4)
+    ms = sum((t[0, i] ** 2).sum().item() for i in range(N)) / N
+    fg_t = sum(((t[0, i] - st[0, i]) ** 2).sum().item() for i in range(N)) / ms
+    assert memory_terms(t, st, m, s, normalize="teacher")["kd_mem_fg"].item() == pytest.approx(fg_t, rel=1e-4)

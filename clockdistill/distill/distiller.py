@@ -267,7 +267,7 @@ class Distiller:
         m, sc = memory_masks(
             targets, image_hw, mem_s.spatial_shapes, mem_s.padding_mask, mc.mask, mc.gaussian_grow, mc.scale_norm
         )
-        return memory_terms(t, s, m, sc, levels, mc.channel_reduce)
+        return memory_terms(t, s, m, sc, levels, mc.channel_reduce, mc.normalize)
 
     def _target_query_terms(
         self, mem_t: Memory | None, qs, layers_s: list[dict] | None, targets: list[dict], out_s: dict
@@ -343,10 +343,15 @@ class Distiller:
         if "kd_mem_fg" in kw:
             parts.append(f"{kw['kd_mem_fg']:g}*kd_mem_fg + {kw['kd_mem_bg']:g}*kd_mem_bg")
             levels = ",".join(map(str, mc.levels)) or "all"
+            error = {
+                "none": f"{'summed' if mc.channel_reduce == 'sum' else 'averaged'} over {self.teacher.cfg.d_model} "
+                "channels",
+                "channel": "over the teacher memory's per-channel variance, averaged over channels",
+                "teacher": "summed over channels, over the teacher memory's mean ||t||^2",
+            }[mc.normalize]
             notes.append(
                 f"kd_mem: GT {mc.mask} mask M, scale mask S {'on' if mc.scale_norm else 'off'}, squared error "
-                f"{'summed' if mc.channel_reduce == 'sum' else 'averaged'} over {self.teacher.cfg.d_model} channels, "
-                f"levels {levels}"
+                f"{error}, levels {levels}"
                 f"{', memory+pos' if mc.with_pos else ''}{', student adapter' if self.adapter is not None else ''}; "
                 "/batch"
             )

@@ -23,19 +23,53 @@ def squared_error(teacher: Tensor, student: Tensor, reduce: str = "sum") -> Tens
     return d2.sum(-1) if reduce == "sum" else d2.mean(-1)
 
 
+NORM_EPS = 1e-6
+
+
+def normalized_squared_error(teacher: Tensor, student: Tensor, keep: Tensor, normalize: str) -> Tensor:
+    """The per-token error of a scale-free memory weight (B, N); `keep` (B, N) marks the tokens whose
+    teacher statistics count (unpadded, distilled levels).
+
+    channel: sum_c (t_c - s_c)^2 / var_c(t) / C, var over the kept tokens of the batch
+    teacher: ||t - s||^2 / mean ||t||^2 over the kept tokens
+    Multiplying the memory by k, or repeating its channels, leaves both unchanged."""
+    t, st = teacher.float(), student.float()
+    w = keep.float().unsqueeze(-1)
+    count = w.sum().clamp(min=1)
+    with torch.no_grad():
+        if normalize == "channel":
+            mean = (t * w).sum((0, 1)) / count
+            scale = (((t - mean) ** 2) * w).sum((0, 1)) / count  # (C,)
+        else:
+            scale = ((t**2).sum(-1, keepdim=True) * w).sum() / count
+    d2 = (t - st).pow(2) / (scale + NORM_EPS)
+    return d2.mean(-1) if normalize == "channel" else d2.sum(-1)
+
+
 def memory_terms(
-    teacher: Tensor, student: Tensor, m: Tensor, s: Tensor, token_mask: Tensor | None = None, reduce: str = "sum"
+    teacher: Tensor,
+    student: Tensor,
+    m: Tensor,
+    s: Tensor,
+    token_mask: Tensor | None = None,
+    reduce: str = "sum",
+    normalize: str = "none",
 ) -> dict[str, Tensor]:
     """kd_mem_fg = (1/B) sum M S ||t-s||^2 and kd_mem_bg = (1/B) sum (1-M) S ||t-s||^2.
 
     teacher, student (B, N, C) memories (student already adapted to the teacher's width); m, s (B, N)
-    masks (zero on padded tokens); token_mask (N,) keeps only some levels.
+    masks (zero on padded tokens); token_mask (N,) keeps only some levels; `normalize` channel or
+    teacher replaces ||t-s||^2 by its scale-free form (normalized_squared_error; `reduce` then unused).
     """
-    d2 = squared_error(teacher, student, reduce)
+    valid = (s > 0).float()  # padded tokens have S = 0; (1 - M) must not bring them back
+    if normalize == "none":
+        d2 = squared_error(teacher, student, reduce)
+    else:
+        keep = valid if token_mask is None else valid * token_mask
+        d2 = normalized_squared_error(teacher, student, keep, normalize)
     if token_mask is not None:
         d2 = d2 * token_mask
     B = teacher.shape[0]
-    valid = (s > 0).float()  # padded tokens have S = 0; (1 - M) must not bring them back
     return {"kd_mem_fg": (m * s * d2).sum() / B, "kd_mem_bg": ((1 - m) * valid * s * d2).sum() / B}
 
 
