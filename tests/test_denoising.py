@@ -113,3 +113,37 @@ def test_labels_flip_at_half_the_noise_ratio():
     b, s = 1, 3
     assert torch.allclose(q2.content[b, s], emb.weight[q2.labels[b, s]])
     assert torch.allclose(torch.sigmoid(q2.reference[b, s]), q2.boxes[b, s].clamp(1e-3, 1 - 1e-3), atol=1e-6)
+
+
+def test_denoising_pairs_and_losses_follow_the_reference():
+    from clockdistill.config import LossConfig
+    from clockdistill.losses import SetCriterion
+    from clockdistill.models.denoising import denoising_indices
+
+    targets = _targets([2, 0, 3])
+    q = contrastive_denoising_queries(targets, nn.Embedding(5, 8), num_queries=4, num_classes=4, dn_number=2)
+    pairs = denoising_indices(q)
+    single_pad = 2 * q.max_gt  # the reference: output_idx = group * single_pad + t, tgt_idx = t per group
+    for (slots, gts), t in zip(pairs, targets):
+        n = len(t["labels"])
+        expected = [g * single_pad + i for g in range(q.groups) for i in range(n)]
+        assert slots.tolist() == expected and gts.tolist() == list(range(n)) * q.groups
+    # outputs that reconstruct every positive exactly and call everything else background
+    B, pad = q.labels.shape
+    logits = torch.full((B, pad, 4), -12.0)
+    boxes = torch.full((B, pad, 4), 0.5)
+    for b, (slots, gts) in enumerate(pairs):
+        logits[b, slots, targets[b]["labels"][gts]] = 12.0
+        boxes[b, slots] = targets[b]["boxes"][gts]
+    criterion = SetCriterion.from_config(LossConfig(), 4)
+    perfect = criterion.denoising_losses({"pred_logits": logits, "pred_boxes": boxes}, targets, pairs, 5.0 * q.groups)
+    assert perfect["loss_bbox_dn"].item() < 1e-6 and perfect["loss_giou_dn"].item() < 1e-5
+    assert perfect["loss_cls_dn"].item() < 1e-6
+    shifted = boxes.clone()
+    shifted[..., 0] += 0.01  # every slot's cx off by 0.01: only the positives count
+    off = criterion.denoising_losses({"pred_logits": logits, "pred_boxes": shifted}, targets, pairs, 5.0 * q.groups)
+    assert abs(off["loss_bbox_dn"].item() - 0.01 * 5 * q.groups / (5.0 * q.groups)) < 1e-5
+    negative = (q.labels >= 0) & ~q.positive
+    logits[negative] = 12.0  # a negative that claims an object is punished
+    bad = criterion.denoising_losses({"pred_logits": logits, "pred_boxes": boxes}, targets, pairs, 5.0 * q.groups)
+    assert bad["loss_cls_dn"].item() > 1.0

@@ -51,12 +51,19 @@ class SetCriterion(nn.Module):
         return cls(num_classes, matcher, cfg.focal_alpha, cfg.focal_gamma, cfg.aux_loss)
 
     def layer_losses(
-        self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], num_boxes: float
+        self,
+        outputs: dict[str, Tensor],
+        targets: list[dict[str, Tensor]],
+        num_boxes: float,
+        indices: list[tuple[Tensor, Tensor]] | None = None,
     ) -> dict[str, Tensor]:
-        """The three terms for one decoder layer's predictions, each normalised by the box count."""
+        """The three terms for one decoder layer's predictions, each normalised by the box count;
+        queries paired with targets by Hungarian matching, or by the given `indices` (per image:
+        query indices, target indices), as for denoising queries. Unpaired queries are no-object."""
         logits = outputs["pred_logits"].float()  # (B, Q, C)
         boxes = outputs["pred_boxes"].float()  # (B, Q, 4)
-        indices = self.matcher(outputs, targets)
+        if indices is None:
+            indices = self.matcher(outputs, targets)
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
         src_idx = torch.cat([src for src, _ in indices]).to(logits.device)
         target_classes = torch.zeros_like(logits)
@@ -71,12 +78,31 @@ class SetCriterion(nn.Module):
         loss_giou = (1 - giou).sum() / num_boxes
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
+    def denoising_losses(
+        self,
+        outputs: dict,
+        targets: list[dict[str, Tensor]],
+        indices: list[tuple[Tensor, Tensor]],
+        num_boxes: float,
+    ) -> dict[str, Tensor]:
+        """`*_dn` (last layer) and `*_dn_<i>` (earlier layers) terms of the denoising queries' outputs:
+        positives reconstruct their GT, negatives and padding are no-object (DINO)."""
+        losses = {f"{k}_dn": v for k, v in self.layer_losses(outputs, targets, num_boxes, indices).items()}
+        if self.aux_loss:
+            for i, aux in enumerate(outputs.get("aux_outputs", [])):
+                terms = self.layer_losses(aux, targets, num_boxes, indices)
+                losses.update({f"{k}_dn_{i}": v for k, v in terms.items()})
+        return losses
+
     def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         num_boxes = max(global_mean(float(sum(len(t["labels"]) for t in targets))), 1.0)  # DDP: the global mean count
         losses = self.layer_losses(outputs, targets, num_boxes)
         if self.aux_loss:
             for i, aux in enumerate(outputs.get("aux_outputs", [])):
                 losses.update({f"{k}_{i}": v for k, v in self.layer_losses(aux, targets, num_boxes).items()})
+        if "dn" in outputs:  # denoising queries: fixed pairs, normalised by the box count x groups
+            dn = outputs["dn"]
+            losses.update(self.denoising_losses(dn["outputs"], targets, dn["indices"], num_boxes * dn["groups"]))
         if "enc_outputs" in outputs:  # two-stage proposals: class-agnostic, every object is class 0
             agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             enc = self.layer_losses(outputs["enc_outputs"], agnostic, num_boxes)
@@ -84,14 +110,21 @@ class SetCriterion(nn.Module):
         return losses
 
 
-def detection_weights(cfg: LossConfig, num_aux: int, proposals: bool = False) -> dict[str, float]:
-    """Weight of every term the criterion returns: aux layers included, and a two-stage detector's
-    proposal terms (`*_enc`) when `proposals`."""
+def detection_weights(
+    cfg: LossConfig, num_aux: int, proposals: bool = False, denoising: bool = False
+) -> dict[str, float]:
+    """Weight of every term the criterion returns: aux layers included, a two-stage detector's
+    proposal terms (`*_enc`) when `proposals`, denoising terms (`*_dn`, `*_dn_<i>`) when `denoising`."""
     base = {"loss_cls": cfg.cls, "loss_bbox": cfg.bbox, "loss_giou": cfg.giou}
     weights = dict(base)
     if cfg.aux_loss:
         for i in range(num_aux):
             weights.update({f"{k}_{i}": w for k, w in base.items()})
+    if denoising:
+        weights.update({f"{k}_dn": w for k, w in base.items()})
+        if cfg.aux_loss:
+            for i in range(num_aux):
+                weights.update({f"{k}_dn_{i}": w for k, w in base.items()})
     if proposals:
         weights.update({f"{k}_enc": w for k, w in base.items()})
     return weights

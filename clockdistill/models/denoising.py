@@ -150,3 +150,13 @@ def contrastive_denoising_queries(
         groups=groups,
         max_gt=max_gt,
     )
+
+
+def denoising_indices(queries: DenoisingQueries) -> list[tuple[Tensor, Tensor]]:
+    """Per image, (positive slot indices, the GT each reconstructs): the fixed pairs of the denoising
+    loss, group by group (the reference's `dn_pos_idx`)."""
+    out = []
+    for b in range(queries.positive.shape[0]):
+        slots = torch.nonzero(queries.positive[b]).flatten()
+        out.append((slots, queries.gt_index[b, slots]))
+    return out
