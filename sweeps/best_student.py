@@ -2,7 +2,8 @@
 register it (registry.py).
 
     1. find the sweep in MLflow (the latest when not named) and its trials;
-    2. candidates = trials that FINISHED their full budget; the best by the objective (a
+    2. candidates = trials that FINISHED their full budget (the no-distillation baseline trial of
+       a spec with baseline_trial is a reference, not a candidate); the best by the objective (a
        multi-objective sweep: the Pareto set is printed and the best of it by --prefer, default
        the first objective, is taken);
     3. fetch that trial's best checkpoint (sweep storage; else the copy in its MLflow run),
@@ -47,7 +48,7 @@ class Choice:
 def choose_trial(sweep: Sweep, trials: list[Trial], metric: str | None = None, prefer: str | None = None) -> Choice:
     """The export candidate: among finished full-budget trials, the best by `metric` (default the
     primary objective); for a multi-objective sweep the best of the Pareto set by `prefer`."""
-    candidates = [t for t in trials if t.finished]
+    candidates = [t for t in trials if t.finished and not t.baseline]
     if not candidates:
         states = (
             ", ".join(f"{t.trial_id} {t.status.lower()}{'' if t.full_budget else ' (stopped early)'}" for t in trials)
@@ -181,12 +182,12 @@ def best_student(
         print(f"Pareto set of sweep {sweep.name} ({' vs '.join(names)}), best by {choice.metric} taken:")
         for t in rank(choice.pareto, choice.metric, dict(sweep.objectives)[choice.metric]):
             print(
-                f"  {'*' if t is choice.trial else ' '} trial {t.trial_id}: "
+                f"  {'*' if t is choice.trial else ' '} trial {t.name}: "
                 + ", ".join(f"{m} {t.best(m):.4g}" for m in names)
             )
     print(
         f"sweep {sweep.name}: {len(trials)} trials, {sum(t.finished for t in trials)} finished their budget; "
-        f"best by {choice.metric}: trial {choice.trial.trial_id} ({choice.value:.4f})"
+        f"best by {choice.metric}: trial {choice.trial.name} ({choice.value:.4f})"
     )
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -111,6 +112,17 @@ class Trial:
     def finished(self) -> bool:
         """Ran its full budget and ended without error: an export candidate."""
         return S.finished_full_budget(self.run)
+
+    @property
+    def name(self) -> str:
+        """`t02 (8870a1b2)`: the trial's number (from its run name) and id, as the sweep's console said."""
+        number = (self.run.info.run_name or "").split(" ")[0]
+        return f"{number} ({self.trial_id})" if re.fullmatch(r"t\d+", number) else self.trial_id
+
+    @property
+    def baseline(self) -> bool:
+        """The sweep's no-distillation reference trial (spec baseline_trial)."""
+        return self.run.data.tags.get(S.BASELINE_TAG) == "true"
 
     def best(self, metric: str) -> float | None:
         value = self.run.data.metrics.get(S.best_key(metric))

@@ -147,9 +147,9 @@ class SweepTracker:
     def find_trial_run(self, trial_id: str):
         return self._find(S.trial_filter(self.sweep_id, trial_id))
 
-    def trial_run(self, trial_id: str, trial_name: str, params: dict[str, Any]) -> str:
+    def trial_run(self, trial_id: str, trial_name: str, params: dict[str, Any], baseline: bool = False) -> str:
         """The child run of a running trial: found by trial_id (and marked running again), created
-        (with its params) when new."""
+        (named `trial_name`, with its params) when new; `baseline` tags the no-distillation trial."""
         if trial_id in self._runs:
             return self._runs[trial_id]
         run = self.find_trial_run(trial_id)
@@ -163,6 +163,7 @@ class SweepTracker:
                     S.TRIAL_ID_TAG: trial_id,
                     S.ROLE_TAG: S.ROLE_TRIAL,
                     S.FULL_BUDGET_TAG: "false",
+                    **({S.BASELINE_TAG: "true"} if baseline else {}),
                 },
             )
             from mlflow.entities import Param

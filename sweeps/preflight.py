@@ -13,6 +13,7 @@ import logging
 import uuid
 
 from clockdistill.checkpoint import storage_filesystem
+from sweeps.schema import short_path
 from sweeps.spec import SpecError
 
 log = logging.getLogger(__name__)
@@ -94,5 +95,5 @@ def check_storage(storage: str, timeout_s: float = 120.0) -> int:
             f"storage_path: {storage} is not shared and writable on node {where[node]}{more}: {reason}; "
             "use a path every node mounts (NFS, EFS) or an s3:// URI"
         )
-    log.info("storage %s: written and read back by all %d node(s)", storage, len(ids))
+    log.info("storage %s: written and read back by all %d node(s)", short_path(storage), len(ids))
     return len(ids)

@@ -49,11 +49,70 @@ def trial_params(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+class Console:
+    """The sweep's console: one line per trial event (started with its knobs, an epoch's objective,
+    stopped early, failed, finished) and, after each end, where the sweep stands."""
+
+    def __init__(self, spec: SweepSpec):
+        self.metric = spec.primary.metric
+        self.maximize = spec.primary.mode == "max"
+        self.epochs = spec.epochs
+        grid = math.prod(len(d.value) for d in spec.search_space.values() if d.kind == "grid")
+        self.total = spec.num_samples * grid + int(spec.baseline_trial)
+        self.started = time.monotonic()
+        self.ended: dict[str, str] = {}  # trial id -> finished | stopped | failed
+        self.best: tuple[str, float] | None = None  # (label, best value) over trials that ended
+
+    def __getstate__(self):  # kept with the callback in Tune's experiment state: a resumed sweep counts on
+        return {**self.__dict__, "started": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.started = time.monotonic()
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    def trial_started(self, label: str) -> None:
+        number, _, knobs = label.partition(" ")
+        self.say(f"{number} started   {knobs}")
+
+    def epoch(self, label: str, result: dict[str, Any]) -> None:
+        value, best = result.get(self.metric), result.get(best_key(self.metric))
+        if not isinstance(value, (int, float)):
+            return
+        shown = f"{self.metric} {value:.4f}" + (f" (best {best:.4f})" if isinstance(best, (int, float)) else "")
+        self.say(f"{label.split(' ')[0]} epoch {int(result.get('epoch', 0))}/{self.epochs}  {shown}")
+
+    def trial_ended(self, trial_id: str, label: str, how: str, epochs: int, best: float | None, reason: str) -> None:
+        number = label.split(" ")[0]
+        self.ended[trial_id] = how
+        best_text = f"best {self.metric} {best:.4f}" if best is not None else f"no {self.metric}"
+        if how == "failed":
+            self.say(f"{number} failed after {epochs}/{self.epochs} epoch(s): {reason}")
+        elif how == "stopped":
+            self.say(f"{number} stopped early after {epochs}/{self.epochs} epoch(s), {best_text}")
+        else:
+            self.say(f"{number} finished  {best_text} after {epochs}/{self.epochs} epochs")
+        if best is not None and "no-KD" not in label:
+            if self.best is None or (best > self.best[1]) == self.maximize and best != self.best[1]:
+                self.best = (number, best)
+
+    def progress(self, running: int) -> None:
+        counts = {k: sum(v == k for v in self.ended.values()) for k in ("finished", "stopped", "failed")}
+        best = f"; best so far {self.best[0]} {self.metric} {self.best[1]:.4f}" if self.best else ""
+        self.say(
+            f"    [{len(self.ended)}/{self.total} trials done: {counts['finished']} finished, {counts['stopped']} "
+            f"stopped early, {counts['failed']} failed; {running} running{best}; "
+            f"{(time.monotonic() - self.started) / 60:.1f} min]"
+        )
+
+
 def make_callback(spec: SweepSpec, tracker: SweepTracker):
     from ray.tune import Callback
 
     class MlflowSweepCallback(Callback):
-        """Forwards trial starts, epochs and ends to MLflow and prints a line per finished trial.
+        """Forwards trial starts, epochs and ends to MLflow, and each to the console in one line.
         MLflow trouble never takes the sweep down: a write that fails is buffered, in order, and
         retried (at most every RETRY_S while the store is down, and at the end of the sweep), so a
         tracking server that restarts mid-sweep loses nothing. The buffer is plain data and is kept
@@ -66,7 +125,9 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
             self.tracker = tracker
             self._spec: SweepSpec | None = None
             self._pending: list[tuple] = []  # (kind, trial_id, *payload), oldest first
-            self._trials: dict[str, tuple[str, dict[str, Any]]] = {}  # trial_id -> (run name, params), built once
+            self._trials: dict[str, tuple[str, dict[str, Any], bool]] = {}  # trial_id -> (run name, params,
+            # baseline?), built once
+            self.console = Console(spec)
             self._down_since: float | None = None
             self._last_try = 0.0
 
@@ -77,6 +138,7 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
                 "_spec": None,
                 "_pending": list(self._pending),
                 "_trials": dict(self._trials),
+                "console": self.console,
                 "_down_since": None,
                 "_last_try": 0.0,
             }
@@ -88,10 +150,12 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
             return self._spec
 
         def _write(self, trial, kind: str, *payload) -> None:
-            if (
-                trial.trial_id not in self._trials
-            ):  # params go to MLflow once, when its run is created (they cannot change)
-                self._trials[trial.trial_id] = (str(trial), trial_params(self.spec, trial.config))
+            if trial.trial_id not in self._trials:  # params go to MLflow once, when its run is created
+                self._trials[trial.trial_id] = (
+                    self.label(trial),
+                    trial_params(self.spec, trial.config),
+                    bool(trial.config.get(S.BASELINE_KEY)),
+                )
             self._pending.append((kind, trial.trial_id, *payload))
             if self._down_since is None or time.monotonic() - self._last_try >= self.RETRY_S:
                 self._flush()
@@ -125,12 +189,18 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
                 self._down_since = None
             return True
 
+        @staticmethod
+        def label(trial) -> str:
+            return S.trial_label(S.trial_number(trial.experiment_tag, trial.trial_id), trial.trial_id, trial.config)
+
         def on_trial_start(self, iteration, trials, trial, **info):
+            self.console.trial_started(self.label(trial))
             self._write(trial, "open")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if FAILED_KEY in result:
                 return
+            self.console.epoch(self.label(trial), result)
             self._write(trial, "epoch", {**metrics_to_log(result), "epoch": result.get("epoch", 0)})
 
         def on_experiment_end(self, trials, **info):
@@ -146,9 +216,11 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
                     patience,
                 )
 
-        def _end(self, trial, status: str, reason: str = "") -> None:
+        def _end(self, trial, trials, status: str, reason: str = "") -> None:
             try:
                 self._end_unguarded(trial, status, reason)
+                running = sum(t.status == "RUNNING" and t is not trial for t in trials)
+                self.console.progress(running)
             except Exception as exc:  # noqa: BLE001 - bookkeeping must never end the sweep
                 log.warning("could not record the end of trial %s: %s", trial.trial_id, exc)
 
@@ -164,21 +236,13 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
                 status, reason = "FAILED", result.get(S.FAILURE_REASON_KEY, FAILED_KEY)
             if reason:
                 tags[S.FAILURE_REASON_TAG] = reason[:4000]
-            how = (
-                "ran the full budget"
-                if full
-                else (
-                    f"failed: {reason}"
-                    if status == "FAILED"
-                    else f"stopped early after {tags[S.EPOCHS_RUN_TAG]} epoch(s)"
-                )
-            )
-            best_text = f"best {metric} {best:.4f}" if best is not None and math.isfinite(best) else f"no {metric}"
-            print(f"trial {trial.trial_id} finished: {best_text}, {how}", flush=True)
+            how = "finished" if full else ("failed" if status == "FAILED" else "stopped")
+            shown = best if best is not None and math.isfinite(best) else None
+            self.console.trial_ended(trial.trial_id, self.label(trial), how, int(result.get("epoch", 0)), shown, reason)
             self._write(trial, "end", status, tags)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._end(trial, "FINISHED")
+            self._end(trial, trials, "FINISHED")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             try:
@@ -186,7 +250,7 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
                 reason = str(error).strip().splitlines()[-1] if error else "error"
             except Exception:  # noqa: BLE001
                 reason = "error"
-            self._end(trial, "FAILED", reason)
+            self._end(trial, trials, "FAILED", reason)
 
     return MlflowSweepCallback()
 
@@ -198,8 +262,23 @@ def _teacher_ap(spec: SweepSpec) -> float | None:
     return float(ap) if ap is not None and ap >= 0 else None
 
 
-def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
-    """Validate, start or resume the sweep, track it in MLflow; returns the summary."""
+def quiet_ray() -> None:
+    """Ray's own console output off (its status tables are off through RunConfig(verbose=0)):
+    warnings such as the experiment-state snapshot notices, and the multi-line error reports of
+    failed trials, which the sweep's console says in one line. `--verbose` keeps them."""
+    # Tune's newer console reporter prints its experiment box, result paths and error files whatever
+    # the verbosity; the classic one prints nothing at verbose 0
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory ..."
+
+
+def run_sweep(spec_path: str | Path, name: str | None = None, verbose: bool = False) -> dict[str, Any]:
+    """Validate, start or resume the sweep, track it in MLflow; returns the summary. `verbose`: Ray's
+    status tables, warnings and the trials' own output too (else one line per trial event)."""
     source = str(spec_path)
     spec = resolve_paths(load_spec(spec_path, name), source)  # every spec error before Ray starts
     storage = spec.storage_path
@@ -218,8 +297,18 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
 
     from ray import tune
 
-    where = connect_ray(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
-    log.info("sweep %s on %s; storage %s; mlflow %s", spec.name, where, storage, tracking_uri)
+    if not verbose:
+        quiet_ray()
+    where = connect_ray(
+        logging_level=logging.WARNING if verbose else logging.ERROR, configure_logging=True, log_to_driver=verbose
+    )
+    log.info(
+        "sweep %s on %s; storage %s; mlflow %s",
+        spec.name,
+        where,
+        S.short_path(storage),
+        tracking_uri.replace(str(Path.cwd()) + "/", ""),
+    )
     check_storage(storage)  # every node writes and reads it, before any trial or MLflow run exists
     from sweeps.prebuild import needs_node_caches, prebuild_node_caches
 
@@ -246,7 +335,7 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
     status, summary = "FAILED", None
     try:
         if tune.Tuner.can_restore(exp_path):
-            log.info("resuming sweep %s from %s (finished trials are not rerun)", spec.name, exp_path)
+            log.info("resuming sweep %s from %s (finished trials are not rerun)", spec.name, S.short_path(exp_path))
             tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
         else:
             tuner = tune.Tuner(
@@ -255,7 +344,7 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
                 tune_config=tune.TuneConfig(
                     search_alg=build_searcher(spec),
                     scheduler=build_scheduler(spec),
-                    num_samples=spec.num_samples,
+                    num_samples=spec.num_samples + int(spec.baseline_trial),
                     max_concurrent_trials=spec.max_concurrent_trials,
                     # a data-parallel trial's actor only drives a Train run: nothing to save by reusing it, and
                     # Tune cannot reset one whose run is still winding down
@@ -272,7 +361,7 @@ def run_sweep(spec_path: str | Path, name: str | None = None) -> dict[str, Any]:
                         make_callback(spec, tracker),
                         *([train_run_janitor()] if spec.resources.workers > 1 else []),
                     ],
-                    verbose=1,  # the status table; the callback prints a line per finished trial
+                    verbose=1 if verbose else 0,  # Ray's status tables; the callback prints a line per event
                 ),
             )
         results = tuner.fit()
@@ -300,7 +389,9 @@ def finalize(spec: SweepSpec, tracker: SweepTracker, results) -> dict[str, Any]:
             "full_budget": bool(m.get(S.FULL_BUDGET_KEY)) and not m.get(FAILED_KEY),
             best_key(metric): m.get(best_key(metric)),
             "error": str(result.error).splitlines()[-1] if result.error else (m.get(S.FAILURE_REASON_KEY) or ""),
-            "config": {k: v for k, v in (result.config or {}).items()},
+            "config": {k: v for k, v in (result.config or {}).items() if k != S.BASELINE_KEY},
+            "label": S.trial_label(S.trial_number(Path(result.path).name, trial_id), trial_id, result.config or {}),
+            "baseline": bool((result.config or {}).get(S.BASELINE_KEY)),
         }
         try:
             best = result.get_best_checkpoint(score_metric, score_mode) if result.best_checkpoints else None
@@ -331,27 +422,28 @@ def finalize(spec: SweepSpec, tracker: SweepTracker, results) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         log.warning("mlflow: could not clean up replaced trial runs: %s", exc)
     ranked = sorted(
-        (r for r in rows if r[best_key(metric)] is not None and r["full_budget"]),
+        (r for r in rows if r[best_key(metric)] is not None and r["full_budget"] and not r["baseline"]),
         key=lambda r: r[best_key(metric)],
         reverse=mode == "max",
     )
+    baseline = next((r for r in rows if r["baseline"]), None)
     summary = {
         "sweep": spec.name,
         "objective": f"{metric} ({mode})",
         "trials": rows,
-        "best": ranked[0] if ranked else None,
+        "best": ranked[0] if ranked else None,  # the best distilled student; the baseline is not a candidate
+        "baseline": baseline,
     }
     print(f"\nsweep {spec.name}: {len(rows)} trials, {sum(r['full_budget'] for r in rows)} ran the full budget")
-    print(f"{'trial':<14} {'epochs':>6} {'best ' + metric:>10}  config")
-    for r in sorted(rows, key=lambda r: r["trial_id"]):
+    print(f"{'trial':<6} {'epochs':>6} {'best ' + metric:>10}  knobs")
+    for r in sorted(rows, key=lambda r: r["label"]):
         value = r[best_key(metric)]
         shown = f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "-"
-        cfg = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in r["config"].items())
-        print(
-            f"{r['trial_id']:<14} {r['epochs']:>6} {shown:>10}  {cfg}{'  [' + r['error'] + ']' if r['error'] else ''}"
-        )
+        number, _, knobs = r["label"].partition(" ")
+        print(f"{number:<6} {r['epochs']:>6} {shown:>10}  {knobs}{'  [' + r['error'] + ']' if r['error'] else ''}")
     if ranked:
-        print(f"best: trial {ranked[0]['trial_id']} with {metric} {ranked[0][best_key(metric)]:.4f}")
+        best_label = ranked[0]["label"].split(" ")[0]
+        print(f"best: {best_label} (trial {ranked[0]['trial_id']}) with {metric} {ranked[0][best_key(metric)]:.4f}")
     return json.loads(json.dumps(summary, default=str))
 
 
@@ -381,7 +473,3 @@ def _trial_id_from_path(path: str | None) -> str:
 
     match = re.search(r"train_trial_([0-9a-f]{5,})_", Path(path).name) if path else None
     return match.group(1) if match else "?"
-
-
-def _short(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)

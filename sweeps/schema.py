@@ -32,6 +32,7 @@ FAILURE_REASON_TAG = "failure_reason"
 BEST_CHECKPOINT_TAG = "best_checkpoint"  # where the trial's best checkpoint lives in the sweep storage
 BEST_CHECKPOINT_SHA_TAG = "best_checkpoint_sha256"  # its weights' digest when the sweep ended
 ORPHANED_TAG = "orphaned"
+BASELINE_TAG = "baseline"  # "true" on the run of a sweep's no-distillation trial (spec baseline_trial)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 # -- params and artifacts -------------------------------------------------------------------------
@@ -53,6 +54,8 @@ DEFAULT_OBJECTIVE = ("AP", "max")  # a spec without objective(s)
 FAILED_KEY = "diverged"  # in a trial's final result when its loss became NaN/inf
 FAILURE_REASON_KEY = "failure_reason"
 FULL_BUDGET_KEY = "completed_full_budget"  # in every result row: 1 once the trial reached the budget
+BASELINE_KEY = "baseline"  # in the config of a sweep's no-distillation trial (no dot: not a config override)
+BASELINE_METHOD = "none"  # its distill.method
 
 # Per-epoch metrics written to MLflow; everything else a trial reports stays in Tune's results.
 METRIC_ALLOW = re.compile(
@@ -119,3 +122,60 @@ def ran_full_budget(tags: dict[str, str]) -> bool:
 def finished_full_budget(run) -> bool:
     """A trial run closed after its full budget: an export candidate, left alone by a restored sweep."""
     return run.info.status == "FINISHED" and ran_full_budget(run.data.tags)
+
+
+# -- how a trial is named in MLflow and on the console ---------------------------------------------
+
+KNOB_SHORT = {
+    "distill.memory.alpha": "alpha",
+    "distill.memory.beta": "beta",
+    "distill.logit.temperature": "T",
+    "distill.logit.weight": "w",
+    "distill.logit.label_noise": "noise",
+    "distill.method": "method",
+    "train.lr": "lr",
+}  # any other key is named by its last part
+
+
+def trial_number(tag: str | None, trial_id: str = "") -> int | None:
+    """A trial's number in its sweep (1, 2, ...) from Tune's experiment tag (`3_distill...`) or its
+    directory name (`train_trial_8870a1b2_3_distill..._2026-...`). Tune counts from 1 under a
+    searcher and from 0 under its variant generator (grid, PBT), whose trial ids end in `_00002`."""
+    match = re.match(r"(\d+)(?:_|$)", tag or "") or re.search(r"train_trial_[0-9a-f_]+?_(\d+)(?:_|$)", tag or "")
+    if not match:
+        return None
+    return int(match.group(1)) + int(bool(re.search(r"_\d{5}$", trial_id)))
+
+
+def _knob_value(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e4:
+        return str(int(value))
+    if 1e-2 <= abs(value) < 1e3:
+        return f"{value:.2g}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"  # 5.0e-3, not 5.0e-03
+
+
+def trial_label(number: int | None, trial_id: str, config: dict[str, Any]) -> str:
+    """`t03 alpha=5.0e-3 T=2 w=0.39`: the trial's number and its searched knobs (the dotted keys of
+    its config); `t01 no-KD baseline` for the sweep's no-distillation trial."""
+    head = f"t{number:02d}" if number is not None else trial_id
+    if config.get(BASELINE_KEY):
+        return f"{head} no-KD baseline"
+    knobs = " ".join(
+        f"{KNOB_SHORT.get(k, k.rsplit('.', 1)[-1])}={_knob_value(v)}" for k, v in config.items() if "." in k
+    )
+    return f"{head} {knobs}".strip()
+
+
+def short_path(path: str | Path) -> str:
+    """A path relative to the current directory when it lies under it (what the console shows)."""
+    text = str(path)
+    if "://" in text:
+        return text
+    try:
+        return str(Path(text).resolve().relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        return text

@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from clockdistill.config import Config, config_from_dict
-from sweeps.schema import FAILED_KEY, best_key
+from sweeps.schema import BASELINE_KEY, BASELINE_METHOD, FAILED_KEY, best_key
 from sweeps.spec import SweepSpec, base_config_dict
 
 log = logging.getLogger(__name__)
@@ -85,16 +85,32 @@ def pruning_aware_optuna_search(**kwargs):
     """OptunaSearch that tells Optuna the truth about trials the scheduler stopped early (PRUNED,
     not COMPLETE with a partial value) and about diverged trials (FAIL).
 
-    `full_budget` is the number of epochs a complete trial reports."""
+    `full_budget` is the number of epochs a complete trial reports. `baseline`, when given, is the
+    config of the sweep's no-distillation trial: the first suggestion, which Optuna never sees (its
+    results would teach the model about a point outside the space)."""
     from optuna.trial import TrialState
     from ray.tune.search.optuna import OptunaSearch
 
     class PruningAwareOptunaSearch(OptunaSearch):
-        def __init__(self, full_budget: int, **kw):
+        def __init__(self, full_budget: int, baseline: dict[str, Any] | None = None, **kw):
             super().__init__(**kw)
             self.full_budget = full_budget
+            self.baseline = baseline
+            self.baseline_id: str | None = None  # saved with the searcher: a resumed sweep adds no second one
+
+        def suggest(self, trial_id: str):
+            if self.baseline is not None and self.baseline_id in (None, trial_id):
+                self.baseline_id = trial_id
+                return dict(self.baseline)
+            return super().suggest(trial_id)
+
+        def on_trial_result(self, trial_id: str, result: dict):
+            if trial_id != self.baseline_id:
+                super().on_trial_result(trial_id, result)
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            if trial_id == self.baseline_id:
+                return
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return super().on_trial_complete(trial_id, result, error)
             state = None
@@ -126,6 +142,7 @@ def build_searcher(spec: SweepSpec):
     modes = [o.mode for o in objectives]
     return pruning_aware_optuna_search(
         full_budget=spec.epochs,
+        baseline=baseline_config(spec) if spec.baseline_trial else None,
         metric=metrics if spec.multi_objective else metrics[0],
         mode=modes if spec.multi_objective else modes[0],
         points_to_evaluate=[point] if point else None,
@@ -135,13 +152,39 @@ def build_searcher(spec: SweepSpec):
     )
 
 
+def baseline_config(spec: SweepSpec) -> dict[str, Any]:
+    """The no-distillation trial's config: distill.method none, the searched keys at their first point
+    (they do nothing without distillation, but every trial names every key)."""
+    return {BASELINE_KEY: True, "distill.method": BASELINE_METHOD, **(paper_defaults_point(spec) or {})}
+
+
+def baseline_aware_asha(**kwargs):
+    """ASHA that never stops the no-distillation trial and leaves it out of its rungs: the baseline
+    runs the full budget, and the other trials are stopped exactly as in a sweep without it."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class BaselineAwareASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result):
+            if trial.config.get(BASELINE_KEY):
+                return TrialScheduler.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            if trial.config.get(BASELINE_KEY):
+                self._trial_info.pop(trial.trial_id, None)
+                return
+            super().on_trial_complete(tune_controller, trial, result)
+
+    return BaselineAwareASHA(**kwargs)
+
+
 def build_scheduler(spec: SweepSpec):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import FIFOScheduler, PopulationBasedTraining
 
     sc, primary = spec.scheduler, spec.primary
     metric = best_key(primary.metric)
     if sc.type == "asha":
-        return ASHAScheduler(
+        return baseline_aware_asha(
             time_attr="training_iteration",
             metric=metric,
             mode=primary.mode,

@@ -18,6 +18,8 @@
     objective: {metric: AP, mode: max}              # or several: objectives: [{metric: AP, mode: max},
                                                     #                         {metric: params, mode: min}]
     num_samples: 8
+    baseline_trial: false                           # true: one more trial, without distillation (method none),
+                                                    # the full budget, kept out of the searcher and the scheduler
     max_concurrent_trials: 2
     resources: {cpu: 1, gpu: 0}                     # per trial; fractional GPUs allowed; workers: N for DDP trials
     storage_path: sweeps-storage                    # local dir, NFS path or s3://bucket/prefix
@@ -156,6 +158,7 @@ class SweepSpec(_Strict):
     objective: Objective | None = None
     objectives: list[Objective] | None = None
     num_samples: int = Field(8, ge=1)
+    baseline_trial: bool = False  # one extra no-distillation trial on the same budget, the report's no-KD line
     max_concurrent_trials: int = Field(2, ge=1)
     resources: Resources = Field(default_factory=Resources)
     storage_path: str = "sweeps-storage"
@@ -194,6 +197,13 @@ class SweepSpec(_Strict):
             raise ValueError(
                 f"scheduler.grace_period: must be < epochs ({self.epochs}), got {self.scheduler.grace_period}"
             )
+        if self.baseline_trial and (algorithm == "grid" or self.scheduler.type == "pbt"):
+            raise ValueError(
+                "baseline_trial: needs a searcher (tpe, gp, cmaes or random, not pbt); in a grid sweep put none "
+                "into distill.method's grid instead"
+            )
+        if self.baseline_trial and "distill.method" in self.search_space:
+            raise ValueError("baseline_trial: distill.method is searched already; leave one of them out")
         if not any(d.kind != "fixed" for d in self.search_space.values()):
             raise ValueError("search_space: nothing to search (give at least one key a range, choice or grid)")
         return self

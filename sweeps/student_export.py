@@ -131,7 +131,7 @@ def export_files(
     }
     (out / "MODEL_CARD.md").write_text(model_card(manifest))
     (out / "export.json").write_text(json.dumps(manifest, indent=1))
-    print(f"exported trial {trial.trial_id} (AP {metrics['AP']:.4f}) to {out}: {', '.join(files)}")
+    print(f"exported trial {trial.name} (AP {metrics['AP']:.4f}) to {out}: {', '.join(files)}")
     return manifest
 
 

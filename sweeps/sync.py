@@ -21,8 +21,8 @@ from sweeps.spec import SweepSpec, load_spec, search_space_summary, spec_to_dict
 log = logging.getLogger(__name__)
 
 
-def _trials(spec: SweepSpec) -> list[tuple[dict[str, Any], list[dict[str, Any]], tuple[str, str] | None]]:
-    """[(params, result rows, best checkpoint)] of every trial directory of the sweep."""
+def _trials(spec: SweepSpec) -> list[tuple[str, dict[str, Any], list[dict[str, Any]], tuple[str, str] | None]]:
+    """[(directory name, params, result rows, best checkpoint)] of every trial directory of the sweep."""
     import pyarrow.fs as pafs
 
     fs, root = storage_filesystem(spec.storage_path)
@@ -41,7 +41,7 @@ def _trials(spec: SweepSpec) -> list[tuple[dict[str, Any], list[dict[str, Any]],
             log.warning("sync: %s skipped (%s)", info.base_name, exc)
             continue
         if rows:
-            out.append((params, rows, _best_checkpoint(fs, info.path, *score)))
+            out.append((info.base_name, params, rows, _best_checkpoint(fs, info.path, *score)))
     return out
 
 
@@ -82,9 +82,10 @@ def sync_sweep(spec_path: str, name: str | None = None) -> dict[str, int]:
     else:
         tracker.parent_run_id = parent.info.run_id
     counts = {"trials": 0, "epochs_written": 0, "closed": 0}
-    for params, rows, best in _trials(spec):
+    for dirname, params, rows, best in _trials(spec):
         trial_id = rows[-1]["trial_id"]
-        run_id = tracker.trial_run(trial_id, f"train_trial_{trial_id}", trial_params(spec, params))
+        label = S.trial_label(S.trial_number(dirname, trial_id), trial_id, params)
+        run_id = tracker.trial_run(trial_id, label, trial_params(spec, params), bool(params.get(S.BASELINE_KEY)))
         counts["trials"] += 1
         counts["epochs_written"] += sum(tracker.log_epoch(run_id, row) for row in rows if S.FAILED_KEY not in row)
         run = tracker.client.get_run(run_id)

@@ -49,12 +49,14 @@ def trial_clock_start() -> float:
 
 
 def trial_config(spec: SweepSpec, params: dict[str, Any], output_dir: str | Path) -> Config:
-    """The full config of a trial: spec base + the trial's dotted params + the sweep's fixed keys."""
+    """The full config of a trial: spec base + the trial's dotted params + the sweep's fixed keys
+    (keys without a dot, such as the baseline trial's marker, are not config keys)."""
     from clockdistill.distill import distill_config
 
     raw = base_config_dict(spec)
     for key, value in params.items():
-        raw = set_dotted(raw, key, value)
+        if "." in key:
+            raw = set_dotted(raw, key, value)
     for key, value in (
         ("train.output_dir", str(output_dir)),
         ("train.resume", True),

@@ -192,12 +192,12 @@ def tune_results(storage: Path, sweep: str) -> dict[str, list[dict]]:
     return rows
 
 
-def run_sweep_cli(spec: Path, cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m sweeps SPEC --summary cwd/summary.json` on an in-process local Ray (no RAY_ADDRESS,
-    no MLFLOW_TRACKING_URI from the caller); fails the test unless it exits 0."""
+def run_sweep_cli(spec: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m sweeps SPEC --summary cwd/summary.json [args]` on an in-process local Ray (no
+    RAY_ADDRESS, no MLFLOW_TRACKING_URI from the caller); fails the test unless it exits 0."""
     env = clean_env()
     proc = subprocess.run(
-        [sys.executable, "-m", "sweeps", str(spec), "--summary", str(cwd / "summary.json")],
+        [sys.executable, "-m", "sweeps", str(spec), "--summary", str(cwd / "summary.json"), *args],
         capture_output=True,
         text=True,
         timeout=900,

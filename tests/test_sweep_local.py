@@ -22,7 +22,7 @@ def test_a_diverging_trial_fails_alone_and_the_sweep_goes_on(tiny_teacher, tmp_p
         f"resources: {{cpu: 1}}\nstorage_path: {tmp_path / 'storage'}\nmlflow: "
         f"{{tracking_uri: 'sqlite:///{db}', experiment: grid}}\n"
     )
-    proc = run_sweep_cli(spec, tmp_path)
+    proc = run_sweep_cli(spec, tmp_path, "--verbose")
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("grid")
     runs = {
@@ -35,6 +35,8 @@ def test_a_diverging_trial_fails_alone_and_the_sweep_goes_on(tiny_teacher, tmp_p
     assert bad.info.status == "FAILED" and bad.data.tags["completed_full_budget"] == "false"
     reason = bad.data.tags["failure_reason"]
     assert "not finite" in reason or "loss is" in reason, reason
-    assert "failed: " in proc.stdout
+    assert "t02 failed after 0/1 epoch(s): " in proc.stdout or "t02 failed after 1/1 epoch(s): " in proc.stdout
+    # --verbose: Ray's own console output too (its experiment table), besides the sweep's lines
+    assert "Configuration for experiment" in proc.stdout and "t01 started   lr=4.0e-4" in proc.stdout
     # Not retried: a divergence is deterministic (one trial directory, one attempt).
     assert len(list((tmp_path / "storage" / "grid").glob("train_trial_*"))) == 2
