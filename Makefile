@@ -9,7 +9,7 @@ MLFLOW_PORT ?= 5000
 MLFLOW_DB ?= $(CURDIR)/mlflow.db
 SWEEP  ?=
 
-.PHONY: demo test test-fast lint bench best-student report sweep mlflow-ui venv clean
+.PHONY: demo demo-teacher test test-fast lint bench best-student report sweep mlflow-ui venv clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,12 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/clockdistill demo --workdir $(DEMO)
 
+# Rebuild the teacher the demo ships (sweeps/assets/demo-teacher) by its recipe: 30 epochs of
+# hybrid-tiny-teacher on 2000 synthetic images, one thread (about 45 min here). Run it when that
+# preset's architecture changes; commit the new weights, meta.json and recipe.json together.
+demo-teacher: $(STAMP)
+	$(PY) -m sweeps.demo build-teacher --out sweeps/assets/demo-teacher --workdir demo-teacher-build
+
 bench: $(STAMP)
 	$(PY) tests/bench/teacher_quality.py
 
@@ -58,4 +64,4 @@ report: $(STAMP)
 	$(VENV)/bin/clockdistill report $(if $(SWEEP),--sweep $(SWEEP))
 
 clean:
-	rm -rf $(DEMO) .pytest_cache sweeps-storage
+	rm -rf $(DEMO) demo-teacher-build .pytest_cache sweeps-storage

@@ -1,42 +1,57 @@
-"""The embedded default end to end: synthetic data -> a tiny teacher -> the demo sweep -> the best student.
+"""The embedded default end to end: synthetic data -> the teacher -> the demo sweep (with its
+no-distillation trial) -> report and best student -> teacher / student alone / distilled student.
 
-Each stage is skipped when its output already exists (the teacher resumes from its checkpoint, the
-sweep of the same name resumes and reruns nothing finished), so running the demo again is quick.
+The teacher is a checkpoint the project ships (sweeps/assets/demo-teacher: weights, metadata and
+recipe.json with the command that made it, its sha256 and its AP), so the demo's minutes go to the
+sweep. `make demo-teacher` rebuilds it (`python -m sweeps.demo build-teacher`): run it when the
+hybrid-tiny-teacher architecture changes (a test fails when the shipped weights no longer load).
+`clockdistill demo --teacher-epochs N` trains a teacher in the work directory instead.
+
+Each stage is skipped when its output already exists (a trained teacher resumes from its checkpoint,
+the sweep of the same name resumes and reruns nothing finished), so running the demo again is quick.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from clockdistill.checkpoint import file_sha256
 from clockdistill.config import config_from_dict, parse_yaml
 from clockdistill.data.synth import ensure_synthetic
-from clockdistill.engine import fit
+from clockdistill.errors import UserError
 
 log = logging.getLogger(__name__)
 
 # Tuned for a 2-core CPU: lr and clipping suit training from scratch (no pretrained backbone here).
 TRAIN = {"lr": 4e-4, "lr_backbone": 4e-4, "clip_max_norm": 1.0, "warmup_iters": 200, "batch_size": 8}
+TEACHER_PRESET = "hybrid-tiny-teacher"
+SHIPPED_TEACHER = Path(__file__).parent / "assets" / "demo-teacher"
+# The shipped teacher's recipe: synthetic seed-0 images (the demo's data are their first n), 30 epochs
+TEACHER_DATA = {"train": 2000, "val": 300, "seed": 0}
+TEACHER_EPOCHS = 30
 
 
-def demo_config(name: str, data: Path, preset: str, epochs: int, out: Path):
+def demo_config(name: str, data: Path, preset: str, epochs: int, out: Path, progress: bool = True):
     return config_from_dict(
         {
             "name": name,
             "data": {"root": str(data)},
             "model": {"preset": preset},
-            "train": {**TRAIN, "epochs": epochs, "output_dir": str(out)},
+            "train": {**TRAIN, "epochs": epochs, "output_dir": str(out), "progress": progress},
         }
     )
 
 
 def demo_spec(workdir: Path, trials: int | None = None, epochs: int | None = None) -> Path:
     """sweeps/configs/demo.yaml with its teacher and storage under `workdir` (written there)."""
-    import sweeps
-
-    spec: dict[str, Any] = parse_yaml((Path(sweeps.__file__).parent / "configs" / "demo.yaml").read_text())
+    spec: dict[str, Any] = parse_yaml((Path(__file__).parent / "configs" / "demo.yaml").read_text())
     spec.update(teacher=str(workdir / "teacher" / "best"), storage_path=str(workdir / "sweeps"))
     if trials:
         spec["num_samples"] = trials
@@ -47,53 +62,209 @@ def demo_spec(workdir: Path, trials: int | None = None, epochs: int | None = Non
             "grace_period": max(1, min(spec["scheduler"].get("grace_period", 1), epochs - 1)),
         }
     path = workdir / "demo-sweep.yaml"
-    import json
-
     path.write_text(json.dumps(spec, indent=1))  # JSON is YAML
     return path
+
+
+# -- the shipped teacher ---------------------------------------------------------------------------
+
+
+def build_teacher(out: Path, workdir: Path, threads: int = 1) -> dict[str, Any]:
+    """Train the demo teacher by its recipe and write it to `out` (weights, metadata without machine
+    paths, recipe.json). What `make demo-teacher` runs."""
+    import torch
+
+    from clockdistill.engine import fit
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    data = ensure_synthetic(workdir / "data", TEACHER_DATA["train"], TEACHER_DATA["val"], TEACHER_DATA["seed"])
+    fit(demo_config("demo-teacher", data, TEACHER_PRESET, TEACHER_EPOCHS, workdir / "teacher", False))
+    return package_teacher(workdir / "teacher" / "best", out, time.perf_counter() - t0, threads)
+
+
+def package_teacher(best: Path, out: Path, wall_s: float | None = None, threads: int | None = None) -> dict[str, Any]:
+    """A trained teacher checkpoint -> the shipped form: weights, metadata (data root and output dir
+    left blank: they are this machine's) and recipe.json."""
+    import torch
+
+    meta = json.loads((best / "meta.json").read_text())
+    meta["config"]["data"]["root"] = ""
+    meta["config"]["train"]["output_dir"] = ""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(best / "model.safetensors", out / "model.safetensors")
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    recipe = {
+        "command": "make demo-teacher  (python -m sweeps.demo build-teacher --out sweeps/assets/demo-teacher)",
+        "preset": TEACHER_PRESET,
+        "data": {"synthetic": TEACHER_DATA},
+        "train": {**TRAIN, "epochs": TEACHER_EPOCHS},
+        "AP": meta["best_ap"],
+        "AP50": meta["metrics"].get("AP50"),
+        "best_epoch": meta["best_epoch"],
+        "sha256": file_sha256(out / "model.safetensors"),
+        "torch": torch.__version__,
+        "threads": threads,
+        "wall_min": round(wall_s / 60, 1) if wall_s else None,
+    }
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    print(f"demo teacher: AP {recipe['AP']:.4f} (epoch {recipe['best_epoch']}) -> {out}, sha256 {recipe['sha256']}")
+    return recipe
+
+
+def install_teacher(dest: Path, data: Path, shipped: Path = SHIPPED_TEACHER) -> Path:
+    """The shipped teacher as a checkpoint in the work directory, reading `data`. Refused when its
+    weights are not the ones recipe.json names, or no longer fit the teacher preset."""
+    from clockdistill.checkpoint import load_detector
+
+    recipe = json.loads((shipped / "recipe.json").read_text())
+    digest = file_sha256(shipped / "model.safetensors")
+    if digest != recipe["sha256"]:
+        raise UserError(
+            f"{shipped / 'model.safetensors'}: sha256 {digest[:12]}.. is not the recipe's {recipe['sha256'][:12]}..; "
+            "restore it (git checkout) or rebuild it with `make demo-teacher`"
+        )
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shipped / "model.safetensors", dest / "model.safetensors")
+    meta = json.loads((shipped / "meta.json").read_text())
+    meta["config"]["data"]["root"] = str(data.resolve())
+    meta["config"]["train"]["output_dir"] = str(dest.parent.resolve())
+    (dest / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+        load_detector(dest, "cpu")
+    except Exception as exc:  # noqa: BLE001 - a key or shape mismatch: the architecture changed since
+        raise UserError(
+            f"{shipped}: the shipped demo teacher no longer fits {TEACHER_PRESET} ({str(exc).splitlines()[0][:200]}); "
+            "rebuild it with `make demo-teacher`"
+        ) from None
+    return dest
+
+
+def evaluate_checkpoint(checkpoint: Path, data: Path) -> dict[str, float]:
+    """COCO metrics of a checkpoint on the validation split of `data`."""
+    import torch
+
+    from clockdistill.checkpoint import load_detector
+    from clockdistill.data import CocoDetection, DetectionTransform
+    from clockdistill.engine import evaluate
+
+    model, meta = load_detector(checkpoint, "cpu")
+    dataset = CocoDetection(str(data), "val", DetectionTransform(meta["config"]["data"]["max_size"], train=False))
+    return evaluate(model, dataset, torch.device("cpu"), batch_size=16)
+
+
+def prepare_teacher(workdir: Path, data: Path, teacher_epochs: int | None) -> tuple[Path, float]:
+    """(teacher checkpoint, its AP on the demo's validation split): the shipped teacher, or one
+    trained here for `teacher_epochs`."""
+    best = workdir / "teacher" / "best"
+    if teacher_epochs:
+        from clockdistill.engine import fit
+
+        log.info("training the teacher (%s, %d epochs) -> %s", TEACHER_PRESET, teacher_epochs, best.parent)
+        return best, fit(demo_config("teacher", data, TEACHER_PRESET, teacher_epochs, best.parent)).best_ap
+    install_teacher(best, data)
+    metrics = evaluate_checkpoint(best, data)
+    meta = json.loads((best / "meta.json").read_text())
+    meta.update(best_ap=metrics["AP"], metrics={**meta["metrics"], **metrics})  # this validation split's figures
+    (best / "meta.json").write_text(json.dumps(meta, indent=1))
+    log.info("teacher: the shipped %s (AP %.4f on %s)", TEACHER_PRESET, metrics["AP"], _short(data))
+    return best, metrics["AP"]
+
+
+# -- the demo --------------------------------------------------------------------------------------
 
 
 def run_demo(
     workdir: Path,
     n_train: int,
     n_val: int,
-    teacher_epochs: int,
+    teacher_epochs: int | None = None,
     trials: int | None = None,
     sweep_epochs: int | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     from sweeps.runner import run_sweep
 
     t0 = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
-    data = ensure_synthetic(workdir / "data", n_train, n_val)
-    out = workdir / "teacher"
-    log.info("training the teacher (hybrid-tiny-teacher, %d epochs) -> %s", teacher_epochs, out)
-    teacher = fit(demo_config("teacher", data, "hybrid-tiny-teacher", teacher_epochs, out))
+    data = ensure_synthetic(workdir / "data", n_train, n_val, TEACHER_DATA["seed"])
+    teacher, teacher_ap = prepare_teacher(workdir, data, teacher_epochs)
     t1 = time.perf_counter()
-    log.info("running the demo sweep")
-    summary = run_sweep(demo_spec(workdir, trials, sweep_epochs))
-    best = summary.get("best") or {}
-    print(f"\n{'model':<28} {'AP':>7}  checkpoint")
-    print(f"{'teacher (hybrid-tiny-teacher)':<28} {teacher.best_ap:>7.4f}  {out / 'best'}")
-    if best:
-        print(f"{'best student (hybrid-tiny-student)':<28} {best['best_AP']:>7.4f}  {best.get('best_checkpoint', '-')}")
-        print("winning knobs: " + ", ".join(f"{k}={v}" for k, v in best["config"].items()))
-    else:
-        print("no trial of the sweep ran its full budget")
+    log.info("running the demo sweep (one line per trial event; --verbose for Ray's own output)")
+    summary = run_sweep(demo_spec(workdir, trials, sweep_epochs), verbose=verbose)
     t2 = time.perf_counter()
+    best, baseline = summary.get("best") or {}, summary.get("baseline") or {}
     exported = _report_and_export(summary["sweep"], workdir) if best else {}
+    t3 = time.perf_counter()
+    rows = [("teacher (" + TEACHER_PRESET + ")", teacher_ap, teacher)]
+    if baseline:
+        rows.append(
+            (f"student alone ({_number(baseline)}, no KD)", baseline.get("best_AP"), baseline.get("best_checkpoint"))
+        )
+    if best:
+        rows.append((f"best distilled student ({_number(best)})", best["best_AP"], best.get("best_checkpoint")))
+    print()
+    print(results_table(rows))
+    if best:
+        if baseline and baseline.get("best_AP") is not None:
+            gain = (best["best_AP"] - baseline["best_AP"]) * 100
+            print(f"distillation gained {gain:+.1f} AP over the student alone on the same budget")
+        knobs = best.get("label", "").partition(" ")[2]
+        print(f"winning knobs: {knobs} (its full config: {_short(workdir / 'best-student' / 'config.json')})")
+        print(
+            f"exported: {_short(workdir / 'best-student')}   report: {_short(workdir / 'report')}   "
+            "runs: make mlflow-ui"
+        )
+    else:
+        print("no distilled trial of the sweep ran its full budget")
     print(
-        f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min (teacher {(t1 - t0) / 60:.1f} min, sweep "
-        f"{(t2 - t1) / 60:.1f} min, "
-        f"report and export {(time.perf_counter() - t2) / 60:.1f} min)"
+        f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min (data and teacher {(t1 - t0) / 60:.1f} min, "
+        f"sweep {(t2 - t1) / 60:.1f} min, report and export {(t3 - t2) / 60:.1f} min)"
     )
-    return {"teacher_AP": teacher.best_ap, "best": best, **exported}
+    return {"teacher_AP": teacher_ap, "best": best, "baseline": baseline, **exported}
+
+
+def results_table(rows: list[tuple[str, float | None, Any]]) -> str:
+    """model / AP / parameters / CPU latency (a one-image forward at the data's max size), with each
+    model's size and speed against the first row's (the teacher's)."""
+    from clockdistill.checkpoint import load_detector
+    from clockdistill.latency import cpu_latency_ms, parameter_count
+
+    facts = []
+    for name, ap, path in rows:
+        params = latency = None
+        if path and Path(str(path)).is_dir():
+            model, meta = load_detector(path, "cpu")
+            params, latency = parameter_count(model), cpu_latency_ms(model, meta["config"]["data"]["max_size"])
+        facts.append((name, ap, params, latency))
+    ref_params, ref_latency = facts[0][2], facts[0][3]
+    lines = [f"{'model':<36} {'AP':>7} {'params':>8} {'CPU latency':>12}  vs teacher"]
+    for i, (name, ap, params, latency) in enumerate(facts):
+        ap_text = f"{ap:.4f}" if isinstance(ap, (int, float)) else "-"
+        p_text = f"{params / 1e6:.2f}M" if params else "-"
+        l_text = f"{latency:.1f} ms" if latency else "-"
+        versus = (
+            f"{ref_params / params:.2f}x smaller, {ref_latency / latency:.2f}x faster"
+            if i and params and latency and ref_params and ref_latency
+            else ""
+        )
+        lines.append(f"{name:<36} {ap_text:>7} {p_text:>8} {l_text:>12}  {versus}".rstrip())
+    return "\n".join(lines)
+
+
+def _number(row: dict[str, Any]) -> str:
+    return str(row.get("label", row.get("trial_id", "?"))).split(" ")[0]
+
+
+def _short(path: Any) -> str:
+    from sweeps.schema import short_path
+
+    return short_path(path)
 
 
 def _report_and_export(sweep: str, workdir: Path) -> dict[str, Any]:
     """The sweep report and `best-student` into the work directory; a failure here is reported, and
     the finished sweep stays as it is."""
-    from clockdistill.errors import UserError
     from sweeps.best_student import best_student
     from sweeps.report import build_report
 
@@ -104,3 +275,20 @@ def _report_and_export(sweep: str, workdir: Path) -> dict[str, Any]:
     except UserError as exc:
         print(f"demo: {exc}")
     return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sweeps.demo", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build-teacher", help="train the demo teacher by its recipe and write the shipped files")
+    b.add_argument("--out", default=str(SHIPPED_TEACHER), help="where the teacher goes (default: the shipped one's)")
+    b.add_argument("--workdir", default="demo-teacher-build", help="data and training checkpoints")
+    b.add_argument("--threads", type=int, default=1, help="torch threads (the recipe's figures: 1)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    build_teacher(Path(args.out), Path(args.workdir), args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

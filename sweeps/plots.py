@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 
-FINISHED, STOPPED, FAILED = "#1f77b4", "#9aa5b1", "#d62728"
+FINISHED, STOPPED, FAILED, NO_KD = "#1f77b4", "#9aa5b1", "#d62728", "#ff7f0e"
 
 
 def _save(fig, path: Path, dpi: int = 110) -> Path:
@@ -30,30 +30,56 @@ def _colour(row: dict[str, Any]) -> str:
 def ap_over_epochs(
     rows: list[dict[str, Any]], metric: str, teacher: float | None, baseline: float | None, path: Path
 ) -> Path:
-    """metric per epoch, one line per trial (finished blue, stopped grey, failed red), reference lines."""
+    """metric per epoch, one line per trial (finished blue, stopped grey, failed red; a no-KD trial
+    orange, dotted), reference lines. A teacher far above every student is named in the title
+    rather than drawn, so the students' differences stay readable."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(8, 5))
+    top = 0.0
     for row in rows:
         values = row["metrics"].get(metric, [])
         points = [(e, v) for e, v in zip(row["epochs"], values) if v is not None]
-        if points:
-            ax.plot(*zip(*points), marker="o", ms=3, lw=1.2, color=_colour(row), alpha=0.9)
-            ax.annotate(row["trial_id"][-5:], points[-1], fontsize=7, xytext=(3, 0), textcoords="offset points")
-    if teacher is not None:
+        if not points:
+            continue
+        no_kd = (row.get("config") or {}).get("distill.method") == "none"
+        ax.plot(
+            *zip(*points),
+            marker="o",
+            ms=3,
+            lw=1.6 if no_kd else 1.2,
+            ls=":" if no_kd else "-",
+            color=NO_KD if no_kd else _colour(row),
+            alpha=0.9,
+        )
+        top = max(top, max(v for _, v in points))
+        name = (row.get("run_name") or "").split(" ")[0]  # t03, as the console and MLflow call it
+        ax.annotate(
+            name if name.startswith("t") else row["trial_id"][-5:],
+            points[-1],
+            fontsize=7,
+            xytext=(3, 0),
+            textcoords="offset points",
+        )
+    title = f"{metric} over epochs, {len(rows)} trials"
+    if teacher is not None and (top <= 0 or teacher <= 2.5 * top):
         ax.axhline(teacher, color="black", ls="--", lw=1, label=f"teacher {teacher:.3f}")
+    elif teacher is not None:
+        title += f"; teacher {teacher:.3f}, above the plotted range"
     if baseline is not None:
-        ax.axhline(baseline, color="#ff7f0e", ls=":", lw=1.5, label=f"student without KD {baseline:.3f}")
+        ax.axhline(baseline, color=NO_KD, ls=":", lw=1, label=f"student without KD (best) {baseline:.3f}")
     ax.plot([], [], color=FINISHED, label="full budget")
     ax.plot([], [], color=STOPPED, label="stopped early")
     if any(r["status"] == "FAILED" for r in rows):
         ax.plot([], [], color=FAILED, label="failed")
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"validation {metric}")
-    title = f"{metric} over epochs, {len(rows)} trials"
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if baseline is None:
-        title += "  (no no-KD baseline in this sweep: add distill.method none, or --baseline-ap)"
+        title += "  (no no-KD baseline in this sweep: baseline_trial: true, distill.method none, or --baseline-ap)"
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     return _save(fig, path)
 
 

@@ -85,6 +85,14 @@ def _spec(**changes):
         ),
         ({"scheduler": {"type": "pbt"}}, "scheduler.type: pbt mutates running trials itself"),
         ({"name": "my sweep!"}, "name: String should match pattern"),
+        (
+            {"baseline_trial": True, "search": {"algorithm": "grid"}, "search_space": {"train.lr": {"grid": [1e-4]}}},
+            "baseline_trial: needs a searcher",
+        ),
+        (
+            {"baseline_trial": True, "search_space": {"distill.method": {"choice": ["clockdistill", "fitnet"]}}},
+            "baseline_trial: distill.method is searched already",
+        ),
     ],
 )
 def test_bad_specs_fail_with_one_line_naming_the_field(changes, expected):
@@ -208,6 +216,58 @@ def test_scheduler_stopped_trials_reach_optuna_as_pruned_and_diverged_as_failed(
     assert searcher._ot_study.best_value == pytest.approx(0.3)
 
 
+def test_the_baseline_trial_comes_first_and_optuna_never_sees_it():
+    spec = _spec(baseline_trial=True)
+    searcher = _optuna_searcher(spec)
+    baseline = searcher.suggest("b")
+    assert baseline["baseline"] is True and baseline["distill.method"] == "none"
+    assert baseline["distill.memory.alpha"] == 5e-5  # every searched key named, at its first point
+    first = searcher.suggest("p")
+    assert first["distill.logit.temperature"] == 10 and "distill.method" not in first  # then the paper defaults
+    for tid, ap in (("b", 0.9), ("p", 0.2)):
+        searcher.on_trial_result(tid, {"best_AP": ap, "epoch": 3, "training_iteration": 3})
+        searcher.on_trial_complete(tid, {"best_AP": ap, "epoch": 3})
+    trials = searcher._ot_study.get_trials(deepcopy=False)
+    assert [t.values for t in trials] == [[0.2]]  # the baseline's 0.9 taught Optuna nothing
+    # saved with the searcher: a resumed sweep does not add a second baseline
+    searcher.save(str(__import__("tempfile").mkdtemp()) + "/s.pkl")
+    assert searcher.suggest("q").get("baseline") is None
+
+
+def test_asha_never_stops_the_baseline_and_stops_an_equal_trial():
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    spec = _spec(baseline_trial=True, epochs=4, scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    asha = build_scheduler(spec)
+    good = [Trial("t", config={"distill.memory.alpha": 1e-3}, stub=True) for _ in range(3)]
+    baseline = Trial("t", config={"baseline": True, "distill.method": "none"}, stub=True)
+    worse = Trial("t", config={"distill.memory.alpha": 1e-1}, stub=True)
+    for trial in (*good, baseline, worse):
+        asha.on_trial_add(None, trial)
+    decisions = {}
+    for trial, ap in ((good[0], 0.5), (good[1], 0.6), (good[2], 0.7), (baseline, 0.01), (worse, 0.01)):
+        decisions[trial.trial_id] = asha.on_trial_result(None, trial, {"training_iteration": 1, "best_AP": ap})
+    assert decisions[baseline.trial_id] == TrialScheduler.CONTINUE
+    assert decisions[worse.trial_id] == TrialScheduler.STOP  # the same result stops a distilled trial
+    asha.on_trial_complete(None, baseline, {"training_iteration": 4, "best_AP": 0.01})
+    assert baseline.trial_id not in asha._trial_info
+
+
+def test_trial_labels_name_the_number_and_the_knobs():
+    from sweeps.schema import trial_label, trial_number
+
+    assert trial_number("3_distill.memory.alpha=0.0050") == 3
+    assert trial_number("train_trial_8870a1b2_12_distill_logit=1_2026-11-30_03-31-25") == 12
+    assert trial_number("0_train.lr=0.0004", "949df_00000") == 1  # grid: Tune's variant generator counts from 0
+    assert trial_number("train_trial_949df_00002_2_train_lr=0.0004_2026-11-30", "949df_00002") == 3
+    assert trial_number("8870a1b2") is None
+    knobs = {"distill.memory.alpha": 5e-3, "distill.logit.temperature": 2, "distill.logit.weight": 0.3912}
+    assert trial_label(3, "x", knobs) == "t03 alpha=5.0e-3 T=2 w=0.39"
+    assert trial_label(1, "x", {"baseline": True, "distill.method": "none"}) == "t01 no-KD baseline"
+    assert trial_label(None, "8870a1b2", {"train.lr": 2e-4, "distill.logit.groups": 3}) == "8870a1b2 lr=2.0e-4 groups=3"
+
+
 def test_multi_objective_searcher_and_asha_on_the_first_objective():
     spec = _spec(objectives=[{"metric": "AP", "mode": "max"}, {"metric": "params", "mode": "min"}])
     searcher = _optuna_searcher(spec)
@@ -229,47 +289,45 @@ def test_shipped_specs_are_valid(path):
 
 
 @pytest.mark.slow
-def test_demo_runs_data_teacher_sweep_and_prints_the_best_student(tmp_path):
+def test_demo_prints_teacher_student_alone_and_best_distilled_student(tmp_path):
     import os
     import subprocess
     import sys
 
+    from mlflow.tracking import MlflowClient
+
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "clockdistill",
-            "demo",
-            "--workdir",
-            str(tmp_path / "demo"),
-            "--train",
-            "16",
-            "--val",
-            "4",
-            "--teacher-epochs",
-            "1",
-            "--trials",
-            "2",
-            "--sweep-epochs",
-            "1",
-        ],
+        [sys.executable, "-m", "clockdistill", "demo", "--workdir", str(tmp_path / "demo")]
+        + ["--train", "16", "--val", "8", "--trials", "2", "--sweep-epochs", "1"],
         capture_output=True,
         text=True,
         timeout=900,
         env=env,
         cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "best student (hybrid-tiny-student)" in proc.stdout and "winning knobs: distill." in proc.stdout
-    assert "sweep demo: 2 trials, 2 ran the full budget" in proc.stdout
-    # the demo ends with the report and the exported, registered best student
-    assert (tmp_path / "demo" / "report" / "trials.parquet").is_file() and (
-        tmp_path / "demo" / "report" / "ap_over_epochs.png"
-    ).is_file()
+    out = proc.stdout
+    assert proc.returncode == 0, out[-2000:] + proc.stderr[-3000:]
+    # the shipped teacher, the no-KD trial on the same budget, and the three-row table
+    assert "teacher: the shipped hybrid-tiny-teacher" in proc.stderr
+    assert "sweep demo: 3 trials, 3 ran the full budget" in out and "t01 started   no-KD baseline" in out
+    table = out[out.index("\nmodel ") + 1 :].splitlines()
+    assert table[1].startswith("teacher (hybrid-tiny-teacher)")
+    assert table[2].startswith("student alone (t01, no KD)") and "x smaller" in table[2]
+    assert table[3].startswith("best distilled student (t0") and "x faster" in table[3]
+    assert "AP over the student alone on the same budget" in out
+    # the demo ends with the report and the exported, registered best student (never the baseline)
+    assert (tmp_path / "demo" / "report" / "ap_over_epochs.png").is_file()
     assert (tmp_path / "demo" / "best-student" / "student.torchscript.pt").is_file()
-    assert "alias champion -> clockdistill-demo-student version 1" in proc.stdout
+    assert "alias champion -> clockdistill-demo-student version 1" in out
+    export = json.loads((tmp_path / "demo" / "best-student" / "export.json").read_text())
+    assert export["method"] == "clockdistill"
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("clockdistill-demo").experiment_id])
+    baseline = [r for r in runs if r.data.tags.get("baseline") == "true"]
+    assert [(r.info.run_name, r.data.params["distill.method"]) for r in baseline] == [("t01 no-KD baseline", "none")]
+    assert "demo" in {r.info.run_name for r in runs if r.data.tags.get("clockdistill.role") == "sweep"}
 
 
 def test_pbt_mutates_the_searched_keys_and_grid_uses_tune_variants():

@@ -1,0 +1,46 @@
+"""The teacher the demo ships (sweeps/assets/demo-teacher): what recipe.json says of it holds here,
+and a changed file or a changed architecture is refused with what to do."""
+
+import json
+import shutil
+
+import pytest
+
+from clockdistill.data.synth import write_synthetic
+from clockdistill.errors import UserError
+from sweeps.demo import SHIPPED_TEACHER, TEACHER_DATA, evaluate_checkpoint, install_teacher
+
+RECIPE = json.loads((SHIPPED_TEACHER / "recipe.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def val_data(tmp_path_factory):
+    """The recipe's validation images (the synthetic generator is deterministic per seed)."""
+    root = tmp_path_factory.mktemp("demo-teacher") / "data"
+    return write_synthetic(root, train=0, val=TEACHER_DATA["val"], seed=TEACHER_DATA["seed"], progress=False)
+
+
+def test_the_shipped_teacher_is_worth_distilling_and_scores_what_its_recipe_says(val_data, tmp_path):
+    assert RECIPE["AP"] >= 0.3  # the demo's promise
+    teacher = install_teacher(tmp_path / "teacher" / "best", val_data)  # sha256 checked, loads into the preset
+    metrics = evaluate_checkpoint(teacher, val_data)
+    # the same weights on the same images: only float summation order differs between CPUs
+    assert metrics["AP"] == pytest.approx(RECIPE["AP"], abs=0.01), metrics["AP"]
+
+
+def test_changed_weights_or_architecture_are_refused_with_what_to_do(val_data, tmp_path):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(SHIPPED_TEACHER, tampered)
+    with open(tampered / "model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x00\x80\x7f")
+    with pytest.raises(UserError, match="is not the recipe's .*make demo-teacher"):
+        install_teacher(tmp_path / "a", val_data, tampered)
+    other = tmp_path / "other"
+    shutil.copytree(SHIPPED_TEACHER, other)
+    meta = json.loads((other / "meta.json").read_text())
+    meta["config"]["model"]["d_model"] = 32  # as if the preset's architecture had changed
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="no longer fits hybrid-tiny-teacher .*make demo-teacher") as err:
+        install_teacher(tmp_path / "b", val_data, other)
+    assert "\n" not in str(err.value)
