@@ -61,6 +61,7 @@ class Console:
         self.total = spec.num_samples * grid + int(spec.baseline_trial)
         self.started = time.monotonic()
         self.ended: dict[str, str] = {}  # trial id -> finished | stopped | failed
+        self.retries: dict[str, int] = {}  # trial id -> retries so far
         self.best: tuple[str, float] | None = None  # (label, best value) over trials that ended
 
     def __getstate__(self):  # kept with the callback in Tune's experiment state: a resumed sweep counts on
@@ -84,16 +85,25 @@ class Console:
         shown = f"{self.metric} {value:.4f}" + (f" (best {best:.4f})" if isinstance(best, (int, float)) else "")
         self.say(f"{label.split(' ')[0]} epoch {int(result.get('epoch', 0))}/{self.epochs}  {shown}")
 
+    def retrying(self, trial_id: str, label: str, attempt: int, allowed: int, reason: str) -> None:
+        """A trial's process or node died and Tune runs it again from its last checkpoint."""
+        self.retries[trial_id] = attempt
+        self.say(
+            f"{label.split(' ')[0]} retry {attempt} of {allowed} from its last checkpoint (trial {trial_id}): {reason}"
+        )
+
     def trial_ended(self, trial_id: str, label: str, how: str, epochs: int, best: float | None, reason: str) -> None:
         number = label.split(" ")[0]
         self.ended[trial_id] = how
         best_text = f"best {self.metric} {best:.4f}" if best is not None else f"no {self.metric}"
+        retried = self.retries.get(trial_id, 0)
+        after = f", after {retried} retr{'y' if retried == 1 else 'ies'}" if retried else ""
         if how == "failed":
-            self.say(f"{number} failed after {epochs}/{self.epochs} epoch(s): {reason}")
+            self.say(f"{number} failed after {epochs}/{self.epochs} epoch(s){after}: {reason}")
         elif how == "stopped":
-            self.say(f"{number} stopped early after {epochs}/{self.epochs} epoch(s), {best_text}")
+            self.say(f"{number} stopped early after {epochs}/{self.epochs} epoch(s), {best_text}{after}")
         else:
-            self.say(f"{number} finished  {best_text} after {epochs}/{self.epochs} epochs")
+            self.say(f"{number} finished  {best_text} after {epochs}/{self.epochs} epochs{after}")
         if best is not None and "no-KD" not in label:
             if self.best is None or (best > self.best[1]) == self.maximize and best != self.best[1]:
                 self.best = (number, best)
@@ -244,15 +254,24 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._end(trial, trials, "FINISHED")
 
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self.console.retrying(
+                trial.trial_id, self.label(trial), trial.num_failures, self.spec.max_failures, _error_line(trial)
+            )
+
         def on_trial_error(self, iteration, trials, trial, **info):
-            try:
-                error = trial.get_error()
-                reason = str(error).strip().splitlines()[-1] if error else "error"
-            except Exception:  # noqa: BLE001
-                reason = "error"
-            self._end(trial, trials, "FAILED", reason)
+            self._end(trial, trials, "FAILED", _error_line(trial))
 
     return MlflowSweepCallback()
+
+
+def _error_line(trial) -> str:
+    """The last line of a trial's error (its exception), or `error`."""
+    try:
+        error = trial.get_error()
+        return str(error).strip().splitlines()[-1] if error else "error"
+    except Exception:  # noqa: BLE001
+        return "error"
 
 
 def _teacher_ap(spec: SweepSpec) -> float | None:
