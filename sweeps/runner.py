@@ -62,7 +62,6 @@ class Console:
         self.started = time.monotonic()
         self.ended: dict[str, str] = {}  # trial id -> finished | stopped | failed
         self.retries: dict[str, int] = {}  # trial id -> retries so far
-        self.best: tuple[str, float] | None = None  # (label, best value) over trials that ended
 
     def __getstate__(self):  # kept with the callback in Tune's experiment state: a resumed sweep counts on
         return {**self.__dict__, "started": None}
@@ -104,15 +103,16 @@ class Console:
             self.say(f"{number} stopped early after {epochs}/{self.epochs} epoch(s), {best_text}{after}")
         else:
             self.say(f"{number} finished  {best_text} after {epochs}/{self.epochs} epochs{after}")
-        if best is not None and "no-KD" not in label:
-            if self.best is None or (best > self.best[1]) == self.maximize and best != self.best[1]:
-                self.best = (number, best)
 
-    def progress(self, running: int) -> None:
-        counts = {k: sum(v == k for v in self.ended.values()) for k in ("finished", "stopped", "failed")}
-        best = f"; best so far {self.best[0]} {self.metric} {self.best[1]:.4f}" if self.best else ""
+    def progress(self, ended: list[tuple[str, str, float | None, bool]], running: int) -> None:
+        """ended: (number, finished | stopped | failed, best value or None, no-KD?) of every trial that
+        has ended, those of a sweep before its restore included."""
+        counts = {k: sum(how == k for _, how, _, _ in ended) for k in ("finished", "stopped", "failed")}
+        scored = [(value, number) for number, _, value, no_kd in ended if value is not None and not no_kd]
+        top = (max if self.maximize else min)(scored) if scored else None
+        best = f"; best so far {top[1]} {self.metric} {top[0]:.4f}" if top else ""
         self.say(
-            f"    [{len(self.ended)}/{self.total} trials done: {counts['finished']} finished, {counts['stopped']} "
+            f"    [{len(ended)}/{self.total} trials done: {counts['finished']} finished, {counts['stopped']} "
             f"stopped early, {counts['failed']} failed; {running} running{best}; "
             f"{(time.monotonic() - self.started) / 60:.1f} min]"
         )
@@ -230,9 +230,25 @@ def make_callback(spec: SweepSpec, tracker: SweepTracker):
             try:
                 self._end_unguarded(trial, status, reason)
                 running = sum(t.status == "RUNNING" and t is not trial for t in trials)
-                self.console.progress(running)
+                self.console.progress([e for e in map(self._ended, trials, [trial] * len(trials)) if e], running)
             except Exception as exc:  # noqa: BLE001 - bookkeeping must never end the sweep
                 log.warning("could not record the end of trial %s: %s", trial.trial_id, exc)
+
+        def _ended(self, t, current) -> tuple[str, str, float | None, bool] | None:
+            """(number, how it ended, its best objective, no-KD?) of a trial that has ended, else None;
+            from Tune's record, so the trials a restored sweep finished before count too."""
+            result = t.last_result or {}
+            if t is current:
+                how = self.console.ended[t.trial_id]
+            elif t.status == "ERROR" or (t.status == "TERMINATED" and result.get(FAILED_KEY)):
+                how = "failed"
+            elif t.status == "TERMINATED":
+                how = "finished" if result.get(S.FULL_BUDGET_KEY) else "stopped"
+            else:
+                return None
+            value = result.get(best_key(self.spec.primary.metric))
+            value = value if isinstance(value, (int, float)) and math.isfinite(value) else None
+            return self.label(t).split(" ")[0], how, value, bool(t.config.get(S.BASELINE_KEY))
 
         def _end_unguarded(self, trial, status: str, reason: str) -> None:
             result = trial.last_result or {}

@@ -56,7 +56,8 @@ def test_a_killed_driver_resumes_on_relaunch_without_rerunning_finished_trials(s
         f"name: tiny\nteacher: {tiny_teacher}\nepochs: 2\nconfig:\n  train: {{batch_size: 8}}\n"
         "search_space:\n  distill.memory.alpha: {loguniform: [1.0e-5, 1.0e-2]}\n  distill.logit.temperature: {choice: "
         "[1, 2, 4, 10]}\n"
-        "search: {algorithm: tpe, seed: 0}\nscheduler: {type: none}\nnum_samples: 4\nmax_concurrent_trials: 2\n"
+        "search: {algorithm: tpe, seed: 0}\nscheduler: {type: none}\nnum_samples: 3\nbaseline_trial: true\n"
+        "max_concurrent_trials: 2\n"
         f"resources: {{cpu: 1}}\nstorage_path: {storage}\nmlflow: "
         f"{{tracking_uri: 'sqlite:///{db}', experiment: tiny}}\n"
     )
@@ -116,14 +117,17 @@ def test_a_killed_driver_resumes_on_relaunch_without_rerunning_finished_trials(s
         tags = run.data.tags
         assert tags["mlflow.parentRunId"] == parent.info.run_id and tags["sweep_id"] == "tiny"
         assert tags["completed_full_budget"] == "true" and run.info.status == "FINISHED"
-        assert run.data.params["distill.method"] == "clockdistill" and "distill.memory.alpha" in run.data.params
+        method = "none" if tags.get("baseline") == "true" else "clockdistill"
+        assert run.data.params["distill.method"] == method and "distill.memory.alpha" in run.data.params
         ap = client.get_metric_history(run.info.run_id, "AP")
         assert sorted(m.step for m in ap) == [1, 2], (tags["trial_id"], [(m.step, m.value) for m in ap])
-        assert "kd_mem_fg" in run.data.metrics and "loss_giou" in run.data.metrics
+        assert ("kd_mem_fg" in run.data.metrics) == (method == "clockdistill") and "loss_giou" in run.data.metrics
         assert {a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")} >= {
             "best_checkpoint/model.safetensors",
             "best_checkpoint/meta.json",
         }
+    # the no-KD trial once, whether it ended before the kill or after (the searcher keeps its id)
+    assert [r.info.run_name for r in children if r.data.tags.get("baseline") == "true"] == ["t01 no-KD baseline"]
     # Trials that had finished before the kill were not run (nor closed) again.
     for run in children:
         if run.data.tags["trial_id"] in finished_before:
