@@ -26,6 +26,7 @@ from clockdistill.checkpoint import file_sha256
 from clockdistill.config import config_from_dict, parse_yaml
 from clockdistill.data.synth import ensure_synthetic
 from clockdistill.errors import UserError
+from sweeps.console import short_path
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def prepare_teacher(workdir: Path, data: Path, teacher_epochs: int | None) -> tu
     meta = json.loads((best / "meta.json").read_text())
     meta.update(best_ap=metrics["AP"], metrics={**meta["metrics"], **metrics})  # this validation split's figures
     (best / "meta.json").write_text(json.dumps(meta, indent=1))
-    log.info("teacher: the shipped %s (AP %.4f on %s)", TEACHER_PRESET, metrics["AP"], _short(data))
+    log.info("teacher: the shipped %s (AP %.4f on %s)", TEACHER_PRESET, metrics["AP"], short_path(data))
     return best, metrics["AP"]
 
 
@@ -210,9 +211,9 @@ def run_demo(
             gain = (best["best_AP"] - baseline["best_AP"]) * 100
             print(f"distillation gained {gain:+.1f} AP over the student alone on the same budget")
         knobs = best.get("label", "").partition(" ")[2]
-        print(f"winning knobs: {knobs} (its full config: {_short(workdir / 'best-student' / 'config.json')})")
+        print(f"winning knobs: {knobs} (its full config: {short_path(workdir / 'best-student' / 'config.json')})")
         print(
-            f"exported: {_short(workdir / 'best-student')}   report: {_short(workdir / 'report')}   "
+            f"exported: {short_path(workdir / 'best-student')}   report: {short_path(workdir / 'report')}   "
             "runs: make mlflow-ui"
         )
     else:
@@ -254,12 +255,6 @@ def results_table(rows: list[tuple[str, float | None, Any]]) -> str:
 
 def _number(row: dict[str, Any]) -> str:
     return str(row.get("label", row.get("trial_id", "?"))).split(" ")[0]
-
-
-def _short(path: Any) -> str:
-    from sweeps.schema import short_path
-
-    return short_path(path)
 
 
 def _report_and_export(sweep: str, workdir: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import logging
 import uuid
 
 from clockdistill.checkpoint import storage_filesystem
-from sweeps.schema import short_path
+from sweeps.console import short_path
 from sweeps.spec import SpecError
 
 log = logging.getLogger(__name__)

@@ -13,281 +13,30 @@ import json
 import logging
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 from clockdistill.checkpoint import file_sha256
 from sweeps import schema as S
+from sweeps.console import quiet_ray, short_path
 from sweeps.mlflow_writer import SweepTracker
 from sweeps.preflight import check_storage
 from sweeps.ray_connect import DRIVER_RESOURCE
 from sweeps.ray_connect import connect as connect_ray
-from sweeps.schema import FAILED_KEY, best_key, checkpoint_score, default_tracking_uri, metrics_to_log
+from sweeps.schema import FAILED_KEY, best_key, checkpoint_score, default_tracking_uri
 from sweeps.search import build_scheduler, build_searcher, tune_param_space
 from sweeps.spec import (
     SweepSpec,
     load_spec,
     resolve_paths,
     search_space_summary,
-    spec_from_json,
     spec_to_dict,
     spec_to_json,
     sweep_dir_name,
 )
+from sweeps.tune_callback import make_callback
 
 log = logging.getLogger("clockdistill.sweep")
-
-
-def trial_params(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
-    """The flattened full config of a trial, as MLflow params."""
-    from sweeps.trial import trial_config
-
-    cfg = trial_config(spec, {k: v for k, v in config.items() if "." in k}, "-")
-    flat = cfg.flatten()
-    flat.pop("train.output_dir", None)
-    return flat
-
-
-class Console:
-    """The sweep's console: one line per trial event (started with its knobs, an epoch's objective,
-    stopped early, failed, finished) and, after each end, where the sweep stands."""
-
-    def __init__(self, spec: SweepSpec):
-        self.metric = spec.primary.metric
-        self.maximize = spec.primary.mode == "max"
-        self.epochs = spec.epochs
-        grid = math.prod(len(d.value) for d in spec.search_space.values() if d.kind == "grid")
-        self.total = spec.num_samples * grid + int(spec.baseline_trial)
-        self.started = time.monotonic()
-        self.ended: dict[str, str] = {}  # trial id -> finished | stopped | failed
-        self.retries: dict[str, int] = {}  # trial id -> retries so far
-
-    def __getstate__(self):  # kept with the callback in Tune's experiment state: a resumed sweep counts on
-        return {**self.__dict__, "started": None}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self.started = time.monotonic()
-
-    def say(self, text: str) -> None:
-        print(text, flush=True)
-
-    def trial_started(self, label: str) -> None:
-        number, _, knobs = label.partition(" ")
-        self.say(f"{number} started   {knobs}")
-
-    def epoch(self, label: str, result: dict[str, Any]) -> None:
-        value, best = result.get(self.metric), result.get(best_key(self.metric))
-        if not isinstance(value, (int, float)):
-            return
-        shown = f"{self.metric} {value:.4f}" + (f" (best {best:.4f})" if isinstance(best, (int, float)) else "")
-        self.say(f"{label.split(' ')[0]} epoch {int(result.get('epoch', 0))}/{self.epochs}  {shown}")
-
-    def retrying(self, trial_id: str, label: str, attempt: int, allowed: int, reason: str) -> None:
-        """A trial's process or node died and Tune runs it again from its last checkpoint."""
-        self.retries[trial_id] = attempt
-        self.say(
-            f"{label.split(' ')[0]} retry {attempt} of {allowed} from its last checkpoint (trial {trial_id}): {reason}"
-        )
-
-    def trial_ended(self, trial_id: str, label: str, how: str, epochs: int, best: float | None, reason: str) -> None:
-        number = label.split(" ")[0]
-        self.ended[trial_id] = how
-        best_text = f"best {self.metric} {best:.4f}" if best is not None else f"no {self.metric}"
-        retried = self.retries.get(trial_id, 0)
-        after = f", after {retried} retr{'y' if retried == 1 else 'ies'}" if retried else ""
-        if how == "failed":
-            self.say(f"{number} failed after {epochs}/{self.epochs} epoch(s){after}: {reason}")
-        elif how == "stopped":
-            self.say(f"{number} stopped early after {epochs}/{self.epochs} epoch(s), {best_text}{after}")
-        else:
-            self.say(f"{number} finished  {best_text} after {epochs}/{self.epochs} epochs{after}")
-
-    def progress(self, ended: list[tuple[str, str, float | None, bool]], running: int) -> None:
-        """ended: (number, finished | stopped | failed, best value or None, no-KD?) of every trial that
-        has ended, those of a sweep before its restore included."""
-        counts = {k: sum(how == k for _, how, _, _ in ended) for k in ("finished", "stopped", "failed")}
-        scored = [(value, number) for number, _, value, no_kd in ended if value is not None and not no_kd]
-        top = (max if self.maximize else min)(scored) if scored else None
-        best = f"; best so far {top[1]} {self.metric} {top[0]:.4f}" if top else ""
-        self.say(
-            f"    [{len(ended)}/{self.total} trials done: {counts['finished']} finished, {counts['stopped']} "
-            f"stopped early, {counts['failed']} failed; {running} running{best}; "
-            f"{(time.monotonic() - self.started) / 60:.1f} min]"
-        )
-
-
-def make_callback(spec: SweepSpec, tracker: SweepTracker):
-    from ray.tune import Callback
-
-    class MlflowSweepCallback(Callback):
-        """Forwards trial starts, epochs and ends to MLflow, and each to the console in one line.
-        MLflow trouble never takes the sweep down: a write that fails is buffered, in order, and
-        retried (at most every RETRY_S while the store is down, and at the end of the sweep), so a
-        tracking server that restarts mid-sweep loses nothing. The buffer is plain data and is kept
-        in Tune's experiment state with this callback."""
-
-        RETRY_S = 5.0
-
-        def __init__(self):
-            self.spec_json = spec_to_json(spec)
-            self.tracker = tracker
-            self._spec: SweepSpec | None = None
-            self._pending: list[tuple] = []  # (kind, trial_id, *payload), oldest first
-            self._trials: dict[str, tuple[str, dict[str, Any], bool]] = {}  # trial_id -> (run name, params,
-            # baseline?), built once
-            self.console = Console(spec)
-            self._down_since: float | None = None
-            self._last_try = 0.0
-
-        def __getstate__(self):
-            return {
-                "spec_json": self.spec_json,
-                "tracker": self.tracker,
-                "_spec": None,
-                "_pending": list(self._pending),
-                "_trials": dict(self._trials),
-                "console": self.console,
-                "_down_since": None,
-                "_last_try": 0.0,
-            }
-
-        @property
-        def spec(self) -> SweepSpec:
-            if self._spec is None:
-                self._spec = spec_from_json(self.spec_json)
-            return self._spec
-
-        def _write(self, trial, kind: str, *payload) -> None:
-            if trial.trial_id not in self._trials:  # params go to MLflow once, when its run is created
-                self._trials[trial.trial_id] = (
-                    self.label(trial),
-                    trial_params(self.spec, trial.config),
-                    bool(trial.config.get(S.BASELINE_KEY)),
-                )
-            self._pending.append((kind, trial.trial_id, *payload))
-            if self._down_since is None or time.monotonic() - self._last_try >= self.RETRY_S:
-                self._flush()
-
-        def _flush(self) -> bool:
-            """Apply buffered writes in order; False (and the rest kept) at the first failure."""
-            self._last_try = time.monotonic()
-            while self._pending:
-                kind, trial_id, *payload = self._pending[0]
-                try:
-                    run_id = self.tracker.trial_run(trial_id, *self._trials[trial_id])
-                    if kind == "epoch":
-                        self.tracker.log_epoch(run_id, payload[0])
-                    elif kind == "end":
-                        self.tracker.end_trial(run_id, *payload)
-                except Exception as exc:  # noqa: BLE001 - the store is down or refusing: keep the write
-                    if self._down_since is None:
-                        self._down_since = time.monotonic()
-                        log.warning(
-                            "mlflow: %s; buffering its writes and retrying every %.0f s",
-                            str(exc).splitlines()[0][:300],
-                            self.RETRY_S,
-                        )
-                    return False
-                self._pending.pop(0)
-            if self._down_since is not None:
-                log.warning(
-                    "mlflow: reachable again after %.0f s; buffered writes are written",
-                    time.monotonic() - self._down_since,
-                )
-                self._down_since = None
-            return True
-
-        @staticmethod
-        def label(trial) -> str:
-            return S.trial_label(S.trial_number(trial.experiment_tag, trial.trial_id), trial.trial_id, trial.config)
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self.console.trial_started(self.label(trial))
-            self._write(trial, "open")
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if FAILED_KEY in result:
-                return
-            self.console.epoch(self.label(trial), result)
-            self._write(trial, "epoch", {**metrics_to_log(result), "epoch": result.get("epoch", 0)})
-
-        def on_experiment_end(self, trials, **info):
-            patience = float(os.environ.get("CLOCKDISTILL_MLFLOW_PATIENCE_S", "300"))
-            deadline = time.monotonic() + patience
-            while not self._flush() and time.monotonic() < deadline:
-                time.sleep(self.RETRY_S)
-            if self._pending:
-                log.error(
-                    "mlflow: %d write(s) could not be made within %.0f s; Tune's results in the sweep storage keep "
-                    "them",
-                    len(self._pending),
-                    patience,
-                )
-
-        def _end(self, trial, trials, status: str, reason: str = "") -> None:
-            try:
-                self._end_unguarded(trial, status, reason)
-                running = sum(t.status == "RUNNING" and t is not trial for t in trials)
-                self.console.progress([e for e in map(self._ended, trials, [trial] * len(trials)) if e], running)
-            except Exception as exc:  # noqa: BLE001 - bookkeeping must never end the sweep
-                log.warning("could not record the end of trial %s: %s", trial.trial_id, exc)
-
-        def _ended(self, t, current) -> tuple[str, str, float | None, bool] | None:
-            """(number, how it ended, its best objective, no-KD?) of a trial that has ended, else None;
-            from Tune's record, so the trials a restored sweep finished before count too."""
-            result = t.last_result or {}
-            if t is current:
-                how = self.console.ended[t.trial_id]
-            elif t.status == "ERROR" or (t.status == "TERMINATED" and result.get(FAILED_KEY)):
-                how = "failed"
-            elif t.status == "TERMINATED":
-                how = "finished" if result.get(S.FULL_BUDGET_KEY) else "stopped"
-            else:
-                return None
-            value = result.get(best_key(self.spec.primary.metric))
-            value = value if isinstance(value, (int, float)) and math.isfinite(value) else None
-            return self.label(t).split(" ")[0], how, value, bool(t.config.get(S.BASELINE_KEY))
-
-        def _end_unguarded(self, trial, status: str, reason: str) -> None:
-            result = trial.last_result or {}
-            metric = self.spec.primary.metric
-            full = bool(result.get(S.FULL_BUDGET_KEY)) and not result.get(FAILED_KEY)
-            best = result.get(best_key(metric))
-            tags = {S.FULL_BUDGET_TAG: str(full).lower(), S.EPOCHS_RUN_TAG: str(int(result.get("epoch", 0)))}
-            if best is not None and math.isfinite(best):
-                tags[best_key(metric)] = f"{best:.6f}"
-            if result.get(FAILED_KEY):
-                status, reason = "FAILED", result.get(S.FAILURE_REASON_KEY, FAILED_KEY)
-            if reason:
-                tags[S.FAILURE_REASON_TAG] = reason[:4000]
-            how = "finished" if full else ("failed" if status == "FAILED" else "stopped")
-            shown = best if best is not None and math.isfinite(best) else None
-            self.console.trial_ended(trial.trial_id, self.label(trial), how, int(result.get("epoch", 0)), shown, reason)
-            self._write(trial, "end", status, tags)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._end(trial, trials, "FINISHED")
-
-        def on_trial_recover(self, iteration, trials, trial, **info):
-            self.console.retrying(
-                trial.trial_id, self.label(trial), trial.num_failures, self.spec.max_failures, _error_line(trial)
-            )
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._end(trial, trials, "FAILED", _error_line(trial))
-
-    return MlflowSweepCallback()
-
-
-def _error_line(trial) -> str:
-    """The last line of a trial's error (its exception), or `error`."""
-    try:
-        error = trial.get_error()
-        return str(error).strip().splitlines()[-1] if error else "error"
-    except Exception:  # noqa: BLE001
-        return "error"
 
 
 def _teacher_ap(spec: SweepSpec) -> float | None:
@@ -295,20 +44,6 @@ def _teacher_ap(spec: SweepSpec) -> float | None:
 
     ap = read_meta(spec.teacher).get("best_ap")
     return float(ap) if ap is not None and ap >= 0 else None
-
-
-def quiet_ray() -> None:
-    """Ray's own console output off (its status tables are off through RunConfig(verbose=0)):
-    warnings such as the experiment-state snapshot notices, and the multi-line error reports of
-    failed trials, which the sweep's console says in one line. `--verbose` keeps them."""
-    # Tune's newer console reporter prints its experiment box, result paths and error files whatever
-    # the verbosity; the classic one prints nothing at verbose 0
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory ..."
 
 
 def run_sweep(spec_path: str | Path, name: str | None = None, verbose: bool = False) -> dict[str, Any]:
@@ -341,7 +76,7 @@ def run_sweep(spec_path: str | Path, name: str | None = None, verbose: bool = Fa
         "sweep %s on %s; storage %s; mlflow %s",
         spec.name,
         where,
-        S.short_path(storage),
+        short_path(storage),
         tracking_uri.replace(str(Path.cwd()) + "/", ""),
     )
     check_storage(storage)  # every node writes and reads it, before any trial or MLflow run exists
@@ -370,7 +105,7 @@ def run_sweep(spec_path: str | Path, name: str | None = None, verbose: bool = Fa
     status, summary = "FAILED", None
     try:
         if tune.Tuner.can_restore(exp_path):
-            log.info("resuming sweep %s from %s (finished trials are not rerun)", spec.name, S.short_path(exp_path))
+            log.info("resuming sweep %s from %s (finished trials are not rerun)", spec.name, short_path(exp_path))
             tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
         else:
             tuner = tune.Tuner(

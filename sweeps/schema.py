@@ -168,14 +168,3 @@ def trial_label(number: int | None, trial_id: str, config: dict[str, Any]) -> st
         f"{KNOB_SHORT.get(k, k.rsplit('.', 1)[-1])}={_knob_value(v)}" for k, v in config.items() if "." in k
     )
     return f"{head} {knobs}".strip()
-
-
-def short_path(path: str | Path) -> str:
-    """A path relative to the current directory when it lies under it (what the console shows)."""
-    text = str(path)
-    if "://" in text:
-        return text
-    try:
-        return str(Path(text).resolve().relative_to(Path.cwd().resolve())) or "."
-    except ValueError:
-        return text

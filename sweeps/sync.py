@@ -71,7 +71,7 @@ def _best_checkpoint(fs, trial_dir: str, metric: str, mode: str) -> tuple[str, s
 
 
 def sync_sweep(spec_path: str, name: str | None = None) -> dict[str, int]:
-    from sweeps.runner import trial_params
+    from sweeps.tune_callback import trial_params
 
     spec = load_spec(spec_path, name)
     tracker = SweepTracker(spec.mlflow.tracking_uri or S.default_tracking_uri(), spec.mlflow.experiment, spec.name)

@@ -25,10 +25,15 @@ SIZE = 128
 D = 64
 
 
-def _resnet_config(stages):
-    # ResNet-18 at width 0.25 in Hugging Face's ResNet: our backbone_depth 18, backbone_width 0.25
+def _resnet_config(stages=("stage2", "stage3", "stage4"), depth: int = 18, width: float = 0.25):
+    """Hugging Face's ResNet as our backbone_depth / backbone_width (default: ResNet-18 at width 0.25)."""
+    expansion = 1 if depth < 50 else 4
     return transformers.ResNetConfig(
-        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[2, 2, 2, 2], layer_type="basic", out_features=stages
+        embedding_size=int(64 * width),
+        hidden_sizes=[int(64 * width * expansion * 2**i) for i in range(4)],
+        depths={18: [2, 2, 2, 2], 50: [3, 4, 6, 3]}[depth],
+        layer_type="basic" if depth < 50 else "bottleneck",
+        out_features=list(stages),
     )
 
 
@@ -59,7 +64,7 @@ def _hf_deformable(variant: str, backbone=None):
     cfg = transformers.DeformableDetrConfig(
         use_timm_backbone=False,
         use_pretrained_backbone=False,
-        backbone_config=backbone or _resnet_config(["stage2", "stage3", "stage4"]),
+        backbone_config=backbone or _resnet_config(),
         d_model=D,
         encoder_layers=2,
         decoder_layers=2,
@@ -164,14 +169,7 @@ def test_a_hub_checkpoint_with_a_timm_backbone_imports(tmp_path):
 
     from clockdistill.weights.backbone import hf_resnet_to_torchvision
 
-    resnet18 = transformers.ResNetConfig(
-        embedding_size=64,
-        hidden_sizes=[64, 128, 256, 512],
-        depths=[2, 2, 2, 2],
-        layer_type="basic",
-        out_features=["stage2", "stage3", "stage4"],
-    )
-    hf = _hf_deformable("refine", backbone=resnet18)
+    hf = _hf_deformable("refine", backbone=_resnet_config(width=1.0))  # a full-width ResNet-18
     hf.save_pretrained(tmp_path / "hf")
     prefix = "model.backbone.conv_encoder.model."
     timm = {}
@@ -241,13 +239,7 @@ def test_an_imagenet_backbone_gives_the_features_of_its_source(tmp_path):
     from clockdistill.weights.backbone import load_backbone_weights
 
     torch.manual_seed(0)
-    cfg = transformers.ResNetConfig(
-        embedding_size=16,
-        hidden_sizes=[64, 128, 256, 512],
-        depths=[3, 4, 6, 3],
-        layer_type="bottleneck",
-        out_features=["stage2", "stage3", "stage4"],
-    )
+    cfg = _resnet_config(depth=50)  # ResNet-50 at width 0.25
     hf = transformers.ResNetBackbone(cfg).eval()
     perturb(hf)
     model_dir = tmp_path / "resnet"
