@@ -87,16 +87,16 @@ def encoder_reference_points(shapes: list[tuple[int, int]], valid_ratios: Tensor
     return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
 
 
-class DeformableDETR(Detector):
-    def __init__(self, cfg, num_classes: int):
-        super().__init__(cfg, num_classes)
+class DeformableEncoderDetector(Detector):
+    """What Deformable DETR and DINO share: the ResNet, the input projections (one per level, the
+    coarser levels strided convolutions of the last map), the deformable encoder with its level
+    embedding, and the two-stage proposals. `pos_temperature` and `pos_offset` are the encoder's
+    sine position encoding (Deformable DETR: 10000 and 0.5; DINO: 20 and 0)."""
+
+    pos_temperature, pos_offset = 10000.0, 0.5
+
+    def _build_encoder(self, cfg) -> None:
         d, L = cfg.d_model, cfg.num_levels
-        if cfg.two_stage and not cfg.box_refine:
-            raise ValueError(
-                "model.two_stage: needs model.box_refine (the reference's two-stage variant refines boxes)"
-            )
-        self.two_stage, self.box_refine = cfg.two_stage, cfg.box_refine
-        self.target_query_dim = 4 if cfg.box_refine else 2
         self.backbone = ResNet(
             cfg.backbone_depth, cfg.backbone_width, cfg.backbone_norm, cfg.dilation, cfg.backbone_frozen_stages
         )
@@ -110,38 +110,11 @@ class DeformableDETR(Detector):
         self.level_embed = nn.Parameter(torch.empty(L, d))
         layer_args = (d, cfg.ffn_dim, cfg.dropout, L, cfg.nheads, cfg.n_points)
         self.encoder = LayerStack(EncoderLayer(*layer_args) for _ in range(cfg.enc_layers))
-        self.decoder = LayerStack(DecoderLayer(*layer_args) for _ in range(cfg.dec_layers))
-        if cfg.two_stage:
-            self.enc_output, self.enc_output_norm = nn.Linear(d, d), nn.LayerNorm(d)
-            self.pos_trans, self.pos_trans_norm = nn.Linear(2 * d, 2 * d), nn.LayerNorm(2 * d)
-        else:
-            self.query_embed = nn.Embedding(cfg.num_queries, 2 * d)  # [positional query | content query]
-            self.reference_points = nn.Linear(d, 2)
-        self._reset_transformer()
-        class_embed, bbox_embed = nn.Linear(d, num_classes), MLP(d, d, 4, 3)
-        nn.init.constant_(class_embed.bias, FOCAL_PRIOR)
-        nn.init.constant_(bbox_embed.layers[-1].weight, 0.0)
-        nn.init.constant_(bbox_embed.layers[-1].bias, 0.0)
-        for p in self.input_proj:
-            nn.init.xavier_uniform_(p[0].weight, gain=1)
-            nn.init.constant_(p[0].bias, 0)
-        if cfg.box_refine:  # one head per layer (and one for the two-stage proposals)
-            n = cfg.dec_layers + int(cfg.two_stage)
-            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(n))
-            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(n))
-            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], 0.0 if cfg.two_stage else -2.0)
-        else:  # one head shared by every layer
-            self.class_embed, self.bbox_embed = class_embed, bbox_embed
-            nn.init.constant_(self.bbox_embed.layers[-1].bias[2:], -2.0)
 
-    def _reset_transformer(self) -> None:
-        """The reference transformer's initialisation: xavier on every matrix, then the attention
-        modules' own, the reference-point layer, and the level embedding from N(0, 1)."""
-        parts = [
-            self.encoder,
-            self.decoder,
-            *([self.enc_output, self.pos_trans] if self.two_stage else [self.reference_points]),
-        ]
+    def _reset_transformer(self, parts: list[nn.Module]) -> None:
+        """The reference transformer's initialisation: xavier on every matrix of `parts`, then the
+        deformable attention modules' own (the level embedding, N(0, 1), follows in the subclass,
+        in the reference's order of draws)."""
         for part in parts:
             for p in part.parameters():
                 if p.dim() > 1:
@@ -149,14 +122,12 @@ class DeformableDETR(Detector):
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m._reset_parameters()
-        if not self.two_stage:
-            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
-            nn.init.constant_(self.reference_points.bias, 0.0)
-        nn.init.normal_(self.level_embed)
 
-    def _head(self, i: int, kind: str) -> nn.Module:
-        heads = self.class_embed if kind == "class" else self.bbox_embed
-        return heads[i] if self.box_refine else heads
+    def _reset_input_proj(self) -> None:
+        """Input projections: xavier with zero bias (the reference does this after building its heads)."""
+        for p in self.input_proj:
+            nn.init.xavier_uniform_(p[0].weight, gain=1)
+            nn.init.constant_(p[0].bias, 0)
 
     # -- encoder ---------------------------------------------------------------------------------
 
@@ -171,7 +142,7 @@ class DeformableDETR(Detector):
         d = self.cfg.d_model
         flat_src, flat_pos = [], []
         for lvl, (src, m) in enumerate(zip(srcs, masks)):
-            pos = sine_grid_encoding(m, d).to(src.dtype)
+            pos = sine_grid_encoding(m, d, self.pos_temperature, self.pos_offset).to(src.dtype)
             flat_src.append(src.flatten(2).transpose(1, 2))  # (B, h*w, D)
             flat_pos.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
         src, pos = torch.cat(flat_src, 1), torch.cat(flat_pos, 1)
@@ -181,26 +152,6 @@ class DeformableDETR(Detector):
         for layer in self.encoder.layers:
             src = layer(src, pos, ref, shapes, pad)
         return Memory(src, pos, pad, shapes, ratios)
-
-    # -- queries ---------------------------------------------------------------------------------
-
-    def default_queries(self, mem: Memory) -> Queries:
-        B, d = mem.memory.shape[0], self.cfg.d_model
-        if not self.two_stage:
-            query_pos, content = self.query_embed.weight.split(d, dim=1)
-            query_pos, content = query_pos[None].expand(B, -1, -1), content[None].expand(B, -1, -1)
-            return Queries(content, self.reference_points(query_pos).sigmoid(), query_pos)
-        output_memory, proposals = self._proposals(mem)
-        L = self.cfg.dec_layers
-        enc_logits = self.class_embed[L](output_memory)
-        enc_coords = self.bbox_embed[L](output_memory) + proposals
-        k = min(self.cfg.num_queries, enc_logits.shape[1])
-        topk = torch.topk(enc_logits[..., 0], k, dim=1)[1]
-        coords = torch.gather(enc_coords, 1, topk.unsqueeze(-1).repeat(1, 1, 4)).detach()
-        pos_content = self.pos_trans_norm(self.pos_trans(sine_box_encoding(coords.sigmoid(), d // 2)))
-        query_pos, content = pos_content.split(d, dim=2)
-        enc = {"pred_logits": enc_logits, "pred_boxes": enc_coords.sigmoid()}
-        return Queries(content, coords.sigmoid(), query_pos, {"enc_outputs": enc})
 
     def _proposals(self, mem: Memory) -> tuple[Tensor, Tensor]:
         """Two-stage: one box per memory token (its cell's centre, side 0.05 * 2^level, in logit
@@ -229,6 +180,75 @@ class DeformableDETR(Detector):
         )
         output = mem.memory.masked_fill(mem.padding_mask.unsqueeze(-1), 0.0).masked_fill(~valid, 0.0)
         return self.enc_output_norm(self.enc_output(output)), proposals
+
+
+class DeformableDETR(DeformableEncoderDetector):
+    def __init__(self, cfg, num_classes: int):
+        super().__init__(cfg, num_classes)
+        d, L = cfg.d_model, cfg.num_levels
+        if cfg.two_stage and not cfg.box_refine:
+            raise ValueError(
+                "model.two_stage: needs model.box_refine (the reference's two-stage variant refines boxes)"
+            )
+        self.two_stage, self.box_refine = cfg.two_stage, cfg.box_refine
+        self.target_query_dim = 4 if cfg.box_refine else 2
+        self._build_encoder(cfg)
+        layer_args = (d, cfg.ffn_dim, cfg.dropout, L, cfg.nheads, cfg.n_points)
+        self.decoder = LayerStack(DecoderLayer(*layer_args) for _ in range(cfg.dec_layers))
+        if cfg.two_stage:
+            self.enc_output, self.enc_output_norm = nn.Linear(d, d), nn.LayerNorm(d)
+            self.pos_trans, self.pos_trans_norm = nn.Linear(2 * d, 2 * d), nn.LayerNorm(2 * d)
+        else:
+            self.query_embed = nn.Embedding(cfg.num_queries, 2 * d)  # [positional query | content query]
+            self.reference_points = nn.Linear(d, 2)
+        self._reset_transformer(
+            [
+                self.encoder,
+                self.decoder,
+                *([self.enc_output, self.pos_trans] if cfg.two_stage else [self.reference_points]),
+            ]
+        )
+        if not cfg.two_stage:
+            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
+            nn.init.constant_(self.reference_points.bias, 0.0)
+        nn.init.normal_(self.level_embed)
+        class_embed, bbox_embed = nn.Linear(d, num_classes), MLP(d, d, 4, 3)
+        nn.init.constant_(class_embed.bias, FOCAL_PRIOR)
+        nn.init.constant_(bbox_embed.layers[-1].weight, 0.0)
+        nn.init.constant_(bbox_embed.layers[-1].bias, 0.0)
+        if cfg.box_refine:  # one head per layer (and one for the two-stage proposals)
+            n = cfg.dec_layers + int(cfg.two_stage)
+            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(n))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(n))
+            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], 0.0 if cfg.two_stage else -2.0)
+        else:  # one head shared by every layer
+            self.class_embed, self.bbox_embed = class_embed, bbox_embed
+            nn.init.constant_(self.bbox_embed.layers[-1].bias[2:], -2.0)
+        self._reset_input_proj()
+
+    def _head(self, i: int, kind: str) -> nn.Module:
+        heads = self.class_embed if kind == "class" else self.bbox_embed
+        return heads[i] if self.box_refine else heads
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def default_queries(self, mem: Memory) -> Queries:
+        B, d = mem.memory.shape[0], self.cfg.d_model
+        if not self.two_stage:
+            query_pos, content = self.query_embed.weight.split(d, dim=1)
+            query_pos, content = query_pos[None].expand(B, -1, -1), content[None].expand(B, -1, -1)
+            return Queries(content, self.reference_points(query_pos).sigmoid(), query_pos)
+        output_memory, proposals = self._proposals(mem)
+        L = self.cfg.dec_layers
+        enc_logits = self.class_embed[L](output_memory)
+        enc_coords = self.bbox_embed[L](output_memory) + proposals
+        k = min(self.cfg.num_queries, enc_logits.shape[1])
+        topk = torch.topk(enc_logits[..., 0], k, dim=1)[1]
+        coords = torch.gather(enc_coords, 1, topk.unsqueeze(-1).repeat(1, 1, 4)).detach()
+        pos_content = self.pos_trans_norm(self.pos_trans(sine_box_encoding(coords.sigmoid(), d // 2)))
+        query_pos, content = pos_content.split(d, dim=2)
+        enc = {"pred_logits": enc_logits, "pred_boxes": enc_coords.sigmoid()}
+        return Queries(content, coords.sigmoid(), query_pos, {"enc_outputs": enc})
 
     # -- decoder ---------------------------------------------------------------------------------
 
