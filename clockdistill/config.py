@@ -79,8 +79,8 @@ class ModelConfig:
     """Detector architecture. `preset` fills every other field; fields given beside it win."""
 
     preset: str = "hybrid-tiny-teacher"
-    # deformable: Deformable DETR | dab: DAB-DETR (both as their reference implementations) | hybrid:
-    # this project's own small DETR that trains from scratch on a CPU (models/hybrid.py)
+    # deformable: Deformable DETR | dab: DAB-DETR | dino: DINO (each as its reference implementation) |
+    # hybrid: this project's own small DETR that trains from scratch on a CPU (models/hybrid.py)
     arch: str = "hybrid"
     box_refine: bool = False  # deformable: iterative bounding-box refinement
     two_stage: bool = False  # deformable: queries from the top-k encoder proposals (needs box_refine)
@@ -101,11 +101,17 @@ class ModelConfig:
     num_queries: int = 30
     num_levels: int = 3  # deformable, hybrid: memory levels (strides 8, 16, 32, then 64, ...)
     n_points: int = 4  # deformable, hybrid: sampling points per head and level
+    # dino: contrastive denoising queries in training. dn_number: the query budget (>= 100: groups of
+    # 2 x the batch's largest box count fill 2 x dn_number slots; below 100: the group count; 0 = none)
+    dn_number: int = 0
+    dn_box_noise: float = 0.4  # dino: box corners move up to this x half the box size (negatives 1-2x)
+    dn_label_noise: float = 0.5  # dino: a denoising query's label is redrawn with half this probability
+    dn_labelbook: int = 0  # dino: rows of the denoising label embedding (+1); 0 = num_classes
     frozen_bn: bool = False  # trainable BatchNorm uses and keeps its running statistics in training (students
     #                          initialised from a teacher, and data-parallel runs without SyncBatchNorm)
 
     def __post_init__(self):
-        _check_choice("model.arch", self.arch, ("deformable", "dab", "hybrid"))
+        _check_choice("model.arch", self.arch, ("deformable", "dab", "dino", "hybrid"))
         _check_choice("model.backbone_depth", self.backbone_depth, (18, 34, 50, 101))
         _check_choice("model.backbone_norm", self.backbone_norm, ("frozen", "batch"))
         _check_choice("model.backbone_frozen_stages", self.backbone_frozen_stages, (0, 1))
@@ -113,6 +119,12 @@ class ModelConfig:
         for name in ("d_model", "nheads", "dec_layers", "ffn_dim", "num_queries", "num_levels", "n_points"):
             _check_range(f"model.{name}", getattr(self, name), low=1)
         _check_range("model.enc_layers", self.enc_layers, low=0)
+        _check_range("model.dn_number", self.dn_number, low=0)
+        _check_range("model.dn_box_noise", self.dn_box_noise, low=0.0)
+        _check_range("model.dn_label_noise", self.dn_label_noise, low=0.0, high=1.0)
+        _check_range("model.dn_labelbook", self.dn_labelbook, low=0)
+        if self.dn_number and self.arch != "dino":
+            raise ConfigError(f"model.dn_number: denoising queries are DINO's (arch dino), not {self.arch}'s; set 0")
         _check_range("model.num_classes", self.num_classes, low=0)
         _check_range("model.dropout", self.dropout, low=0.0, high=1.0)
         if self.d_model % self.nheads:
@@ -123,9 +135,14 @@ class ModelConfig:
             raise ConfigError(f"model.box_refine/two_stage: variants of arch deformable, not {self.arch}")
         if self.two_stage and not self.box_refine:
             raise ConfigError("model.two_stage: needs model.box_refine=true (as the reference's two-stage variant)")
-        if self.arch == "deformable":
+        if self.arch == "dino" and self.num_levels < 3:
+            raise ConfigError(
+                "model.num_levels: DINO selects its queries from multi-scale proposals; "
+                f"expected 3 or more, got {self.num_levels}"
+            )
+        if self.arch in ("deformable", "dino"):
             if self.d_model % 32:
-                raise ConfigError(f"model.d_model: Deformable DETR needs a multiple of 32, got {self.d_model}")
+                raise ConfigError(f"model.d_model: {self.arch} needs a multiple of 32 (GroupNorm), got {self.d_model}")
             if self.num_levels == 2:
                 raise ConfigError("model.num_levels: Deformable DETR takes 1 level (C5) or 3 and more (C3-C5, strided)")
 
@@ -437,7 +454,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def _resolve_model_preset(data: dict[str, Any]) -> dict[str, Any]:
-    from clockdistill.models.presets import preset_fields  # models import config: keep this lazy
+    from clockdistill.models.presets import preset_fields, preset_loss_fields  # models import config: lazy
 
     model = data.get("model")
     if model is None:
@@ -446,6 +463,12 @@ def _resolve_model_preset(data: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"model: expected a mapping of keys to values, got {type(model).__name__}")
     preset = model.get("preset", ModelConfig.preset)
     data["model"] = {**preset_fields(preset), **model, "preset": preset}
+    loss_defaults = preset_loss_fields(preset)
+    if loss_defaults:
+        loss = data.get("loss") or {}
+        if not isinstance(loss, dict):
+            raise ConfigError(f"loss: expected a mapping of keys to values, got {type(loss).__name__}")
+        data["loss"] = {**loss_defaults, **loss}
     return data
 
 

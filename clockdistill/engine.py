@@ -70,7 +70,7 @@ class DetectionTask:
         self.forward_module = wrap_ddp(self.model, device)
 
     def losses(self, images, mask, targets):
-        return self.criterion(self.forward_module(images, mask), targets), self.weights
+        return self.criterion(self.forward_module(images, mask, targets=targets), targets), self.weights
 
 
 def select_device(name: str) -> torch.device:

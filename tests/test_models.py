@@ -114,7 +114,7 @@ def overfit(preset: str, data, steps: int, lr: float = 1e-3):
     for step in range(steps):
         for g in opt.param_groups:  # a short lr drop at the end sharpens the boxes
             g["lr"] = lr * (0.1 if step > 0.75 * steps else 1.0)
-        loss = weighted_sum(crit(model(images, mask), targets), weights)
+        loss = weighted_sum(crit(model(images, mask, targets=targets), targets), weights)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -66,7 +66,8 @@ def layer_pairs(spec: str, student_layers: int, teacher_layers: int) -> list[tup
 class StudentPass(nn.Module):
     """The student's side of a distillation step as one module, so that data-parallel training can
     wrap it in DistributedDataParallel (DDP syncs gradients of what runs through a module's
-    forward): encoder, decoder on its own queries (and the target-aware ones), and the memory tokens
+    forward): encoder, decoder on its own queries (with DINO's denoising queries in training) and
+    the target-aware ones, and the memory tokens
     the memory terms compare (memory, + pos with `with_pos`, through the adapter when widths differ).
     Returns (memory, tokens or None, own-query output, target-query layers or None)."""
 
@@ -77,16 +78,17 @@ class StudentPass(nn.Module):
         self.student, self.queries, self.adapter, self.tokens = student, queries, adapter, tokens
         self.fuse = True  # the student's own and target-aware queries in one decoder pass
 
-    def forward(self, images: Tensor, mask: Tensor, qs=None):
+    def forward(self, images: Tensor, mask: Tensor, qs=None, targets: list[dict] | None = None):
         m = self.student
         mem = m.encode(images, mask)
-        own = m.default_queries(mem)
+        own, dn = m.add_denoising(m.default_queries(mem), targets)  # DINO: its own denoising queries first
         extra = target_queries(m, self.queries, qs) if qs is not None and qs.size else None
         if extra is not None and self.fuse and extra["reference"].shape[-1] == own.reference.shape[-1]:
             out, target = self._decode_fused(mem, own, extra)
         else:
-            out = m.decode(mem, own.content, own.reference, own.position)
+            out = m.decode(mem, own.content, own.reference, own.position, own.self_attn_mask)
             target = decoder_layers(m.decode(mem, **extra)) if extra is not None else None
+        out = m.split_denoising(out, dn)
         out.update(own.outputs)  # a two-stage student's proposals, for its detection loss
         tokens = None
         if self.tokens is not None:
@@ -101,11 +103,13 @@ class StudentPass(nn.Module):
         output equals that of two separate passes, for one pass's fixed cost. Returns the default
         queries' output (as `decode`) and the target-aware queries' per-layer predictions. (Only when
         both start from the same kind of reference: a box refining detector's own queries start from
-        points, its target-aware ones from boxes, and are then decoded apart.)"""
+        points, its target-aware ones from boxes, and are then decoded apart.) A DINO student's own
+        set holds its denoising queries too, behind their group mask: the target-aware queries see
+        none of them and they see no target-aware query."""
         content, reference = own.content, own.reference
         B, Q, K = content.shape[0], content.shape[1], extra["content"].shape[1]
         attn_mask = torch.ones(B, Q + K, Q + K, dtype=torch.bool, device=content.device)
-        attn_mask[:, :Q, :Q] = False
+        attn_mask[:, :Q, :Q] = own.self_attn_mask if own.self_attn_mask is not None else False
         attn_mask[:, Q:, Q:] = extra["self_attn_mask"]
         own_pos = own.position if own.position is not None else torch.zeros_like(content)
         position = torch.cat([own_pos, extra["position"].to(own_pos.dtype)], 1)
@@ -208,7 +212,7 @@ class Distiller:
     def losses(self, images: Tensor, mask: Tensor, targets: list[dict]) -> tuple[dict[str, Tensor], dict[str, float]]:
         # min 1 slot under DDP: a rank with no object in its share must run the same collectives as the others
         qs = self.queries.sample(targets, images.device, min_slots=int(is_distributed())) if self.uses_queries else None
-        mem_s, tokens_s, out_s, target_s = self.student_pass(images, mask, qs)
+        mem_s, tokens_s, out_s, target_s = self.student_pass(images, mask, qs, targets=targets)
         terms = dict(self.criterion(out_s, targets))
         if not self.caps.uses_teacher:
             return terms, self.weights

@@ -107,14 +107,18 @@ class SetCriterion(nn.Module):
             agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             enc = self.layer_losses(outputs["enc_outputs"], agnostic, num_boxes)
             losses.update({f"{k}_enc": v for k, v in enc.items()})
+        if "interm_outputs" in outputs:  # DINO's selected proposals: matched with their real labels
+            interm = self.layer_losses(outputs["interm_outputs"], targets, num_boxes)
+            losses.update({f"{k}_interm": v for k, v in interm.items()})
         return losses
 
 
 def detection_weights(
-    cfg: LossConfig, num_aux: int, proposals: bool = False, denoising: bool = False
+    cfg: LossConfig, num_aux: int, proposals: bool = False, denoising: bool = False, interm: bool = False
 ) -> dict[str, float]:
-    """Weight of every term the criterion returns: aux layers included, a two-stage detector's
-    proposal terms (`*_enc`) when `proposals`, denoising terms (`*_dn`, `*_dn_<i>`) when `denoising`."""
+    """Weight of every term the criterion returns: aux layers included, a two-stage Deformable DETR's
+    proposal terms (`*_enc`) when `proposals`, denoising terms (`*_dn`, `*_dn_<i>`) when `denoising`,
+    DINO's selected proposals (`*_interm`) when `interm`."""
     base = {"loss_cls": cfg.cls, "loss_bbox": cfg.bbox, "loss_giou": cfg.giou}
     weights = dict(base)
     if cfg.aux_loss:
@@ -127,12 +131,17 @@ def detection_weights(
                 weights.update({f"{k}_dn_{i}": w for k, w in base.items()})
     if proposals:
         weights.update({f"{k}_enc": w for k, w in base.items()})
+    if interm:
+        weights.update({f"{k}_interm": w for k, w in base.items()})
     return weights
 
 
 def model_detection_weights(cfg: LossConfig, model_cfg) -> dict[str, float]:
     """`detection_weights` for a detector's config."""
-    return detection_weights(cfg, model_cfg.dec_layers - 1, model_cfg.two_stage)
+    dino = model_cfg.arch == "dino"
+    return detection_weights(
+        cfg, model_cfg.dec_layers - 1, model_cfg.two_stage, denoising=dino and model_cfg.dn_number > 0, interm=dino
+    )
 
 
 def weighted_sum(losses: dict[str, Tensor], weights: dict[str, float]) -> Tensor:

@@ -1,17 +1,19 @@
-"""The detector families: Deformable DETR and DAB-DETR as their reference implementations, and this
-project's hybrid; `build_detector` picks one from a ModelConfig's `arch`."""
+"""The detector families: Deformable DETR, DAB-DETR and DINO as their reference implementations, and
+this project's hybrid; `build_detector` picks one from a ModelConfig's `arch`."""
 
 from clockdistill.models.common import Detector, Memory, Queries
 from clockdistill.models.dab_detr import DABDETR
 from clockdistill.models.deformable_detr import DeformableDETR
+from clockdistill.models.dino import DINO
 from clockdistill.models.hybrid import HybridDETR
 from clockdistill.models.presets import PRESETS, preset_fields, student_preset_for
 
-ARCHS = {"deformable": DeformableDETR, "dab": DABDETR, "hybrid": HybridDETR}
+ARCHS = {"deformable": DeformableDETR, "dab": DABDETR, "dino": DINO, "hybrid": HybridDETR}
 
 __all__ = [
     "ARCHS",
     "DABDETR",
+    "DINO",
     "DeformableDETR",
     "Detector",
     "HybridDETR",

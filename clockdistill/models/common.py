@@ -5,6 +5,11 @@ and `Detector`, the interface the training loop, the distiller and the exporters
     queries = model.default_queries(mem)      # the detector's own queries (learned, or proposals)
     out = model.decode(mem, queries.content, queries.reference, queries.position)
     out = model(images, mask)                 # all three, plus the memory and query-side outputs
+    out = model(images, mask, targets=targets)  # in training: DINO adds its denoising queries
+
+A detector with training-only queries (DINO's denoising) implements `add_denoising` (prepends them
+to its own queries, with the self-attention mask that keeps the two apart) and `split_denoising`
+(cuts their outputs off again, under `dn`).
 """
 
 from __future__ import annotations
@@ -61,13 +66,15 @@ class Memory:
 @dataclass
 class Queries:
     """A decoder's query inputs: content (B, Q, D), reference (B, Q, 2) points or (B, Q, 4) boxes
-    (normalised, cxcywh), position (B, Q, D) or None, and outputs made while building them (a
-    two-stage detector's proposal predictions, `enc_outputs`)."""
+    (normalised, cxcywh), position (B, Q, D) or None, outputs made while building them (a
+    two-stage detector's proposal predictions, `enc_outputs` / `interm_outputs`), and the
+    self-attention mask among them (Q, Q) bool, True = blocked, or None."""
 
     content: Tensor
     reference: Tensor
     position: Tensor | None = None
     outputs: dict[str, Any] = field(default_factory=dict)
+    self_attn_mask: Tensor | None = None
 
 
 def level_masks(mask: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
@@ -134,8 +141,23 @@ class Detector(nn.Module):
         and aux_outputs [{pred_logits, pred_boxes}] of the others."""
         raise NotImplementedError
 
-    def forward(self, images: Tensor, mask: Tensor, extra_queries: dict[str, Tensor] | None = None) -> dict[str, Any]:
-        """images (B, 3, H, W), mask (B, H, W) True on padding. Returns
+    def add_denoising(self, queries: Queries, targets: list[dict] | None) -> tuple[Queries, Any]:
+        """Training-only queries added to the detector's own (none here): (queries, state for
+        `split_denoising`)."""
+        return queries, None
+
+    def split_denoising(self, out: dict[str, Any], state: Any) -> dict[str, Any]:
+        return out
+
+    def forward(
+        self,
+        images: Tensor,
+        mask: Tensor,
+        extra_queries: dict[str, Tensor] | None = None,
+        targets: list[dict] | None = None,
+    ) -> dict[str, Any]:
+        """images (B, 3, H, W), mask (B, H, W) True on padding; targets (training) for the training-
+        only queries of a detector that has them. Returns
         pred_logits (B, Q, C) class logits (sigmoid, no background class);
         pred_boxes (B, Q, 4) normalised cxcywh of the unpadded image;
         aux_outputs: [{pred_logits, pred_boxes}] for every decoder layer but the last;
@@ -143,11 +165,13 @@ class Detector(nn.Module):
         memory (B, N, D), memory_pos (B, N, D), memory_padding_mask (B, N),
         spatial_shapes (L, 2) long, level_start_index (L,) long;
         extra: the same prediction keys for `extra_queries` (keys content, reference and optional
-        position, self_attn_mask, padding_mask; see `decode`), decoded in a separate pass.
+        position, self_attn_mask, padding_mask; see `decode`), decoded in a separate pass;
+        dn (DINO in training): the denoising queries' outputs, pairs and group count.
         """
         mem = self.encode(images, mask)
-        queries = self.default_queries(mem)
-        out = self.decode(mem, queries.content, queries.reference, queries.position)
+        queries, dn = self.add_denoising(self.default_queries(mem), targets)
+        out = self.decode(mem, queries.content, queries.reference, queries.position, queries.self_attn_mask)
+        out = self.split_denoising(out, dn)
         out.update(queries.outputs)
         out.update(
             memory=mem.memory,

@@ -9,6 +9,8 @@ Number for number with the reference (IDEA-Research/DINO, `prepare_for_cdn`):
   fewer boxes leaves padding slots: zero content, zero reference);
 - labels: each query's label is replaced by a uniformly drawn class with probability
   `label_noise_ratio / 2` (the draw may return the same class);
+- the random draws are the reference's, in its order (label uniforms, the chosen labels' classes,
+  box signs, box magnitudes), so one seed gives both implementations the same queries;
 - boxes: every corner (x0, y0, x1, y1) moves by `box_noise_scale * u * (w/2 or h/2)` with a random
   sign, u in [0, 1) for positives and [1, 2) for negatives, then is clamped to the image;
 - the attention mask (True = may not attend): matching queries see no denoising query; a group sees
@@ -89,9 +91,11 @@ def flipped_labels(labels: Tensor, ratio: float, num_classes: int, generator: to
     """Each label replaced, with probability ratio / 2, by a class drawn uniformly from num_classes."""
     if ratio <= 0 or len(labels) == 0:
         return labels.clone()
-    chosen = torch.rand(labels.shape, generator=generator, device=labels.device) < ratio * 0.5
-    drawn = torch.randint(0, num_classes, labels.shape, generator=generator, device=labels.device)
-    return torch.where(chosen, drawn, labels)
+    # the reference's draws, in its order: one uniform per label, then one class per chosen label
+    chosen = torch.nonzero(torch.rand(labels.shape, generator=generator, device=labels.device) < ratio * 0.5)
+    out = labels.clone()
+    out[chosen[:, 0]] = torch.randint(0, num_classes, (len(chosen),), generator=generator, device=labels.device)
+    return out
 
 
 def contrastive_denoising_queries(

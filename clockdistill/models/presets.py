@@ -6,6 +6,8 @@ Presets named after a paper detector are that detector as its reference implemen
     deformable-detr-{r18,r50,r101}[-refine|-two-stage]   Deformable DETR: 4 levels, 6/6 layers, d 256,
                                                          300 queries, frozen-BN ResNet (stem+layer1 frozen)
     dab-detr-{r18,r50,r101}[-dc5]                        DAB-DETR: single scale, 6/6 layers, d 256, PReLU
+    dino-{r18,r50,r101}                                  DINO 4-scale: 6/6 layers, d 256, 900 queries,
+                                                         denoising budget 100 (box noise 0.4, labels 0.5)
     *-tiny-teacher, *-tiny-student                       the same architectures at CPU size (ResNet-18
                                                          x0.25 / x0.125, d 64, trainable BatchNorm), for
                                                          tests, the demo and CPU benchmarks
@@ -73,6 +75,25 @@ _DAB = dict(
     num_levels=1,
     n_points=4,
 )
+_DINO = dict(
+    arch="dino",
+    d_model=256,
+    nheads=8,
+    enc_layers=6,
+    dec_layers=6,
+    ffn_dim=2048,
+    dropout=0.0,
+    num_queries=900,
+    num_levels=4,
+    n_points=4,
+    dilation=False,
+    dn_number=100,
+    dn_box_noise=0.4,
+    dn_label_noise=0.5,
+)
+# a tiny DINO's denoising budget: 3 -> 6 groups (the reference's 100 gives ~200 denoising slots on a
+# batch of 5 boxes, seven times the 30 matching queries)
+_DINO_TINY = dict(dn_number=3, num_queries=30)
 _VARIANTS = {"": {}, "-refine": {"box_refine": True}, "-two-stage": {"box_refine": True, "two_stage": True}}
 
 for _depth in (18, 50, 101):
@@ -92,8 +113,13 @@ for _depth in (18, 50, 101):
             "backbone_depth": _depth,
             "dilation": _dilation,
         }
+    PRESETS[f"dino-r{_depth}"] = {**_DINO, **_REFERENCE_BACKBONE, "backbone_depth": _depth}
 for _size in ("teacher", "student"):  # C5 of a 128-pixel image is 4 x 4 cells: the tiny DAB dilates (DC5)
     PRESETS[f"dab-detr-tiny-{_size}"] = {**_DAB, **_TINY[_size], "dilation": True}
+    PRESETS[f"dino-tiny-{_size}"] = {**_DINO, **_TINY[_size], **_DINO_TINY}
+
+# loss settings a preset brings (a config's own loss keys win): DINO's published class weight is 1
+PRESET_LOSS: dict[str, dict[str, Any]] = {name: {"cls": 1.0} for name in PRESETS if name.startswith("dino-")}
 
 _HYBRID = dict(arch="hybrid", backbone_norm="batch", backbone_frozen_stages=0, dilation=False, n_points=4)
 PRESETS["hybrid-teacher"] = dict(
@@ -125,6 +151,11 @@ def preset_fields(name: str) -> dict[str, Any]:
     if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})")
     return dict(PRESETS[name])
+
+
+def preset_loss_fields(name: str) -> dict[str, Any]:
+    """The loss settings that come with a preset (empty for most)."""
+    return dict(PRESET_LOSS.get(name, {}))
 
 
 def student_preset_for(teacher_preset: str) -> str | None:
