@@ -118,6 +118,8 @@ def from_args(args: Any, source: str) -> tuple[str, dict[str, Any]]:
         if a.get("transformer_activation", "prelu") != "prelu" or a.get("num_patterns", 0):
             raise _fail(source, "only DAB-DETR with PReLU and no patterns (the published models) is supported")
         return "dab", dict(common, arch="dab", num_levels=1)
+    if name == "dino":
+        return "dino", dict(common, **_dino_args(a, source))
     if name != "deformable_detr" or a.get("dec_n_points", 4) != a.get("enc_n_points", 4):
         raise _fail(source, f"args: {name} with these settings is not understood")
     return "deformable", dict(
@@ -130,9 +132,46 @@ def from_args(args: Any, source: str) -> tuple[str, dict[str, Any]]:
     )
 
 
+_DINO_FIXED = (  # the published DINO models' settings (config/DINO/DINO_4scale.py): what this import builds
+    ("two_stage_type", "standard"),
+    ("two_stage_add_query_num", 0),
+    ("two_stage_pat_embed", 0),
+    ("two_stage_learn_wh", False),
+    ("two_stage_keep_all_tokens", False),
+    ("two_stage_bbox_embed_share", False),
+    ("two_stage_class_embed_share", False),
+    ("dec_pred_bbox_embed_share", True),
+    ("dec_pred_class_embed_share", True),
+    ("decoder_sa_type", "sa"),
+    ("embed_init_tgt", True),
+    ("num_patterns", 0),
+    ("transformer_activation", "relu"),
+    ("pe_temperatureH", 20),
+    ("pe_temperatureW", 20),
+    ("return_interm_indices", [1, 2, 3]),
+)
+
+
+def _dino_args(a: dict[str, Any], source: str) -> dict[str, Any]:
+    for key, want in _DINO_FIXED:
+        if a.get(key, want) != want:
+            extra = " (5-scale DINO is not supported yet)" if key == "return_interm_indices" else ""
+            raise _fail(source, f"args.{key} is {a.get(key)!r}; the DINO this import builds uses {want!r}{extra}")
+    if a.get("dec_n_points", 4) != a.get("enc_n_points", 4):
+        raise _fail(source, "args: enc_n_points and dec_n_points differ; DINO's reference uses one count")
+    return dict(
+        arch="dino",
+        num_levels=a["num_feature_levels"],
+        n_points=a["enc_n_points"],
+        dn_number=int(a.get("dn_number", 100)) if a.get("use_dn", True) else 0,
+        dn_box_noise=float(a.get("dn_box_noise_scale", 0.4)),
+        dn_label_noise=float(a.get("dn_label_noise_ratio", 0.5)),
+    )
+
+
 def from_tensors(state: dict[str, Tensor], source: str) -> tuple[str, dict[str, Any]]:
     """(arch, model fields) read off an original checkpoint's names and shapes (no args in it).
-    Deformable DETR's head count assumes the reference's 4 sampling points; what no tensor holds
+    Deformable DETR's and DINO's head count assumes the reference's 4 sampling points; what no tensor holds
     keeps the reference's default: dilation (set model.dilation for a DC5 model), dropout, and a
     two-stage model's proposal count (model.num_queries, 300)."""
     keys = set(state)
@@ -140,7 +179,22 @@ def from_tensors(state: dict[str, Tensor], source: str) -> tuple[str, dict[str, 
     def count(pattern: str) -> int:
         return len({m.group(1) for k in keys if (m := re.match(pattern, k))})
 
-    if "transformer.level_embed" in keys:
+    if "transformer.tgt_embed.weight" in keys and "label_enc.weight" in keys:
+        d, levels = state["transformer.level_embed"].shape[1], state["transformer.level_embed"].shape[0]
+        offsets = state["transformer.encoder.layers.0.self_attn.sampling_offsets.weight"].shape[0]
+        fields = dict(
+            arch="dino",
+            d_model=d,
+            num_levels=levels,
+            n_points=4,
+            nheads=offsets // (levels * 4 * 2),
+            enc_layers=count(r"transformer\.encoder\.layers\.(\d+)\."),
+            dec_layers=count(r"transformer\.decoder\.layers\.(\d+)\."),
+            ffn_dim=state["transformer.encoder.layers.0.linear1.weight"].shape[0],
+            num_queries=state["transformer.tgt_embed.weight"].shape[0],
+            dropout=0.0,
+        )
+    elif "transformer.level_embed" in keys:
         d = state["transformer.level_embed"].shape[1]
         levels = state["transformer.level_embed"].shape[0]
         offsets = state["transformer.encoder.layers.0.self_attn.sampling_offsets.weight"].shape[0]
@@ -166,7 +220,8 @@ def from_tensors(state: dict[str, Tensor], source: str) -> tuple[str, dict[str, 
         )
     else:
         raise _fail(
-            source, "not a Deformable DETR or DAB-DETR checkpoint (no transformer.level_embed or refpoint_embed)"
+            source,
+            "not a Deformable DETR, DAB-DETR or DINO checkpoint (no transformer.level_embed or refpoint_embed)",
         )
     fields.update(
         resnet_from_tensors(

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from clockdistill.errors import UserError
 
-_CLASS_HEAD = re.compile(r"^(class_embed|class_heads)(\.(\d+))?\.(weight|bias)$")
+# per-class rows: the class heads (DINO's proposal scorer and its denoising label book too)
+_CLASS_HEAD = re.compile(r"^(class_embed|class_heads|enc_out_class_embed|label_enc)(\.(\d+))?\.(weight|bias)$")
 
 
 def class_head_keys(state: dict[str, Tensor], dec_layers: int, two_stage: bool) -> tuple[list[str], list[str]]:

@@ -1,8 +1,9 @@
-"""`clockdistill import`: a published or fine-tuned Deformable DETR / DAB-DETR checkpoint as a
+"""`clockdistill import`: a published or fine-tuned Deformable DETR / DAB-DETR / DINO checkpoint as a
 clockdistill checkpoint (model.safetensors + meta.json with the model config and class names).
 
     clockdistill import SenseTime-deformable-detr/ --out teachers/coco-r50          # Hugging Face directory
     clockdistill import r50_deformable_detr-checkpoint.pth --out teachers/coco-r50  # the original repository's
+    clockdistill import checkpoint0011_4scale.pth --out teachers/dino-r50             # IDEA-Research/DINO's
     clockdistill import ... --data kitti-coco/ --class-map kitti.yaml               # heads for a data set's classes
 
 Every tensor is accounted for: a name that is not understood, a tensor the detector lacks or one it
@@ -41,7 +42,7 @@ def detect_layout(state: dict[str, Tensor], extras: dict[str, Any], source: str)
         )
     raise UserError(
         f"{source}: layout not understood (known: a Hugging Face model directory of DeformableDetr or "
-        "DabDetr, an original Deformable-DETR / DAB-DETR .pth checkpoint)"
+        "DabDetr, an original Deformable-DETR / DAB-DETR / DINO .pth checkpoint)"
     )
 
 
@@ -60,6 +61,8 @@ def _preset_for(fields: dict[str, Any]) -> str:
     from clockdistill.models.presets import PRESETS
 
     depth = fields.get("backbone_depth", 50)
+    if fields["arch"] == "dino":
+        return f"dino-r{depth}" if f"dino-r{depth}" in PRESETS else "dino-r50"
     if fields["arch"] == "dab":
         name = f"dab-detr-r{depth}{'-dc5' if fields.get('dilation') else ''}"
     else:
@@ -96,8 +99,10 @@ def import_checkpoint(
         raise UserError(f"{source}: no class head (class_embed) found")
     num_classes = heads[0].shape[0]
     fields.update(num_classes=num_classes, backbone_norm="frozen", backbone_frozen_stages=1, backbone_weights="")
+    if arch == "dino":  # the label book's size is in its tensor (the reference: dn_labelbook_size + 1 rows)
+        fields["dn_labelbook"] = state["label_enc.weight"].shape[0] - 1
     cfg = config_from_dict({"model": {"preset": _preset_for(fields), **fields}}, overrides)
-    shared = arch == "deformable" and not cfg.model.box_refine
+    shared = arch == "dino" or (arch == "deformable" and not cfg.model.box_refine)
     renamed, unknown = rename(state, layout, arch, shared)
     if unknown:
         raise UserError(
