@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert a published Deformable DETR / DAB-DETR / DINO checkpoint into a clockdistill checkpoint",
         description="Read a Hugging Face model directory (DeformableDetrForObjectDetection: plain, box refinement, "
         "two-stage; DabDetrForObjectDetection; config.json + model.safetensors) or an original repository's "
-        ".pth checkpoint (fundamentalvision/Deformable-DETR, IDEA-Research/DAB-DETR, IDEA-Research/DINO 4-scale; "
+        ".pth checkpoint (fundamentalvision/Deformable-DETR, IDEA-Research/DAB-DETR, IDEA-Research/DINO 4/5-scale; "
         "read with the weights-only "
         "loader) and write a clockdistill checkpoint (model.safetensors + meta.json with the model config and class "
         "names). Every tensor is accounted for; a checkpoint that does not fit stops with one line and writes nothing.",

@@ -92,6 +92,8 @@ class ModelConfig:
     backbone_weights: str = ""  # ImageNet backbone to start from: a torchvision-layout state dict or a
     #                              Hugging Face microsoft/resnet-* directory (see `clockdistill import`)
     dilation: bool = False  # layer4 dilated instead of strided (the DC5 variants: stride 16)
+    # ResNet maps the encoder reads: 3 = C3-C5 (strides 8-32) | 4 = C2-C5 (from stride 4: DINO 5-scale)
+    backbone_levels: int = 3
     d_model: int = 64
     nheads: int = 4
     enc_layers: int = 2
@@ -115,6 +117,12 @@ class ModelConfig:
         _check_choice("model.backbone_depth", self.backbone_depth, (18, 34, 50, 101))
         _check_choice("model.backbone_norm", self.backbone_norm, ("frozen", "batch"))
         _check_choice("model.backbone_frozen_stages", self.backbone_frozen_stages, (0, 1))
+        _check_choice("model.backbone_levels", self.backbone_levels, (3, 4))
+        if self.backbone_levels == 4 and (self.arch != "dino" or self.num_levels < 4):
+            raise ConfigError(
+                "model.backbone_levels: 4 (C2-C5) is DINO's 5-scale input (arch dino, num_levels 5); "
+                f"got arch {self.arch}, num_levels {self.num_levels}"
+            )
         _check_range("model.backbone_width", self.backbone_width, low=0.0625)
         for name in ("d_model", "nheads", "dec_layers", "ffn_dim", "num_queries", "num_levels", "n_points"):
             _check_range(f"model.{name}", getattr(self, name), low=1)

@@ -72,7 +72,7 @@ def reference_args(cfg: dict) -> argparse.Namespace:
             num_feature_levels=m["num_levels"],
             enc_n_points=m["n_points"],
             dec_n_points=m["n_points"],
-            return_interm_indices=[1, 2, 3],
+            return_interm_indices=[0, 1, 2, 3] if m["backbone_levels"] == 4 else [1, 2, 3],
             two_stage_type="standard",
             two_stage_add_query_num=0,
             two_stage_pat_embed=0,

@@ -137,6 +137,8 @@ def test_dino_starts_as_the_reference_does_and_has_its_size():
     assert m.tgt_embed.weight.abs().max() <= bound and m.tgt_embed.weight.std() > bound / 3
     assert m.label_enc.num_embeddings == 92  # the label book: num_classes + 1
     assert not any(p.requires_grad for n, p in m.backbone.named_parameters() if n.startswith(("conv1", "layer1")))
+    five, _ = _dino("dino-r50-5scale", 91)  # C2-C5 and one strided level: one more input projection
+    assert len(five.input_proj) == 5 and five.input_proj[0][0].in_channels == 256
     # the student preset distils into: same architecture on ResNet-18
     s, scfg = _dino("dino-r18", 91)
     assert scfg.model.arch == "dino" and sum(p.numel() for p in s.parameters()) < 0.75 * 46.9e6
@@ -264,11 +266,16 @@ def test_cli_distills_a_dino_teacher_into_the_dino_student(synth_data, tmp_path)
     assert meta["config"]["model"]["preset"] == "dino-tiny-student" and meta["config"]["loss"]["cls"] == 1.0
 
 
-@pytest.mark.parametrize("with_args", [True, False], ids=["with-args", "weights-only"])
-def test_an_original_dino_checkpoint_imports_with_every_key_accounted_for(with_args, tmp_path):
+@pytest.mark.parametrize(
+    "preset,with_args",
+    [("dino-r50", True), ("dino-r50", False), ("dino-r50-5scale", False)],
+    ids=["with-args", "weights-only", "5scale-weights-only"],
+)
+def test_an_original_dino_checkpoint_imports_with_every_key_accounted_for(preset, with_args, tmp_path):
     """The reference model's key/shape manifest (tests/data, written by tests/bench/parity_reference.py
-    from IDEA-Research/DINO's own code) is what our original-layout writer produces, and such a
-    checkpoint imports into the same detector: no key missing or left over, the same outputs."""
+    from IDEA-Research/DINO's own code, 4-scale) is what our original-layout writer produces, and such
+    a checkpoint imports into the same detector: no key missing or left over, the same outputs. A
+    5-scale checkpoint (C2-C5) is told apart by its input projections."""
     from reference_layout import original_layout, perturb, reference_args
 
     from clockdistill.checkpoint import load_detector
@@ -276,19 +283,21 @@ def test_an_original_dino_checkpoint_imports_with_every_key_accounted_for(with_a
 
     manifest = json.loads((pathlib.Path(__file__).parent / "data" / "dino_reference_keys.json").read_text())
     fields = {k: v for k, v in manifest["model"].items() if k != "preset"}
-    source, cfg = _dino(manifest["model"]["preset"], manifest["num_classes"], **fields)
+    source, cfg = _dino(preset, manifest["num_classes"], **fields)
     perturb(source)
     source.eval()
     cfg = cfg.updated({"model.num_classes": manifest["num_classes"]})
     state = original_layout(source.state_dict(), cfg.to_dict())
-    assert {k: list(v.shape) for k, v in state.items()} == manifest["keys"]
+    if preset == manifest["model"]["preset"]:
+        assert {k: list(v.shape) for k, v in state.items()} == manifest["keys"]
     checkpoint = {"model": state, "epoch": 11, **({"args": reference_args(cfg.to_dict())} if with_args else {})}
     torch.save(checkpoint, tmp_path / "checkpoint0011_4scale.pth")
     meta = import_checkpoint(tmp_path / "checkpoint0011_4scale.pth", tmp_path / "ours")
     assert meta["imported_from"]["tensors"] < len(state)  # the shared heads' copies folded into one
     imported, meta = load_detector(tmp_path / "ours")
     model = meta["config"]["model"]
-    assert model["arch"] == "dino" and model["preset"] == "dino-r50" and model["dn_labelbook"] == 4
+    assert model["arch"] == "dino" and model["preset"] == preset and model["dn_labelbook"] == 4
+    assert model["num_levels"] == (5 if preset.endswith("5scale") else 4)
     assert (model["d_model"], model["nheads"], model["num_queries"]) == (64, 4, 20)
     assert (model["dn_number"] == 3) == with_args  # only the args say the denoising budget (default 100)
     images, mask, _ = _batch()

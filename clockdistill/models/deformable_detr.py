@@ -98,7 +98,12 @@ class DeformableEncoderDetector(Detector):
     def _build_encoder(self, cfg) -> None:
         d, L = cfg.d_model, cfg.num_levels
         self.backbone = ResNet(
-            cfg.backbone_depth, cfg.backbone_width, cfg.backbone_norm, cfg.dilation, cfg.backbone_frozen_stages
+            cfg.backbone_depth,
+            cfg.backbone_width,
+            cfg.backbone_norm,
+            cfg.dilation,
+            cfg.backbone_frozen_stages,
+            cfg.backbone_levels,
         )
         channels = self.backbone.out_channels if L > 1 else self.backbone.out_channels[-1:]
         proj = [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in channels]

@@ -6,8 +6,10 @@ Presets named after a paper detector are that detector as its reference implemen
     deformable-detr-{r18,r50,r101}[-refine|-two-stage]   Deformable DETR: 4 levels, 6/6 layers, d 256,
                                                          300 queries, frozen-BN ResNet (stem+layer1 frozen)
     dab-detr-{r18,r50,r101}[-dc5]                        DAB-DETR: single scale, 6/6 layers, d 256, PReLU
-    dino-{r18,r50,r101}                                  DINO 4-scale: 6/6 layers, d 256, 900 queries,
-                                                         denoising budget 100 (box noise 0.4, labels 0.5)
+    dino-{r18,r50,r101}[-5scale]                         DINO 4-scale (C3-C5 + one strided level) or
+                                                         5-scale (C2-C5 + one): 6/6 layers, d 256, 900
+                                                         queries, denoising budget 100 (box noise 0.4,
+                                                         labels 0.5)
     *-tiny-teacher, *-tiny-student                       the same architectures at CPU size (ResNet-18
                                                          x0.25 / x0.125, d 64, trainable BatchNorm), for
                                                          tests, the demo and CPU benchmarks
@@ -114,6 +116,7 @@ for _depth in (18, 50, 101):
             "dilation": _dilation,
         }
     PRESETS[f"dino-r{_depth}"] = {**_DINO, **_REFERENCE_BACKBONE, "backbone_depth": _depth}
+    PRESETS[f"dino-r{_depth}-5scale"] = {**PRESETS[f"dino-r{_depth}"], "num_levels": 5, "backbone_levels": 4}
 for _size in ("teacher", "student"):  # C5 of a 128-pixel image is 4 x 4 cells: the tiny DAB dilates (DC5)
     PRESETS[f"dab-detr-tiny-{_size}"] = {**_DAB, **_TINY[_size], "dilation": True}
     PRESETS[f"dino-tiny-{_size}"] = {**_DINO, **_TINY[_size], **_DINO_TINY}

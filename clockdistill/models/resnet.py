@@ -99,12 +99,17 @@ def _downsample(in_ch: int, out_ch: int, stride: int, norm: str) -> nn.Sequentia
 
 class ResNet(nn.Module):
     """The trunk: `forward` returns the outputs of layer2, layer3, layer4 (strides 8, 16, 32; with
-    `dilation` layer4 keeps stride 16, the DC5 variant). `out_channels` are their widths."""
-
-    strides = (8, 16, 32)
+    `dilation` layer4 keeps stride 16, the DC5 variant), and layer1's first (stride 4) with `levels`
+    4 (DINO 5-scale). `out_channels` are their widths."""
 
     def __init__(
-        self, depth: int = 50, width: float = 1.0, norm: str = "frozen", dilation: bool = False, frozen_stages: int = 1
+        self,
+        depth: int = 50,
+        width: float = 1.0,
+        norm: str = "frozen",
+        dilation: bool = False,
+        frozen_stages: int = 1,
+        levels: int = 3,
     ):
         super().__init__()
         if depth not in LAYOUTS:
@@ -129,8 +134,11 @@ class ResNet(nn.Module):
                 in_ch = base * 2**i * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.out_channels.append(in_ch)
-        self.out_channels = self.out_channels[1:]
-        self.strides = (8, 16, 16) if dilation else (8, 16, 32)
+        if levels not in (3, 4):
+            raise ValueError(f"backbone levels must be 3 (C3-C5) or 4 (C2-C5), got {levels}")
+        self.levels = levels
+        self.out_channels = self.out_channels[4 - levels :]
+        self.strides = ((4,) if levels == 4 else ()) + ((8, 16, 16) if dilation else (8, 16, 32))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -140,9 +148,10 @@ class ResNet(nn.Module):
                 p.requires_grad_(False)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        """(B, 3, H, W) -> [C3 (B, c3, H/8, W/8), C4 (H/16), C5 (H/32, or H/16 with dilation)]."""
+        """(B, 3, H, W) -> [C3 (B, c3, H/8, W/8), C4 (H/16), C5 (H/32, or H/16 with dilation)], with
+        C2 (H/4) first when `levels` is 4."""
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        x = self.layer1(x)
-        c3 = self.layer2(x)
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
         c4 = self.layer3(c3)
-        return [c3, c4, self.layer4(c4)]
+        return ([c2] if self.levels == 4 else []) + [c3, c4, self.layer4(c4)]

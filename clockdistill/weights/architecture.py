@@ -148,19 +148,26 @@ _DINO_FIXED = (  # the published DINO models' settings (config/DINO/DINO_4scale.
     ("transformer_activation", "relu"),
     ("pe_temperatureH", 20),
     ("pe_temperatureW", 20),
-    ("return_interm_indices", [1, 2, 3]),
 )
+_DINO_BACKBONE_LEVELS = {(1, 2, 3): 3, (0, 1, 2, 3): 4}  # return_interm_indices: 4-scale, 5-scale
 
 
 def _dino_args(a: dict[str, Any], source: str) -> dict[str, Any]:
     for key, want in _DINO_FIXED:
         if a.get(key, want) != want:
-            extra = " (5-scale DINO is not supported yet)" if key == "return_interm_indices" else ""
-            raise _fail(source, f"args.{key} is {a.get(key)!r}; the DINO this import builds uses {want!r}{extra}")
+            raise _fail(source, f"args.{key} is {a.get(key)!r}; the DINO this import builds uses {want!r}")
+    levels = _DINO_BACKBONE_LEVELS.get(tuple(a.get("return_interm_indices", (1, 2, 3))))
+    if levels is None:
+        raise _fail(
+            source,
+            f"args.return_interm_indices is {a.get('return_interm_indices')!r}; expected [1, 2, 3] (4-scale) "
+            "or [0, 1, 2, 3] (5-scale)",
+        )
     if a.get("dec_n_points", 4) != a.get("enc_n_points", 4):
         raise _fail(source, "args: enc_n_points and dec_n_points differ; DINO's reference uses one count")
     return dict(
         arch="dino",
+        backbone_levels=levels,
         num_levels=a["num_feature_levels"],
         n_points=a["enc_n_points"],
         dn_number=int(a.get("dn_number", 100)) if a.get("use_dn", True) else 0,
@@ -193,6 +200,10 @@ def from_tensors(state: dict[str, Tensor], source: str) -> tuple[str, dict[str, 
             ffn_dim=state["transformer.encoder.layers.0.linear1.weight"].shape[0],
             num_queries=state["transformer.tgt_embed.weight"].shape[0],
             dropout=0.0,
+            # the backbone maps are the 1x1 input projections (C2-C5 for 5-scale, C3-C5 for 4-scale)
+            backbone_levels=sum(
+                1 for k, v in state.items() if re.fullmatch(r"input_proj\.\d+\.0\.weight", k) and v.shape[-1] == 1
+            ),
         )
     elif "transformer.level_embed" in keys:
         d = state["transformer.level_embed"].shape[1]

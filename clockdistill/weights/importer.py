@@ -4,6 +4,7 @@ clockdistill checkpoint (model.safetensors + meta.json with the model config and
     clockdistill import SenseTime-deformable-detr/ --out teachers/coco-r50          # Hugging Face directory
     clockdistill import r50_deformable_detr-checkpoint.pth --out teachers/coco-r50  # the original repository's
     clockdistill import checkpoint0011_4scale.pth --out teachers/dino-r50             # IDEA-Research/DINO's
+    clockdistill import checkpoint0011_5scale.pth --out teachers/dino-r50-5scale      # (4- and 5-scale)
     clockdistill import ... --data kitti-coco/ --class-map kitti.yaml               # heads for a data set's classes
 
 Every tensor is accounted for: a name that is not understood, a tensor the detector lacks or one it
@@ -62,7 +63,8 @@ def _preset_for(fields: dict[str, Any]) -> str:
 
     depth = fields.get("backbone_depth", 50)
     if fields["arch"] == "dino":
-        return f"dino-r{depth}" if f"dino-r{depth}" in PRESETS else "dino-r50"
+        name = f"dino-r{depth}{'-5scale' if fields.get('backbone_levels') == 4 else ''}"
+        return name if name in PRESETS else "dino-r50"
     if fields["arch"] == "dab":
         name = f"dab-detr-r{depth}{'-dc5' if fields.get('dilation') else ''}"
     else:

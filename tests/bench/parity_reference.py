@@ -9,7 +9,7 @@
 The tests compare our detectors with transformers' ports (tests/test_reference_detectors.py); this
 compares them with the code the published checkpoints were trained with (for DINO, which transformers
 does not port, it is the only comparison). For each variant (Deformable DETR plain, refine, two-stage;
-DAB-DETR; DINO 4-scale): our detector at the reference's fixed sizes (ResNet-50,
+DAB-DETR; DINO 4-scale and 5-scale): our detector at the reference's fixed sizes (ResNet-50,
 d_model 256: the original hard-codes the backbone's channels and the two-stage position features)
 with 2 encoder and 2 decoder layers, every tensor perturbed (zero-initialised layers would hide a
 mapping error), is written under the original names (the inverse of `clockdistill import`'s rules),
@@ -54,6 +54,7 @@ VARIANTS = {  # on top of the presets deformable-detr-r50 / dab-detr-r50 (ResNet
     "two-stage": {"box_refine": True, "two_stage": True},
     "dab": {},
     "dino": {},
+    "dino-5scale": {},
 }
 SIZE = 128
 
@@ -237,7 +238,7 @@ def dino_args(model_cfg: dict, num_classes: int = 91) -> argparse.Namespace:
         backbone=f"resnet{m['backbone_depth']}",
         dilation=m["dilation"],
         lr_backbone=1e-5,
-        return_interm_indices=[1, 2, 3],
+        return_interm_indices=[0, 1, 2, 3] if m["backbone_levels"] == 4 else [1, 2, 3],
         backbone_freeze_keywords=None,
         position_embedding="sine",
         pe_temperatureH=20,
@@ -346,11 +347,11 @@ def build_reference_dino(source: Path, model_cfg: dict, num_classes: int = 91):
     return build(dino_args(model_cfg, num_classes))[0]
 
 
-def compare_dino(source: Path) -> dict[str, float]:
+def compare_dino(source: Path, preset: str = "dino-r50") -> dict[str, float]:
     from reference_layout import original_layout, perturb
 
     fields = dict(enc_layers=2, dec_layers=2, ffn_dim=256, num_queries=20, dn_number=4)
-    cfg = config_from_dict({"model": {"preset": "dino-r50", **fields}})
+    cfg = config_from_dict({"model": {"preset": preset, **fields}})
     torch.manual_seed(0)
     ours = build_detector(cfg.model, 91)
     perturb(ours, scale=0.02)
@@ -439,11 +440,14 @@ def main() -> None:
         write_manifest(sources["--dino"], args.manifest)
         return
     for variant in args.variants:
-        flag = {"dab": "--dab-detr", "dino": "--dino"}.get(variant, "--deformable-detr")
+        flag = {"dab": "--dab-detr", "dino": "--dino", "dino-5scale": "--dino"}.get(variant, "--deformable-detr")
         source = sources[flag]
         if source is None:
             continue
-        diffs = compare_dino(source) if variant == "dino" else compare(variant, source)
+        if variant.startswith("dino"):
+            diffs = compare_dino(source, "dino-r50-5scale" if variant == "dino-5scale" else "dino-r50")
+        else:
+            diffs = compare(variant, source)
         worst = max(diffs.values())
         parts = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
         print(f"{variant:<10} max |ours - original| {worst:.1e}   {parts}")
