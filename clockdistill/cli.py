@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         "distill",
         help="train one student against a teacher with one distillation setting",
         description="Train one student with CLoCKDistill or a baseline (distill.method: clockdistill, none, "
-        "vanilla_kd, fitnet, memory_only, logit_only); the call a sweep trial makes. The config "
+        "vanilla_kd, detrdistill, fitnet, memory_only, logit_only); the call a sweep trial makes. The config "
         "has the sections of `train` plus `distill` (see clockdistill/config.py: DistillConfig). "
         "Data settings left out are taken from the teacher's checkpoint, and the student preset "
         "from the teacher's (hybrid-tiny-teacher -> hybrid-tiny-student). Prints the loss formula, a line per "

@@ -297,10 +297,38 @@ class LogitDistillConfig:
 
 
 @dataclass(frozen=True)
+class DetrDistillConfig:
+    """DETRDistill (Chang et al., ICCV 2023), method `detrdistill`: three parts, each switchable.
+
+    logits        the teacher's and student's own predictions, Hungarian-matched, distilled with the
+                  distill.logit knobs (vanilla_kd is this part alone)
+    feature       target-aware feature imitation: per teacher decoder layer, its top_k predictions
+                  (class score x best IoU with a GT box) weigh their query embeddings' cosine
+                  similarity to the encoder's input tokens; that map (clamped at 0.01, over its max per
+                  level) masks the squared error between teacher and student tokens
+    query_prior   the student decodes the teacher's queries, supervised with the teacher's own
+                  Hungarian assignment of those queries to the GT (per decoder layer)
+    """
+
+    logits: bool = True
+    feature: bool = True
+    feature_weight: float = 1.0  # the paper's code: each layer's masked MSE, unweighted
+    top_k: int = 100  # teacher predictions per image that weigh the feature mask (the detector's max_per_img)
+    query_prior: bool = True
+    query_prior_weight: float = 1.0  # times the detection weights (loss.cls/bbox/giou)
+
+    def __post_init__(self):
+        for name in ("feature_weight", "query_prior_weight"):
+            _check_range(f"distill.detrdistill.{name}", getattr(self, name), low=0.0)
+        _check_range("distill.detrdistill.top_k", self.top_k, low=1)
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """Which method distils the student, from which teacher, with which knobs (paper defaults)."""
 
-    method: str = "clockdistill"  # clockdistill | none | vanilla_kd | fitnet | memory_only | logit_only
+    # clockdistill | none | vanilla_kd | fitnet | memory_only | logit_only | detrdistill
+    method: str = "clockdistill"
     teacher: str = ""  # teacher checkpoint directory (from `clockdistill train`)
     init_student: bool = False  # copy the teacher's weights into the student wherever names and shapes match
     # Teacher-output cache: the teacher's memory and its predictions on the target-aware (and its own)
@@ -310,9 +338,16 @@ class DistillConfig:
     teacher_cache_max_gb: float = 20.0  # larger caches fall back to the live teacher
     memory: MemoryDistillConfig = field(default_factory=MemoryDistillConfig)
     logit: LogitDistillConfig = field(default_factory=LogitDistillConfig)
+    detrdistill: DetrDistillConfig = field(default_factory=DetrDistillConfig)
 
     def __post_init__(self):
         _check_choice("distill.method", self.method, METHODS)
+        d = self.detrdistill
+        if self.method == "detrdistill" and not (d.logits or d.feature or d.query_prior):
+            raise ConfigError(
+                "distill.detrdistill: every part is switched off (logits, feature, query_prior); "
+                "keep one, or use distill.method=none"
+            )
         _check_choice("distill.teacher_cache", self.teacher_cache, ("off", "auto", "on"))
         _check_range("distill.teacher_cache_max_gb", self.teacher_cache_max_gb, low=0.0)
 

@@ -1,13 +1,18 @@
 """The distillation methods and what each one needs: the one table the config, the distiller, the
 teacher-output cache and the sweeps read.
 
-    method         memory term             target-aware queries   matched logits
-    none           -                       -                      -
-    clockdistill   masked (location/scale) yes                    -
-    memory_only    masked                  -                      -
-    logit_only     -                       yes                    -
-    fitnet         plain MSE               -                      -
-    vanilla_kd     -                       -                      yes (Hungarian-matched own queries)
+    method         memory term             target-aware queries   matched logits   DETRDistill parts
+    none           -                       -                      -                -
+    clockdistill   masked (location/scale) yes                    -                -
+    memory_only    masked                  -                      -                -
+    logit_only     -                       yes                    -                -
+    fitnet         plain MSE               -                      -                -
+    vanilla_kd     -                       -                      yes (Hungarian)  -
+    detrdistill    -                       -                      yes (Hungarian)  target-aware feature
+                                                                                   imitation, query-prior
+                                                                                   assignment
+
+(DETRDistill's three parts each have a switch, distill.detrdistill.*; `matched_logits` is its first.)
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ class Method:
     target_queries: bool  # GT-built queries decoded by teacher and student (TCLD)
     matched_logits: bool  # teacher and student predictions of their own queries, Hungarian-matched
     summary: str
+    detrdistill: bool = False  # DETRDistill's feature imitation and query-prior assignment (switchable)
 
     @property
     def uses_teacher(self) -> bool:
-        return self.memory is not None or self.target_queries or self.matched_logits
+        return self.memory is not None or self.target_queries or self.matched_logits or self.detrdistill
 
     @property
     def logit_terms(self) -> bool:
@@ -55,6 +61,14 @@ METHODS: dict[str, Method] = {
         Method("fitnet", "plain", False, False, "plain MSE between the memories over every unpadded token"),
         Method("memory_only", "masked", False, False, "the memory term alone"),
         Method("logit_only", None, True, False, "the target-aware logit term alone"),
+        Method(
+            "detrdistill",
+            None,
+            False,
+            True,
+            "DETRDistill: Hungarian-matched logits, target-aware feature imitation, query-prior assignment",
+            detrdistill=True,
+        ),
     )
 }
 METHOD_NAMES = tuple(METHODS)

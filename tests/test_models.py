@@ -138,7 +138,7 @@ def test_detector_overfits_one_batch(preset, steps, min_ap, synth_data):
     # Measured over seeds 0-4 and 1 or 2 threads: hybrid teacher loss ratio 0.003-0.04, AP 1.0 except
     # seed 0 (this seed), whose one hard object leaves AP at 0.916 on one thread and 0.889 on two; DAB-DETR
     # (seeds 0-4 on one thread, 0-1 on two) loss ratio 0.010-0.069, AP 0.861-1.0; DINO (its denoising
-    # queries trained too; 250 steps, seeds 0-4 on one thread, 0-2 on two) loss ratio 0.082-0.115, AP 1.0.
+    # queries trained too; 250 steps, seeds 0-4 on one thread, 0-1 on two) loss ratio 0.082-0.115, AP 1.0.
     # The thresholds sit well clear of that spread.
     assert sum(losses[-10:]) / 10 < 0.2 * sum(losses[:10]) / 10
     assert metrics["AP"] > min_ap, metrics

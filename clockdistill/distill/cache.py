@@ -83,6 +83,11 @@ def cache_blockers(cfg: Config) -> list[str]:
     dc, reasons = cfg.distill, []
     if not method(dc.method).uses_teacher:
         reasons.append(f"distill.method: {dc.method} runs no teacher")
+    if method(dc.method).detrdistill and (dc.detrdistill.feature or dc.detrdistill.query_prior):
+        reasons.append(
+            "distill.method: detrdistill's feature and query-prior parts read the teacher's encoder input, "
+            "query embeddings and queries, which the cache does not hold"
+        )
     if cfg.data.pad_to != "max_size":
         reasons.append(
             "data.pad_to: 'batch' pads to each batch's largest image, so an image's teacher features depend on its "

@@ -10,6 +10,9 @@ method's distillation terms, all unweighted, and the weights that combine them:
     memory_only   L_det + lambda_mem * (alpha * kd_mem_fg + beta * kd_mem_bg)
     logit_only    L_det + lambda_tcld * sum_e (...) on target-aware queries
     clockdistill  both of the last two
+    detrdistill   vanilla_kd's terms + w_feat * kd_feat (target-aware feature imitation of the encoder
+                  input tokens) + w_qp * sum_e (cls * kd_qp_cls_e + bbox * kd_qp_bbox_e + giou * kd_qp_giou_e)
+                  (the student decoding the teacher's queries, under the teacher's assignment)
 """
 
 from __future__ import annotations
@@ -22,25 +25,21 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from clockdistill.config import Config, ConfigError
-from clockdistill.distill.losses import fitnet_term, logit_terms, memory_terms
+from clockdistill.distill.losses import feature_term, fitnet_term, logit_terms, memory_terms
 from clockdistill.distill.masks import level_token_mask, memory_masks
 from clockdistill.distill.queries import TargetQueryBuilder
 from clockdistill.distill.teacher import FrozenTeacher
-from clockdistill.distributed import is_distributed
+from clockdistill.distributed import global_mean, is_distributed
 from clockdistill.errors import TrainingDiverged
 from clockdistill.losses import SetCriterion, model_detection_weights
 from clockdistill.methods import method
 from clockdistill.models import Memory, Queries
+from clockdistill.models.common import decoder_layers
 from clockdistill.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 
 log = logging.getLogger(__name__)
 
 LOGIT_PARTS = ("cls", "l1", "giou")
-
-
-def decoder_layers(out: dict[str, Any]) -> list[dict[str, Tensor]]:
-    """Per-layer predictions, first to last, from a `decode` output."""
-    return [*out["aux_outputs"], {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}]
 
 
 def layer_pairs(spec: str, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
@@ -67,9 +66,10 @@ class StudentPass(nn.Module):
     """The student's side of a distillation step as one module, so that data-parallel training can
     wrap it in DistributedDataParallel (DDP syncs gradients of what runs through a module's
     forward): encoder, decoder on its own queries (with DINO's denoising queries in training) and
-    the target-aware ones, and the memory tokens
-    the memory terms compare (memory, + pos with `with_pos`, through the adapter when widths differ).
-    Returns (memory, tokens or None, own-query output, target-query layers or None)."""
+    the target-aware ones (and, for DETRDistill, the teacher's queries), and the tokens the memory or
+    feature terms compare (memory, + pos with `with_pos`, or the encoder's input `features`; through
+    the adapter when widths differ). Returns (memory, tokens or None, own-query output, target-query
+    layers or None, teacher-query layers or None)."""
 
     def __init__(
         self, student: nn.Module, queries: TargetQueryBuilder | None, adapter: nn.Linear | None, tokens: str | None
@@ -78,7 +78,9 @@ class StudentPass(nn.Module):
         self.student, self.queries, self.adapter, self.tokens = student, queries, adapter, tokens
         self.fuse = True  # the student's own and target-aware queries in one decoder pass
 
-    def forward(self, images: Tensor, mask: Tensor, qs=None, targets: list[dict] | None = None):
+    def forward(
+        self, images: Tensor, mask: Tensor, qs=None, targets: list[dict] | None = None, prior: Queries | None = None
+    ):
         m = self.student
         mem = m.encode(images, mask)
         own, dn = m.add_denoising(m.default_queries(mem), targets)  # DINO: its own denoising queries first
@@ -90,12 +92,17 @@ class StudentPass(nn.Module):
             target = decoder_layers(m.decode(mem, **extra)) if extra is not None else None
         out = m.split_denoising(out, dn)
         out.update(own.outputs)  # a two-stage student's proposals, for its detection loss
+        prior_layers = None
+        if prior is not None:  # DETRDistill: the teacher's queries through the student's decoder
+            prior_layers = decoder_layers(m.decode(mem, prior.content, prior.reference, prior.position))
         tokens = None
         if self.tokens is not None:
-            tokens = mem.memory + mem.pos if self.tokens == "memory+pos" else mem.memory
+            tokens = {"memory+pos": lambda: mem.memory + mem.pos, "memory": lambda: mem.memory}.get(
+                self.tokens, lambda: mem.features
+            )()
             if self.adapter is not None:
                 tokens = self.adapter(tokens)
-        return mem, tokens, out, target
+        return mem, tokens, out, target, prior_layers
 
     def _decode_fused(self, mem_s: Memory, own: Queries, extra: dict[str, Tensor]) -> tuple[dict[str, Any], list]:
         """The student's own queries and the target-aware queries in one decoder pass: concatenated,
@@ -149,15 +156,20 @@ class Distiller:
             )
         self.method = dc.method
         caps = self.caps = method(dc.method)
+        dd = dc.detrdistill
         self.uses_memory = caps.memory is not None
         self.uses_queries = caps.target_queries
-        self.uses_matching = caps.matched_logits
-        if self.uses_memory:
+        self.uses_matching = caps.matched_logits and (dd.logits or not caps.detrdistill)
+        self.uses_feature = caps.detrdistill and dd.feature
+        self.uses_prior = caps.detrdistill and dd.query_prior
+        if self.uses_memory or self.uses_feature:
             _check_memory_geometry(teacher.cfg, student.cfg)
         dt, ds = teacher.cfg.d_model, student.cfg.d_model
-        self.adapter = nn.Linear(ds, dt) if self.uses_memory and ds != dt else None
+        if self.uses_prior:
+            _check_query_prior(teacher.cfg, student.cfg)
+        self.adapter = nn.Linear(ds, dt) if (self.uses_memory or self.uses_feature) and ds != dt else None
         self.pairs = layer_pairs(dc.logit.layers, student.cfg.dec_layers, teacher.cfg.dec_layers)
-        if not self.pairs and caps.logit_terms:
+        if not self.pairs and (caps.logit_terms or self.uses_prior):
             raise ConfigError(
                 f"distill.logit.layers: {dc.logit.layers!r} selects no student layer that has a teacher counterpart"
             )
@@ -170,6 +182,7 @@ class Distiller:
             None  # a TeacherCache (teacher outputs read, not computed) or a PendingTeacherCache (see distill/cache.py)
         )
         tokens = ("memory+pos" if dc.memory.with_pos else "memory") if self.uses_memory else None
+        tokens = "features" if self.uses_feature else tokens
         self.student_pass: nn.Module = StudentPass(
             student, self.queries, self.adapter, tokens
         )  # DDP-wrapped in data-parallel runs
@@ -212,7 +225,12 @@ class Distiller:
     def losses(self, images: Tensor, mask: Tensor, targets: list[dict]) -> tuple[dict[str, Tensor], dict[str, float]]:
         # min 1 slot under DDP: a rank with no object in its share must run the same collectives as the others
         qs = self.queries.sample(targets, images.device, min_slots=int(is_distributed())) if self.uses_queries else None
-        mem_s, tokens_s, out_s, target_s = self.student_pass(images, mask, qs, targets=targets)
+        mem_t = prior = None
+        if self.uses_prior:  # the teacher's own queries, for the student to decode (DETRDistill)
+            mem_t = self.teacher.encode(images, mask)
+            with torch.no_grad():
+                prior = self.teacher.detector.default_queries(mem_t)
+        mem_s, tokens_s, out_s, target_s, prior_s = self.student_pass(images, mask, qs, targets=targets, prior=prior)
         terms = dict(self.criterion(out_s, targets))
         if not self.caps.uses_teacher:
             return terms, self.weights
@@ -221,7 +239,8 @@ class Distiller:
         )  # None while a cache is still being built elsewhere
         if cache is not None and cache is not self.cache:
             self.cache = cache
-        mem_t = None if cache is not None else self.teacher.encode(images, mask)
+        if mem_t is None and cache is None:
+            mem_t = self.teacher.encode(images, mask)
         if self.uses_memory:
             terms.update(
                 self._memory_terms(
@@ -230,13 +249,27 @@ class Distiller:
             )
         if self.uses_queries:
             terms.update(self._target_query_terms(mem_t, qs, target_s, targets, out_s))
-        if self.uses_matching:
-            layers_t = (
-                self.cache.default_layers(targets, images.device)
-                if mem_t is None
-                else decoder_layers(self.teacher.predict_default(mem_t))
-            )
-            terms.update(self._matched_terms(layers_t, out_s))
+        if self.uses_matching or self.uses_feature or self.uses_prior:
+            if mem_t is None:
+                layers_t = self.cache.default_layers(targets, images.device)
+            elif prior is not None:
+                layers_t = decoder_layers(self.teacher.decode(mem_t, **_decode_args(prior)))
+            else:
+                layers_t = decoder_layers(self.teacher.predict_default(mem_t))
+            if self.uses_matching:
+                terms.update(self._matched_terms(layers_t, out_s))
+            if self.uses_feature:
+                terms["kd_feat"] = feature_term(
+                    layers_t,
+                    mem_t.features,
+                    tokens_s,
+                    mem_s.padding_mask,
+                    mem_s.spatial_shapes,
+                    targets,
+                    self.dcfg.detrdistill.top_k,
+                )
+            if self.uses_prior:
+                terms.update(self._prior_terms(layers_t, prior_s, targets))
         return terms, self.weights
 
     # -- the terms -------------------------------------------------------------------------------
@@ -307,6 +340,18 @@ class Distiller:
         valid = torch.ones(len(si), len(si[0]), dtype=torch.bool, device=out_s["pred_logits"].device)
         return self._pair_terms(pairs, valid)
 
+    def _prior_terms(self, layers_t: list[dict], prior_s: list[dict], targets: list[dict]) -> dict[str, Tensor]:
+        """DETRDistill's query-prior assignment: each distilled student layer's outputs for the
+        teacher's queries, against the GT under the teacher's Hungarian assignment of its own
+        predictions of the corresponding layer (the detection terms, with those fixed pairs)."""
+        num_boxes = max(global_mean(float(sum(len(t["labels"]) for t in targets))), 1.0)
+        terms = {}
+        for e_s, e_t in self.pairs:
+            indices = self.criterion.matcher(layers_t[e_t], targets)
+            lt = self.criterion.layer_losses(prior_s[e_s], targets, num_boxes, indices)
+            terms.update({f"kd_qp_{k[len('loss_') :]}_{e_s}": v for k, v in lt.items()})
+        return terms
+
     def _pair_terms(self, pairs: list[tuple[int, dict, dict]], valid: Tensor) -> dict[str, Tensor]:
         """kd_cls_e, kd_l1_e, kd_giou_e for (student layer e, teacher predictions, student predictions)."""
         terms = {}
@@ -324,7 +369,15 @@ class Distiller:
             w["kd_mem_bg"] = dc.memory.weight * dc.memory.beta
         if self.caps.memory == "plain":
             w["kd_fitnet"] = dc.memory.fitnet_weight
-        if self.caps.logit_terms:
+        if self.uses_feature:
+            w["kd_feat"] = dc.detrdistill.feature_weight
+        if self.uses_prior:
+            lw, qw = self.cfg.loss, dc.detrdistill.query_prior_weight
+            for e, _ in self.pairs:
+                w.update(
+                    {f"kd_qp_cls_{e}": qw * lw.cls, f"kd_qp_bbox_{e}": qw * lw.bbox, f"kd_qp_giou_{e}": qw * lw.giou}
+                )
+        if self.uses_queries or self.uses_matching:
             lc = dc.logit
             for e, _ in self.pairs:
                 w.update(
@@ -362,7 +415,25 @@ class Distiller:
         if "kd_fitnet" in kw:
             parts.append(f"{kw['kd_fitnet']:g}*kd_fitnet")
             notes.append("kd_fitnet: mean squared error over every unpadded memory token and channel")
-        if self.pairs and self.caps.logit_terms:
+        if "kd_feat" in kw:
+            parts.append(f"{kw['kd_feat']:g}*kd_feat")
+            notes.append(
+                f"kd_feat: encoder input tokens' squared error under each teacher layer's mask (its top "
+                f"{dc.detrdistill.top_k} predictions' score x best GT IoU weigh their query embeddings' cosine "
+                f"similarity to the tokens), mean per level{', student adapter' if self.adapter is not None else ''}"
+            )
+        if self.uses_prior:
+            e0 = self.pairs[0][0]
+            layers = "{" + ",".join(str(e) for e, _ in self.pairs) + "}"
+            parts.append(
+                f"sum_e in {layers} ({kw[f'kd_qp_cls_{e0}']:g}*kd_qp_cls_e + {kw[f'kd_qp_bbox_{e0}']:g}*kd_qp_bbox_e + "
+                f"{kw[f'kd_qp_giou_{e0}']:g}*kd_qp_giou_e)"
+            )
+            notes.append(
+                "kd_qp: the teacher's queries decoded by the student, detection terms under the teacher's own "
+                "Hungarian assignment of the corresponding layer"
+            )
+        if self.pairs and (self.uses_queries or self.uses_matching):
             e0 = self.pairs[0][0]
             layers = "{" + ",".join(str(e) for e, _ in self.pairs) + "}"
             parts.append(
@@ -394,7 +465,7 @@ class Distiller:
                 group = (
                     "loss_det"
                     if not k.startswith("kd_")
-                    else ("loss_kd_mem" if k.startswith(("kd_mem", "kd_fitnet")) else "loss_kd_logit")
+                    else ("loss_kd_mem" if k.startswith(("kd_mem", "kd_fitnet", "kd_feat")) else "loss_kd_logit")
                 )
                 groups[group] += w * metrics[k]
         if self.teacher.best_ap is not None:
@@ -421,6 +492,25 @@ def _match(t: dict[str, Tensor], s: dict[str, Tensor]) -> tuple[list[Tensor], li
         s_idx.append(torch.as_tensor(si, device=bs.device))
         t_idx.append(torch.as_tensor(ti, device=bs.device))
     return s_idx, t_idx
+
+
+def _decode_args(q: Queries) -> dict[str, Tensor | None]:
+    return {"content": q.content, "reference": q.reference, "position": q.position}
+
+
+def _check_query_prior(t, s) -> None:
+    """The student can decode the teacher's queries: the same detector family and width."""
+    if t.arch != s.arch or t.d_model != s.d_model:
+        raise ConfigError(
+            "distill.detrdistill.query_prior: the student decodes the teacher's queries, so it needs the teacher's "
+            f"architecture and d_model ({t.arch}, {t.d_model}); got {s.arch}, {s.d_model} "
+            "(or set distill.detrdistill.query_prior=false)"
+        )
+    if t.arch == "deformable" and (t.box_refine, t.two_stage) != (s.box_refine, s.two_stage):
+        raise ConfigError(
+            "distill.detrdistill.query_prior: teacher and student must be the same Deformable DETR variant "
+            "(box_refine / two_stage), as the teacher's queries are points or proposals by variant"
+        )
 
 
 def _check_memory_geometry(t, s) -> None:

@@ -4,6 +4,8 @@ memory_terms   LCMD: mask-weighted squared error of the encoder memory, foregrou
 fitnet_term    FitNet baseline: plain mean squared error over every unpadded memory token
 logit_terms    one decoder layer's class / L1 / GIoU distillation between corresponding teacher and
                student predictions, weighted by the teacher's confidence (TCLD and vanilla KD)
+feature_term   DETRDistill's target-aware feature imitation: the encoder input tokens' squared error
+               under masks the teacher's confident queries draw (one per teacher decoder layer)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import Tensor
 
 from clockdistill.config import LogitDistillConfig
 from clockdistill.distributed import global_mean, world_size
-from clockdistill.ops.boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from clockdistill.ops.boxes import box_cxcywh_to_xyxy, box_iou, elementwise_generalized_box_iou
 
 
 def squared_error(teacher: Tensor, student: Tensor, reduce: str = "sum") -> Tensor:
@@ -137,3 +139,53 @@ def logit_terms(
     giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(bs.reshape(-1, 4)), box_cxcywh_to_xyxy(bt.reshape(-1, 4)))
     giou_loss = (w * (1 - giou.view(w.shape))).sum() / w_sum
     return cls, l1, giou_loss
+
+
+def target_aware_mask(layer: dict[str, Tensor], features: Tensor, targets: list[dict], top_k: int) -> Tensor:
+    """DETRDistill's mask of one teacher decoder layer over the tokens (B, N): its top_k predictions
+    per image (over queries x classes, as its post-processing) weigh their query embeddings' cosine
+    similarity to every token; a prediction's weight is its class score times its best IoU with a GT
+    box (the score alone in an image without GT). Clamped at 0.01, not yet normalised."""
+    logits = layer["pred_logits"].float()
+    B, Q, C = logits.shape
+    scores, idx = logits.sigmoid().flatten(1).topk(min(top_k, Q * C), dim=1)
+    query = idx // C
+    weight = scores.clone()
+    for b, t in enumerate(targets):
+        if len(t["boxes"]):
+            boxes = box_cxcywh_to_xyxy(layer["pred_boxes"][b, query[b]].float())
+            gt = box_cxcywh_to_xyxy(t["boxes"].to(boxes.device).float())
+            weight[b] = weight[b] * box_iou(boxes, gt).max(-1).values
+    emb = F.normalize(
+        torch.gather(layer["hidden"].float(), 1, query[..., None].expand(-1, -1, layer["hidden"].shape[-1])), dim=-1
+    )
+    sim = torch.einsum("bkd,bnd->bkn", emb, F.normalize(features.float(), dim=-1))
+    return torch.einsum("bkn,bk->bn", sim, weight).clamp(min=1e-2)
+
+
+def feature_term(
+    layers_t: list[dict[str, Tensor]],
+    feat_t: Tensor,
+    feat_s: Tensor,
+    padding_mask: Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    targets: list[dict],
+    top_k: int,
+) -> Tensor:
+    """sum over teacher layers and levels of the mean (over unpadded tokens and channels) of
+    (M * (t - s))^2, M the layer's target-aware mask over its maximum in that level and image. The
+    mask holds no gradient: only the student's tokens are pulled."""
+    valid = ~padding_mask
+    total = feat_s.new_zeros((), dtype=torch.float32)
+    diff = feat_t.float() - feat_s.float()
+    for layer in layers_t:
+        with torch.no_grad():
+            mask = target_aware_mask(layer, feat_t, targets, top_k).masked_fill(~valid, 0.0)
+        start = 0
+        for h, w in spatial_shapes:
+            sl = slice(start, start + h * w)
+            m = mask[:, sl] / mask[:, sl].amax(1, keepdim=True).clamp(min=1e-6)
+            err = (m.unsqueeze(-1) * diff[:, sl]).pow(2).mean(-1)
+            total = total + (err * valid[:, sl]).sum() / valid[:, sl].sum().clamp(min=1)
+            start += h * w
+    return total

@@ -53,6 +53,7 @@ class Memory:
     padding_mask: Tensor  # (B, N) True on padded tokens
     spatial_shapes: list[tuple[int, int]]  # [(H_l, W_l)] per level
     valid_ratios: Tensor  # (B, L, 2) unpadded fraction (w, h) of each level
+    features: Tensor | None = None  # (B, N, D) the encoder's input tokens (the projected backbone maps)
 
     @property
     def level_start_index(self) -> list[int]:
@@ -185,7 +186,16 @@ class Detector(nn.Module):
         return out
 
 
-def layer_outputs(logits: list[Tensor], boxes: list[Tensor]) -> dict[str, Any]:
-    """Per-layer predictions (first to last) as a decode output."""
-    layers = [{"pred_logits": c, "pred_boxes": b} for c, b in zip(logits, boxes)]
+LAYER_KEYS = ("pred_logits", "pred_boxes", "hidden")
+
+
+def layer_outputs(logits: list[Tensor], boxes: list[Tensor], hidden: list[Tensor]) -> dict[str, Any]:
+    """Per-layer predictions (first to last) as a decode output: pred_logits, pred_boxes and `hidden`
+    (B, Q, D), the decoder output the class head reads (the query embeddings DETRDistill weighs)."""
+    layers = [{"pred_logits": c, "pred_boxes": b, "hidden": h} for c, b, h in zip(logits, boxes, hidden)]
     return {**layers[-1], "aux_outputs": layers[:-1]}
+
+
+def decoder_layers(out: dict[str, Any]) -> list[dict[str, Tensor]]:
+    """A decode output's per-layer dicts, first to last."""
+    return [*out["aux_outputs"], {k: out[k] for k in LAYER_KEYS if k in out}]

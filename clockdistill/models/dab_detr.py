@@ -171,8 +171,9 @@ class DABDETR(Detector):
         (m,) = level_masks(mask, [tuple(src.shape[-2:])])
         pos = sine_grid_encoding(m, self.cfg.d_model, TEMPERATURE, offset=0.0).to(src.dtype).flatten(2).transpose(1, 2)
         pad = m.flatten(1)
-        memory = self.encoder(src.flatten(2).transpose(1, 2), pos, pad)
-        return Memory(memory, pos, pad, [tuple(src.shape[-2:])], valid_ratio(m)[:, None])
+        features = src.flatten(2).transpose(1, 2)
+        memory = self.encoder(features, pos, pad)
+        return Memory(memory, pos, pad, [tuple(src.shape[-2:])], valid_ratio(m)[:, None], features)
 
     def default_queries(self, mem: Memory) -> Queries:
         B = mem.memory.shape[0]
@@ -215,4 +216,4 @@ class DABDETR(Detector):
             hidden.append(dec.norm(out))
         logits = [self.class_embed(h) for h in hidden]
         boxes = [(self.bbox_embed(h) + inverse_sigmoid(a)).sigmoid() for h, a in zip(hidden, anchors)]
-        return layer_outputs(logits, boxes)
+        return layer_outputs(logits, boxes, hidden)

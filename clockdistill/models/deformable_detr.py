@@ -154,9 +154,10 @@ class DeformableEncoderDetector(Detector):
         pad = torch.cat([m.flatten(1) for m in masks], 1)
         ratios = torch.stack([valid_ratio(m) for m in masks], 1)
         ref = encoder_reference_points(shapes, ratios)
+        features = src
         for layer in self.encoder.layers:
             src = layer(src, pos, ref, shapes, pad)
-        return Memory(src, pos, pad, shapes, ratios)
+        return Memory(src, pos, pad, shapes, ratios, features)
 
     def _proposals(self, mem: Memory) -> tuple[Tensor, Tensor]:
         """Two-stage: one box per memory token (its cell's centre, side 0.05 * 2^level, in logit
@@ -271,7 +272,7 @@ class DeformableDETR(DeformableEncoderDetector):
         query_pos = position if position is not None else torch.zeros_like(content)
         attn_mask, key_padding = _sa_masks(self_attn_mask, padding_mask, self.cfg.nheads)
         ratios = mem.valid_ratios
-        tgt, ref, logits, boxes = content, reference, [], []
+        tgt, ref, logits, boxes, hidden = content, reference, [], [], []
         for i, layer in enumerate(self.decoder.layers):
             scale = torch.cat([ratios, ratios], -1) if ref.shape[-1] == 4 else ratios
             tgt = layer(tgt, query_pos, ref[:, :, None] * scale[:, None], mem, attn_mask, key_padding)
@@ -282,6 +283,7 @@ class DeformableDETR(DeformableEncoderDetector):
                 box = torch.cat([delta[..., :2] + inverse_sigmoid(ref), delta[..., 2:]], -1).sigmoid()
             logits.append(self._head(i, "class")(tgt))
             boxes.append(box)
+            hidden.append(tgt)
             if self.box_refine:  # the refined box is the next layer's reference, without its gradient
                 ref = box.detach()
-        return layer_outputs(logits, boxes)
+        return layer_outputs(logits, boxes, hidden)

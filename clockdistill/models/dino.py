@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from clockdistill.models.common import MLP, Memory, Queries, layer_outputs
+from clockdistill.models.common import LAYER_KEYS, MLP, Memory, Queries, decoder_layers, layer_outputs
 from clockdistill.models.common import self_attention_masks as _sa_masks
 from clockdistill.models.deformable_detr import FOCAL_PRIOR, DecoderLayer, DeformableEncoderDetector
 from clockdistill.models.denoising import DenoisingQueries, contrastive_denoising_queries, denoising_indices
@@ -153,7 +153,7 @@ class DINO(DeformableEncoderDetector):
         heads = [self.bbox_embed] * len(self.decoder.layers)
         hidden, refs = self.decoder(content, reference, mem, heads, attn_mask, key_padding, position)
         logits, boxes = look_forward_twice(hidden, refs[:-1], [self.class_embed] * len(heads), heads)
-        return layer_outputs(logits, boxes)
+        return layer_outputs(logits, boxes, hidden)
 
     # -- contrastive denoising (training only) -----------------------------------------------------
 
@@ -188,10 +188,10 @@ class DINO(DeformableEncoderDetector):
         if dn is None:
             return out
         P = dn.pad_size
-        layers = [*out["aux_outputs"], {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}]
+        layers = decoder_layers(out)
         own = [{k: v[:, P:] for k, v in layer.items()} for layer in layers]
         noised = [{k: v[:, :P] for k, v in layer.items()} for layer in layers]
-        result = {k: v for k, v in out.items() if k not in ("pred_logits", "pred_boxes", "aux_outputs")}
+        result = {k: v for k, v in out.items() if k not in (*LAYER_KEYS, "aux_outputs")}
         result.update(own[-1], aux_outputs=own[:-1])
         result["dn"] = {
             "outputs": {**noised[-1], "aux_outputs": noised[:-1]},

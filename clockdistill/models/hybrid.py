@@ -117,9 +117,10 @@ class HybridDETR(Detector):
         pad = torch.cat([m.flatten(1) for m in masks], 1)
         ratios = torch.stack([valid_ratio(m) for m in masks], 1).to(src.dtype)
         ref = encoder_reference_points(shapes, ratios)
+        features = src
         for layer in self.encoder:
             src = layer(src, pos, pad, shapes, ref)
-        return Memory(src, pos, pad, shapes, ratios)
+        return Memory(src, pos, pad, shapes, ratios, features)
 
     def default_queries(self, mem: Memory) -> Queries:
         B = mem.memory.shape[0]
@@ -138,7 +139,7 @@ class HybridDETR(Detector):
         """content (B, K, D); reference (B, K, 4) anchor boxes; position (B, K, D), when given, is
         added to every layer's positional query."""
         attn_mask, key_padding = _sa_masks(self_attn_mask, padding_mask, self.cfg.nheads)
-        tgt, boxes, logits, out_boxes = content, reference, [], []
+        tgt, boxes, logits, out_boxes, hidden = content, reference, [], [], []
         for i, layer in enumerate(self.decoder):
             query_pos = self.ref_point_head(sine_box_encoding(boxes, self.cfg.d_model // 2).to(tgt.dtype))
             if position is not None:
@@ -147,8 +148,9 @@ class HybridDETR(Detector):
             refined = (self.box_heads[i](tgt) + inverse_sigmoid(boxes)).sigmoid()
             logits.append(self.class_heads[i](tgt))
             out_boxes.append(refined)
+            hidden.append(tgt)
             boxes = refined.detach()
-        return layer_outputs(logits, out_boxes)
+        return layer_outputs(logits, out_boxes, hidden)
 
 
 def _group_norm(d: int) -> nn.GroupNorm:
