@@ -180,3 +180,44 @@ def sample_grid(
             if r == 0:
                 ax.set_title(columns[c], fontsize=9)
     return _save(fig, path, dpi=90)
+
+
+def method_comparison(study: dict[str, Any], path: Path) -> Path:
+    """Per-method results over seeds (dots, mean bar) and paired differences with 95% intervals."""
+    metric = study["metric"]
+    names = sorted(study["methods"], key=lambda n: study["methods"][n].get(metric, {}).get("mean", -1))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 2.0), sharey=True)
+    for y, name in enumerate(names):
+        s = study["methods"][name].get(metric)
+        if not s:
+            continue
+        values = list(s["values"].values())
+        colour = NO_KD if name == "none" else FINISHED
+        left.barh(y, s["mean"], color=colour, alpha=0.35)
+        left.scatter(values, [y] * len(values), color=colour, s=18, edgecolors="black", linewidths=0.4, zorder=3)
+        left.text(max(values + [s["mean"]]), y, f"  mean {s['mean']:.3f}", va="center", fontsize=7)
+    left.set_yticks(range(len(names)), names, fontsize=8)
+    left.set_xlabel(f"best {metric} per seed (bar: mean)")
+    left.grid(axis="x", alpha=0.3)
+    for offset, (key, label, colour) in enumerate(
+        (("versus_alone", "vs the student alone", NO_KD), ("versus_best_baseline", "vs the best baseline", FINISHED))
+    ):
+        labelled = False
+        for y, name in enumerate(names):
+            d = study[key].get(name)
+            if not d:
+                continue
+            yy = y + (offset - 0.5) * 0.3
+            if d["low"] is not None:
+                right.plot([d["low"], d["high"]], [yy, yy], color=colour, lw=2)
+            right.scatter([d["mean"]], [yy], color=colour, s=20, zorder=3, label=None if labelled else label)
+            labelled = True
+    right.axvline(0.0, color="black", lw=0.8)
+    right.set_xlabel(f"paired difference in {metric} (95% interval over seeds)")
+    right.grid(axis="x", alpha=0.3)
+    handles, labels = right.get_legend_handles_labels()
+    if handles:
+        right.legend(handles, labels, fontsize=7, loc="lower right")
+    base = study.get("best_baseline")
+    fig.suptitle(f"methods over seeds{f' (best baseline: {base})' if base else ''}", fontsize=9)
+    return _save(fig, path)

@@ -12,6 +12,8 @@ MLflow run, so the MLflow UI shows it:
     ap_vs_knobs.png       best objective against each searched knob
     param_importance.png  Optuna's fANOVA importance of the knobs (finished trials; stopped ones too when < 3 finished)
     pareto_front.png      multi-objective sweeps only
+    method_comparison.png a sweep over distill.method: per method AP over seeds, paired differences to
+    methods.json          the student alone and the best baseline with 95% intervals (sweeps/study.py)
     samples.png           validation images: ground truth, teacher and best-student boxes
 """
 
@@ -244,6 +246,17 @@ def build_report(
         )
     except (ValueError, RuntimeError) as exc:
         skipped["param_importance"] = str(exc)
+    if "distill.method" in searched:
+        from sweeps import study
+
+        comparison = study.compare_methods(rows)
+        if len(comparison["methods"]) >= 2:
+            (out / "methods.json").write_text(json.dumps(comparison, indent=1, default=str))
+            written["methods"] = str(out / "methods.json")
+            written["method_comparison"] = str(study.method_comparison_plot(comparison, out / "method_comparison.png"))
+            print(study.format_table(comparison))
+        else:
+            skipped["method_comparison"] = "fewer than two methods with a full-budget trial"
     finished = [t for t in trials if t.finished]
     if len(sweep.objectives) > 1:
         front = {t.trial_id for t in pareto_set(finished, sweep.objectives)}
