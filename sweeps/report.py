@@ -12,7 +12,7 @@ MLflow run, so the MLflow UI shows it:
     ap_vs_knobs.png       best objective against each searched knob
     param_importance.png  Optuna's fANOVA importance of the knobs (finished trials; stopped ones too when < 3 finished)
     pareto_front.png      multi-objective sweeps only
-    method_comparison.png a sweep over distill.method: per method AP over seeds, paired differences to
+    method_comparison.png a sweep over distill.method (or variant): per method AP over seeds, paired differences to
     methods.json          the student alone and the best baseline with 95% intervals (sweeps/study.py)
     samples.png           validation images: ground truth, teacher and best-student boxes
 """
@@ -246,7 +246,7 @@ def build_report(
         )
     except (ValueError, RuntimeError) as exc:
         skipped["param_importance"] = str(exc)
-    if "distill.method" in searched:
+    if "distill.method" in searched or "variant" in searched:
         from sweeps import study
 
         comparison = study.compare_methods(rows)

@@ -56,6 +56,7 @@ FAILURE_REASON_KEY = "failure_reason"
 FULL_BUDGET_KEY = "completed_full_budget"  # in every result row: 1 once the trial reached the budget
 BASELINE_KEY = "baseline"  # in the config of a sweep's no-distillation trial (no dot: not a config override)
 BASELINE_METHOD = "none"  # its distill.method
+VARIANT_KEY = "variant"  # a searched name of the spec's `variants` (a bundle of config keys; no dot either)
 
 # Per-epoch metrics written to MLflow; everything else a trial reports stays in Tune's results.
 METRIC_ALLOW = re.compile(
@@ -165,6 +166,8 @@ def trial_label(number: int | None, trial_id: str, config: dict[str, Any]) -> st
     if config.get(BASELINE_KEY):
         return f"{head} no-KD baseline"
     knobs = " ".join(
-        f"{KNOB_SHORT.get(k, k.rsplit('.', 1)[-1])}={_knob_value(v)}" for k, v in config.items() if "." in k
+        f"{KNOB_SHORT.get(k, k.rsplit('.', 1)[-1])}={_knob_value(v)}"
+        for k, v in config.items()
+        if "." in k or k == VARIANT_KEY
     )
     return f"{head} {knobs}".strip()

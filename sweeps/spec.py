@@ -20,6 +20,9 @@
     num_samples: 8
     baseline_trial: false                           # true: one more trial, without distillation (method none),
                                                     # the full budget, kept out of the searcher and the scheduler
+    variants:                                       # named bundles of config keys, searched as
+      tuned: {distill.memory.alpha: 0.085, distill.logit.temperature: 1}   # search_space.variant:
+      paper: {distill.memory.alpha: 5.0e-5}                                # {grid: [paper, tuned]}
     max_concurrent_trials: 2
     resources: {cpu: 1, gpu: 0}                     # per trial; fractional GPUs allowed; workers: N for DDP trials
     storage_path: sweeps-storage                    # local dir, NFS path or s3://bucket/prefix
@@ -41,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from clockdistill.config import Config, config_from_dict, parse_yaml, set_dotted
 from clockdistill.errors import ConfigError, UserError
-from sweeps.schema import DEFAULT_OBJECTIVE, OBJECTIVE_METRICS
+from sweeps.schema import DEFAULT_OBJECTIVE, OBJECTIVE_METRICS, VARIANT_KEY
 
 CONFIG_SECTIONS = ("data", "model", "loss", "train", "distill")
 
@@ -159,6 +162,8 @@ class SweepSpec(_Strict):
     objectives: list[Objective] | None = None
     num_samples: int = Field(8, ge=1)
     baseline_trial: bool = False  # one extra no-distillation trial on the same budget, the report's no-KD line
+    # named bundles of config keys, searched as `variant: {grid: [names]}` (e.g. one method at two settings)
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     max_concurrent_trials: int = Field(2, ge=1)
     resources: Resources = Field(default_factory=Resources)
     storage_path: str = "sweeps-storage"
@@ -271,7 +276,10 @@ def _check_config_keys(spec: SweepSpec, source: str) -> None:
     except ConfigError as exc:
         raise SpecError(f"{source}: config: {exc}") from None
     known = set(Config().flatten())
+    _check_variants(spec, base, known, source)
     for key, dim in spec.search_space.items():
+        if key == VARIANT_KEY:
+            continue
         if key not in known:
             section = key.rsplit(".", 1)[0] if "." in key else ""
             near = sorted(k for k in known if k.startswith(section + ".")) if section else []
@@ -284,6 +292,40 @@ def _check_config_keys(spec: SweepSpec, source: str) -> None:
                 config_from_dict(set_dotted(base, key, value))
             except ConfigError as exc:
                 raise SpecError(f"{source}: search_space.{key}.{dim.kind}: {exc}") from None
+
+
+def _check_variants(spec: SweepSpec, base: dict[str, Any], known: set[str], source: str) -> None:
+    """`variants` and the searched `variant` agree; every variant is a valid set of config keys."""
+    dim = spec.search_space.get(VARIANT_KEY)
+    if dim is None:
+        if spec.variants:
+            raise SpecError(
+                f"{source}: variants: defined but not searched (add search_space.variant: {{grid: [names]}})"
+            )
+        return
+    if not spec.variants:
+        raise SpecError(f"{source}: search_space.variant: names a variant, but the spec has no variants section")
+    if dim.kind not in ("grid", "choice", "fixed"):
+        raise SpecError(f"{source}: search_space.variant: expected grid, choice or fixed names, not a {dim.kind} range")
+    for name in dim.candidates():
+        if name not in spec.variants:
+            raise SpecError(
+                f"{source}: search_space.variant: {name!r} is not a variant (known: {', '.join(spec.variants)})"
+            )
+    for name, keys in spec.variants.items():
+        if not isinstance(keys, dict) or not keys:
+            raise SpecError(f"{source}: variants.{name}: expected a mapping of dotted config keys to values")
+        config = base
+        for key, value in keys.items():
+            if key not in known:
+                raise SpecError(f"{source}: variants.{name}.{key}: unknown config key")
+            if key in spec.search_space:
+                raise SpecError(f"{source}: variants.{name}.{key}: also searched; a key is set by one or the other")
+            config = set_dotted(config, key, value)
+        try:
+            config_from_dict(config)
+        except ConfigError as exc:
+            raise SpecError(f"{source}: variants.{name}: {exc}") from None
 
 
 def base_config_dict(spec: SweepSpec) -> dict[str, Any]:

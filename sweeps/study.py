@@ -2,9 +2,10 @@
 spread of AP and AP50, and each method's paired difference to the student alone and to the best
 baseline, with a 95% confidence interval (trials of the same `train.seed` are pairs).
 
-A method is a trial's `distill.method`. Only trials that ran their full budget count.
-`clockdistill report` writes methods.json and method_comparison.png when the sweep searched
-distill.method and at least two methods have results.
+A method is a trial's `variant` (a named bundle of the spec's `variants`, e.g. CLoCKDistill at the
+paper's defaults and at a tuned setting) or else its `distill.method`. Only trials that ran their
+full budget count. `clockdistill report` writes methods.json and method_comparison.png when the
+sweep searched distill.method or variant and at least two methods have results.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ ALONE = "none"
 
 
 def method_of(row: dict[str, Any]) -> str | None:
-    return (row.get("config") or {}).get("distill.method")
+    config = row.get("config") or {}
+    return config.get("variant") or config.get("distill.method")
 
 
 def _seed(row: dict[str, Any]) -> Any:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from clockdistill.config import Config, set_dotted
-from sweeps.schema import FAILED_KEY, FAILURE_REASON_KEY, FULL_BUDGET_KEY, best_key
+from sweeps.schema import FAILED_KEY, FAILURE_REASON_KEY, FULL_BUDGET_KEY, VARIANT_KEY, best_key
 from sweeps.spec import SweepSpec, base_config_dict
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,14 @@ def trial_clock_start() -> float:
 
 
 def trial_config(spec: SweepSpec, params: dict[str, Any], output_dir: str | Path) -> Config:
-    """The full config of a trial: spec base + the trial's dotted params + the sweep's fixed keys
-    (keys without a dot, such as the baseline trial's marker, are not config keys)."""
+    """The full config of a trial: spec base + its variant's keys (spec `variants`, when it searches
+    `variant`) + the trial's dotted params + the sweep's fixed keys (other keys without a dot, such as
+    the baseline trial's marker, are not config keys)."""
     from clockdistill.distill import distill_config
 
     raw = base_config_dict(spec)
+    for key, value in spec.variants.get(params.get(VARIANT_KEY), {}).items():  # the searched variant's bundle
+        raw = set_dotted(raw, key, value)
     for key, value in params.items():
         if "." in key:
             raw = set_dotted(raw, key, value)

@@ -22,9 +22,11 @@ def trial_params(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
     """The flattened full config of a trial, as MLflow params."""
     from sweeps.trial import trial_config
 
-    cfg = trial_config(spec, {k: v for k, v in config.items() if "." in k}, "-")
+    cfg = trial_config(spec, {k: v for k, v in config.items() if "." in k or k == S.VARIANT_KEY}, "-")
     flat = cfg.flatten()
     flat.pop("train.output_dir", None)
+    if config.get(S.VARIANT_KEY) is not None:
+        flat[S.VARIANT_KEY] = config[S.VARIANT_KEY]
     return flat
 
 

@@ -93,6 +93,23 @@ def _spec(**changes):
             {"baseline_trial": True, "search_space": {"distill.method": {"choice": ["clockdistill", "fitnet"]}}},
             "baseline_trial: distill.method is searched already",
         ),
+        ({"variants": {"a": {"distill.method": "none"}}}, "variants: defined but not searched"),
+        (
+            {"search_space": {"variant": {"choice": ["a"]}}},
+            "search_space.variant: names a variant, but the spec has no",
+        ),
+        (
+            {"variants": {"a": {"distill.method": "none"}}, "search_space": {"variant": {"choice": ["a", "b"]}}},
+            "search_space.variant: 'b' is not a variant (known: a)",
+        ),
+        (
+            {"variants": {"a": {"distill.memory.alpah": 1.0}}, "search_space": {"variant": {"choice": ["a"]}}},
+            "variants.a.distill.memory.alpah: unknown config key",
+        ),
+        (
+            {"variants": {"a": {"distill.method": "fitnets"}}, "search_space": {"variant": {"choice": ["a"]}}},
+            "variants.a: distill.method: expected one of",
+        ),
     ],
 )
 def test_bad_specs_fail_with_one_line_naming_the_field(changes, expected):
@@ -346,3 +363,36 @@ def test_pbt_mutates_the_searched_keys_and_grid_uses_tune_variants():
     assert isinstance(build_searcher(spec), BasicVariantGenerator)
     grid = _spec(search={"algorithm": "grid"}, search_space={"distill.method": {"grid": ["none", "clockdistill"]}})
     assert isinstance(build_searcher(grid), BasicVariantGenerator)
+
+
+def test_variants_bundle_config_keys_into_one_searched_name(tiny_teacher):
+    from sweeps.schema import trial_label
+    from sweeps.trial import trial_config
+    from sweeps.tune_callback import trial_params
+
+    spec = _spec(
+        teacher=str(tiny_teacher),
+        variants={
+            "clock-paper": {"distill.method": "clockdistill"},
+            "clock-tuned": {
+                "distill.method": "clockdistill",
+                "distill.memory.alpha": 0.085,
+                "distill.logit.temperature": 1,
+            },
+            "alone": {"distill.method": "none"},
+        },
+        search={"algorithm": "grid"},
+        search_space={"variant": {"grid": ["alone", "clock-paper", "clock-tuned"]}, "train.seed": {"grid": [0, 1]}},
+    )
+    assert tune_param_space(spec)["variant"] == {"grid_search": ["alone", "clock-paper", "clock-tuned"]}
+    tuned = trial_config(spec, {"variant": "clock-tuned", "train.seed": 1}, "out")
+    assert (tuned.distill.method, tuned.distill.memory.alpha, tuned.distill.logit.temperature) == (
+        "clockdistill",
+        0.085,
+        1,
+    )
+    paper = trial_config(spec, {"variant": "clock-paper", "train.seed": 1}, "out")
+    assert paper.distill.memory.alpha == 5e-5 and paper.train.seed == 1
+    params = trial_params(spec, {"variant": "clock-tuned", "train.seed": 0})
+    assert params["variant"] == "clock-tuned" and params["distill.memory.alpha"] == 0.085
+    assert trial_label(4, "x", {"variant": "clock-tuned", "train.seed": 0}) == "t04 variant=clock-tuned seed=0"
