@@ -77,18 +77,12 @@ _DAB = dict(
     num_levels=1,
     n_points=4,
 )
-_DINO = dict(
+_DINO = dict(  # DINO-4scale: Deformable DETR's sizes but a 2048-wide FFN, no dropout, 900 queries, denoising
+    _DEFORMABLE,
     arch="dino",
-    d_model=256,
-    nheads=8,
-    enc_layers=6,
-    dec_layers=6,
     ffn_dim=2048,
     dropout=0.0,
     num_queries=900,
-    num_levels=4,
-    n_points=4,
-    dilation=False,
     dn_number=100,
     dn_box_noise=0.4,
     dn_label_noise=0.5,

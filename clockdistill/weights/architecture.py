@@ -186,11 +186,10 @@ def from_tensors(state: dict[str, Tensor], source: str) -> tuple[str, dict[str, 
     def count(pattern: str) -> int:
         return len({m.group(1) for k in keys if (m := re.match(pattern, k))})
 
-    if "transformer.tgt_embed.weight" in keys and "label_enc.weight" in keys:
-        d, levels = state["transformer.level_embed"].shape[1], state["transformer.level_embed"].shape[0]
+    if "transformer.level_embed" in keys:  # a deformable encoder: Deformable DETR or DINO
+        levels, d = state["transformer.level_embed"].shape
         offsets = state["transformer.encoder.layers.0.self_attn.sampling_offsets.weight"].shape[0]
         fields = dict(
-            arch="dino",
             d_model=d,
             num_levels=levels,
             n_points=4,
@@ -198,31 +197,25 @@ def from_tensors(state: dict[str, Tensor], source: str) -> tuple[str, dict[str, 
             enc_layers=count(r"transformer\.encoder\.layers\.(\d+)\."),
             dec_layers=count(r"transformer\.decoder\.layers\.(\d+)\."),
             ffn_dim=state["transformer.encoder.layers.0.linear1.weight"].shape[0],
-            num_queries=state["transformer.tgt_embed.weight"].shape[0],
-            dropout=0.0,
-            # the backbone maps are the 1x1 input projections (C2-C5 for 5-scale, C3-C5 for 4-scale)
-            backbone_levels=sum(
-                1 for k, v in state.items() if re.fullmatch(r"input_proj\.\d+\.0\.weight", k) and v.shape[-1] == 1
-            ),
         )
-    elif "transformer.level_embed" in keys:
-        d = state["transformer.level_embed"].shape[1]
-        levels = state["transformer.level_embed"].shape[0]
-        offsets = state["transformer.encoder.layers.0.self_attn.sampling_offsets.weight"].shape[0]
-        fields = dict(
-            arch="deformable",
-            d_model=d,
-            num_levels=levels,
-            n_points=4,
-            nheads=offsets // (levels * 4 * 2),
-            enc_layers=count(r"transformer\.encoder\.layers\.(\d+)\."),
-            dec_layers=count(r"transformer\.decoder\.layers\.(\d+)\."),
-            ffn_dim=state["transformer.encoder.layers.0.linear1.weight"].shape[0],
-            box_refine=any(k.startswith("transformer.decoder.bbox_embed.") for k in keys),
-            two_stage="transformer.enc_output.weight" in keys,
-        )
-        if not fields["two_stage"]:
-            fields["num_queries"] = state["query_embed.weight"].shape[0]
+        if "transformer.tgt_embed.weight" in keys and "label_enc.weight" in keys:
+            fields.update(
+                arch="dino",
+                num_queries=state["transformer.tgt_embed.weight"].shape[0],
+                dropout=0.0,
+                # the backbone maps are the 1x1 input projections (C2-C5 for 5-scale, C3-C5 for 4-scale)
+                backbone_levels=sum(
+                    1 for k, v in state.items() if re.fullmatch(r"input_proj\.\d+\.0\.weight", k) and v.shape[-1] == 1
+                ),
+            )
+        else:
+            fields.update(
+                arch="deformable",
+                box_refine=any(k.startswith("transformer.decoder.bbox_embed.") for k in keys),
+                two_stage="transformer.enc_output.weight" in keys,
+            )
+            if not fields["two_stage"]:
+                fields["num_queries"] = state["query_embed.weight"].shape[0]
     elif "refpoint_embed.weight" in keys:
         raise _fail(
             source,
