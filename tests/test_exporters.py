@@ -26,6 +26,7 @@ def _model_and_batch(preset: str):
         "deformable-detr-tiny-student-refine",
         "deformable-detr-tiny-student-two-stage",
         "dab-detr-tiny-student",
+        "dino-tiny-student",
     ],
 )
 def test_torchscript_export_matches_eager(preset):
@@ -39,7 +40,9 @@ def test_torchscript_export_matches_eager(preset):
 
 
 @pytest.mark.skipif(not onnx_available(), reason="the onnx extra is not installed")
-@pytest.mark.parametrize("preset", ["deformable-detr-tiny-student-two-stage", "dab-detr-tiny-student"])
+@pytest.mark.parametrize(
+    "preset", ["deformable-detr-tiny-student-two-stage", "dab-detr-tiny-student", "dino-tiny-student"]
+)
 def test_onnx_export_matches_eager(preset, tmp_path):
     model, example = _model_and_batch(preset)
     assert to_onnx(model, example, tmp_path / "model.onnx") < 1e-4
