@@ -3,46 +3,34 @@
 A config is built from a plain dict (a YAML file's contents, then `--set key=value` overrides) and
 every value is type-checked on the way in, so a typo or a wrong type fails with one line naming the
 dotted key. The model section starts from a named preset; keys given next to it override the preset.
+The distill section lives in distill_settings.py, the YAML and dotted-key plumbing in dotted.py.
 """
 
-import copy
 import dataclasses
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from clockdistill.errors import ConfigError
-from clockdistill.methods import METHOD_NAMES, method
-
-
-class _Loader(yaml.SafeLoader):
-    """safe_load that also reads `5e-5` as a float (YAML 1.1 wants `5.0e-5`)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
+from clockdistill.distill_settings import (  # noqa: F401 - the distill section, re-exported
+    METHODS,
+    DetrDistillConfig,
+    DistillConfig,
+    LogitDistillConfig,
+    MemoryDistillConfig,
 )
-
-
-def parse_yaml(text: str) -> Any:
-    loader = _Loader(text)  # a SafeLoader: tags that construct Python objects are refused
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
+from clockdistill.dotted import (  # noqa: F401 - config plumbing, re-exported
+    apply_overrides,
+    build_dataclass,
+    flatten_dict,
+    parse_yaml,
+    set_dotted,
+)
+from clockdistill.dotted import check_choice as _check_choice
+from clockdistill.dotted import check_range as _check_range
+from clockdistill.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -216,163 +204,6 @@ class TrainConfig:
             raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
-METHODS = METHOD_NAMES  # clockdistill/methods.py: what each one needs
-_LAYERS_RE = re.compile(r"all|last|last\d+|\d+(,\d+)*")
-
-
-@dataclass(frozen=True)
-class MemoryDistillConfig:
-    """Location-and-context-aware memory distillation (LCMD), and the FitNet baseline's weight.
-
-    kd_mem = lambda * (1/B) * sum_images sum_levels [alpha * sum_i M_i S_i ||t_i - s_i||^2
-                                                   + beta * sum_i (1 - M_i) S_i ||t_i - s_i||^2]
-    """
-
-    weight: float = 1.0  # lambda_mem: scales both the foreground and the background term
-    alpha: float = 5e-5  # foreground weight (paper default, tuned for full-size COCO memory)
-    beta: float = 1e-7  # background weight
-    mask: str = "box"  # box: binary GT boxes | gaussian: boxes grown by gaussian_grow with a Gaussian fall-off
-    gaussian_grow: float = 2.0  # gaussian mask: side length of the grown box as a multiple of the box's
-    scale_norm: bool = True  # S mask: 1/box area inside boxes, 1/background count outside (False: S = 1)
-    channel_reduce: str = (
-        "sum"  # squared error summed (FGD convention, what alpha is tuned for) or averaged over channels
-    )
-    # none: the paper's raw squared error (alpha follows the memory's scale and width). channel: each
-    # channel's error over the teacher memory's variance of that channel, averaged over channels.
-    # teacher: the error summed over channels over the teacher's mean ||t||^2 per token. Both are
-    # unchanged when the memory is rescaled or widened; statistics from the batch's unpadded tokens.
-    normalize: str = "none"
-    levels: list[int] = field(default_factory=list)  # memory levels to distil ([] = all; 0 = finest)
-    with_pos: bool = False  # distil memory + positional encoding instead of the raw memory
-    fitnet_weight: float = 1.0  # FitNet baseline: weight of the plain MSE over every unpadded token
-
-    def __post_init__(self):
-        for name in ("weight", "alpha", "beta", "fitnet_weight"):
-            _check_range(f"distill.memory.{name}", getattr(self, name), low=0.0)
-        _check_range("distill.memory.gaussian_grow", self.gaussian_grow, low=1.0)
-        _check_choice("distill.memory.mask", self.mask, ("box", "gaussian"))
-        _check_choice("distill.memory.channel_reduce", self.channel_reduce, ("sum", "mean"))
-        _check_choice("distill.memory.normalize", self.normalize, ("none", "channel", "teacher"))
-        for i, level in enumerate(self.levels):
-            _check_range(f"distill.memory.levels[{i}]", level, low=0)
-
-
-@dataclass(frozen=True)
-class LogitDistillConfig:
-    """Target-aware consistent logit distillation (TCLD); the vanilla-KD baseline uses the same loss
-    knobs on Hungarian-matched teacher/student predictions instead of the target-aware queries."""
-
-    weight: float = 1.0  # lambda_tcld: scales the class, L1 and GIoU terms
-    temperature: float = 10.0
-    cls_weight: float = 1.0
-    l1_weight: float = 5.0
-    giou_weight: float = 2.0
-    cls_form: str = "softmax_kl"  # softmax_kl: KL over classes x T^2 | binary_kl: per-class sigmoid KL x T^2
-    cls_norm: str = "sum"  # sum over queries (as the author's code) | weight: / sum of weights | queries: / query count
-    confidence: str = "max"  # teacher-confidence weight: max_c sigmoid | squared | none (all 1)
-    confidence_threshold: float = 0.0  # weights below this become 0
-    layers: str = "all"  # decoder layers distilled: all | last | lastN | comma list of indices (0 = first)
-    groups: int = 3  # copies of the GT queries (each its own self-attention group)
-    label_noise: float = 0.0  # probability of replacing a query's label with a random class
-    box_noise: float = 0.0  # DN-style box jitter scale (0.4 = centre moves up to 20% of the size)
-    random_queries: int = 0  # extra fixed random queries (background/context positions)
-    embedding_seed: int = 0  # seed of the frozen random label table, box MLP and random queries
-
-    def __post_init__(self):
-        for name in ("weight", "cls_weight", "l1_weight", "giou_weight", "box_noise"):
-            _check_range(f"distill.logit.{name}", getattr(self, name), low=0.0)
-        if not self.temperature > 0:
-            raise ConfigError(f"distill.logit.temperature: expected a value > 0, got {self.temperature!r}")
-        _check_range("distill.logit.label_noise", self.label_noise, low=0.0, high=1.0)
-        _check_range("distill.logit.confidence_threshold", self.confidence_threshold, low=0.0, high=1.0)
-        _check_range("distill.logit.groups", self.groups, low=1)
-        _check_range("distill.logit.random_queries", self.random_queries, low=0)
-        _check_choice("distill.logit.cls_form", self.cls_form, ("softmax_kl", "binary_kl"))
-        _check_choice("distill.logit.cls_norm", self.cls_norm, ("sum", "weight", "queries"))
-        _check_choice("distill.logit.confidence", self.confidence, ("max", "squared", "none"))
-        if not isinstance(self.layers, str) or not _LAYERS_RE.fullmatch(self.layers):
-            raise ConfigError(
-                f"distill.logit.layers: expected all, last, lastN or a comma list of layer indices, got {self.layers!r}"
-            )
-
-
-@dataclass(frozen=True)
-class DetrDistillConfig:
-    """DETRDistill (Chang et al., ICCV 2023), method `detrdistill`: three parts, each switchable.
-
-    logits        the teacher's and student's own predictions, Hungarian-matched, distilled with the
-                  distill.logit knobs (vanilla_kd is this part alone)
-    feature       target-aware feature imitation: per teacher decoder layer, its top_k predictions
-                  (class score x best IoU with a GT box) weigh their query embeddings' cosine
-                  similarity to the encoder's input tokens; that map (clamped at 0.01, over its max per
-                  level) masks the squared error between teacher and student tokens
-    query_prior   the student decodes the teacher's queries, supervised with the teacher's own
-                  Hungarian assignment of those queries to the GT (per decoder layer)
-    """
-
-    logits: bool = True
-    feature: bool = True
-    feature_weight: float = 1.0  # the paper's code: each layer's masked MSE, unweighted
-    top_k: int = 100  # teacher predictions per image that weigh the feature mask (the detector's max_per_img)
-    query_prior: bool = True
-    query_prior_weight: float = 1.0  # times the detection weights (loss.cls/bbox/giou)
-
-    def __post_init__(self):
-        for name in ("feature_weight", "query_prior_weight"):
-            _check_range(f"distill.detrdistill.{name}", getattr(self, name), low=0.0)
-        _check_range("distill.detrdistill.top_k", self.top_k, low=1)
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Which method distils the student, from which teacher, with which knobs (paper defaults)."""
-
-    # clockdistill | none | vanilla_kd | fitnet | memory_only | logit_only | detrdistill
-    method: str = "clockdistill"
-    teacher: str = ""  # teacher checkpoint directory (from `clockdistill train`)
-    init_student: bool = False  # copy the teacher's weights into the student wherever names and shapes match
-    # Teacher-output cache: the teacher's memory and its predictions on the target-aware (and its own)
-    # queries, computed once per image and view and read by every trial. off | auto (when the run
-    # allows it, else the live teacher, saying why) | on (an error when it cannot be used)
-    teacher_cache: str = "off"
-    teacher_cache_max_gb: float = 20.0  # larger caches fall back to the live teacher
-    memory: MemoryDistillConfig = field(default_factory=MemoryDistillConfig)
-    logit: LogitDistillConfig = field(default_factory=LogitDistillConfig)
-    detrdistill: DetrDistillConfig = field(default_factory=DetrDistillConfig)
-
-    def __post_init__(self):
-        _check_choice("distill.method", self.method, METHODS)
-        d = self.detrdistill
-        if self.method == "detrdistill" and not (d.logits or d.feature or d.query_prior):
-            raise ConfigError(
-                "distill.detrdistill: every part is switched off (logits, feature, query_prior); "
-                "keep one, or use distill.method=none"
-            )
-        _check_choice("distill.teacher_cache", self.teacher_cache, ("off", "auto", "on"))
-        _check_range("distill.teacher_cache_max_gb", self.teacher_cache_max_gb, low=0.0)
-
-    @property
-    def uses_memory(self) -> bool:
-        """A memory term of either kind (CLoCKDistill's masked one or FitNet's plain MSE)."""
-        return method(self.method).memory is not None
-
-    @property
-    def uses_target_queries(self) -> bool:
-        return method(self.method).target_queries
-
-    def flatten(self) -> dict[str, Any]:
-        """Dotted keys under `distill.`, as logged: {"distill.memory.alpha": 5e-05, ...}."""
-        return flatten_dict(dataclasses.asdict(self), "distill.")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> "DistillConfig":
-        """Build from a `distill` section; overrides are dotted keys with or without `distill.`."""
-        data = dict(data or {})
-        prefixed = [o if o.startswith("distill.") else f"distill.{o}" for o in overrides or []]
-        wrapped = apply_overrides({"distill": data}, prefixed)
-        return build_dataclass(cls, wrapped["distill"], "distill")
-
-
 @dataclass(frozen=True)
 class Config:
     name: str = "run"
@@ -401,99 +232,6 @@ class Config:
 
 # --------------------------------------------------------------------------------------------
 # Building configs from dicts, files and overrides
-
-
-def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(flatten_dict(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def build_dataclass(cls: type, data: Any, path: str = "") -> Any:
-    """Construct dataclass `cls` from a nested dict, checking keys and value types."""
-    where = path or "config"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{path}.{key}" if path else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown config key '{dotted}' (known: {', '.join(sorted(names))})")
-        kwargs[key] = _coerce(hints[key], value, dotted)
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, dotted: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, dotted)
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{dotted}: expected a list of {item_tp.__name__}, got {value!r}")
-        return [_coerce(item_tp, v, f"{dotted}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{dotted}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{dotted}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{dotted}: expected a number, got {value!r} ({type(value).__name__})")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{dotted}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config field type {tp} for {dotted}")
-
-
-def _check_choice(dotted: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{dotted}: expected one of {', '.join(map(str, choices))}, got {value!r}")
-
-
-def _check_range(dotted: str, value: float, low: float | None = None, high: float | None = None) -> None:
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ConfigError(f"{dotted}: expected a value {bounds}, got {value!r}")
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
-    """A deep copy of nested dict `data` with dotted `key` set to `value` (`data` is left as it is)."""
-    out = copy.deepcopy(data)
-    parts = key.strip().split(".")
-    node = out
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{key}: '{part}' is a value, not a section")
-    node[parts[-1]] = value
-    return out
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """A copy of nested dict `data` with `a.b=value` strings applied (values parsed as YAML scalars
-    or lists); `data` itself is left as it is."""
-    out = copy.deepcopy(data)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.epochs=3")
-        key, raw = item.split("=", 1)
-        try:
-            out = set_dotted(out, key, parse_yaml(raw) if raw.strip() else "")
-        except ConfigError as exc:
-            raise ConfigError(f"--set {exc}") from None
-    return out
 
 
 def _resolve_model_preset(data: dict[str, Any]) -> dict[str, Any]:

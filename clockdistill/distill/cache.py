@@ -239,7 +239,7 @@ def write_cache(
     progress: bool = True,
 ) -> None:
     """One teacher pass over every (image, view) of `dataset`, written as the plan's cache file."""
-    from clockdistill.distill.distiller import decoder_layers
+    from clockdistill.models.common import decoder_layers
 
     dc, C = cfg.distill, teacher.num_classes
     builder = TargetQueryBuilder(C, [teacher.cfg.d_model], dc.logit).to(device) if "queries" in plan.parts else None

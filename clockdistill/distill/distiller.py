@@ -18,7 +18,6 @@ method's distillation terms, all unweighted, and the weights that combine them:
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -27,7 +26,9 @@ from torch import Tensor, nn
 from clockdistill.config import Config, ConfigError
 from clockdistill.distill.losses import feature_term, fitnet_term, logit_terms, memory_terms
 from clockdistill.distill.masks import level_token_mask, memory_masks
+from clockdistill.distill.pairing import check_memory_geometry, check_query_prior
 from clockdistill.distill.queries import TargetQueryBuilder
+from clockdistill.distill.student_pass import StudentPass, target_queries
 from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.distributed import global_mean, is_distributed
 from clockdistill.errors import TrainingDiverged
@@ -62,88 +63,6 @@ def layer_pairs(spec: str, student_layers: int, teacher_layers: int) -> list[tup
     return [(e, e + offset) for e in chosen if e + offset >= 0]
 
 
-class StudentPass(nn.Module):
-    """The student's side of a distillation step as one module, so that data-parallel training can
-    wrap it in DistributedDataParallel (DDP syncs gradients of what runs through a module's
-    forward): encoder, decoder on its own queries (with DINO's denoising queries in training) and
-    the target-aware ones (and, for DETRDistill, the teacher's queries), and the tokens the memory or
-    feature terms compare (memory, + pos with `with_pos`, or the encoder's input `features`; through
-    the adapter when widths differ). Returns (memory, tokens or None, own-query output, target-query
-    layers or None, teacher-query layers or None)."""
-
-    def __init__(
-        self, student: nn.Module, queries: TargetQueryBuilder | None, adapter: nn.Linear | None, tokens: str | None
-    ):
-        super().__init__()
-        self.student, self.queries, self.adapter, self.tokens = student, queries, adapter, tokens
-        self.fuse = True  # the student's own and target-aware queries in one decoder pass
-
-    def forward(
-        self, images: Tensor, mask: Tensor, qs=None, targets: list[dict] | None = None, prior: Queries | None = None
-    ):
-        m = self.student
-        mem = m.encode(images, mask)
-        own, dn = m.add_denoising(m.default_queries(mem), targets)  # DINO: its own denoising queries first
-        extra = target_queries(m, self.queries, qs) if qs is not None and qs.size else None
-        if extra is not None and self.fuse and extra["reference"].shape[-1] == own.reference.shape[-1]:
-            out, target = self._decode_fused(mem, own, extra)
-        else:
-            out = m.decode(mem, own.content, own.reference, own.position, own.self_attn_mask)
-            target = decoder_layers(m.decode(mem, **extra)) if extra is not None else None
-        out = m.split_denoising(out, dn)
-        out.update(own.outputs)  # a two-stage student's proposals, for its detection loss
-        prior_layers = None
-        if prior is not None:  # DETRDistill: the teacher's queries through the student's decoder
-            prior_layers = decoder_layers(m.decode(mem, prior.content, prior.reference, prior.position))
-        tokens = None
-        if self.tokens is not None:
-            tokens = {"memory+pos": lambda: mem.memory + mem.pos, "memory": lambda: mem.memory}.get(
-                self.tokens, lambda: mem.features
-            )()
-            if self.adapter is not None:
-                tokens = self.adapter(tokens)
-        return mem, tokens, out, target, prior_layers
-
-    def _decode_fused(self, mem_s: Memory, own: Queries, extra: dict[str, Tensor]) -> tuple[dict[str, Any], list]:
-        """The student's own queries and the target-aware queries in one decoder pass: concatenated,
-        with a self-attention mask that keeps the two sets (and the query groups) apart, so every
-        output equals that of two separate passes, for one pass's fixed cost. Returns the default
-        queries' output (as `decode`) and the target-aware queries' per-layer predictions. (Only when
-        both start from the same kind of reference: a box refining detector's own queries start from
-        points, its target-aware ones from boxes, and are then decoded apart.) A DINO student's own
-        set holds its denoising queries too, behind their group mask: the target-aware queries see
-        none of them and they see no target-aware query."""
-        content, reference = own.content, own.reference
-        B, Q, K = content.shape[0], content.shape[1], extra["content"].shape[1]
-        attn_mask = torch.ones(B, Q + K, Q + K, dtype=torch.bool, device=content.device)
-        attn_mask[:, :Q, :Q] = own.self_attn_mask if own.self_attn_mask is not None else False
-        attn_mask[:, Q:, Q:] = extra["self_attn_mask"]
-        own_pos = own.position if own.position is not None else torch.zeros_like(content)
-        position = torch.cat([own_pos, extra["position"].to(own_pos.dtype)], 1)
-        layers = decoder_layers(
-            self.student.decode(
-                mem_s,
-                torch.cat([content, extra["content"].to(content.dtype)], 1),
-                torch.cat([reference, extra["reference"].to(reference.dtype)], 1),
-                position,
-                attn_mask,
-            )
-        )
-        own_layers = [{k: v[:, :Q] for k, v in layer.items()} for layer in layers]
-        target = [{k: v[:, Q:] for k, v in layer.items()} for layer in layers]
-        return {**own_layers[-1], "aux_outputs": own_layers[:-1]}, target
-
-
-def target_queries(model: nn.Module, builder: TargetQueryBuilder, qs) -> dict[str, Tensor]:
-    """The target-aware queries as `model.decode` inputs: embedded at the model's width, their
-    reference the GT box, or its centre for a detector whose queries are points (plain Deformable
-    DETR). They never pass through a two-stage detector's proposals."""
-    extra = builder.embed(qs, model.cfg.d_model)
-    if getattr(model, "target_query_dim", 4) == 2:
-        extra = {**extra, "reference": extra["reference"][..., :2]}
-    return extra
-
-
 class Distiller:
     """Trains `student` (the `model` that `fit` evaluates and checkpoints) against a frozen teacher."""
 
@@ -163,10 +82,10 @@ class Distiller:
         self.uses_feature = caps.detrdistill and dd.feature
         self.uses_prior = caps.detrdistill and dd.query_prior
         if self.uses_memory or self.uses_feature:
-            _check_memory_geometry(teacher.cfg, student.cfg)
+            check_memory_geometry(teacher.cfg, student.cfg)
         dt, ds = teacher.cfg.d_model, student.cfg.d_model
         if self.uses_prior:
-            _check_query_prior(teacher.cfg, student.cfg)
+            check_query_prior(teacher.cfg, student.cfg)
         self.adapter = nn.Linear(ds, dt) if (self.uses_memory or self.uses_feature) and ds != dt else None
         self.pairs = layer_pairs(dc.logit.layers, student.cfg.dec_layers, teacher.cfg.dec_layers)
         if not self.pairs and (caps.logit_terms or self.uses_prior):
@@ -496,42 +415,3 @@ def _match(t: dict[str, Tensor], s: dict[str, Tensor]) -> tuple[list[Tensor], li
 
 def _decode_args(q: Queries) -> dict[str, Tensor | None]:
     return {"content": q.content, "reference": q.reference, "position": q.position}
-
-
-def _check_query_prior(t, s) -> None:
-    """The student can decode the teacher's queries: the same detector family and width."""
-    if t.arch != s.arch or t.d_model != s.d_model:
-        raise ConfigError(
-            "distill.detrdistill.query_prior: the student decodes the teacher's queries, so it needs the teacher's "
-            f"architecture and d_model ({t.arch}, {t.d_model}); got {s.arch}, {s.d_model} "
-            "(or set distill.detrdistill.query_prior=false)"
-        )
-    if t.arch == "deformable" and (t.box_refine, t.two_stage) != (s.box_refine, s.two_stage):
-        raise ConfigError(
-            "distill.detrdistill.query_prior: teacher and student must be the same Deformable DETR variant "
-            "(box_refine / two_stage), as the teacher's queries are points or proposals by variant"
-        )
-
-
-def _check_memory_geometry(t, s) -> None:
-    """Memory distillation compares token i of the teacher with token i of the student."""
-    if t.arch != s.arch:
-        raise ConfigError(f"model.arch: memory distillation needs the teacher's architecture ({t.arch}), got {s.arch}")
-    if t.arch != "dab" and t.num_levels != s.num_levels:
-        raise ConfigError(
-            f"model.num_levels: memory distillation needs the teacher's {t.num_levels} levels, got {s.num_levels}"
-        )
-    if t.dilation != s.dilation:
-        raise ConfigError(
-            f"model.dilation: memory distillation needs the teacher's feature stride (dilation {t.dilation}), "
-            f"got dilation {s.dilation}"
-        )
-
-
-def init_from_teacher(student: nn.Module, teacher: FrozenTeacher) -> int:
-    """Copy every teacher tensor whose name and shape the student shares; returns how many."""
-    t_state = teacher.detector.state_dict()
-    s_state = student.state_dict()
-    copied = {k: v.clone() for k, v in t_state.items() if k in s_state and s_state[k].shape == v.shape}
-    student.load_state_dict(copied, strict=False)
-    return len(copied)

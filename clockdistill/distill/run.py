@@ -20,7 +20,8 @@ from clockdistill.checkpoint import read_meta
 from clockdistill.config import Config, apply_overrides, config_from_dict, read_config_file
 from clockdistill.data import CocoDetection
 from clockdistill.distill.cache import prepare_teacher_cache
-from clockdistill.distill.distiller import Distiller, init_from_teacher
+from clockdistill.distill.distiller import Distiller
+from clockdistill.distill.pairing import init_from_teacher
 from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.engine import EpochCallback, FitResult, build_datasets, fit, select_device
 from clockdistill.errors import ConfigError, DataError

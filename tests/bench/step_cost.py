@@ -24,7 +24,8 @@ from timing import device_sync, fixed_batch, interleaved_medians, training_step 
 from clockdistill.checkpoint import save_checkpoint
 from clockdistill.config import config_from_dict
 from clockdistill.distill.cache import prepare_teacher_cache
-from clockdistill.distill.distiller import Distiller, target_queries
+from clockdistill.distill.distiller import Distiller
+from clockdistill.distill.student_pass import target_queries
 from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.models import build_detector
 
