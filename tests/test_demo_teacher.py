@@ -44,3 +44,26 @@ def test_changed_weights_or_architecture_are_refused_with_what_to_do(val_data, t
     with pytest.raises(UserError, match="no longer fits hybrid-tiny-teacher .*make demo-teacher") as err:
         install_teacher(tmp_path / "b", val_data, other)
     assert "\n" not in str(err.value)
+
+
+def test_the_study_teacher_starts_from_the_shipped_one_on_more_images_and_is_reused(tmp_path, monkeypatch):
+    """`python -m sweeps.demo study-teacher` at a tiny scale: the students' images are the first of
+    the teacher's, the run starts from the shipped weights, and a finished teacher is not retrained."""
+    import sweeps.demo as demo
+
+    monkeypatch.setattr(demo, "TEACHER_DATA", {"train": 8, "val": 4, "seed": 0})
+    monkeypatch.setattr(demo, "STUDY_TEACHER", {"train_images": 16, "epochs": 1})
+    monkeypatch.setattr(demo, "TRAIN", {**demo.TRAIN, "batch_size": 8, "warmup_iters": 1})
+    best, ap = demo.build_study_teacher(tmp_path, threads=1)
+    meta = json.loads((best / "meta.json").read_text())
+    assert meta["config"]["train"]["init_from"] == str(tmp_path / "shipped-teacher")
+    assert meta["config"]["data"]["root"] == str(tmp_path / "teacher-data") and meta["best_ap"] == ap
+    students = json.loads((tmp_path / "data" / "annotations" / "instances_train.json").read_text())
+    teachers = json.loads((tmp_path / "teacher-data" / "annotations" / "instances_train.json").read_text())
+    assert len(students["images"]) == 8 and students["images"] == teachers["images"][:8]
+    assert students["annotations"] == [
+        a for a in teachers["annotations"] if a["image_id"] in {i["id"] for i in students["images"]}
+    ]
+    stamp = (best / "model.safetensors").stat().st_mtime_ns
+    assert demo.build_study_teacher(tmp_path, threads=1) == (best, ap)
+    assert (best / "model.safetensors").stat().st_mtime_ns == stamp
