@@ -43,7 +43,7 @@ demo-teacher: $(STAMP)
 	$(PY) -m sweeps.demo build-teacher --out sweeps/assets/demo-teacher --workdir demo-teacher-build
 
 # The efficacy study (sweeps/configs/ablation.yaml): its teacher (the shipped demo teacher trained on,
-# about 18 min on one thread), 9 methods x 5 seeds two at a time (about 1.5 h on 2 cores), the report
+# 14 min on one thread here), 9 methods x 5 seeds two at a time (70 min on 2 cores here), the report
 # with the method comparison in artifacts/report/ablation. Rerunning skips what is done.
 study: $(STAMP)
 	$(PY) -m sweeps.demo study-teacher --workdir study-run

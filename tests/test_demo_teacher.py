@@ -53,7 +53,7 @@ def test_the_study_teacher_starts_from_the_shipped_one_on_more_images_and_is_reu
 
     monkeypatch.setattr(demo, "TEACHER_DATA", {"train": 8, "val": 4, "seed": 0})
     monkeypatch.setattr(demo, "STUDY_TEACHER", {"train_images": 16, "epochs": 1})
-    monkeypatch.setattr(demo, "TRAIN", {**demo.TRAIN, "batch_size": 8, "warmup_iters": 1})
+    monkeypatch.setattr(demo, "TRAIN", {**demo.TRAIN, "warmup_iters": 1})
     best, ap = demo.build_study_teacher(tmp_path, threads=1)
     meta = json.loads((best / "meta.json").read_text())
     assert meta["config"]["train"]["init_from"] == str(tmp_path / "shipped-teacher")
