@@ -7,6 +7,7 @@
   `ray start --head` for the dashboard) is never joined by accident: the sweep says that it runs
   beside it and how to run on it instead. The address file such a cluster leaves behind when it
   dies without `ray stop` (a crash, a killed head) changes nothing.
+- A process that already runs Ray (a second sweep in one script or notebook) keeps it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def connect(**init_kwargs) -> str:
     """ray.init for a sweep driver; returns where the sweep runs, for the log."""
     import ray
 
+    if ray.is_initialized():  # a sweep after another in the same process (a script or a notebook): reuse its Ray
+        return "the Ray this process already uses"
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address:
         # Ray itself retries an address where nothing listens for minutes: ask first

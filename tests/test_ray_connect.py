@@ -23,6 +23,7 @@ from sweeps.ray_connect import connect
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 where = connect(logging_level="ERROR")
 print("WHERE", where)
+print("AGAIN", connect(logging_level="ERROR"))  # a second sweep in the same process
 print("GCS", ray.get_runtime_context().gcs_address)
 print("RESOURCES", json.dumps(ray.cluster_resources()))
 print("TASK", ray.get(ray.remote(lambda: 41 + 1).remote()))
@@ -53,6 +54,7 @@ def test_a_sweep_without_ray_address_runs_on_a_ray_of_its_own_beside_a_running_o
     proc, out = _probe(env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert out["WHERE"] == "a local Ray of its own" and out["TASK"] == "42"
+    assert out["AGAIN"] == "the Ray this process already uses"
     assert json.loads(out["RESOURCES"]).get("sweep_driver") == 100
     assert f"ignoring {dead}" in proc.stderr
 
