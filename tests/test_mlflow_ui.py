@@ -41,7 +41,7 @@ def mlflow_ui(tiny_sweep):
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # generous: a busy 2-core machine starts it slowly
     while True:
         try:
             with urllib.request.urlopen(url + "/health", timeout=2):
