@@ -72,6 +72,12 @@ def recover_checkpoint(path: str | Path) -> bool:
     return _complete(path)
 
 
+def epochs_done(output_dir: str | Path) -> int:
+    """Epochs a training run in `output_dir` has finished (0 without a complete `last` checkpoint)."""
+    last = Path(output_dir) / "last"
+    return read_meta(last)["epoch"] + 1 if _complete(last) else 0
+
+
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clockdistill.checkpoint import file_sha256
+from clockdistill.checkpoint import epochs_done, file_sha256
 from clockdistill.config import config_from_dict, parse_yaml
 from clockdistill.data.synth import ensure_synthetic
 from clockdistill.errors import UserError
@@ -101,9 +101,9 @@ def build_study_teacher(workdir: Path, threads: int = 1) -> tuple[Path, float]:
     n_train, seed = STUDY_TEACHER["train_images"], TEACHER_DATA["seed"]
     ensure_synthetic(workdir / "data", TEACHER_DATA["train"], TEACHER_DATA["val"], seed)
     data = ensure_synthetic(workdir / "teacher-data", n_train, TEACHER_DATA["val"], seed)
-    best, last = workdir / "teacher" / "best", workdir / "teacher" / "last" / "meta.json"
+    best = workdir / "teacher" / "best"
     epochs = STUDY_TEACHER["epochs"]
-    if last.is_file() and json.loads(last.read_text())["epoch"] + 1 >= epochs:  # finished: reuse it
+    if epochs_done(best.parent) >= epochs:  # finished: reuse it
         ap = json.loads((best / "meta.json").read_text())["best_ap"]
         log.info("study teacher: %s exists (AP %.4f)", short_path(best), ap)
         return best, ap

@@ -28,6 +28,12 @@ def squared_error(teacher: Tensor, student: Tensor, reduce: str = "sum") -> Tens
 NORM_EPS = 1e-6
 
 
+def mean_square_norm(teacher: Tensor, keep: Tensor) -> Tensor:
+    """Mean ||t||^2 over the tokens `keep` (B, N) marks: what normalize=teacher divides by."""
+    w = keep.float()
+    return ((teacher.float() ** 2).sum(-1) * w).sum() / w.sum().clamp(min=1)
+
+
 def normalized_squared_error(teacher: Tensor, student: Tensor, keep: Tensor, normalize: str) -> Tensor:
     """The per-token error of a scale-free memory weight (B, N); `keep` (B, N) marks the tokens whose
     teacher statistics count (unpadded, distilled levels).
@@ -43,7 +49,7 @@ def normalized_squared_error(teacher: Tensor, student: Tensor, keep: Tensor, nor
             mean = (t * w).sum((0, 1)) / count
             scale = (((t - mean) ** 2) * w).sum((0, 1)) / count  # (C,)
         else:
-            scale = ((t**2).sum(-1, keepdim=True) * w).sum() / count
+            scale = mean_square_norm(t, keep)
     d2 = (t - st).pow(2) / (scale + NORM_EPS)
     return d2.mean(-1) if normalize == "channel" else d2.sum(-1)
 

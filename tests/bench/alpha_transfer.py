@@ -40,10 +40,11 @@ from typing import Any
 import torch
 import yaml
 
-from clockdistill.checkpoint import load_detector
+from clockdistill.checkpoint import epochs_done, load_detector, read_meta
 from clockdistill.config import config_from_dict
 from clockdistill.data import CocoDetection, DetectionTransform, collate
 from clockdistill.data.synth import ensure_synthetic
+from clockdistill.distill.losses import mean_square_norm
 from clockdistill.engine import fit
 from sweeps import schema as S
 from sweeps.demo import SHIPPED_TEACHER, TEACHER_DATA, TRAIN
@@ -51,7 +52,6 @@ from sweeps.mlflow_reader import find_sweep, open_client, sweep_trials
 from sweeps.report import trial_rows
 from sweeps.study import compare_methods
 
-HEADS = {64: 4, 128: 8, 256: 8}
 ALONE = "none"
 
 
@@ -67,13 +67,12 @@ def backbone_file(workdir: Path) -> Path:
 
 
 def width_fields(d: int, ffn_mult: int) -> dict[str, int]:
-    return {"d_model": d, "nheads": HEADS.get(d, max(1, d // 32)), "ffn_dim": ffn_mult * d}
+    return {"d_model": d, "nheads": 4 if d <= 64 else 8, "ffn_dim": ffn_mult * d}
 
 
 def build_teacher(workdir: Path, data: Path, d: int, epochs: int) -> Path:
     out = workdir / f"teacher-d{d}"
-    last = out / "last" / "meta.json"
-    if last.is_file() and json.loads(last.read_text())["epoch"] + 1 >= epochs:
+    if epochs_done(out) >= epochs:
         return out / "best"
     cfg = config_from_dict(
         {
@@ -97,18 +96,19 @@ def build_teacher(workdir: Path, data: Path, d: int, epochs: int) -> Path:
 def memory_scale(teacher: Path, data: Path, batch: int = 20) -> dict[str, float]:
     """Mean ||t||^2 of the teacher memory over unpadded tokens of the validation images, overall and
     its spread over batches of `batch` (the normalisation's batch-to-batch variation)."""
-    model, _ = load_detector(teacher)
+    model, meta = load_detector(teacher)
     model.eval()
-    ds = CocoDetection(str(data), "val", DetectionTransform(128, train=False))
-    per_batch, total, count = [], 0.0, 0
+    size = meta["config"]["data"]["max_size"]
+    ds = CocoDetection(str(data), "val", DetectionTransform(size, train=False))
+    per_batch, weights = [], []
     for start in range(0, len(ds), batch):
-        images, mask, _ = collate([ds[i] for i in range(start, min(start + batch, len(ds)))], pad_to=(128, 128))
+        images, mask, _ = collate([ds[i] for i in range(start, min(start + batch, len(ds)))], pad_to=(size, size))
         mem = model.encode(images, mask)
-        keep = (~mem.padding_mask).float()
-        sq = (mem.memory.float() ** 2).sum(-1)
-        per_batch.append(float((sq * keep).sum() / keep.sum()))
-        total, count = total + float((sq * keep).sum()), count + float(keep.sum())
-    return {"mean": total / count, "batch_sd": statistics.stdev(per_batch) if len(per_batch) > 1 else 0.0}
+        keep = ~mem.padding_mask
+        per_batch.append(float(mean_square_norm(mem.memory, keep)))
+        weights.append(float(keep.sum()))
+    mean = sum(m * w for m, w in zip(per_batch, weights)) / sum(weights)
+    return {"mean": mean, "batch_sd": statistics.stdev(per_batch) if len(per_batch) > 1 else 0.0}
 
 
 def variant_name(alpha: float) -> str:
@@ -127,7 +127,7 @@ def write_spec(workdir: Path, data: Path, teacher: Path, d: int, args) -> Path:
         "epochs": args.epochs,
         "config": {
             "model": width_fields(d, 2),
-            "train": {**{k: v for k, v in TRAIN.items() if k != "warmup_iters"}, "warmup_iters": 50},
+            "train": {**TRAIN, "warmup_iters": 50},
             "data": {"pad_to": "max_size", "decoded_cache": True},
             "distill": {
                 "init_student": True,
@@ -213,8 +213,8 @@ def width_result(workdir: Path, d: int, alphas: list[float]) -> dict[str, Any]:
 
 
 def plot(out: dict[Any, Any], widths: list[int], path: Path) -> Path:
-    """AP gain over the student alone (mean of paired differences, each seed a dot) against alpha,
-    left in the normalised form, right in the raw one (alpha / mean ||t||^2): one line per width."""
+    """AP gain over the student alone (mean of the paired differences) against alpha, left in the
+    normalised form, right in the raw one (alpha / mean ||t||^2): one line per width."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,9 +223,7 @@ def plot(out: dict[Any, Any], widths: list[int], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for d in widths:
         r, scale = out[d], out[d]["scale"]["mean"]
-        names = list(r["table"])
-        alphas = [r["alpha"][n] for n in names]
-        gains = [100 * r["versus_alone"][n]["mean"] for n in names]
+        alphas, gains = r["grid"], [100 * g for g in r["gains"]]
         panels = (
             (axes[0], alphas, r["best_norm"], r["half_norm"]),
             (axes[1], [a / scale for a in alphas], r["best_raw"], r["half_raw"]),
@@ -252,7 +250,7 @@ def report(workdir: Path, widths: list[int], alphas: list[float], data: Path) ->
     for d in widths:
         r = width_result(workdir, d, alphas)
         scale = memory_scale(workdir / f"teacher-d{d}" / "best", data)
-        teacher_ap = json.loads((workdir / f"teacher-d{d}" / "best" / "meta.json").read_text()).get("best_ap")
+        teacher_ap = read_meta(workdir / f"teacher-d{d}" / "best").get("best_ap")
         st = r["study"]
         alone = st["methods"].get(ALONE, {}).get("AP", {})
         print(
@@ -277,8 +275,8 @@ def report(workdir: Path, widths: list[int], alphas: list[float], data: Path) ->
         out[d] = {"scale": scale, "teacher_ap": teacher_ap}
         for key in ("best", "half"):
             out[d][f"{key}_norm"], out[d][f"{key}_raw"] = r[key], r[key] / scale["mean"]
+        out[d]["grid"], out[d]["gains"] = r["grid"], r["gains"]
         out[d]["table"] = {variant_name(a): st["methods"][variant_name(a)]["AP"] for a in r["grid"]}
-        out[d]["alpha"] = {variant_name(a): a for a in r["grid"]}
         out[d]["versus_alone"] = st["versus_alone"]
     if len(widths) == 2:
         lo, hi = widths
