@@ -43,6 +43,31 @@ def paired_difference(a: dict[Any, float], b: dict[Any, float]) -> dict[str, Any
     return {"mean": mean, "n": len(diffs), "low": mean - half, "high": mean + half, "seeds": seeds}
 
 
+def parabola_peak(xs: list[float], ys: list[float]) -> float:
+    """x of the best grid point (e.g. log10 of a loss weight), refined by the vertex of the parabola
+    through it and its two neighbours when it has both and the parabola opens downwards."""
+    i = max(range(len(ys)), key=ys.__getitem__)
+    if 0 < i < len(xs) - 1:
+        (x0, x1, x2), (y0, y1, y2) = xs[i - 1 : i + 2], ys[i - 1 : i + 2]
+        denom = (x0 - x1) * (x0 - x2) * (x1 - x2)
+        a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denom
+        b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / denom
+        if a < 0:
+            return min(max(-b / (2 * a), x0), x2)
+    return xs[i]
+
+
+def half_rise(xs: list[float], ys: list[float]) -> float:
+    """x where y first reaches half its maximum, interpolated linearly between the grid points around
+    it (the grid's first point when it is already there). For a gain over log10 alpha: where a loss
+    term starts to matter, better determined than the peak of a flat top."""
+    half = max(ys) / 2
+    i = next(k for k, y in enumerate(ys) if y >= half)
+    if i == 0:
+        return xs[0]
+    return xs[i - 1] + (half - ys[i - 1]) / (ys[i] - ys[i - 1]) * (xs[i] - xs[i - 1])
+
+
 def compare_methods(rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("AP", "AP50")) -> dict[str, Any]:
     """{methods: {name: {metric: {mean, sd, n, values}}}, versus_alone: {name: diff}, best_baseline,
     versus_best_baseline: {name: diff}} on the first metric for the comparisons."""

@@ -54,3 +54,17 @@ def test_a_single_seed_gives_a_difference_without_an_interval(tmp_path):
     assert study["best_baseline"] is None and "n=1" in format_table(study)
     path = method_comparison_plot(compare_methods(ROWS), tmp_path / "methods.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_optimum_estimators_on_known_curves():
+    from sweeps.study import half_rise, parabola_peak
+
+    xs = [-1.0, 0.0, 1.0, 2.0, 3.0]
+    # y = 5 - (x - 0.8)^2 sampled on the grid: the vertex is found exactly, not the best grid point (1.0)
+    assert parabola_peak(xs, [5 - (x - 0.8) ** 2 for x in xs]) == pytest.approx(0.8)
+    # best point at an end of the grid, or a parabola opening upwards: the grid point itself
+    assert parabola_peak(xs, [1, 2, 3, 4, 5]) == 3.0
+    assert parabola_peak([0.0, 1.0, 2.0], [1.0, 1.5, 3.0]) == 2.0
+    # the half of the maximum (4) is crossed between x=-1 (y=1) and x=0 (y=7): at x = -0.5
+    assert half_rise(xs, [1, 7, 8, 6, 2]) == pytest.approx(-0.5)
+    assert half_rise(xs, [5, 7, 8, 6, 2]) == -1.0  # already above half at the first point

@@ -50,7 +50,7 @@ from sweeps import schema as S
 from sweeps.demo import SHIPPED_TEACHER, TEACHER_DATA, TRAIN
 from sweeps.mlflow_reader import find_sweep, open_client, sweep_trials
 from sweeps.report import trial_rows
-from sweeps.study import compare_methods
+from sweeps.study import compare_methods, half_rise, parabola_peak
 
 ALONE = "none"
 
@@ -156,31 +156,6 @@ def tracking_uri(workdir: Path) -> str:
     return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
 
 
-def peak(xs: list[float], ys: list[float]) -> float:
-    """log10 alpha of the best grid point, refined by the vertex of the parabola through it and its two
-    neighbours when it has both and the parabola opens downwards."""
-    i = max(range(len(ys)), key=ys.__getitem__)
-    if 0 < i < len(xs) - 1:
-        (x0, x1, x2), (y0, y1, y2) = xs[i - 1 : i + 2], ys[i - 1 : i + 2]
-        denom = (x0 - x1) * (x0 - x2) * (x1 - x2)
-        a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denom
-        b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / denom
-        if a < 0:
-            return min(max(-b / (2 * a), x0), x2)
-    return xs[i]
-
-
-def half_rise(xs: list[float], ys: list[float]) -> float:
-    """log10 alpha where the gain first reaches half its maximum, interpolated linearly in log alpha
-    between the grid points around it (the grid's first point when it is already there): where the
-    memory term starts to matter, better determined than a flat-topped peak."""
-    half = max(ys) / 2
-    i = next(k for k, y in enumerate(ys) if y >= half)
-    if i == 0:
-        return xs[0]
-    return xs[i - 1] + (half - ys[i - 1]) / (ys[i] - ys[i - 1]) * (xs[i] - xs[i - 1])
-
-
 def sweep_names(client, d: int) -> list[str]:
     """The sweeps of width d in the store: alpha-d{d} and any alpha-d{d}-<tag> that extended its grid."""
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], S.sweep_filter())
@@ -207,7 +182,7 @@ def width_result(workdir: Path, d: int, alphas: list[float]) -> dict[str, Any]:
         "means": means,
         "gains": gains,
         "best_grid": grid[gains.index(max(gains))],
-        "best": 10 ** peak(logs, gains),
+        "best": 10 ** parabola_peak(logs, gains),
         "half": 10 ** half_rise(logs, gains),
     }
 
