@@ -77,8 +77,9 @@ class ModelConfig:
     backbone_width: float = 0.25  # channel multiplier of the ResNet (1.0 = the standard widths)
     backbone_norm: str = "batch"  # frozen: FrozenBatchNorm2d, as the references | batch: trainable (from scratch)
     backbone_frozen_stages: int = 0  # 1: stem and layer1 not trained, as the references | 0: all trained
-    backbone_weights: str = ""  # ImageNet backbone to start from: a torchvision-layout state dict or a
+    backbone_weights: str = ""  # ImageNet backbone to start from: a torchvision-layout state dict, a
     #                              Hugging Face microsoft/resnet-* directory (see `clockdistill import`)
+    #                              or a clockdistill checkpoint directory (its detector's backbone)
     dilation: bool = False  # layer4 dilated instead of strided (the DC5 variants: stride 16)
     # ResNet maps the encoder reads: 3 = C3-C5 (strides 8-32) | 4 = C2-C5 (from stride 4: DINO 5-scale)
     backbone_levels: int = 3

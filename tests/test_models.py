@@ -144,6 +144,27 @@ def test_detector_overfits_one_batch(preset, steps, min_ap, synth_data):
     assert metrics["AP"] > min_ap, metrics
 
 
+def test_a_detectors_backbone_starts_another_detector():
+    """model.backbone_weights given a clockdistill checkpoint: its backbone's tensors (BatchNorm
+    statistics included) go into a detector of another architecture with the same ResNet; a ResNet of
+    another width is refused with the first mismatched tensor."""
+    from safetensors.torch import load_file
+
+    from clockdistill.errors import UserError
+    from sweeps.demo import SHIPPED_TEACHER
+
+    shipped = load_file(SHIPPED_TEACHER / "model.safetensors")
+    cfg = config_from_dict({"model": {"preset": "dab-detr-tiny-teacher", "backbone_weights": str(SHIPPED_TEACHER)}})
+    torch.manual_seed(0)
+    own = build_detector(cfg.model, 4).backbone.state_dict()
+    names = [k for k in own if not k.endswith("num_batches_tracked")]
+    assert len(names) > 50 and all(torch.equal(own[k], shipped[f"backbone.{k}"]) for k in names)
+    student = {"preset": "dab-detr-tiny-student", "backbone_weights": str(SHIPPED_TEACHER)}  # ResNet width 0.125
+    mismatch = r"^model.backbone_weights: .*: [a-z0-9_.]+ has shape \(16,.*this backbone's is \(8,"
+    with pytest.raises(UserError, match=mismatch):
+        build_detector(config_from_dict({"model": student}).model, 4)
+
+
 def test_faithful_detectors_start_as_the_references_do():
     """The reference implementations' initialisation and frozen parts (checked here; the numbers of
     a forward pass are checked against transformers in test_reference_detectors.py)."""

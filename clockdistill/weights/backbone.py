@@ -3,7 +3,9 @@
 A backbone comes as a torchvision-layout state dict (`resnet50-*.pth` from torchvision's model zoo,
 or a safetensors file with the same names) or a Hugging Face `microsoft/resnet-*` directory
 (config.json + model.safetensors). Hugging Face's ResNet names are rewritten to torchvision's,
-which are ours (models/resnet.py).
+which are ours (models/resnet.py). A clockdistill checkpoint directory gives its detector's
+backbone (the `backbone.*` tensors): a trained detector's ResNet for another detector of the same
+depth and width.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ def hf_resnet_to_torchvision(key: str) -> str | None:
 
 
 def trunk_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The ResNet trunk's tensors under torchvision names, from either layout (classifier heads,
-    pooler and BatchNorm counters dropped)."""
+    """The ResNet trunk's tensors under torchvision names, from any of the layouts above (classifier
+    heads, pooler, BatchNorm counters and a detector's other parts dropped)."""
+    if any(k.startswith("backbone.conv1.") for k in state):  # a whole detector: its backbone
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     hf = any(k.startswith(("embedder.", "encoder.stages.", "resnet.embedder.")) for k in state)
     out = {}
     for key, value in state.items():

@@ -55,17 +55,6 @@ from sweeps.study import compare_methods, half_rise, parabola_peak
 ALONE = "none"
 
 
-def backbone_file(workdir: Path) -> Path:
-    """The shipped demo teacher's ResNet in torchvision's layout (both widths start from it)."""
-    from safetensors.torch import load_file
-
-    out = workdir / "backbone.pth"
-    if not out.is_file():
-        state = load_file(SHIPPED_TEACHER / "model.safetensors")
-        torch.save({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}, out)
-    return out
-
-
 def width_fields(d: int, ffn_mult: int) -> dict[str, int]:
     return {"d_model": d, "nheads": 4 if d <= 64 else 8, "ffn_dim": ffn_mult * d}
 
@@ -81,7 +70,7 @@ def build_teacher(workdir: Path, data: Path, d: int, epochs: int) -> Path:
             "model": {
                 "preset": "hybrid-tiny-teacher",
                 **width_fields(d, 4),
-                "backbone_weights": str(backbone_file(workdir)),
+                "backbone_weights": str(SHIPPED_TEACHER),  # its ResNet
             },
             "train": {**TRAIN, "epochs": epochs, "output_dir": str(out)},
         }

@@ -1,7 +1,7 @@
 """Benchmark: does distillation help? Teacher, then the student alone / with vanilla KD / with CLoCKDistill.
 
     python tests/bench/kd_gain.py [--workdir DIR] [--seeds 3 | --seed-list 0,2] [--epochs 8] [--train 2000] [--val 300]
-                                  [--variant NAME:key=value,key=value ...]
+                                  [--variant NAME:key=value,key=value ...] [--teacher-set key=value ...]
 
 Trains the teacher preset on synthetic data (or reuses <workdir>/teacher/best, e.g. the one that
 tests/bench/teacher_quality.py leaves there), then the student preset with the same budget for each
@@ -54,6 +54,14 @@ def main() -> None:
     ap.add_argument("--teacher-preset", default="hybrid-tiny-teacher")
     ap.add_argument("--student-preset", default="hybrid-tiny-student")
     ap.add_argument(
+        "--teacher-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for the teacher's training (e.g. model.backbone_weights=sweeps/assets/demo-teacher "
+        "to start it from the shipped teacher's ResNet, as a real DETR starts from ImageNet)",
+    )
+    ap.add_argument(
         "--variant",
         action="append",
         default=[],
@@ -85,7 +93,8 @@ def main() -> None:
                     "output_dir": str(work / "teacher"),
                     "progress": False,
                 },
-            }
+            },
+            args.teacher_set,
         )
         fit(cfg)
     teacher_meta = json.loads((teacher / "meta.json").read_text())
