@@ -1,7 +1,8 @@
 """Benchmark: does distillation help? Teacher, then the student alone / with vanilla KD / with CLoCKDistill.
 
     python tests/bench/kd_gain.py [--workdir DIR] [--seeds 3 | --seed-list 0,2] [--epochs 8] [--train 2000] [--val 300]
-                                  [--variant NAME:key=value,key=value ...] [--teacher-set key=value ...]
+                                  [--variant NAME:key=value,key=value ...]
+                                  [--teacher-set key=value ...] [--student-set key=value ...]
 
 Trains the teacher preset on synthetic data (or reuses <workdir>/teacher/best, e.g. the one that
 tests/bench/teacher_quality.py leaves there), then the student preset with the same budget for each
@@ -60,6 +61,13 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="a config override for the teacher's training (e.g. model.backbone_weights=sweeps/assets/demo-teacher "
         "to start it from the shipped teacher's ResNet, as a real DETR starts from ImageNet)",
+    )
+    ap.add_argument(
+        "--student-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every student (before the variant's own), e.g. model.backbone_width=0.25",
     )
     ap.add_argument(
         "--variant",
@@ -127,6 +135,7 @@ def main() -> None:
                     f"train.output_dir={out}",
                     "train.progress=false",
                     *(f"train.{k}={v}" for k, v in TRAIN.items()),
+                    *args.student_set,
                     *overrides,
                 ],
                 teacher=teacher,
