@@ -10,6 +10,13 @@ variant and seed, and prints the mean and spread of AP and AP50 with the teacher
 plus the weighted loss parts of the first epoch (how much of the loss each part is: the first thing
 to look at when a distillation term does nothing). Finished runs are reused when run again.
 Target (issue 3): CLoCKDistill beats the student alone by >= 2 AP (0.02) and beats vanilla KD.
+
+The DAB-DETR pair in the README (teacher and students from the shipped demo teacher's ResNet):
+--teacher-preset dab-detr-tiny-teacher --student-preset dab-detr-tiny-student
+--teacher-set model.backbone_weights=sweeps/assets/demo-teacher
+--student-set model.backbone_width=0.25 --student-set model.backbone_weights=sweeps/assets/demo-teacher
+--variant clock-T1-a10:distill.logit.temperature=1,distill.logit.weight=0.39,distill.memory.normalize=teacher,
+distill.memory.alpha=10,distill.memory.beta=0.02 (one argument; and clock-T1 without the memory keys)
 """
 
 from __future__ import annotations
