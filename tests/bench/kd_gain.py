@@ -8,7 +8,8 @@ Trains the teacher preset on synthetic data (or reuses <workdir>/teacher/best, e
 tests/bench/teacher_quality.py leaves there), then the student preset with the same budget for each
 variant and seed, and prints the mean and spread of AP and AP50 with the teacher's AP as reference,
 plus the weighted loss parts of the first epoch (how much of the loss each part is: the first thing
-to look at when a distillation term does nothing). Finished runs are reused when run again.
+to look at when a distillation term does nothing). Finished runs are reused when run again; one
+trained with other settings (a changed preset, --student-set, --teacher-set or variant) is refused.
 Target (issue 3): CLoCKDistill beats the student alone by >= 2 AP (0.02) and beats vanilla KD.
 
 The DAB-DETR pair in the README (teacher and students from the shipped demo teacher's ResNet):
@@ -31,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from clockdistill.config import config_from_dict
+from clockdistill.checkpoint import epochs_done, read_meta
+from clockdistill.config import Config, config_from_dict
 from clockdistill.data.synth import ensure_synthetic
 from clockdistill.distill import distill_config, run_distillation
 from clockdistill.engine import build_datasets, fit
@@ -49,6 +51,25 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     if not name or not rest:
         raise SystemExit(f"--variant {text!r}: expected NAME:key=value[,key=value...]")
     return name, rest.split(",")
+
+
+# keys a reused run may differ in: the workdir's paths (runs may be moved between workdirs), the
+# epoch count (more epochs resume a run) and the class count (filled in from the data)
+FREE_KEYS = ("data.root", "train.output_dir", "distill.teacher", "train.epochs", "model.num_classes")
+
+
+def refuse_other_settings(output_dir: Path, cfg: Config, prefix: str = "") -> None:
+    """A run left in the workdir is resumed, or reused when finished: stop if it was trained with
+    other settings under `prefix` (a changed preset, --student-set, --teacher-set or variant)."""
+    if not epochs_done(output_dir):
+        return
+    saved = config_from_dict(read_meta(output_dir / "last")["config"]).flatten()
+    for key, value in cfg.flatten().items():
+        if key.startswith(prefix) and key not in FREE_KEYS and saved.get(key) != value:
+            raise SystemExit(
+                f"{output_dir}: trained with {key}={saved.get(key)!r}, this run asks {value!r}; "
+                "delete it or use another --workdir"
+            )
 
 
 def main() -> None:
@@ -96,22 +117,23 @@ def main() -> None:
     data = ensure_synthetic(work / "data", args.train, args.val, progress=False)
     teacher = work / "teacher" / "best"
     t0 = time.perf_counter()
-    if not (teacher / "meta.json").is_file():
-        cfg = config_from_dict(
-            {
-                "name": "teacher",
-                "data": {"root": str(data)},
-                "model": {"preset": args.teacher_preset},
-                "train": {
-                    **TRAIN,
-                    "epochs": args.teacher_epochs,
-                    "output_dir": str(work / "teacher"),
-                    "progress": False,
-                },
+    teacher_cfg = config_from_dict(
+        {
+            "name": "teacher",
+            "data": {"root": str(data)},
+            "model": {"preset": args.teacher_preset},
+            "train": {
+                **TRAIN,
+                "epochs": args.teacher_epochs,
+                "output_dir": str(work / "teacher"),
+                "progress": False,
             },
-            args.teacher_set,
-        )
-        fit(cfg)
+        },
+        args.teacher_set,
+    )
+    refuse_other_settings(work / "teacher", teacher_cfg, "model.")  # a teacher_quality.py teacher: its own recipe
+    if not (teacher / "meta.json").is_file():
+        fit(teacher_cfg)
     teacher_meta = json.loads((teacher / "meta.json").read_text())
     teacher_ap = teacher_meta["best_ap"]
     teacher_ap50 = max(h.get("AP50", 0.0) for h in teacher_meta["history"])
@@ -147,6 +169,7 @@ def main() -> None:
                 ],
                 teacher=teacher,
             )
+            refuse_other_settings(out, cfg)
             datasets = datasets or build_datasets(cfg)
             t1 = time.perf_counter()
             res = run_distillation(cfg, datasets=datasets)
