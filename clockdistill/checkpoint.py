@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from clockdistill.data.index import file_digest as file_sha256  # noqa: F401 - the checkpoint's weights digest
+from clockdistill.checkpoint_meta import read_meta
+from clockdistill.config.layers import resolve_config
 from clockdistill.errors import UserError
-from clockdistill.models import build_detector
+from clockdistill.models.build import build_detector
 
 
 def _optimizer_split(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -120,17 +121,6 @@ def storage_filesystem(location: str):
     return pafs.LocalFileSystem(), str(Path(location).resolve())
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
-        raise UserError(f"{path}: not a checkpoint (expected a directory with meta.json and model.safetensors)")
-    try:
-        return json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{meta_file}: corrupt checkpoint metadata ({exc})") from None
-
-
 def load_weights(path: str | Path, model: nn.Module, device: str | torch.device = "cpu") -> None:
     weights_file = Path(path) / "model.safetensors"
     if not weights_file.is_file():
@@ -168,10 +158,8 @@ def load_extra(path: str | Path, modules: dict[str, nn.Module], device: str | to
 
 def load_detector(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """A detector in eval mode on `device` and its checkpoint metadata (config, class names, metrics)."""
-    from clockdistill.config import config_from_dict
-
     meta = read_meta(checkpoint)
-    cfg = config_from_dict(meta["config"])
+    cfg = resolve_config(meta["config"])
     model = build_detector(cfg.model, cfg.model.num_classes or len(meta["class_names"]))
     load_weights(checkpoint, model, device)
     return model.to(device).eval(), meta

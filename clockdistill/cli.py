@@ -50,7 +50,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from clockdistill.config import load_config
+    from clockdistill.config.layers import resolve_config
     from clockdistill.engine import fit
 
     overrides = list(args.overrides)
@@ -58,7 +58,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.init_from={args.init_from}")
     if args.class_map:
         overrides.append(f"train.class_map={args.class_map}")
-    cfg = load_config(args.config, overrides)
+    cfg = resolve_config(args.config, overrides=overrides)
     if args.print_config:
         print(json.dumps(cfg.flatten(), indent=1))
         return 0
@@ -79,9 +79,10 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from clockdistill.distill import distill_config, run_distillation
+    from clockdistill.config.layers import resolve_config
+    from clockdistill.distill.run import run_distillation
 
-    cfg = distill_config(args.config, args.overrides, teacher=args.teacher)
+    cfg = resolve_config(args.config, overrides=args.overrides, distill=True, teacher=args.teacher)
     if args.print_config:
         print(json.dumps(cfg.flatten(), indent=1))
         return 0
@@ -124,7 +125,8 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from clockdistill.checkpoint import load_detector
-    from clockdistill.data import CocoDetection, DetectionTransform
+    from clockdistill.data.dataset import CocoDetection
+    from clockdistill.data.transforms import DetectionTransform
     from clockdistill.engine import evaluate, select_device
 
     device = select_device(args.device)

@@ -20,21 +20,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from clockdistill.checkpoint import (
-    load_extra,
-    load_optimizer,
-    load_weights,
-    read_meta,
-    recover_checkpoint,
-    save_checkpoint,
-)
-from clockdistill.config import Config, TrainConfig
-from clockdistill.data import CocoDetection, DetectionTransform, collate
+from clockdistill.checkpoint import load_extra, load_optimizer, load_weights, recover_checkpoint, save_checkpoint
+from clockdistill.checkpoint_meta import read_meta
+from clockdistill.config.sections import Config, TrainConfig
+from clockdistill.data.dataset import CocoDetection
+from clockdistill.data.transforms import DetectionTransform, collate
 from clockdistill.distributed import average_across_ranks, is_distributed, rank, world_size, wrap_ddp
 from clockdistill.errors import TrainingDiverged, UserError
 from clockdistill.evaluation import coco_evaluate, postprocess, to_coco_results
-from clockdistill.losses import SetCriterion, model_detection_weights, weighted_sum
-from clockdistill.models import build_detector
+from clockdistill.losses.criterion import SetCriterion, model_detection_weights, weighted_sum
+from clockdistill.models.build import build_detector
+from clockdistill.weights.start import apply_starting_weights
 
 log = logging.getLogger(__name__)
 
@@ -311,10 +307,8 @@ def fit(
         task = DetectionTask(model, criterion, model_detection_weights(cfg.loss, cfg.model))
     out = Path(tc.output_dir)
     resuming = tc.resume and recover_checkpoint(out / "last")
-    if tc.init_from and not resuming:  # a resumed run has its own weights
-        from clockdistill.weights.finetune import init_from_checkpoint
-
-        init_from_checkpoint(task.model, tc.init_from, train_ds.class_names, tc.class_map)
+    if not resuming:  # a resumed run has its own weights
+        apply_starting_weights(task.model, cfg, train_ds.class_names, getattr(task, "teacher", None))
     extra = dict(getattr(task, "extra_modules", {}) or {})
     accelerate(task, tc)
     main = rank() == 0  # data-parallel runs: rank 0 evaluates and writes checkpoints

@@ -28,8 +28,10 @@ from typing import Any
 
 import torch
 
-from clockdistill.checkpoint import file_sha256, load_detector, read_meta, storage_filesystem
-from clockdistill.config import config_from_dict
+from clockdistill.checkpoint import load_detector, storage_filesystem
+from clockdistill.checkpoint_meta import read_meta
+from clockdistill.config.layers import resolve_config
+from clockdistill.data.index import file_digest
 from clockdistill.errors import UserError
 from sweeps import schema as S
 from sweeps.mlflow_reader import Sweep, Trial, find_sweep, metric_history, open_client, pareto_set, rank, sweep_trials
@@ -121,11 +123,12 @@ def verify_checkpoint(
     client, trial: Trial, checkpoint: Path, device: torch.device, tolerance: float
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Re-evaluate the checkpoint; returns (metrics, meta) or raises when it is not what was logged."""
-    from clockdistill.data import CocoDetection, DetectionTransform
+    from clockdistill.data.dataset import CocoDetection
+    from clockdistill.data.transforms import DetectionTransform
     from clockdistill.engine import evaluate
 
     recorded = trial.run.data.tags.get(S.BEST_CHECKPOINT_SHA_TAG)
-    actual = file_sha256(checkpoint / "model.safetensors") if recorded else None
+    actual = file_digest(checkpoint / "model.safetensors") if recorded else None
     if recorded and actual != recorded:
         raise UserError(
             f"trial {trial.trial_id}: the checkpoint's weights changed after the sweep recorded them "
@@ -138,7 +141,7 @@ def verify_checkpoint(
         raise UserError(
             f"trial {trial.trial_id}: MLflow has no AP for epoch {epoch} of its checkpoint; cannot verify it"
         )
-    cfg = config_from_dict(meta["config"])
+    cfg = resolve_config(meta["config"])
     model, _ = load_detector(checkpoint, device)
     dataset = CocoDetection(cfg.data.root, cfg.data.val_split, DetectionTransform(cfg.data.max_size, train=False))
     metrics = evaluate(model, dataset, device, cfg.train.batch_size * 2, cfg.train.amp, canvas=cfg.data.canvas)

@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clockdistill.checkpoint import epochs_done, file_sha256
-from clockdistill.config import config_from_dict, parse_yaml
+from clockdistill.checkpoint import epochs_done
+from clockdistill.config.dotted import parse_yaml
+from clockdistill.config.layers import resolve_config
+from clockdistill.data.index import file_digest
 from clockdistill.data.synth import ensure_synthetic
 from clockdistill.errors import UserError
 from sweeps.console import short_path
@@ -45,7 +47,7 @@ STUDY_TEACHER = {"train_images": 6000, "epochs": 6}
 
 def demo_config(name: str, data: Path, preset: str, epochs: int, out: Path, progress: bool = True, **train: Any):
     """TRAIN for `epochs` into `out`; `train` overrides further train keys."""
-    return config_from_dict(
+    return resolve_config(
         {
             "name": name,
             "data": {"root": str(data)},
@@ -132,7 +134,7 @@ def package_teacher(best: Path, out: Path, wall_s: float | None = None, threads:
         "AP": meta["best_ap"],
         "AP50": meta["metrics"].get("AP50"),
         "best_epoch": meta["best_epoch"],
-        "sha256": file_sha256(out / "model.safetensors"),
+        "sha256": file_digest(out / "model.safetensors"),
         "torch": torch.__version__,
         "threads": threads,
         "wall_min": round(wall_s / 60, 1) if wall_s else None,
@@ -148,7 +150,7 @@ def install_teacher(dest: Path, data: Path, shipped: Path = SHIPPED_TEACHER) -> 
     from clockdistill.checkpoint import load_detector
 
     recipe = json.loads((shipped / "recipe.json").read_text())
-    digest = file_sha256(shipped / "model.safetensors")
+    digest = file_digest(shipped / "model.safetensors")
     if digest != recipe["sha256"]:
         raise UserError(
             f"{shipped / 'model.safetensors'}: sha256 {digest[:12]}.. is not the recipe's {recipe['sha256'][:12]}..; "
@@ -175,7 +177,8 @@ def evaluate_checkpoint(checkpoint: Path, data: Path) -> dict[str, float]:
     import torch
 
     from clockdistill.checkpoint import load_detector
-    from clockdistill.data import CocoDetection, DetectionTransform
+    from clockdistill.data.dataset import CocoDetection
+    from clockdistill.data.transforms import DetectionTransform
     from clockdistill.engine import evaluate
 
     model, meta = load_detector(checkpoint, "cpu")

@@ -116,7 +116,7 @@ class SweepTracker:
             )
             from mlflow.entities import Param
 
-            from clockdistill.config import flatten_dict
+            from clockdistill.config.dotted import flatten_dict
 
             params = {f"{S.SPEC_PARAM_PREFIX}{k}": v for k, v in flatten_dict(spec_dict).items() if k != "search_space"}
             params.update({f"{S.SPACE_PARAM_PREFIX}{k}": v for k, v in space.items()})

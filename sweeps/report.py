@@ -144,7 +144,7 @@ def importances(rows: list[dict[str, Any]], sweep: Sweep) -> tuple[dict[str, flo
 def _detections(model, dataset, indices: list[int]):
     import torch
 
-    from clockdistill.data import collate
+    from clockdistill.data.transforms import collate
     from clockdistill.evaluation import postprocess
 
     images, mask, targets = collate([dataset[i] for i in indices])
@@ -158,15 +158,16 @@ def samples(client, best: Trial, sweep: Sweep, path: Path, n: int = 4) -> Path:
     import torch
 
     from clockdistill.checkpoint import load_detector
-    from clockdistill.config import config_from_dict
-    from clockdistill.data import CocoDetection, DetectionTransform
+    from clockdistill.config.layers import resolve_config
+    from clockdistill.data.dataset import CocoDetection
+    from clockdistill.data.transforms import DetectionTransform
     from sweeps.best_student import fetch_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, _ = fetch_checkpoint(client, best, Path(tmp) / "student")
         student, meta = load_detector(checkpoint, "cpu")
     teacher, _ = load_detector(sweep.spec["teacher"], "cpu")
-    cfg = config_from_dict(meta["config"])
+    cfg = resolve_config(meta["config"])
     dataset = CocoDetection(cfg.data.root, cfg.data.val_split, DetectionTransform(cfg.data.max_size, train=False))
     indices = list(range(min(n, len(dataset))))
     names = dataset.class_names

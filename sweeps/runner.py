@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from clockdistill.checkpoint import file_sha256
+from clockdistill.data.index import file_digest
 from sweeps import schema as S
 from sweeps.console import quiet_ray, short_path
 from sweeps.mlflow_writer import SweepTracker
@@ -40,7 +40,7 @@ log = logging.getLogger("clockdistill.sweep")
 
 
 def _teacher_ap(spec: SweepSpec) -> float | None:
-    from clockdistill.checkpoint import read_meta
+    from clockdistill.checkpoint_meta import read_meta
 
     ap = read_meta(spec.teacher).get("best_ap")
     return float(ap) if ap is not None and ap >= 0 else None
@@ -176,7 +176,7 @@ def finalize(spec: SweepSpec, tracker: SweepTracker, results) -> dict[str, Any]:
                 if run is not None and run.data.tags.get(S.BEST_CHECKPOINT_TAG) != best.path:
                     with best.as_directory() as d:
                         tracker.log_checkpoint(
-                            run.info.run_id, d, best.path, file_sha256(Path(d) / "model.safetensors")
+                            run.info.run_id, d, best.path, file_digest(Path(d) / "model.safetensors")
                         )
             except Exception as exc:  # noqa: BLE001
                 log.warning("mlflow: could not log the best checkpoint of trial %s: %s", trial_id, exc)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from clockdistill.config import Config, config_from_dict
+from clockdistill.config.layers import resolve_config
+from clockdistill.config.sections import Config
 from sweeps.schema import BASELINE_KEY, BASELINE_METHOD, FAILED_KEY, best_key
-from sweeps.spec import SweepSpec, base_config_dict
+from sweeps.spec import SweepSpec, spec_config
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def paper_defaults_point(spec: SweepSpec) -> dict[str, Any] | None:
     choice (else the first). None when no key is searched by Optuna."""
     defaults = Config().flatten()
     try:
-        defaults.update(config_from_dict(base_config_dict(spec)).flatten())
+        defaults.update(resolve_config(spec_config(spec)).flatten())
     except Exception:  # noqa: BLE001 - the spec's config is validated elsewhere; fall back to the paper's
         pass
     point: dict[str, Any] = {}

@@ -42,7 +42,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from clockdistill.config import Config, config_from_dict, parse_yaml, set_dotted
+from clockdistill.config.dotted import parse_yaml, set_dotted
+from clockdistill.config.layers import resolve_config
+from clockdistill.config.sections import Config
 from clockdistill.errors import ConfigError, UserError
 from sweeps.schema import DEFAULT_OBJECTIVE, OBJECTIVE_METRICS, VARIANT_KEY
 
@@ -270,9 +272,9 @@ def _check_config_keys(spec: SweepSpec, source: str) -> None:
     bad_sections = [k for k in spec.config if k not in CONFIG_SECTIONS]
     if bad_sections:
         raise SpecError(f"{source}: config.{bad_sections[0]}: unknown section (expected {', '.join(CONFIG_SECTIONS)})")
-    base = base_config_dict(spec)
+    base = spec_config(spec)
     try:
-        config_from_dict(base)
+        resolve_config(base)
     except ConfigError as exc:
         raise SpecError(f"{source}: config: {exc}") from None
     known = set(Config().flatten())
@@ -289,7 +291,7 @@ def _check_config_keys(spec: SweepSpec, source: str) -> None:
             raise SpecError(f"{source}: search_space.{key}: set by the sweep itself (use teacher, data, epochs)")
         for value in dim.candidates():
             try:
-                config_from_dict(set_dotted(base, key, value))
+                resolve_config(base, overrides={key: value})
             except ConfigError as exc:
                 raise SpecError(f"{source}: search_space.{key}.{dim.kind}: {exc}") from None
 
@@ -315,22 +317,20 @@ def _check_variants(spec: SweepSpec, base: dict[str, Any], known: set[str], sour
     for name, keys in spec.variants.items():
         if not isinstance(keys, dict) or not keys:
             raise SpecError(f"{source}: variants.{name}: expected a mapping of dotted config keys to values")
-        config = base
-        for key, value in keys.items():
+        for key in keys:
             if key not in known:
                 raise SpecError(f"{source}: variants.{name}.{key}: unknown config key")
             if key in spec.search_space:
                 raise SpecError(f"{source}: variants.{name}.{key}: also searched; a key is set by one or the other")
-            config = set_dotted(config, key, value)
         try:
-            config_from_dict(config)
+            resolve_config(base, variant=keys)
         except ConfigError as exc:
             raise SpecError(f"{source}: variants.{name}: {exc}") from None
 
 
-def base_config_dict(spec: SweepSpec) -> dict[str, Any]:
-    """The config every trial starts from: spec.config plus the sweep-level keys (teacher, data,
-    student, epochs). Data and model keys left out still come from the teacher at trial time."""
+def spec_config(spec: SweepSpec) -> dict[str, Any]:
+    """The config layer of every trial (layer 4 of config/layers.py): spec.config with the spec's
+    own data, student and epochs. Data and model keys left out come from the teacher at trial time."""
     base = set_dotted(spec.config, "train.epochs", spec.epochs)
     if spec.student:
         base = set_dotted(base, "model.preset", spec.student)
@@ -351,7 +351,7 @@ def search_space_summary(spec: SweepSpec) -> dict[str, str]:
 def resolve_paths(spec: SweepSpec, source: str = "spec") -> SweepSpec:
     """Check that the teacher checkpoint and the data set exist, before anything starts, and make
     their paths absolute (trials may run in other directories or on other nodes)."""
-    from clockdistill.checkpoint import read_meta
+    from clockdistill.checkpoint_meta import read_meta
 
     teacher = Path(spec.teacher).expanduser()
     if not (teacher / "meta.json").is_file():
@@ -399,7 +399,7 @@ def sweep_dir_name(name: str) -> str:
 __all__ = [
     "SpecError",
     "SweepSpec",
-    "base_config_dict",
+    "spec_config",
     "load_spec",
     "parse_spec",
     "resolve_paths",

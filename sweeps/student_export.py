@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from clockdistill.checkpoint import load_detector
-from clockdistill.config import config_from_dict
+from clockdistill.config.layers import resolve_config
 from clockdistill.errors import UserError
 from clockdistill.exporters import max_abs_difference, onnx_available, pad_to, to_onnx, to_torchscript
 from clockdistill.latency import cpu_latency_ms, parameter_count
@@ -34,7 +34,8 @@ TORCHSCRIPT_TOLERANCE = 1e-4
 
 def _test_batch(cfg, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to n validation images padded to the export size."""
-    from clockdistill.data import CocoDetection, DetectionTransform, collate
+    from clockdistill.data.dataset import CocoDetection
+    from clockdistill.data.transforms import DetectionTransform, collate
 
     dataset = CocoDetection(cfg.data.root, cfg.data.val_split, DetectionTransform(cfg.data.max_size, train=False))
     images, mask, _ = collate([dataset[i] for i in range(min(n, len(dataset)))])
@@ -65,7 +66,7 @@ def export_files(
     trial: Trial,
     source: str,
 ) -> dict[str, Any]:
-    cfg = config_from_dict(meta["config"])
+    cfg = resolve_config(meta["config"])
     size = cfg.data.max_size
     model, _ = load_detector(checkpoint, "cpu")
     if out.exists():

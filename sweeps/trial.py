@@ -25,9 +25,10 @@ from typing import Any, Callable
 
 import torch
 
-from clockdistill.config import Config, set_dotted
+from clockdistill.config.layers import resolve_config
+from clockdistill.config.sections import Config
 from sweeps.schema import FAILED_KEY, FAILURE_REASON_KEY, FULL_BUDGET_KEY, VARIANT_KEY, best_key
-from sweeps.spec import SweepSpec, base_config_dict
+from sweeps.spec import SweepSpec, spec_config
 
 log = logging.getLogger(__name__)
 
@@ -48,32 +49,29 @@ def trial_clock_start() -> float:
         return time.time()
 
 
-def trial_config(spec: SweepSpec, params: dict[str, Any], output_dir: str | Path) -> Config:
-    """The full config of a trial: spec base + its variant's keys (spec `variants`, when it searches
-    `variant`) + the trial's dotted params + the sweep's fixed keys (other keys without a dot, such as
-    the baseline trial's marker, are not config keys)."""
-    from clockdistill.distill import distill_config
+# the keys a trial owns (layer 7 of config/layers.py): where it writes, and that it resumes and reports every epoch
+TRIAL_KEYS = {"train.resume": True, "train.eval_every": 1, "train.progress": False}
 
-    raw = base_config_dict(spec)
-    for key, value in spec.variants.get(params.get(VARIANT_KEY), {}).items():  # the searched variant's bundle
-        raw = set_dotted(raw, key, value)
-    for key, value in params.items():
-        if "." in key:
-            raw = set_dotted(raw, key, value)
-    for key, value in (
-        ("train.output_dir", str(output_dir)),
-        ("train.resume", True),
-        ("train.eval_every", 1),
-        ("train.progress", False),
-    ):
-        raw = set_dotted(raw, key, value)
-    return distill_config(data=raw, teacher=spec.teacher)
+
+def trial_config(spec: SweepSpec, params: dict[str, Any], output_dir: str | Path) -> Config:
+    """The full config of a trial (the layers of config/layers.py): the spec's config with its data,
+    student and epochs, the searched variant's keys (spec `variants`), the trial's searched values
+    (its dotted keys; others, such as the baseline trial's marker, are not config keys), the trial's
+    own keys, and what the teacher's checkpoint implies."""
+    return resolve_config(
+        spec_config(spec),
+        variant=spec.variants.get(params.get(VARIANT_KEY), {}),
+        overrides={k: v for k, v in params.items() if "." in k},
+        fixed={**TRIAL_KEYS, "train.output_dir": str(output_dir)},
+        distill=True,
+        teacher=spec.teacher,
+    )
 
 
 def student_properties(cfg: Config, need_latency: bool) -> dict[str, float]:
     from clockdistill.engine import select_device
     from clockdistill.latency import forward_latency_ms, parameter_count
-    from clockdistill.models import build_detector
+    from clockdistill.models.build import build_detector
 
     model = build_detector(cfg.model, cfg.model.num_classes)
     props = {"params": float(parameter_count(model))}
@@ -106,7 +104,7 @@ class EpochReporter:
         wall = time.time() - self.started
         self.last_epoch = epoch
         if not self.best and ckpt_dir is not None:  # after a resume: the best so far is in the checkpoint's history
-            from clockdistill.checkpoint import read_meta
+            from clockdistill.checkpoint_meta import read_meta
 
             for past in read_meta(ckpt_dir).get("history", [])[:-1]:
                 self._update_best({**self.props, **past})
@@ -153,7 +151,7 @@ def run_trial(
     per epoch and, when the loss diverges, one final `send(row, None)` that says so (retrying a
     deterministic divergence would only repeat it). `reports_checkpoints` False: rows go without
     a checkpoint directory (the ranks of a data-parallel trial other than 0)."""
-    from clockdistill.distill import run_distillation
+    from clockdistill.distill.run import run_distillation
     from clockdistill.errors import TrainingDiverged
 
     torch.set_num_threads(max(1, int(spec.resources.cpu)))

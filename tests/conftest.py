@@ -44,11 +44,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def tiny_teacher(synth_data, tmp_path_factory) -> Path:
     """A hybrid-tiny-teacher checkpoint trained for two quick epochs on `synth_data` (its `best` directory)."""
-    from clockdistill.config import config_from_dict
+    from clockdistill.config.layers import resolve_config
     from clockdistill.engine import fit
 
     out = tmp_path_factory.mktemp("teacher")
-    cfg = config_from_dict(
+    cfg = resolve_config(
         {
             "data": {"root": str(synth_data)},
             "model": {"preset": "hybrid-tiny-teacher"},
@@ -225,12 +225,12 @@ def tiny_sweep(tmp_path_factory):
     its 6 images (AP about 0.9), one trial at a time in a reused process, reading decoded images and
     teacher outputs from node caches under root/cache: {root, tracking_uri, spec, storage, summary,
     teacher, data}."""
-    from clockdistill.config import config_from_dict
+    from clockdistill.config.layers import resolve_config
     from clockdistill.engine import fit
 
     root = tmp_path_factory.mktemp("tiny-sweep")
     data = memorised_data(root / "data")
-    cfg = config_from_dict(
+    cfg = resolve_config(
         {
             "data": {"root": str(data)},
             "model": {"preset": "hybrid-tiny-teacher"},

@@ -46,7 +46,8 @@ def test_picks_the_trial_the_tune_results_say_is_best_and_its_ap_reproduces(tiny
 
 def test_export_files_torchscript_matches_eager_and_the_card_says_what_it_is(tiny_sweep, exported):
     from clockdistill.checkpoint import load_detector
-    from clockdistill.data import CocoDetection, DetectionTransform, collate
+    from clockdistill.data.dataset import CocoDetection
+    from clockdistill.data.transforms import DetectionTransform, collate
     from clockdistill.exporters import pad_to
 
     out, manifest, _ = exported

@@ -11,20 +11,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from clockdistill.arrowcache import build_once
-from clockdistill.config import ConfigError
-from clockdistill.data import collate
-from clockdistill.distill import distill_config
+from clockdistill.config.layers import resolve_config
+from clockdistill.data.transforms import collate
 from clockdistill.distill.cache import TeacherCache, prepare_teacher_cache
 from clockdistill.distill.run import build_distiller
 from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.engine import build_datasets
-from clockdistill.errors import DataError
+from clockdistill.errors import ConfigError, DataError
 
 
 def _cfg(teacher, cache_dir, **distill):
     data = {"pad_to": "max_size", "train_sizes": [96, 128], "hflip": 0.5, "cache_dir": str(cache_dir)}
-    return distill_config(
-        data={
+    return resolve_config(
+        distill=True,
+        config={
             "data": data,
             "train": {"device": "cpu", "progress": False, "batch_size": 4},
             "distill": {"teacher_cache": "on", **distill},
@@ -124,7 +124,7 @@ def test_cache_modes_say_why_the_live_teacher_is_used(tiny_teacher, tmp_path, ca
 
 
 def test_a_training_run_with_the_teacher_cache_learns_like_the_live_one(tiny_teacher, synth_data, tmp_path):
-    from clockdistill.distill import run_distillation
+    from clockdistill.distill.run import run_distillation
 
     kd_logit = {}
     for mode in ("off", "on"):
@@ -170,11 +170,10 @@ def test_a_failed_build_leaves_no_file(tmp_path):
 
 
 def test_decoded_images_give_the_same_samples_without_opening_image_files(synth_data, tmp_path):
-    from clockdistill.config import config_from_dict
 
     data = tmp_path / "data"
     shutil.copytree(synth_data, data)
-    cfg = config_from_dict(
+    cfg = resolve_config(
         {
             "data": {"root": str(data), "train_sizes": [96, 128], "cache_dir": str(tmp_path / "cache")},
             "train": {"progress": False},
@@ -290,16 +289,15 @@ def test_a_trial_does_not_wait_for_a_cache_another_process_builds(tiny_teacher, 
 def test_decoded_files_being_built_elsewhere_are_picked_up_at_the_next_epoch(synth_data, tmp_path):
     import fcntl
 
-    from clockdistill.config import config_from_dict
     from clockdistill.data.decoded import decoded_path
 
-    cfg = config_from_dict(
+    cfg = resolve_config(
         {
             "data": {"root": str(synth_data), "cache_dir": str(tmp_path / "cache"), "decoded_cache": True},
             "train": {"progress": False},
         }
     )
-    probe, _ = build_datasets(config_from_dict({"data": {"root": str(synth_data)}}))
+    probe, _ = build_datasets(resolve_config({"data": {"root": str(synth_data)}}))
     path = decoded_path(probe.index, 128, str(tmp_path / "cache"))
     path.parent.mkdir(parents=True)
     with open(path.with_name(path.name + ".lock"), "a+") as held:
@@ -316,10 +314,9 @@ def test_decoded_files_being_built_elsewhere_are_picked_up_at_the_next_epoch(syn
 
 
 def test_every_epoch_gets_fresh_augmentation_in_loader_workers(synth_data):
-    from clockdistill.config import config_from_dict
     from clockdistill.engine import train_loader
 
-    cfg = config_from_dict({"data": {"root": str(synth_data), "num_workers": 1}, "train": {"batch_size": 4}})
+    cfg = resolve_config({"data": {"root": str(synth_data), "num_workers": 1}, "train": {"batch_size": 4}})
     train, _ = build_datasets(cfg)
     g = torch.Generator()
     loader = train_loader(train, cfg, torch.device("cpu"), g)
@@ -339,12 +336,11 @@ def test_the_teacher_cache_equals_the_live_teacher_on_the_faithful_detectors(syn
     anchors, a DINO teacher's from mixed query selection: their cached predictions (vanilla KD) and
     target-aware outputs equal the live ones (a DINO student's own denoising queries drawn alike)."""
     from clockdistill.checkpoint import save_checkpoint
-    from clockdistill.config import config_from_dict
     from clockdistill.data.synth import CLASSES
-    from clockdistill.models import build_detector
+    from clockdistill.models.build import build_detector
 
     torch.manual_seed(0)
-    tcfg = config_from_dict({"data": {"root": str(synth_data)}, "model": {"preset": preset, "num_classes": 4}})
+    tcfg = resolve_config({"data": {"root": str(synth_data)}, "model": {"preset": preset, "num_classes": 4}})
     save_checkpoint(
         tmp_path / "teacher",
         build_detector(tcfg.model, 4),

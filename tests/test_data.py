@@ -5,10 +5,12 @@ import logging
 import numpy as np
 import pytest
 
-from clockdistill.data import CocoDetection, DetectionTransform, build_index, load_index
 from clockdistill.data.coco import parse_coco
+from clockdistill.data.dataset import CocoDetection
+from clockdistill.data.index import build_index, load_index
 from clockdistill.data.kitti import convert_kitti
 from clockdistill.data.synth import CLASSES, write_synthetic
+from clockdistill.data.transforms import DetectionTransform
 from clockdistill.errors import DataError
 from conftest import write_coco
 

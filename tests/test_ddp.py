@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from clockdistill.config.layers import resolve_config
 from conftest import on_cluster, tune_results
 
 pytestmark = pytest.mark.slow
@@ -45,12 +46,11 @@ def _raw(data: Path, preset: str) -> dict:
 def _random_teacher(preset: str, out: Path) -> Path:
     """A teacher checkpoint of `preset` with its initial weights (enough for a step comparison)."""
     from clockdistill.checkpoint import save_checkpoint
-    from clockdistill.config import config_from_dict
     from clockdistill.data.synth import CLASSES
-    from clockdistill.models import build_detector
+    from clockdistill.models.build import build_detector
 
     torch.manual_seed(0)
-    cfg = config_from_dict({"model": {"preset": preset}})
+    cfg = resolve_config({"model": {"preset": preset}})
     save_checkpoint(out, build_detector(cfg.model, len(CLASSES)), {"config": cfg.to_dict(), "class_names": CLASSES})
     return out
 
@@ -58,7 +58,7 @@ def _random_teacher(preset: str, out: Path) -> Path:
 def test_one_step_on_two_workers_equals_one_step_on_one(cluster, tmp_path):
     """On a faithful detector pair (Deformable DETR with box refinement: 4-d anchor target queries)."""
     from clockdistill.data.synth import write_synthetic
-    from clockdistill.distill import distill_config, run_distillation
+    from clockdistill.distill.run import run_distillation
 
     data = write_synthetic(tmp_path / "data", train=8, val=2, seed=5, progress=False)  # one global batch = one step
     raw = _raw(data, "deformable-detr-tiny-student-refine")
@@ -70,10 +70,11 @@ def test_one_step_on_two_workers_equals_one_step_on_one(cluster, tmp_path):
         def loop(c):
             import socket
             import ray.train, torch
-            from clockdistill.distill import distill_config, run_distillation
+            from clockdistill.config.layers import resolve_config
+            from clockdistill.distill.run import run_distillation
             torch.set_num_threads(1)
             rank = ray.train.get_context().get_world_rank()
-            cfg = distill_config(data=c["raw"], teacher=c["teacher"])
+            cfg = resolve_config(distill=True, config=c["raw"], teacher=c["teacher"])
             cfg = cfg.updated({{"train.output_dir": c["out"] + f"/rank{{rank}}"}})
             assert torch.distributed.get_backend() == "gloo" and torch.distributed.get_world_size() == 2
             run_distillation(cfg)
@@ -93,7 +94,7 @@ def test_one_step_on_two_workers_equals_one_step_on_one(cluster, tmp_path):
     assert len(nodes) == 2  # the two ranks ran on the two worker nodes
     assert not (tmp_path / "ddp" / "rank1" / "last").exists()  # only rank 0 writes checkpoints
 
-    cfg = distill_config(data=raw, teacher=tiny_teacher)
+    cfg = resolve_config(distill=True, config=raw, teacher=tiny_teacher)
     cfg = cfg.updated({"train.output_dir": str(tmp_path / "single")})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each DDP worker (1 CPU)
@@ -102,7 +103,7 @@ def test_one_step_on_two_workers_equals_one_step_on_one(cluster, tmp_path):
     finally:
         torch.set_num_threads(threads)  # the rest of the session runs as before
 
-    initial = distill_config(data=raw, teacher=tiny_teacher)
+    initial = resolve_config(distill=True, config=raw, teacher=tiny_teacher)
     two = load_file(tmp_path / "ddp" / "rank0" / "last" / "model.safetensors")
     one = load_file(tmp_path / "single" / "last" / "model.safetensors")
     assert two.keys() == one.keys()

@@ -116,8 +116,8 @@ def test_labels_flip_at_half_the_noise_ratio():
 
 
 def test_denoising_pairs_and_losses_follow_the_reference():
-    from clockdistill.config import LossConfig
-    from clockdistill.losses import SetCriterion
+    from clockdistill.config.sections import LossConfig
+    from clockdistill.losses.criterion import SetCriterion
     from clockdistill.models.denoising import denoising_indices
 
     targets = _targets([2, 0, 3])

@@ -5,12 +5,13 @@ gradients go, and the one-line errors."""
 import pytest
 import torch
 
-from clockdistill.config import config_from_dict
-from clockdistill.distill import Distiller, FrozenTeacher
+from clockdistill.config.layers import resolve_config
 from clockdistill.distill.cache import cache_blockers
+from clockdistill.distill.distiller import Distiller
 from clockdistill.distill.losses import feature_term, target_aware_mask
+from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.errors import ConfigError
-from clockdistill.models import build_detector
+from clockdistill.models.build import build_detector
 from clockdistill.models.common import decoder_layers
 
 
@@ -32,9 +33,9 @@ def _batch():
 
 def _distiller(student="hybrid-tiny-student", teacher=None, **parts):
     torch.manual_seed(0)
-    tcfg = config_from_dict({"model": {"preset": student.replace("student", "teacher")}})
+    tcfg = resolve_config({"model": {"preset": student.replace("student", "teacher")}})
     teacher = teacher or FrozenTeacher(build_detector(tcfg.model, 4))
-    cfg = config_from_dict({"model": {"preset": student}, "distill": {"method": "detrdistill", "detrdistill": parts}})
+    cfg = resolve_config({"model": {"preset": student}, "distill": {"method": "detrdistill", "detrdistill": parts}})
     return Distiller(teacher, build_detector(cfg.model, 4), cfg)
 
 
@@ -54,7 +55,7 @@ def test_each_part_has_its_own_switch(off):
 
 def test_all_parts_off_is_refused_with_one_line():
     with pytest.raises(ConfigError, match="distill.detrdistill: every part is switched off"):
-        config_from_dict(
+        resolve_config(
             {
                 "distill": {
                     "method": "detrdistill",
@@ -125,8 +126,8 @@ def test_query_prior_of_an_identical_student_is_the_teachers_own_detection_loss(
 
 def test_the_query_prior_needs_the_teachers_family_and_width_and_the_cache_is_refused():
     torch.manual_seed(0)
-    teacher = FrozenTeacher(build_detector(config_from_dict({"model": {"preset": "hybrid-tiny-teacher"}}).model, 4))
-    cfg = config_from_dict(
+    teacher = FrozenTeacher(build_detector(resolve_config({"model": {"preset": "hybrid-tiny-teacher"}}).model, 4))
+    cfg = resolve_config(
         {"model": {"preset": "hybrid-tiny-student", "d_model": 32}, "distill": {"method": "detrdistill"}}
     )
     with pytest.raises(ConfigError, match="distill.detrdistill.query_prior"):

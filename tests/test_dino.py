@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from clockdistill.config import config_from_dict
+from clockdistill.config.layers import resolve_config
 from clockdistill.losses.criterion import SetCriterion, model_detection_weights, weighted_sum
-from clockdistill.models import build_detector
+from clockdistill.models.build import build_detector
 from clockdistill.models.common import MLP, Memory
 from clockdistill.models.denoising import contrastive_denoising_queries
 from clockdistill.models.dino import DinoDecoder, look_forward_twice
@@ -116,7 +116,7 @@ def _batch(seed=0):
 
 def _dino(preset="dino-tiny-teacher", classes=5, **fields):
     torch.manual_seed(0)
-    cfg = config_from_dict({"model": {"preset": preset, **fields}})
+    cfg = resolve_config({"model": {"preset": preset, **fields}})
     return build_detector(cfg.model, classes), cfg
 
 
@@ -202,12 +202,13 @@ def test_the_criterion_supervises_denoising_and_the_selected_proposals_with_real
 
 @pytest.mark.parametrize("method", ["clockdistill", "logit_only"])
 def test_target_aware_queries_use_the_frozen_table_and_add_nothing_to_the_students_denoising(method):
-    from clockdistill.distill import Distiller, FrozenTeacher
+    from clockdistill.distill.distiller import Distiller
+    from clockdistill.distill.teacher import FrozenTeacher
 
     images, mask, targets = _batch()
     teacher, _ = _dino("dino-tiny-teacher", 4)
     torch.manual_seed(0)
-    cfg = config_from_dict({"model": {"preset": "dino-tiny-student"}, "distill": {"method": method}})
+    cfg = resolve_config({"model": {"preset": "dino-tiny-student"}, "distill": {"method": method}})
     student = build_detector(cfg.model, 4)
     targets = [{**t, "labels": t["labels"] % 4} for t in targets]
     d = Distiller(FrozenTeacher(teacher), student, cfg)
@@ -229,15 +230,16 @@ def test_target_aware_queries_use_the_frozen_table_and_add_nothing_to_the_studen
 
 
 def test_every_method_trains_a_dino_student_from_a_dino_teacher():
-    from clockdistill.config import METHODS
-    from clockdistill.distill import Distiller, FrozenTeacher
+    from clockdistill.config.methods import METHODS
+    from clockdistill.distill.distiller import Distiller
+    from clockdistill.distill.teacher import FrozenTeacher
 
     images, mask, targets = _batch()
     targets = [{**t, "labels": t["labels"] % 4} for t in targets]
     teacher, _ = _dino("dino-tiny-teacher", 4)
     for method in METHODS:
         torch.manual_seed(0)
-        cfg = config_from_dict({"model": {"preset": "dino-tiny-student"}, "distill": {"method": method}})
+        cfg = resolve_config({"model": {"preset": "dino-tiny-student"}, "distill": {"method": method}})
         d = Distiller(FrozenTeacher(teacher), build_detector(cfg.model, 4), cfg)
         d.model.train()
         terms, weights = d.losses(images, mask, targets)

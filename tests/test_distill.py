@@ -5,11 +5,15 @@ import json
 import pytest
 import torch
 
-from clockdistill.config import METHODS, config_from_dict
-from clockdistill.data import CocoDetection, DetectionTransform, collate
-from clockdistill.distill import Distiller, FrozenTeacher, distill_config, layer_pairs, run_distillation
+from clockdistill.config.layers import resolve_config
+from clockdistill.config.methods import METHODS
+from clockdistill.data.dataset import CocoDetection
+from clockdistill.data.transforms import DetectionTransform, collate
+from clockdistill.distill.distiller import Distiller, layer_pairs
+from clockdistill.distill.run import run_distillation
+from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.errors import ConfigError
-from clockdistill.models import build_detector
+from clockdistill.models.build import build_detector
 from tests.conftest import run_cli
 
 
@@ -22,9 +26,9 @@ def batch(synth_data):
 def _distiller(method="clockdistill", teacher=None, student_preset="hybrid-tiny-student", **distill):
     """A distiller of a fresh student and (unless given) a fresh teacher of the student's family."""
     torch.manual_seed(0)
-    cfg = config_from_dict({"model": {"preset": student_preset}, "distill": {"method": method, **distill}})
+    cfg = resolve_config({"model": {"preset": student_preset}, "distill": {"method": method, **distill}})
     teacher_preset = student_preset.replace("student", "teacher")
-    teacher = teacher or FrozenTeacher(build_detector(config_from_dict({"model": {"preset": teacher_preset}}).model, 4))
+    teacher = teacher or FrozenTeacher(build_detector(resolve_config({"model": {"preset": teacher_preset}}).model, 4))
     return Distiller(teacher, build_detector(cfg.model, 4), cfg)
 
 
@@ -39,7 +43,7 @@ TEACHERS = [
 
 
 def test_frozen_teacher_stays_in_eval_and_out_of_the_graph(batch):
-    teacher = FrozenTeacher(build_detector(config_from_dict({}).model, 4))
+    teacher = FrozenTeacher(build_detector(resolve_config({}).model, 4))
     parent = torch.nn.Sequential(teacher)
     parent.train()
     teacher.train(True)
@@ -164,17 +168,17 @@ def test_layer_pairs_align_from_the_last_layer():
 def test_student_of_another_width_gets_an_adapter_and_mismatched_levels_are_refused(batch):
     d = _distiller("clockdistill", student_preset="hybrid-tiny-student")
     assert d.adapter is None
-    cfg = config_from_dict({"model": {"preset": "hybrid-tiny-student", "d_model": 32}})
-    teacher = FrozenTeacher(build_detector(config_from_dict({}).model, 4))
+    cfg = resolve_config({"model": {"preset": "hybrid-tiny-student", "d_model": 32}})
+    teacher = FrozenTeacher(build_detector(resolve_config({}).model, 4))
     d = Distiller(teacher, build_detector(cfg.model, 4), cfg)
     assert d.adapter is not None and d.adapter.in_features == 32 and d.adapter.out_features == 64
     assert any(n.startswith("adapter.") for n, _ in d.parameters_to_train())
     terms, _ = d.losses(*batch)
     assert torch.isfinite(terms["kd_mem_fg"]) and torch.isfinite(terms["kd_cls_0"])
-    cfg = config_from_dict({"model": {"preset": "hybrid-tiny-student", "num_levels": 2}})
+    cfg = resolve_config({"model": {"preset": "hybrid-tiny-student", "num_levels": 2}})
     with pytest.raises(ConfigError, match="model.num_levels"):
         Distiller(teacher, build_detector(cfg.model, 4), cfg)
-    cfg = config_from_dict(
+    cfg = resolve_config(
         {"model": {"preset": "hybrid-tiny-student", "num_levels": 2}, "distill": {"method": "logit_only"}}
     )
     Distiller(teacher, build_detector(cfg.model, 4), cfg)  # logits need no memory alignment
@@ -188,19 +192,19 @@ def test_formula_names_every_weighted_term():
 
 
 def test_distill_config_takes_data_and_student_preset_from_the_teacher(tiny_teacher, synth_data):
-    cfg = distill_config(None, ["distill.memory.alpha=1e-4", "train.epochs=1"], teacher=tiny_teacher)
+    cfg = resolve_config(overrides=["distill.memory.alpha=1e-4", "train.epochs=1"], distill=True, teacher=tiny_teacher)
     assert cfg.data.root == str(synth_data) and cfg.model.preset == "hybrid-tiny-student"
     assert cfg.distill.memory.alpha == 1e-4 and cfg.distill.teacher == str(tiny_teacher)
     with pytest.raises(ConfigError, match="distill.teacher"):
-        distill_config(None, [])
+        resolve_config(distill=True)
     with pytest.raises(ConfigError, match="distill.method"):
-        distill_config(None, ["distill.method=kd"], teacher=tiny_teacher)
+        resolve_config(overrides=["distill.method=kd"], distill=True, teacher=tiny_teacher)
 
 
 def test_run_distillation_reports_map_and_every_loss_term(tiny_teacher, tmp_path):
-    cfg = distill_config(
-        None,
-        [
+    cfg = resolve_config(
+        distill=True,
+        overrides=[
             "train.epochs=2",
             "train.batch_size=8",
             "train.progress=false",
@@ -250,14 +254,14 @@ def test_adapter_is_checkpointed_and_restored(tiny_teacher, tmp_path):
         "model.d_model=32",
         "model.ffn_dim=64",
     ]
-    cfg = distill_config(None, overrides, teacher=tiny_teacher)
+    cfg = resolve_config(overrides=overrides, distill=True, teacher=tiny_teacher)
     run_distillation(cfg)
     assert (tmp_path / "last" / "extra.safetensors").is_file()
     adapter = torch.nn.Linear(32, 64)
     before = adapter.weight.clone()
     load_extra(tmp_path / "last", {"adapter": adapter})
     assert not torch.equal(adapter.weight, before)
-    cfg = distill_config(None, overrides[1:] + ["train.epochs=2"], teacher=tiny_teacher)
+    cfg = resolve_config(overrides=overrides[1:] + ["train.epochs=2"], distill=True, teacher=tiny_teacher)
     result = run_distillation(cfg)  # resumes from last, adapter included
     assert [h["epoch"] for h in result.history] == [1, 2]
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from clockdistill.config import LogitDistillConfig
+from clockdistill.config.distill import LogitDistillConfig
 from clockdistill.distill.losses import fitnet_term, logit_terms, memory_terms
 from clockdistill.distill.masks import level_masks, level_token_mask, memory_masks
 

@@ -6,15 +6,17 @@ import math
 import pytest
 import torch
 
-from clockdistill.checkpoint import load_optimizer, load_weights, read_meta, save_checkpoint
-from clockdistill.config import TrainConfig, config_from_dict
+from clockdistill.checkpoint import load_optimizer, load_weights, save_checkpoint
+from clockdistill.checkpoint_meta import read_meta
+from clockdistill.config.layers import resolve_config
+from clockdistill.config.sections import TrainConfig
 from clockdistill.engine import build_optimizer, fit, lr_factor
-from clockdistill.models import build_detector
+from clockdistill.models.build import build_detector
 from conftest import run_cli
 
 
 def tiny_config(data, out, **train):
-    return config_from_dict(
+    return resolve_config(
         {
             "data": {"root": str(data), "max_size": 96},
             "model": {"preset": "hybrid-tiny-student"},
@@ -24,7 +26,7 @@ def tiny_config(data, out, **train):
 
 
 def test_checkpoint_round_trip_without_pickle(tmp_path):
-    cfg = config_from_dict({"model": {"preset": "hybrid-tiny-student"}})
+    cfg = resolve_config({"model": {"preset": "hybrid-tiny-student"}})
     model = build_detector(cfg.model, 3)
     opt = build_optimizer(list(model.named_parameters()), cfg.train)
     loss = sum(p.sum() for p in model.parameters())
@@ -49,7 +51,7 @@ def test_checkpoint_round_trip_without_pickle(tmp_path):
 def test_the_optimizer_gives_each_part_its_learning_rate():
     """Backbone at lr_backbone; sampling offsets and the reference-point layer at lr x lr_linear_proj_mult
     (the Deformable DETR recipe: 0.1); the rest at lr."""
-    cfg = config_from_dict(
+    cfg = resolve_config(
         {
             "model": {"preset": "deformable-detr-tiny-student"},
             "train": {"lr": 1e-4, "lr_backbone": 1e-5, "lr_linear_proj_mult": 0.1},
@@ -82,7 +84,7 @@ def test_a_save_interrupted_between_its_renames_leaves_the_old_or_the_new_checkp
 
     from clockdistill import checkpoint as ck
 
-    cfg = config_from_dict({"model": {"preset": "hybrid-tiny-student"}})
+    cfg = resolve_config({"model": {"preset": "hybrid-tiny-student"}})
     model = build_detector(cfg.model, 3)
     save_checkpoint(tmp_path / "last", model, {"epoch": 0})
     calls, real_replace = [], os.replace

@@ -3,16 +3,16 @@
 import pytest
 import torch
 
-from clockdistill.config import config_from_dict
+from clockdistill.config.layers import resolve_config
 from clockdistill.exporters import max_abs_difference, onnx_available, to_onnx, to_torchscript
-from clockdistill.models import build_detector
+from clockdistill.models.build import build_detector
 
 SIZE = 96
 
 
 def _model_and_batch(preset: str):
     torch.manual_seed(0)
-    model = build_detector(config_from_dict({"model": {"preset": preset}}).model, 3).eval()
+    model = build_detector(resolve_config({"model": {"preset": preset}}).model, 3).eval()
     images = torch.randn(2, 3, SIZE, SIZE)
     mask = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
     mask[1, 64:, :] = True  # a padded image

@@ -119,35 +119,22 @@ def test_import_to_a_data_sets_classes_and_fine_tune_with_a_class_map(original, 
         assert not any(torch.equal(w_new[2], w_old[j]) for j in range(3))
         assert new.class_embed[i].bias[2].item() == pytest.approx(-4.59512, abs=1e-4)  # the focal prior
     assert torch.equal(new.level_embed, old.level_embed)
-    # fine-tuning the imported detector on the data set with the same map, through `train --init-from`
+    # fine-tuning the imported detector on the data set with the same map, through `train --init-from`:
+    # no model.* given, so the run is the checkpoint's own architecture (config/layers.py, layer 2)
+    common = ["--set", f"data.root={data}", "--set", "data.max_size=64", "--set", "train.epochs=1"]
+    common += ["--set", "train.batch_size=2", "--set", "train.device=cpu", "--set", "train.progress=false"]
     run = tmp_path / "ft"
-    proc = run_cli(
-        "train",
-        "--init-from",
-        str(imported),
-        "--class-map",
-        str(class_map),
-        "--set",
-        f"model.preset={old_meta['config']['model']['preset']}",
-        *[
-            f"--set=model.{k}={json.dumps(v)}"
-            for k, v in old_meta["config"]["model"].items()
-            if k not in ("preset", "num_classes", "backbone_weights")
-        ],
-        "--set",
-        f"data.root={data}",
-        "--set",
-        "data.max_size=64",
-        "--set",
-        "train.epochs=1",
-        "--set",
-        "train.batch_size=2",
-        "--set",
-        f"train.output_dir={run}",
-        "--set",
-        "train.device=cpu",
-        "--set",
-        "train.progress=false",
-    )
+    args = ["train", "--init-from", str(imported), "--class-map", str(class_map), *common]
+    proc = run_cli(*args, "--set", f"train.output_dir={run}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 of 3 classes mapped (Car<-class_2, Pedestrian<-class_0)" in proc.stderr
+    assert " 0 start fresh" in proc.stderr and "WARNING" not in proc.stderr, proc.stderr[-3000:]
+    tuned = json.loads((run / "last" / "meta.json").read_text())["config"]["model"]
+    assert {k: v for k, v in tuned.items() if k != "num_classes"} == {
+        k: v for k, v in old_meta["config"]["model"].items() if k != "num_classes"
+    }
+    # another architecture named by the user: what it leaves of the checkpoint is a warning with the count
+    proc = run_cli(*args, "--set", "model.dec_layers=1", "--set", f"train.output_dir={tmp_path / 'ft-1'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warning = [line for line in proc.stderr.splitlines() if "WARNING" in line]
+    assert len(warning) == 1 and "of the checkpoint's tensors fit nothing in this detector" in warning[0], warning

@@ -2,8 +2,9 @@ import math
 
 import torch
 
-from clockdistill.config import LossConfig
-from clockdistill.losses import HungarianMatcher, SetCriterion, detection_weights, sigmoid_focal_loss, weighted_sum
+from clockdistill.config.sections import LossConfig
+from clockdistill.losses.criterion import SetCriterion, detection_weights, sigmoid_focal_loss, weighted_sum
+from clockdistill.losses.matcher import HungarianMatcher
 
 
 def make_outputs(B=3, Q=6, C=4, seed=0):

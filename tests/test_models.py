@@ -3,13 +3,15 @@ import math
 import pytest
 import torch
 
-from clockdistill.config import config_from_dict
-from clockdistill.data import CocoDetection, DetectionTransform, collate
+from clockdistill.config.layers import resolve_config
+from clockdistill.data.dataset import CocoDetection
+from clockdistill.data.transforms import DetectionTransform, collate
 from clockdistill.engine import build_optimizer
 from clockdistill.evaluation import coco_evaluate, postprocess, to_coco_results
-from clockdistill.losses import SetCriterion, model_detection_weights, weighted_sum
-from clockdistill.models import build_detector
+from clockdistill.losses.criterion import SetCriterion, model_detection_weights, weighted_sum
+from clockdistill.models.build import build_detector
 from clockdistill.models.deformable_attention import deformable_sample
+from clockdistill.weights.start import apply_starting_weights
 
 
 def test_deformable_sample_matches_naive_bilinear():
@@ -51,7 +53,7 @@ def test_deformable_sample_matches_naive_bilinear():
 
 @pytest.mark.parametrize("preset", ["hybrid-tiny-teacher", "dab-detr-tiny-student"])
 def test_output_dict_shapes_and_extra_queries(preset):
-    cfg = config_from_dict({"model": {"preset": preset}})
+    cfg = resolve_config({"model": {"preset": preset}})
     model = build_detector(cfg.model, num_classes=5).eval()
     images = torch.randn(2, 3, 96, 128)
     mask = torch.zeros(2, 96, 128, dtype=torch.bool)
@@ -82,7 +84,7 @@ def test_output_dict_shapes_and_extra_queries(preset):
 def test_padding_geometry_of_a_padded_image():
     """An image padded inside a larger batch: every level's valid ratios and the memory padding mask
     cover exactly its unpadded part."""
-    cfg = config_from_dict({"model": {"preset": "hybrid-tiny-teacher"}})
+    cfg = resolve_config({"model": {"preset": "hybrid-tiny-teacher"}})
     model = build_detector(cfg.model, 3).eval()
     images = torch.randn(2, 3, 96, 128)
     mask = torch.zeros(2, 96, 128, dtype=torch.bool)
@@ -105,7 +107,7 @@ def overfit(preset: str, data, steps: int, lr: float = 1e-3):
     ds = CocoDetection(data, "train", DetectionTransform(128, train=False))
     idx = [i for i in range(len(ds)) if len(ds[i][1]["labels"]) > 0][:4]
     images, mask, targets = collate([ds[i] for i in idx])
-    cfg = config_from_dict({"model": {"preset": preset}, "train": {"lr": lr, "lr_backbone": lr, "weight_decay": 0.0}})
+    cfg = resolve_config({"model": {"preset": preset}, "train": {"lr": lr, "lr_backbone": lr, "weight_decay": 0.0}})
     model = build_detector(cfg.model, ds.num_classes)
     crit = SetCriterion.from_config(cfg.loss, ds.num_classes)
     weights = model_detection_weights(cfg.loss, cfg.model)
@@ -154,15 +156,17 @@ def test_a_detectors_backbone_starts_another_detector():
     from sweeps.demo import SHIPPED_TEACHER
 
     shipped = load_file(SHIPPED_TEACHER / "model.safetensors")
-    cfg = config_from_dict({"model": {"preset": "dab-detr-tiny-teacher", "backbone_weights": str(SHIPPED_TEACHER)}})
+    cfg = resolve_config({"model": {"preset": "dab-detr-tiny-teacher", "backbone_weights": str(SHIPPED_TEACHER)}})
     torch.manual_seed(0)
-    own = build_detector(cfg.model, 4).backbone.state_dict()
+    model = build_detector(cfg.model, 4)
+    apply_starting_weights(model, cfg, [])
+    own = model.backbone.state_dict()
     names = [k for k in own if not k.endswith("num_batches_tracked")]
     assert len(names) > 50 and all(torch.equal(own[k], shipped[f"backbone.{k}"]) for k in names)
-    student = {"preset": "dab-detr-tiny-student", "backbone_weights": str(SHIPPED_TEACHER)}  # ResNet width 0.125
+    student = resolve_config({"model": {"preset": "dab-detr-tiny-student", "backbone_weights": str(SHIPPED_TEACHER)}})
     mismatch = r"^model.backbone_weights: .*: [a-z0-9_.]+ has shape \(16,.*this backbone's is \(8,"
-    with pytest.raises(UserError, match=mismatch):
-        build_detector(config_from_dict({"model": student}).model, 4)
+    with pytest.raises(UserError, match=mismatch):  # ResNet width 0.125
+        apply_starting_weights(build_detector(student.model, 4), student, [])
 
 
 def test_faithful_detectors_start_as_the_references_do():
@@ -174,7 +178,7 @@ def test_faithful_detectors_start_as_the_references_do():
     prior = -math.log((1 - 0.01) / 0.01)
     for variant in ("", "-refine", "-two-stage"):
         torch.manual_seed(0)
-        m = build_detector(config_from_dict({"model": {"preset": f"deformable-detr-r50{variant}"}}).model, 91)
+        m = build_detector(resolve_config({"model": {"preset": f"deformable-detr-r50{variant}"}}).model, 91)
         attn = m.encoder.layers[0].self_attn
         assert (
             isinstance(attn, MSDeformAttn)
@@ -201,13 +205,13 @@ def test_faithful_detectors_start_as_the_references_do():
         frozen = {n.split(".")[1] for n, p in m.named_parameters() if n.startswith("backbone.") and not p.requires_grad}
         assert frozen == {"conv1", "layer1"} and all(p.requires_grad for n, p in m.named_parameters() if "layer2" in n)
         assert isinstance(m.backbone.bn1, FrozenBatchNorm2d) and not list(m.backbone.bn1.parameters())
-    dab = build_detector(config_from_dict({"model": {"preset": "dab-detr-r50"}}).model, 91)
+    dab = build_detector(resolve_config({"model": {"preset": "dab-detr-r50"}}).model, 91)
     assert torch.allclose(dab.class_embed.bias, torch.full_like(dab.class_embed.bias, prior))
     assert not dab.bbox_embed.layers[-1].weight.any() and not dab.bbox_embed.layers[-1].bias.any()
     assert hasattr(dab.decoder.layers[0], "ca_qpos_proj") and not hasattr(dab.decoder.layers[1], "ca_qpos_proj")
     assert dab.encoder.layers[0].activation.weight.item() == 0.25  # PReLU
     assert (
         dab.backbone.strides[-1] == 32
-        and build_detector(config_from_dict({"model": {"preset": "dab-detr-r50-dc5"}}).model, 91).backbone.strides[-1]
+        and build_detector(resolve_config({"model": {"preset": "dab-detr-r50-dc5"}}).model, 91).backbone.strides[-1]
         == 16
     )

@@ -5,11 +5,13 @@ import copy
 import pytest
 import torch
 
-from clockdistill.config import ConfigError, config_from_dict
-from clockdistill.data import CocoDetection, DetectionTransform, collate
+from clockdistill.config.layers import resolve_config
+from clockdistill.data.dataset import CocoDetection
+from clockdistill.data.transforms import DetectionTransform, collate
 from clockdistill.engine import DetectionTask, accelerate
-from clockdistill.losses import SetCriterion, model_detection_weights
-from clockdistill.models import build_detector
+from clockdistill.errors import ConfigError
+from clockdistill.losses.criterion import SetCriterion, model_detection_weights
+from clockdistill.models.build import build_detector
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def _step(task, batch, channels_last=False):
 
 @pytest.mark.parametrize("switch", [{"channels_last": True}, {"compile": "default"}], ids=["channels_last", "compile"])
 def test_speed_switches_leave_loss_and_gradients_unchanged(batch, switch, monkeypatch):
-    cfg = config_from_dict({"model": {"preset": "hybrid-tiny-student"}, "train": switch})
+    cfg = resolve_config({"model": {"preset": "hybrid-tiny-student"}, "train": switch})
     eager = _task(cfg)
     fast = _task(cfg)
     fast.model.load_state_dict(copy.deepcopy(eager.model.state_dict()))
@@ -73,4 +75,4 @@ def test_speed_switches_leave_loss_and_gradients_unchanged(batch, switch, monkey
 
 def test_unknown_compile_mode_is_one_line():
     with pytest.raises(ConfigError, match=r"^train.compile: expected one of"):
-        config_from_dict({"train": {"compile": "fast"}})
+        resolve_config({"train": {"compile": "fast"}})

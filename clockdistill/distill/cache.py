@@ -44,11 +44,13 @@ from clockdistill.arrowcache import (
     human_bytes,
     open_mapped,
 )
-from clockdistill.config import Config, ConfigError
-from clockdistill.data import CocoDetection, collate
+from clockdistill.config.methods import METHODS
+from clockdistill.config.sections import Config
+from clockdistill.data.dataset import CocoDetection
 from clockdistill.data.index import file_digest
+from clockdistill.data.transforms import collate
 from clockdistill.distill.queries import TargetQueryBuilder
-from clockdistill.methods import method
+from clockdistill.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +83,9 @@ class CachePlan:
 def cache_blockers(cfg: Config) -> list[str]:
     """Why this run cannot read teacher outputs from a cache (empty: it can)."""
     dc, reasons = cfg.distill, []
-    if not method(dc.method).uses_teacher:
+    if not METHODS[dc.method].uses_teacher:
         reasons.append(f"distill.method: {dc.method} runs no teacher")
-    if method(dc.method).detrdistill and (dc.detrdistill.feature or dc.detrdistill.query_prior):
+    if METHODS[dc.method].detrdistill and (dc.detrdistill.feature or dc.detrdistill.query_prior):
         reasons.append(
             "distill.method: detrdistill's feature and query-prior parts read the teacher's encoder input, "
             "query embeddings and queries, which the cache does not hold"
@@ -99,7 +101,7 @@ def cache_blockers(cfg: Config) -> list[str]:
 
 
 def needed_parts(cfg: Config) -> list[str]:
-    return list(method(cfg.distill.method).teacher_cache_parts)
+    return list(METHODS[cfg.distill.method].teacher_cache_parts)
 
 
 class TeacherCache:

@@ -23,7 +23,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from clockdistill.config import Config, ConfigError
+from clockdistill.config.methods import METHODS
+from clockdistill.config.sections import Config
 from clockdistill.distill.losses import feature_term, fitnet_term, logit_terms, memory_terms
 from clockdistill.distill.masks import level_token_mask, memory_masks
 from clockdistill.distill.pairing import check_memory_geometry, check_query_prior
@@ -31,11 +32,9 @@ from clockdistill.distill.queries import TargetQueryBuilder
 from clockdistill.distill.student_pass import StudentPass, target_queries
 from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.distributed import global_mean, is_distributed
-from clockdistill.errors import TrainingDiverged
-from clockdistill.losses import SetCriterion, model_detection_weights
-from clockdistill.methods import method
-from clockdistill.models import Memory, Queries
-from clockdistill.models.common import decoder_layers
+from clockdistill.errors import ConfigError, TrainingDiverged
+from clockdistill.losses.criterion import SetCriterion, model_detection_weights
+from clockdistill.models.common import Memory, Queries, decoder_layers
 from clockdistill.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ class Distiller:
                 f"model.num_classes: the student has {student.num_classes} classes, the teacher {teacher.num_classes}"
             )
         self.method = dc.method
-        caps = self.caps = method(dc.method)
+        caps = self.caps = METHODS[dc.method]
         dd = dc.detrdistill
         self.uses_memory = caps.memory is not None
         self.uses_queries = caps.target_queries

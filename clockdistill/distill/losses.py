@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clockdistill.config import LogitDistillConfig
+from clockdistill.config.distill import LogitDistillConfig
 from clockdistill.distributed import global_mean, world_size
 from clockdistill.ops.boxes import box_cxcywh_to_xyxy, box_iou, elementwise_generalized_box_iou
 

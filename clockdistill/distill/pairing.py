@@ -1,11 +1,7 @@
-"""What a teacher and a student must share for a method to compare them, and starting the student
-from the teacher's weights."""
+"""What a teacher and a student must share for a method to compare them."""
 
 from __future__ import annotations
 
-from torch import nn
-
-from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.errors import ConfigError
 
 
@@ -42,12 +38,3 @@ def check_memory_geometry(t, s) -> None:
             f"model.dilation: memory distillation needs the teacher's feature stride (dilation {t.dilation}), "
             f"got dilation {s.dilation}"
         )
-
-
-def init_from_teacher(student: nn.Module, teacher: FrozenTeacher) -> int:
-    """Copy every teacher tensor whose name and shape the student shares; returns how many."""
-    t_state = teacher.detector.state_dict()
-    s_state = student.state_dict()
-    copied = {k: v.clone() for k, v in t_state.items() if k in s_state and s_state[k].shape == v.shape}
-    student.load_state_dict(copied, strict=False)
-    return len(copied)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from clockdistill.config import LogitDistillConfig
+from clockdistill.config.distill import LogitDistillConfig
 from clockdistill.ops.boxes import inverse_sigmoid
 
 

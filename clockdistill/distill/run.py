@@ -1,75 +1,29 @@
 """One distillation run: what `clockdistill distill` and every sweep trial call.
 
-    cfg = distill_config("student.yaml", ["distill.memory.alpha=1e-4"], teacher="runs/teacher/best")
+    cfg = resolve_config("student.yaml", overrides=["distill.memory.alpha=1e-4"], distill=True,
+                         teacher="runs/teacher/best")
     result = run_distillation(cfg, on_epoch_end=callback)   # callback(epoch, metrics, checkpoint_dir)
 
-Keys the config leaves out are taken from the teacher's checkpoint: the whole `data` section (same
-data set, image size and splits) and the student preset (`hybrid-tiny-teacher` -> `hybrid-tiny-student`, ...).
+(config/layers.py: keys the config leaves out come from the teacher's checkpoint.)
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from clockdistill.checkpoint import read_meta
-from clockdistill.config import Config, apply_overrides, config_from_dict, read_config_file
-from clockdistill.data import CocoDetection
+from clockdistill.config.sections import Config
+from clockdistill.data.dataset import CocoDetection
 from clockdistill.distill.cache import prepare_teacher_cache
 from clockdistill.distill.distiller import Distiller
-from clockdistill.distill.pairing import init_from_teacher
 from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.engine import EpochCallback, FitResult, build_datasets, fit, select_device
-from clockdistill.errors import ConfigError, DataError
-from clockdistill.models import build_detector
-from clockdistill.models.presets import student_preset_for as usual_student
+from clockdistill.errors import DataError
+from clockdistill.models.build import build_detector
 
 log = logging.getLogger(__name__)
-
-
-def student_preset_for(teacher_preset: str) -> str:
-    name = usual_student(teacher_preset)
-    if name is None:
-        raise ConfigError(
-            f"model.preset: no student preset given, and none follows from the teacher's preset {teacher_preset!r} "
-            "(set model.preset)"
-        )
-    return name
-
-
-def distill_config(
-    path: str | Path | None = None,
-    overrides: list[str] | None = None,
-    teacher: str | Path | None = None,
-    data: dict[str, Any] | None = None,
-) -> Config:
-    """The config of a distillation run: a YAML file (or the dict `data`), dotted overrides, the
-    teacher checkpoint (`teacher` wins over `distill.teacher`), then defaults from the teacher."""
-    raw = apply_overrides(data if data is not None else read_config_file(path), list(overrides or []))  # a copy
-    section = raw.setdefault("distill", {})
-    if not isinstance(section, dict):
-        raise ConfigError("distill: expected a mapping of keys to values")
-    if teacher is not None:
-        section["teacher"] = str(teacher)
-    if not section.get("teacher"):
-        raise ConfigError(
-            "distill.teacher: no teacher checkpoint given (--teacher CKPT, a directory from `clockdistill train`)"
-        )
-    meta = read_meta(section["teacher"])
-    tcfg = meta["config"]
-    for name in ("data", "model", "train"):
-        if not isinstance(raw.setdefault(name, {}), dict):
-            raise ConfigError(f"{name}: expected a mapping of keys to values")
-    for key, value in tcfg["data"].items():
-        raw["data"].setdefault(key, value)
-    raw["model"].setdefault("preset", student_preset_for(tcfg["model"]["preset"]))
-    raw["model"].setdefault("num_classes", len(meta["class_names"]))
-    raw["train"].setdefault("output_dir", "runs/distill")
-    return config_from_dict(raw)
 
 
 @dataclass
@@ -79,14 +33,12 @@ class DistillResult(FitResult):
 
 
 def build_distiller(cfg: Config, teacher: FrozenTeacher, num_classes: int, device: torch.device) -> Distiller:
-    """Student (seeded by train.seed, optionally initialised from the teacher) + distiller, on `device`."""
+    """A fresh student (seeded by train.seed) and its distiller, on `device`; `fit` applies the
+    student's starting weights (distill.init_student, model.backbone_weights) when the run starts."""
     torch.manual_seed(cfg.train.seed)
     if cfg.model.num_classes != num_classes:  # a new config: the caller's stays as it is
         cfg = cfg.updated({"model.num_classes": num_classes})
-    student = build_detector(cfg.model, num_classes)
-    if cfg.distill.init_student:
-        log.info("init_student: copied %d teacher tensors into the student", init_from_teacher(student, teacher))
-    return Distiller(teacher, student, cfg).to(device)
+    return Distiller(teacher, build_detector(cfg.model, num_classes), cfg).to(device)
 
 
 def run_distillation(

@@ -9,8 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from clockdistill.distill.queries import TargetQueryBuilder
-from clockdistill.models import Memory, Queries
-from clockdistill.models.common import decoder_layers
+from clockdistill.models.common import Memory, Queries, decoder_layers
 
 
 class StudentPass(nn.Module):

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from clockdistill.models import Memory
+from clockdistill.checkpoint import load_detector
+from clockdistill.models.common import Memory
 
 
 class FrozenTeacher(nn.Module):
@@ -23,8 +24,6 @@ class FrozenTeacher(nn.Module):
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> "FrozenTeacher":
-        from clockdistill.checkpoint import load_detector
-
         model, meta = load_detector(checkpoint, device)
         return cls(model, meta)
 

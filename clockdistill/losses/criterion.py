@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clockdistill.config import LossConfig
+from clockdistill.config.sections import LossConfig
 from clockdistill.distributed import global_mean
 from clockdistill.losses.matcher import HungarianMatcher
 from clockdistill.ops.boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou

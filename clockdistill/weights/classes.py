@@ -36,7 +36,7 @@ def class_head_keys(state: dict[str, Tensor], dec_layers: int, two_stage: bool) 
 
 
 def read_class_map(path: str | Path) -> dict[str, str]:
-    from clockdistill.config import parse_yaml
+    from clockdistill.config.dotted import parse_yaml
 
     path = Path(path)
     if not path.is_file():

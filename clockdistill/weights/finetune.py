@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from clockdistill.checkpoint import read_meta
+from clockdistill.checkpoint_meta import read_meta
 from clockdistill.errors import UserError
 from clockdistill.weights.classes import class_head_keys, class_mapping, read_class_map, remap_rows
 from clockdistill.weights.files import read_state_dict
@@ -52,9 +52,11 @@ def init_from_checkpoint(model: nn.Module, checkpoint: str | Path, class_names: 
         raise UserError(f"train.init_from: {checkpoint} shares no tensor with this detector (another architecture?)")
     model.load_state_dict(state, strict=False)
     mapped = [f"{n}<-{old_names[i]}" for n, i in zip(class_names, mapping) if i is not None]
+    unused = sorted(k for k in old if k not in state and not k.endswith("num_batches_tracked"))
     report = {
         "copied": len(state),
         "fresh": len(skipped),
+        "unused": len(unused),
         "classes_mapped": len(mapped) if not same_classes else len(class_names),
     }
     log.info(
@@ -67,4 +69,12 @@ def init_from_checkpoint(model: nn.Module, checkpoint: str | Path, class_names: 
         if same_classes
         else f"{len(mapped)} of {len(class_names)} classes mapped ({', '.join(mapped) or 'none'})",
     )
+    if unused:  # the user's model.* is another architecture than the checkpoint's
+        log.warning(
+            "train.init_from %s: %d of the checkpoint's tensors fit nothing in this detector (first: %s); "
+            "leave model.* unset to fine-tune the checkpoint's own architecture",
+            checkpoint,
+            len(unused),
+            ", ".join(unused[:3]),
+        )
     return report

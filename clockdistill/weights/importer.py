@@ -59,7 +59,7 @@ def class_names_of(layout: str, extras: dict[str, Any], num_classes: int) -> lis
 
 
 def _preset_for(fields: dict[str, Any]) -> str:
-    from clockdistill.models.presets import PRESETS
+    from clockdistill.config.presets import PRESETS
 
     depth = fields.get("backbone_depth", 50)
     if fields["arch"] == "dino":
@@ -82,8 +82,8 @@ def import_checkpoint(
 ) -> dict[str, Any]:
     """Convert `source` and write the checkpoint directory `out`; returns its metadata."""
     from clockdistill.checkpoint import save_checkpoint
-    from clockdistill.config import config_from_dict
-    from clockdistill.models import build_detector
+    from clockdistill.config.layers import resolve_config
+    from clockdistill.models.build import build_detector
 
     source = str(source)
     state, extras = read_checkpoint(source, "SOURCE")
@@ -103,7 +103,7 @@ def import_checkpoint(
     fields.update(num_classes=num_classes, backbone_norm="frozen", backbone_frozen_stages=1, backbone_weights="")
     if arch == "dino":  # the label book's size is in its tensor (the reference: dn_labelbook_size + 1 rows)
         fields["dn_labelbook"] = state["label_enc.weight"].shape[0] - 1
-    cfg = config_from_dict({"model": {"preset": _preset_for(fields), **fields}}, overrides)
+    cfg = resolve_config({"model": {"preset": _preset_for(fields), **fields}}, overrides=overrides or ())
     shared = arch == "dino" or (arch == "deformable" and not cfg.model.box_refine)
     renamed, unknown = rename(state, layout, arch, shared)
     if unknown:
@@ -151,9 +151,9 @@ def _check_fit(state: dict[str, Tensor], own: dict[str, Tensor], source: str) ->
 def _to_dataset(model, cfg, names: list[str], data, class_map):
     """The detector with class heads for the data set's classes: each takes the row of the class of
     the same name (or the one the class map names); the rest start fresh."""
-    from clockdistill.config import config_from_dict
+    from clockdistill.config.layers import resolve_config
     from clockdistill.data.index import load_index
-    from clockdistill.models import build_detector
+    from clockdistill.models.build import build_detector
     from clockdistill.weights.classes import class_head_keys, class_mapping, read_class_map, remap_rows
 
     categories = load_index(data, "train").categories
@@ -162,7 +162,7 @@ def _to_dataset(model, cfg, names: list[str], data, class_map):
     raw = cfg.to_dict()
     raw["model"]["num_classes"] = len(new_names)
     raw["data"]["root"] = str(data)
-    new_cfg = config_from_dict(raw)
+    new_cfg = resolve_config(raw)
     fresh_model = build_detector(new_cfg.model, len(new_names))
     old, fresh = model.state_dict(), fresh_model.state_dict()
     heads, proposals = class_head_keys(old, cfg.model.dec_layers, cfg.model.two_stage)

@@ -40,10 +40,12 @@ from typing import Any
 import torch
 import yaml
 
-from clockdistill.checkpoint import epochs_done, load_detector, read_meta
-from clockdistill.config import config_from_dict
-from clockdistill.data import CocoDetection, DetectionTransform, collate
+from clockdistill.checkpoint import epochs_done, load_detector
+from clockdistill.checkpoint_meta import read_meta
+from clockdistill.config.layers import resolve_config
+from clockdistill.data.dataset import CocoDetection
 from clockdistill.data.synth import ensure_synthetic
+from clockdistill.data.transforms import DetectionTransform, collate
 from clockdistill.distill.losses import mean_square_norm
 from clockdistill.engine import fit
 from sweeps import schema as S
@@ -63,7 +65,7 @@ def build_teacher(workdir: Path, data: Path, d: int, epochs: int) -> Path:
     out = workdir / f"teacher-d{d}"
     if epochs_done(out) >= epochs:
         return out / "best"
-    cfg = config_from_dict(
+    cfg = resolve_config(
         {
             "name": f"teacher-d{d}",
             "data": {"root": str(data), "pad_to": "max_size", "decoded_cache": True},

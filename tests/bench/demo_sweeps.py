@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clockdistill.config import parse_yaml
+from clockdistill.config.dotted import parse_yaml
 
 
 def ensure_teacher(workdir: Path) -> Path:

@@ -32,10 +32,12 @@ from pathlib import Path
 
 import torch
 
-from clockdistill.checkpoint import epochs_done, read_meta
-from clockdistill.config import Config, config_from_dict
+from clockdistill.checkpoint import epochs_done
+from clockdistill.checkpoint_meta import read_meta
+from clockdistill.config.layers import resolve_config
+from clockdistill.config.sections import Config
 from clockdistill.data.synth import ensure_synthetic
-from clockdistill.distill import distill_config, run_distillation
+from clockdistill.distill.run import run_distillation
 from clockdistill.engine import build_datasets, fit
 from sweeps.demo import TRAIN
 
@@ -63,7 +65,7 @@ def refuse_other_settings(output_dir: Path, cfg: Config, prefix: str = "") -> No
     other settings under `prefix` (a changed preset, --student-set, --teacher-set or variant)."""
     if not epochs_done(output_dir):
         return
-    saved = config_from_dict(read_meta(output_dir / "last")["config"]).flatten()
+    saved = resolve_config(read_meta(output_dir / "last")["config"]).flatten()
     for key, value in cfg.flatten().items():
         if key.startswith(prefix) and key not in FREE_KEYS and saved.get(key) != value:
             raise SystemExit(
@@ -117,7 +119,7 @@ def main() -> None:
     data = ensure_synthetic(work / "data", args.train, args.val, progress=False)
     teacher = work / "teacher" / "best"
     t0 = time.perf_counter()
-    teacher_cfg = config_from_dict(
+    teacher_cfg = resolve_config(
         {
             "name": "teacher",
             "data": {"root": str(data)},
@@ -155,9 +157,9 @@ def main() -> None:
     for name, overrides in variants.items():
         for seed in seeds:
             out = work / "runs" / f"{name}-s{seed}"
-            cfg = distill_config(
-                None,
-                [
+            cfg = resolve_config(
+                distill=True,
+                overrides=[
                     f"model.preset={args.student_preset}",
                     f"train.seed={seed}",
                     f"train.epochs={args.epochs}",

@@ -44,8 +44,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the layout helpers
 
-from clockdistill.config import config_from_dict  # noqa: E402
-from clockdistill.models import build_detector  # noqa: E402
+from clockdistill.config.layers import resolve_config
+from clockdistill.models.build import build_detector  # noqa: E402
 from clockdistill.models.resnet import ResNet  # noqa: E402
 
 VARIANTS = {  # on top of the presets deformable-detr-r50 / dab-detr-r50 (ResNet-50, d 256, their levels)
@@ -197,7 +197,7 @@ def compare(variant: str, source: Path) -> dict[str, float]:
     _use_source(source)
     fields = dict(enc_layers=2, dec_layers=2, ffn_dim=256, dropout=0.0, num_queries=20, **VARIANTS[variant])
     preset = "dab-detr-r50" if variant == "dab" else "deformable-detr-r50"
-    cfg = config_from_dict({"model": {"preset": preset, **fields}})
+    cfg = resolve_config({"model": {"preset": preset, **fields}})
     torch.manual_seed(0)
     ours = build_detector(cfg.model, 91).eval()
     # 0.02 keeps the R50 / d-256 activations moderate; at the tests' 0.1 the differences are float32 rounding
@@ -351,7 +351,7 @@ def compare_dino(source: Path, preset: str = "dino-r50") -> dict[str, float]:
     from reference_layout import original_layout, perturb
 
     fields = dict(enc_layers=2, dec_layers=2, ffn_dim=256, num_queries=20, dn_number=4)
-    cfg = config_from_dict({"model": {"preset": preset, **fields}})
+    cfg = resolve_config({"model": {"preset": preset, **fields}})
     torch.manual_seed(0)
     ours = build_detector(cfg.model, 91)
     perturb(ours, scale=0.02)
@@ -401,7 +401,7 @@ def write_manifest(source: Path, path: Path) -> None:
     transformer, the heads, the label book and the prefixes.)"""
     import json
 
-    model_cfg = config_from_dict({"model": MANIFEST_MODEL}).to_dict()["model"]
+    model_cfg = resolve_config({"model": MANIFEST_MODEL}).to_dict()["model"]
     theirs = build_reference_dino(source, model_cfg, num_classes=MANIFEST_CLASSES)
     shapes = {k: list(v.shape) for k, v in theirs.state_dict().items()}
     head = {"model": MANIFEST_MODEL, "num_classes": MANIFEST_CLASSES, "source": "IDEA-Research/DINO"}

@@ -26,10 +26,10 @@ import time
 import torch
 from timing import device_sync, fixed_batch, interleaved_medians, training_step  # tests/bench/timing.py
 
-from clockdistill.config import config_from_dict
+from clockdistill.config.layers import resolve_config
 from clockdistill.engine import DetectionTask, accelerate
-from clockdistill.losses import SetCriterion, model_detection_weights
-from clockdistill.models import build_detector
+from clockdistill.losses.criterion import SetCriterion, model_detection_weights
+from clockdistill.models.build import build_detector
 
 SWITCHES = {"eager": {}, "channels_last": {"channels_last": True}, "compile": {"compile": "default"}}
 REPLACED = {  # faithful preset -> the hybrid preset of its size
@@ -73,7 +73,7 @@ def main() -> None:
     jobs, peak = {}, {}
     for preset in presets:
         for switch in args.switches:
-            cfg = config_from_dict({"model": {"preset": preset}, "train": SWITCHES[switch]})
+            cfg = resolve_config({"model": {"preset": preset}, "train": SWITCHES[switch]})
             torch.manual_seed(0)
             model = build_detector(cfg.model, ds.num_classes).to(device)
             task = DetectionTask(

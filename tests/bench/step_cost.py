@@ -22,12 +22,12 @@ import torch
 from timing import device_sync, fixed_batch, interleaved_medians, training_step  # tests/bench/timing.py
 
 from clockdistill.checkpoint import save_checkpoint
-from clockdistill.config import config_from_dict
+from clockdistill.config.layers import resolve_config
 from clockdistill.distill.cache import prepare_teacher_cache
 from clockdistill.distill.distiller import Distiller
 from clockdistill.distill.student_pass import target_queries
 from clockdistill.distill.teacher import FrozenTeacher
-from clockdistill.models import build_detector
+from clockdistill.models.build import build_detector
 
 VARIANTS = ("none", "memory_only", "logit_only", "clockdistill", "vanilla_kd", "fitnet")
 CACHED = ("clockdistill", "vanilla_kd")
@@ -48,14 +48,14 @@ def main() -> None:
     amp = device.type == "cuda"
 
     torch.manual_seed(0)
-    tcfg = config_from_dict({"model": {"preset": args.teacher}})
+    tcfg = resolve_config({"model": {"preset": args.teacher}})
     teacher = FrozenTeacher(build_detector(tcfg.model, ds.num_classes)).to(device)
     work = Path(tempfile.mkdtemp(prefix="step-cost-cache-"))
     save_checkpoint(work / "teacher", teacher.detector, {"config": tcfg.to_dict(), "class_names": ds.class_names})
     distillers = {}
     for method in (*VARIANTS, *(f"{m}+cache" for m in CACHED)):
         name = method.removesuffix("+cache")
-        cfg = config_from_dict(
+        cfg = resolve_config(
             {
                 "model": {"preset": args.student},
                 "train": {"progress": False},

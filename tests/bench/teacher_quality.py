@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from clockdistill.config import config_from_dict
+from clockdistill.config.layers import resolve_config
 from clockdistill.data.synth import ensure_synthetic
 from clockdistill.engine import fit
 from sweeps.demo import TRAIN
@@ -35,7 +35,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="teacher-bench-"))
     data = ensure_synthetic(work / "data", args.train, args.val, progress=False)
-    cfg = config_from_dict(
+    cfg = resolve_config(
         {
             "name": "teacher-bench",
             "data": {"root": str(data)},

@@ -9,8 +9,9 @@ from typing import Callable, Hashable
 
 import torch
 
-from clockdistill.data import CocoDetection, DetectionTransform, collate
+from clockdistill.data.dataset import CocoDetection
 from clockdistill.data.synth import write_synthetic
+from clockdistill.data.transforms import DetectionTransform, collate
 
 
 def interleaved_medians(

@@ -6,13 +6,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from clockdistill.dotted import apply_overrides, build_dataclass, flatten_dict
-from clockdistill.dotted import check_choice as _check_choice
-from clockdistill.dotted import check_range as _check_range
+from clockdistill.config.dotted import check_choice as _check_choice
+from clockdistill.config.dotted import check_range as _check_range
+from clockdistill.config.dotted import flatten_dict
+from clockdistill.config.methods import METHODS
 from clockdistill.errors import ConfigError
-from clockdistill.methods import METHOD_NAMES, method
 
-METHODS = METHOD_NAMES  # clockdistill/methods.py: what each one needs
 _LAYERS_RE = re.compile(r"all|last|last\d+|\d+(,\d+)*")
 
 
@@ -137,7 +136,7 @@ class DistillConfig:
     detrdistill: DetrDistillConfig = field(default_factory=DetrDistillConfig)
 
     def __post_init__(self):
-        _check_choice("distill.method", self.method, METHODS)
+        _check_choice("distill.method", self.method, tuple(METHODS))
         d = self.detrdistill
         if self.method == "detrdistill" and not (d.logits or d.feature or d.query_prior):
             raise ConfigError(
@@ -150,20 +149,12 @@ class DistillConfig:
     @property
     def uses_memory(self) -> bool:
         """A memory term of either kind (CLoCKDistill's masked one or FitNet's plain MSE)."""
-        return method(self.method).memory is not None
+        return METHODS[self.method].memory is not None
 
     @property
     def uses_target_queries(self) -> bool:
-        return method(self.method).target_queries
+        return METHODS[self.method].target_queries
 
     def flatten(self) -> dict[str, Any]:
         """Dotted keys under `distill.`, as logged: {"distill.memory.alpha": 5e-05, ...}."""
         return flatten_dict(dataclasses.asdict(self), "distill.")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> "DistillConfig":
-        """Build from a `distill` section; overrides are dotted keys with or without `distill.`."""
-        data = dict(data or {})
-        prefixed = [o if o.startswith("distill.") else f"distill.{o}" for o in overrides or []]
-        wrapped = apply_overrides({"distill": data}, prefixed)
-        return build_dataclass(cls, wrapped["distill"], "distill")

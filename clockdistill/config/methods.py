@@ -1,5 +1,5 @@
-"""The distillation methods and what each one needs: the one table the config, the distiller, the
-teacher-output cache and the sweeps read.
+"""The distillation methods and what each one needs: the one table (`METHODS`, name -> Method) that
+the config, the distiller, the teacher-output cache and the sweeps read.
 
     method         memory term             target-aware queries   matched logits   DETRDistill parts
     none           -                       -                      -                -
@@ -71,9 +71,3 @@ METHODS: dict[str, Method] = {
         ),
     )
 }
-METHOD_NAMES = tuple(METHODS)
-
-
-def method(name: str) -> Method:
-    """The capabilities of `name` (validated by DistillConfig before anything calls this)."""
-    return METHODS[name]

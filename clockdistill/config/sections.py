@@ -1,35 +1,16 @@
-"""Typed configuration: nested dataclasses with visible defaults, YAML files, dotted overrides.
-
-A config is built from a plain dict (a YAML file's contents, then `--set key=value` overrides) and
-every value is type-checked on the way in, so a typo or a wrong type fails with one line naming the
-dotted key. The model section starts from a named preset; keys given next to it override the preset.
-The distill section lives in distill_settings.py, the YAML and dotted-key plumbing in dotted.py.
-"""
+"""A run's config: nested dataclasses with visible defaults, every value checked on the way in, so
+a typo or a wrong type fails with one line naming the dotted key. Configs are values (frozen).
+How one is built from its sources (preset, checkpoint, file, overrides): layers.py."""
 
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from clockdistill.distill_settings import (  # noqa: F401 - the distill section, re-exported
-    METHODS,
-    DetrDistillConfig,
-    DistillConfig,
-    LogitDistillConfig,
-    MemoryDistillConfig,
-)
-from clockdistill.dotted import (  # noqa: F401 - config plumbing, re-exported
-    apply_overrides,
-    build_dataclass,
-    flatten_dict,
-    parse_yaml,
-    set_dotted,
-)
-from clockdistill.dotted import check_choice as _check_choice
-from clockdistill.dotted import check_range as _check_range
+from clockdistill.config.distill import DistillConfig
+from clockdistill.config.dotted import build_dataclass, flatten_dict, set_dotted
+from clockdistill.config.dotted import check_choice as _check_choice
+from clockdistill.config.dotted import check_range as _check_range
 from clockdistill.errors import ConfigError
 
 
@@ -77,9 +58,10 @@ class ModelConfig:
     backbone_width: float = 0.25  # channel multiplier of the ResNet (1.0 = the standard widths)
     backbone_norm: str = "batch"  # frozen: FrozenBatchNorm2d, as the references | batch: trainable (from scratch)
     backbone_frozen_stages: int = 0  # 1: stem and layer1 not trained, as the references | 0: all trained
-    backbone_weights: str = ""  # ImageNet backbone to start from: a torchvision-layout state dict, a
-    #                              Hugging Face microsoft/resnet-* directory (see `clockdistill import`)
-    #                              or a clockdistill checkpoint directory (its detector's backbone)
+    # ImageNet backbone a fresh run starts from (weights/start.py; never read when a checkpoint loads): a
+    # torchvision-layout state dict, a Hugging Face microsoft/resnet-* directory or a clockdistill
+    # checkpoint directory (its detector's backbone)
+    backbone_weights: str = ""
     dilation: bool = False  # layer4 dilated instead of strided (the DC5 variants: stride 16)
     # ResNet maps the encoder reads: 3 = C3-C5 (strides 8-32) | 4 = C2-C5 (from stride 4: DINO 5-scale)
     backbone_levels: int = 3
@@ -228,57 +210,4 @@ class Config:
         data = self.to_dict()
         for key, value in changes.items():
             data = set_dotted(data, key, value)
-        return config_from_dict(data)
-
-
-# --------------------------------------------------------------------------------------------
-# Building configs from dicts, files and overrides
-
-
-def _resolve_model_preset(data: dict[str, Any]) -> dict[str, Any]:
-    from clockdistill.models.presets import preset_fields, preset_loss_fields  # models import config: lazy
-
-    model = data.get("model")
-    if model is None:
-        model = {}
-    if not isinstance(model, dict):
-        raise ConfigError(f"model: expected a mapping of keys to values, got {type(model).__name__}")
-    preset = model.get("preset", ModelConfig.preset)
-    data["model"] = {**preset_fields(preset), **model, "preset": preset}
-    loss_defaults = preset_loss_fields(preset)
-    if loss_defaults:
-        loss = data.get("loss") or {}
-        if not isinstance(loss, dict):
-            raise ConfigError(f"loss: expected a mapping of keys to values, got {type(loss).__name__}")
-        data["loss"] = {**loss_defaults, **loss}
-    return data
-
-
-def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = None) -> Config:
-    """A validated Config from a nested dict and `--set` strings; `data` is left as it is."""
-    data = apply_overrides(data or {}, list(overrides or []))
-    return build_dataclass(Config, _resolve_model_preset(data))
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config file (or none, for the defaults) and apply dotted overrides."""
-    return config_from_dict(read_config_file(path), overrides)
-
-
-def read_config_file(path: str | Path | None) -> dict[str, Any]:
-    """A YAML config file's contents as a dict ({} for no file), unvalidated."""
-    data: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            loaded = parse_yaml(p.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections (data, model, loss, train, distill)")
-        data = loaded or {}
-    return data
+        return build_dataclass(Config, data)

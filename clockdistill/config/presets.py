@@ -155,6 +155,13 @@ def preset_loss_fields(name: str) -> dict[str, Any]:
     return dict(PRESET_LOSS.get(name, {}))
 
 
-def student_preset_for(teacher_preset: str) -> str | None:
-    """The student preset a teacher preset is usually distilled into (None when it has none)."""
-    return _STUDENTS.get(teacher_preset)
+def student_preset_for(teacher_preset: str) -> str:
+    """The student preset a teacher preset is usually distilled into; a teacher preset without one
+    is a one-line error asking for model.preset."""
+    name = _STUDENTS.get(teacher_preset)
+    if name is None:
+        raise ConfigError(
+            f"model.preset: no student preset given, and none follows from the teacher's preset {teacher_preset!r} "
+            "(set model.preset)"
+        )
+    return name
