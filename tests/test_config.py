@@ -78,7 +78,7 @@ def test_configs_are_values_no_function_changes_its_argument(tmp_path):
     assert again.train.epochs == 2 and cfg.train.epochs == 5
     with pytest.raises(ConfigError, match="train.epochs"):
         cfg.updated({"train.epochs": 0})
-    # distill_config reads a teacher checkpoint's metadata and fills in what the dict leaves out
+    # resolve_config(distill=True) reads a teacher checkpoint's metadata and fills in what the dict leaves out
     teacher = tmp_path / "teacher"
     teacher.mkdir()
     tcfg = resolve_config({"data": {"root": "somewhere"}, "model": {"preset": "hybrid-tiny-teacher"}})
@@ -90,3 +90,70 @@ def test_configs_are_values_no_function_changes_its_argument(tmp_path):
         kd.model.preset == "hybrid-tiny-student" and kd.data.root == "somewhere" and kd.distill.logit.temperature == 4
     )
     assert data == before
+
+
+def _teacher_meta(path, model: dict, data: dict) -> str:
+    """A teacher checkpoint's meta.json (all resolve_config reads of it)."""
+    import json
+
+    from clockdistill.config.layers import resolve_config
+
+    path.mkdir()
+    cfg = resolve_config({"data": data, "model": model})
+    (path / "meta.json").write_text(json.dumps({"config": cfg.to_dict(), "class_names": ["a", "b", "c"]}))
+    return str(path)
+
+
+@pytest.mark.parametrize("winner", ["teacher", "config", "variant", "overrides", "fixed"])
+def test_each_layer_wins_over_the_layers_above_it(winner, tmp_path):
+    """config/layers.py's order: defaults < preset < teacher < config < variant < overrides < fixed.
+    Every layer from `winner` down is left out, so `winner` gives data.max_size and train.lr."""
+    from clockdistill.config.layers import resolve_config
+
+    teacher = _teacher_meta(tmp_path / "t", {"preset": "dino-tiny-teacher"}, {"root": "t-data", "max_size": 96})
+    order = ["teacher", "config", "variant", "overrides", "fixed"]
+    value = {name: (64 + 8 * i, 1e-4 * (i + 1)) for i, name in enumerate(order)}
+    layers = {
+        name: {"data.max_size": value[name][0], "train.lr": value[name][1]} for name in order if name != "teacher"
+    }
+    used = order[: order.index(winner) + 1]
+    config = {}
+    if "config" in used:
+        config = {"data": {"max_size": value["config"][0]}, "train": {"lr": value["config"][1]}}
+    cfg = resolve_config(
+        config,
+        variant=layers["variant"] if "variant" in used else None,
+        overrides=layers["overrides"] if "overrides" in used else {},
+        fixed=layers["fixed"] if "fixed" in used else None,
+        distill=True,
+        teacher=teacher,
+    )
+    expected_size = 96 if winner == "teacher" else value[winner][0]
+    expected_lr = 2e-4 if winner == "teacher" else value[winner][1]  # the teacher gives data only: lr is the default
+    assert (cfg.data.max_size, cfg.train.lr) == (expected_size, expected_lr)
+    assert cfg.data.root == "t-data" and cfg.model.num_classes == 3  # the teacher's, wherever nothing else says
+    # the architecture: the student preset that follows from the teacher's, with the loss it brings
+    assert cfg.model.preset == "dino-tiny-student" and cfg.model.enc_layers == 1 and cfg.loss.cls == 1.0
+
+
+def test_a_named_preset_wins_over_the_starting_checkpoints_architecture(tmp_path):
+    """train.init_from without model.preset: the checkpoint's model section (not its class count);
+    a preset named in any layer replaces it, and keys beside either win over both."""
+    from clockdistill.config.layers import resolve_config
+
+    start = _teacher_meta(tmp_path / "s", {"preset": "deformable-detr-tiny-teacher-refine", "dec_layers": 2}, {})
+    fine_tune = resolve_config({"train": {"init_from": start}})
+    assert fine_tune.model.preset == "deformable-detr-tiny-teacher-refine" and fine_tune.model.dec_layers == 2
+    assert fine_tune.model.box_refine and fine_tune.model.num_classes == 0  # classes: the new data's
+    own = resolve_config({"train": {"init_from": start}, "model": {"enc_layers": 1}})
+    assert own.model.dec_layers == 2 and own.model.enc_layers == 1
+    other = resolve_config({"train": {"init_from": start}}, overrides=["model.preset=hybrid-tiny-student"])
+    assert other.model.arch == "hybrid" and other.model.dec_layers == 3  # the named preset's own
+
+
+def test_the_config_package_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, clockdistill.config.layers, clockdistill.config.sections; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
