@@ -294,7 +294,8 @@ def test_an_original_dino_checkpoint_imports_with_every_key_accounted_for(preset
         assert {k: list(v.shape) for k, v in state.items()} == manifest["keys"]
     checkpoint = {"model": state, "epoch": 11, **({"args": reference_args(cfg.to_dict())} if with_args else {})}
     torch.save(checkpoint, tmp_path / "checkpoint0011_4scale.pth")
-    meta = import_checkpoint(tmp_path / "checkpoint0011_4scale.pth", tmp_path / "ours")
+    given = [] if with_args else ["model.n_points=4", "model.dilation=false"]  # what no tensor tells
+    meta = import_checkpoint(tmp_path / "checkpoint0011_4scale.pth", tmp_path / "ours", overrides=given)
     assert meta["imported_from"]["tensors"] < len(state)  # the shared heads' copies folded into one
     imported, meta = load_detector(tmp_path / "ours")
     model = meta["config"]["model"]
@@ -321,5 +322,7 @@ def test_a_dino_checkpoint_with_per_layer_heads_is_refused_with_one_line(tmp_pat
     state["class_embed.1.bias"] = state["class_embed.1.bias"] + 1  # untied heads: not the published DINO
     torch.save({"model": state}, tmp_path / "untied.pth")
     with pytest.raises(UserError, match="class_embed.1.bias differs"):
-        import_checkpoint(tmp_path / "untied.pth", tmp_path / "out")
+        import_checkpoint(
+            tmp_path / "untied.pth", tmp_path / "out", overrides=["model.nheads=4", "model.dilation=false"]
+        )
     assert not (tmp_path / "out").exists()

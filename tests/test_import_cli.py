@@ -55,7 +55,8 @@ def test_a_checkpoint_whose_shapes_do_not_fit_names_the_first_mismatch(original,
     _fails_with(
         tmp_path,
         [str(path), "--set", "model.ffn_dim=64"],
-        "encoder.layers.0.linear1.weight has shape (32, 64), the detector's is (64, 64)",
+        "transformer.encoder.layers.0.linear1.weight has shape (32, 64); it is the detector's "
+        "encoder.layers.0.linear1.weight, whose shape is (64, 64)",
     )
 
 
@@ -64,13 +65,14 @@ def test_missing_and_left_over_tensors_are_counted_and_named(original, tmp_path)
     _fails_with(
         tmp_path,
         [str(_save(tmp_path / "missing.pth", state, original["args"]))],
-        "1 tensor(s) missing (first: level_embed), 0 left over",
+        "1 tensor(s) of the detector missing (first: level_embed), 0 of the checkpoint left over",
     )
     state = {**original["state"], "transformer.encoder.extra.weight": torch.zeros(2)}
     _fails_with(
         tmp_path,
         [str(_save(tmp_path / "extra.pth", state, original["args"]))],
-        "0 tensor(s) missing (first: -), 1 left over (first: encoder.extra.weight)",
+        "0 tensor(s) of the detector missing (first: -), 1 of the checkpoint left over "
+        "(first: transformer.encoder.extra.weight)",
     )
 
 
@@ -86,6 +88,97 @@ def test_an_unknown_layout_lists_the_known_ones(tmp_path):
     _fails_with(tmp_path, [str(path)], "layout not understood (known: a Hugging Face model directory")
     (tmp_path / "empty").mkdir()
     _fails_with(tmp_path, [str(tmp_path / "empty")], "holds no model.safetensors or pytorch_model.bin")
+
+
+def test_a_truncated_checkpoint_says_so(original, tmp_path):
+    whole = _save(tmp_path / "whole.pth", original["state"], original["args"]).read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])  # as a download or copy cut short leaves it
+    _fails_with(tmp_path, [str(tmp_path / "cut.pth")], "cut.pth is truncated or not a PyTorch checkpoint (")
+
+
+def test_original_settings_this_import_does_not_build_are_named(original, tmp_path):
+    for change, named in (
+        ({"enc_n_points": 8, "dec_n_points": 4}, "args.enc_n_points (8) and args.dec_n_points (4) differ"),
+        ({"position_embedding": "learned"}, "args.position_embedding is 'learned'"),
+        ({"modelname": "dab_deformable_detr"}, "args.modelname is 'dab_deformable_detr'"),
+    ):
+        args = argparse.Namespace(**{**vars(original["args"]), **change})
+        _fails_with(tmp_path, [str(_save(tmp_path / "other.pth", original["state"], args))], named)
+
+
+def _eight_heads_two_points(tmp_path: pathlib.Path):
+    """Our Deformable DETR with 8 heads x 2 sampling points: its offsets have the rows of 4 x 4."""
+    from reference_layout import perturb
+
+    from clockdistill.config.layers import resolve_config
+    from clockdistill.models.build import build_detector
+
+    cfg = resolve_config({"model": {"preset": "deformable-detr-tiny-teacher", "nheads": 8, "n_points": 2}})
+    cfg = cfg.updated({"model.num_classes": 3})
+    torch.manual_seed(0)
+    model = build_detector(cfg.model, 3).eval()
+    perturb(model)
+    return model, original_layout(model.state_dict(), cfg.to_dict()), cfg
+
+
+def test_heads_and_points_the_tensors_cannot_tell_are_asked_for_not_guessed(tmp_path):
+    """Without its args, 8 heads x 2 points and 4 x 4 have the same shapes: the import asks for one of
+    them (and the dilation) by name; given, the imported detector computes what the source does."""
+    from clockdistill.checkpoint import load_detector
+
+    source, state, _ = _eight_heads_two_points(tmp_path)
+    path = _save(tmp_path / "no-args.pth", state, None)
+    _fails_with(
+        tmp_path,
+        [str(path)],
+        "its tensors do not tell model.nheads or model.n_points (their product: 16), model.dilation; "
+        "give them with --set",
+    )
+    _fails_with(tmp_path, [str(path), "--set", "model.nheads=3"], "model.nheads=3 does not divide the checkpoint's 16")
+    out = tmp_path / "imported"
+    proc = run_cli("import", str(path), "--out", str(out), "--set", "model.nheads=8", "--set", "model.dilation=false")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported, meta = load_detector(out)
+    assert (meta["config"]["model"]["nheads"], meta["config"]["model"]["n_points"]) == (8, 2)
+    assert run_cli("import", str(path), "--out", str(tmp_path / "4x4"), "--set", "model.nheads=4",
+                   "--set", "model.dilation=false").returncode == 0  # fmt: skip
+    wrong, _ = load_detector(tmp_path / "4x4")  # what the import guessed before it asked
+    torch.manual_seed(0)
+    images, mask = torch.rand(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.bool)
+    with torch.no_grad():
+        a, b, c = source(images, mask)["pred_logits"], imported(images, mask)["pred_logits"], wrong(images, mask)
+    # the import's frozen BatchNorm rounds differently from the source's BatchNorm in eval: 1e-6, not 0
+    print(f"8x2: {(a - b).abs().max():.1e}, read as 4x4: {(a - c['pred_logits']).abs().max():.2f}")
+    assert (a - b).abs().max() < 1e-4 and (a - c["pred_logits"]).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("variant", ["refine", "two-stage"])
+def test_a_transformers_model_saved_with_its_heads_tied_imports_as_transformers_loads_it(variant, tmp_path):
+    """transformers' default tie_word_embeddings writes a tied head once (box refinement: class_embed.0
+    only; two-stage: only the decoder's copies); the import takes the tied copies from their source,
+    as transformers does when it loads the file."""
+    from test_reference_detectors import TOL, _batch, _compare, _run_both
+
+    from clockdistill.checkpoint import load_detector
+
+    torch.manual_seed(0)
+    hf = _hf_deformable(variant)
+    tied = transformers.DeformableDetrForObjectDetection(
+        transformers.DeformableDetrConfig(**{**hf.config.to_dict(), "tie_word_embeddings": True})
+    ).eval()
+    tied.load_state_dict(hf.state_dict(), strict=False)
+    tied.tie_weights()
+    tied.save_pretrained(tmp_path / "hf")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "hf" / "model.safetensors")
+    assert "class_embed.1.weight" not in saved  # what a user fine-tuning in transformers has
+    again = transformers.DeformableDetrForObjectDetection.from_pretrained(tmp_path / "hf").eval()
+    import_checkpoint(tmp_path / "hf", tmp_path / "ours")
+    ours, _ = load_detector(tmp_path / "ours")
+    images, valid = _batch()
+    out, theirs = _run_both(again, ours, images, valid)
+    assert _compare(out, theirs, theirs.encoder_last_hidden_state) < TOL
 
 
 def test_import_to_a_data_sets_classes_and_fine_tune_with_a_class_map(original, tmp_path):

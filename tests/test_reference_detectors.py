@@ -7,6 +7,7 @@ batch where one image is padded. Nothing is downloaded."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -207,12 +208,16 @@ def test_original_repository_checkpoints_import_to_the_same_model(model_name, wi
     state = original_layout(load_file(tmp_path / "via-hf" / "model.safetensors"), meta["config"])
     checkpoint = {"model": state, "epoch": 49, **({"args": reference_args(meta["config"])} if with_args else {})}
     torch.save(checkpoint, tmp_path / "checkpoint.pth")
-    if model_name == "dab" and not with_args:
-        with pytest.raises(UserError, match="cannot tell its head count"):
+    overrides = []
+    if not with_args:  # what the tensors cannot tell is asked for by name, and given with --set
+        heads = "model.nheads or model.n_points (their product: 16)"
+        cannot_tell = ["model.nheads"] if model_name == "dab" else [heads]
+        cannot_tell += (["model.num_queries"] if model_name.endswith("two-stage") else []) + ["model.dilation"]
+        with pytest.raises(UserError, match=re.escape(f"do not tell {', '.join(cannot_tell)}; give them with --set")):
             import_checkpoint(tmp_path / "checkpoint.pth", tmp_path / "via-original")
-        return
-    # a two-stage detector's query count is its proposal count: in the args, not in any tensor
-    overrides = ["model.num_queries=10"] if model_name.endswith("two-stage") and not with_args else []
+        assert not (tmp_path / "via-original").exists()
+        overrides = ["model.nheads=4", "model.dilation=false"]
+        overrides += ["model.num_queries=10"] if model_name.endswith("two-stage") else []  # its proposal count
     import_checkpoint(tmp_path / "checkpoint.pth", tmp_path / "via-original", overrides=overrides)
     images, valid = _batch()
     a, _ = load_detector(tmp_path / "via-hf")

@@ -3,6 +3,7 @@ training arguments an original checkpoint carries, or from the tensors' names an
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -95,13 +96,37 @@ def _hf_backbone(config: dict[str, Any], source: str) -> dict[str, Any]:
     return dict(backbone_depth=depth, backbone_width=embedding / 64)
 
 
+# settings of the original repositories this import builds as they are (another value of one is
+# refused, naming it): the published models' values, absent keys taken as those
+_FIXED_ARGS: dict[str, tuple[tuple[str, Any], ...]] = {
+    "deformable_detr": (("position_embedding", "sine"), ("masks", False)),
+    "dab_detr": (
+        ("position_embedding", "sine"),
+        ("masks", False),
+        ("transformer_activation", "prelu"),
+        ("num_patterns", 0),
+        ("pre_norm", False),
+        ("pe_temperatureH", 20),
+        ("pe_temperatureW", 20),
+    ),
+}
+
+
 def from_args(args: Any, source: str) -> tuple[str, dict[str, Any]]:
     """(arch, model fields) from an original checkpoint's training arguments (argparse Namespace)."""
     a = vars(args)
     name = a.get("modelname", "deformable_detr")
+    if name not in ("deformable_detr", "dab_detr", "dino"):
+        raise _fail(source, f"args.modelname is {name!r}; this import builds deformable_detr, dab_detr and dino")
     depth = re.fullmatch(r"resnet(18|34|50|101)", str(a.get("backbone", "resnet50")))
     if not depth:
         raise _fail(source, f"args.backbone {a.get('backbone')!r} is not a ResNet-18/34/50/101")
+    for key, want in _FIXED_ARGS.get(name, ()):
+        if a.get(key, want) != want:
+            raise _fail(source, f"args.{key} is {a.get(key)!r}; the {name} this import builds uses {want!r}")
+    scale = a.get("position_embedding_scale", 2 * math.pi)
+    if abs(scale - 2 * math.pi) > 1e-6:
+        raise _fail(source, f"args.position_embedding_scale is {scale!r}; this import builds 2 pi (the default)")
     common = dict(
         d_model=a["hidden_dim"],
         nheads=a["nheads"],
@@ -115,21 +140,29 @@ def from_args(args: Any, source: str) -> tuple[str, dict[str, Any]]:
         backbone_width=1.0,
     )
     if name == "dab_detr":
-        if a.get("transformer_activation", "prelu") != "prelu" or a.get("num_patterns", 0):
-            raise _fail(source, "only DAB-DETR with PReLU and no patterns (the published models) is supported")
         return "dab", dict(common, arch="dab", num_levels=1)
+    points = _one_point_count(a, name, source)
     if name == "dino":
-        return "dino", dict(common, **_dino_args(a, source))
-    if name != "deformable_detr" or a.get("dec_n_points", 4) != a.get("enc_n_points", 4):
-        raise _fail(source, f"args: {name} with these settings is not understood")
+        return "dino", dict(common, n_points=points, **_dino_args(a, source))
     return "deformable", dict(
         common,
         arch="deformable",
         num_levels=a["num_feature_levels"],
-        n_points=a["enc_n_points"],
+        n_points=points,
         box_refine=bool(a.get("with_box_refine")),
         two_stage=bool(a.get("two_stage")),
     )
+
+
+def _one_point_count(a: dict[str, Any], name: str, source: str) -> int:
+    enc, dec = a.get("enc_n_points", 4), a.get("dec_n_points", 4)
+    if enc != dec:
+        raise _fail(
+            source,
+            f"args.enc_n_points ({enc}) and args.dec_n_points ({dec}) differ; the {name} this import builds "
+            "samples as many points in the encoder as in the decoder (model.n_points)",
+        )
+    return enc
 
 
 _DINO_FIXED = (  # the published DINO models' settings (config/DINO/DINO_4scale.py): what this import builds
@@ -163,25 +196,34 @@ def _dino_args(a: dict[str, Any], source: str) -> dict[str, Any]:
             f"args.return_interm_indices is {a.get('return_interm_indices')!r}; expected [1, 2, 3] (4-scale) "
             "or [0, 1, 2, 3] (5-scale)",
         )
-    if a.get("dec_n_points", 4) != a.get("enc_n_points", 4):
-        raise _fail(source, "args: enc_n_points and dec_n_points differ; DINO's reference uses one count")
     return dict(
         arch="dino",
         backbone_levels=levels,
         num_levels=a["num_feature_levels"],
-        n_points=a["enc_n_points"],
         dn_number=int(a.get("dn_number", 100)) if a.get("use_dn", True) else 0,
         dn_box_noise=float(a.get("dn_box_noise_scale", 0.4)),
         dn_label_noise=float(a.get("dn_label_noise_ratio", 0.5)),
     )
 
 
-def from_tensors(state: dict[str, Tensor], source: str) -> tuple[str, dict[str, Any]]:
+# what the published models use, for the refusal's example
+_PUBLISHED = {
+    "deformable": "Deformable DETR models: nheads=8, n_points=4, num_queries=300",
+    "dino": "DINO models: nheads=8, n_points=4",
+    "dab": "DAB-DETR models: nheads=8",
+}
+
+
+def from_tensors(state: dict[str, Tensor], source: str, given: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(arch, model fields) read off an original checkpoint's names and shapes (no args in it).
-    Deformable DETR's and DINO's head count assumes the reference's 4 sampling points; what no tensor holds
-    keeps the reference's default: dilation (set model.dilation for a DC5 model), dropout, and a
-    two-stage model's proposal count (model.num_queries, 300)."""
+
+    What no tensor holds is taken from `given` (the import's `--set model.KEY=...`), or the import
+    stops with one line naming every such key: Deformable DETR's and DINO's heads and sampling
+    points (the offsets hold only their product: set either), DAB-DETR's heads, every model's
+    dilation (DC5), and a two-stage model's query count. Dropout and DINO's denoising settings, which
+    change training only, keep the preset's (the references' training defaults) unless given."""
     keys = set(state)
+    missing: list[str] = []
 
     def count(pattern: str) -> int:
         return len({m.group(1) for k in keys if (m := re.match(pattern, k))})
@@ -192,17 +234,15 @@ def from_tensors(state: dict[str, Tensor], source: str) -> tuple[str, dict[str, 
         fields = dict(
             d_model=d,
             num_levels=levels,
-            n_points=4,
-            nheads=offsets // (levels * 4 * 2),
             enc_layers=count(r"transformer\.encoder\.layers\.(\d+)\."),
             dec_layers=count(r"transformer\.decoder\.layers\.(\d+)\."),
             ffn_dim=state["transformer.encoder.layers.0.linear1.weight"].shape[0],
+            **_heads_and_points(offsets // (levels * 2), given, missing, source),
         )
         if "transformer.tgt_embed.weight" in keys and "label_enc.weight" in keys:
             fields.update(
                 arch="dino",
                 num_queries=state["transformer.tgt_embed.weight"].shape[0],
-                dropout=0.0,
                 # the backbone maps are the 1x1 input projections (C2-C5 for 5-scale, C3-C5 for 4-scale)
                 backbone_levels=sum(
                     1 for k, v in state.items() if re.fullmatch(r"input_proj\.\d+\.0\.weight", k) and v.shape[-1] == 1
@@ -216,16 +256,30 @@ def from_tensors(state: dict[str, Tensor], source: str) -> tuple[str, dict[str, 
             )
             if not fields["two_stage"]:
                 fields["num_queries"] = state["query_embed.weight"].shape[0]
-    elif "refpoint_embed.weight" in keys:
-        raise _fail(
-            source,
-            "a DAB-DETR checkpoint without its args cannot tell its head count; "
-            "give --set model.nheads=N (and the other keys) or use a checkpoint with args",
+            else:  # its queries are the top proposals, a count no tensor holds
+                _take(given, "num_queries", missing, fields)
+    elif "refpoint_embed.weight" in keys:  # DAB-DETR: standard attention, whose weights do not tell the heads
+        fields = dict(
+            arch="dab",
+            d_model=state["input_proj.weight"].shape[0],
+            num_levels=1,
+            enc_layers=count(r"transformer\.encoder\.layers\.(\d+)\."),
+            dec_layers=count(r"transformer\.decoder\.layers\.(\d+)\."),
+            ffn_dim=state["transformer.encoder.layers.0.linear1.weight"].shape[0],
+            num_queries=state["refpoint_embed.weight"].shape[0],
         )
+        _take(given, "nheads", missing, fields)
     else:
         raise _fail(
             source,
             "not a Deformable DETR, DAB-DETR or DINO checkpoint (no transformer.level_embed or refpoint_embed)",
+        )
+    _take(given, "dilation", missing, fields)
+    if missing:
+        raise _fail(
+            source,
+            f"the checkpoint holds no training args, and its tensors do not tell {', '.join(missing)}; "
+            f"give them with --set (the published {_PUBLISHED[fields['arch']]}, dilation=false, or true for DC5)",
         )
     fields.update(
         resnet_from_tensors(
@@ -233,6 +287,29 @@ def from_tensors(state: dict[str, Tensor], source: str) -> tuple[str, dict[str, 
         )
     )
     return fields["arch"], fields
+
+
+def _take(given: dict[str, Any], key: str, missing: list[str], fields: dict[str, Any]) -> None:
+    if key in given:
+        fields[key] = given[key]
+    else:
+        missing.append(f"model.{key}")
+
+
+def _heads_and_points(product: int, given: dict[str, Any], missing: list[str], source: str) -> dict[str, int]:
+    """nheads and n_points from their product (the sampling offsets' rows per level and x/y) and
+    the one of them that `given` holds."""
+    for key, other in (("nheads", "n_points"), ("n_points", "nheads")):
+        if key in given:
+            value = given[key]
+            if not isinstance(value, int) or value < 1 or product % value:
+                raise _fail(
+                    source,
+                    f"model.{key}={value!r} does not divide the checkpoint's {product} heads x points per level",
+                )
+            return {key: value, other: product // value}
+    missing.append(f"model.nheads or model.n_points (their product: {product})")
+    return {}
 
 
 def resnet_from_tensors(trunk: dict[str, Tensor], source: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from clockdistill.config.dotted import parse_yaml
 from clockdistill.errors import UserError
 
 # per-class rows: the class heads (DINO's proposal scorer and its denoising label book too)
@@ -36,8 +37,6 @@ def class_head_keys(state: dict[str, Tensor], dec_layers: int, two_stage: bool) 
 
 
 def read_class_map(path: str | Path) -> dict[str, str]:
-    from clockdistill.config.dotted import parse_yaml
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--class-map: {path} not found")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from clockdistill.errors import UserError
@@ -35,8 +36,6 @@ def read_checkpoint(path: str | Path, field: str = "checkpoint") -> tuple[dict[s
     if not path.is_file():
         raise UserError(f"{field}: {path} not found")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(path), {}
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
@@ -48,10 +47,13 @@ def read_checkpoint(path: str | Path, field: str = "checkpoint") -> tuple[dict[s
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    except pickle.UnpicklingError as exc:  # readable, but holds an object the restricted unpickler refuses
         raise UserError(
-            f"{field}: {path} is not a plain state dict (refused by the weights-only loader: {reason})"
+            f"{field}: {path} is not a plain state dict (refused by the weights-only loader: {first_words(exc)})"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, KeyError, EOFError... for a bad file
+        raise UserError(
+            f"{field}: {path} is truncated or not a PyTorch checkpoint ({type(exc).__name__}: {first_words(exc)})"
         ) from None
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
@@ -62,6 +64,14 @@ def read_checkpoint(path: str | Path, field: str = "checkpoint") -> tuple[dict[s
     raise UserError(
         f"{field}: {path} holds no state dict (expected a mapping of names to tensors, or one under 'model')"
     )
+
+
+def first_words(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, cut at a word boundary (its type when it has none)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
 
 
 def _is_state(obj: dict) -> bool:

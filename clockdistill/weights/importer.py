@@ -16,16 +16,23 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
+from clockdistill.checkpoint import save_checkpoint
+from clockdistill.config.dotted import apply_overrides
+from clockdistill.config.layers import resolve_config
+from clockdistill.config.presets import PRESETS
+from clockdistill.data.coco_names import COCO_ID_NAMES
+from clockdistill.data.index import load_index
 from clockdistill.errors import UserError
+from clockdistill.models.build import build_detector
 from clockdistill.weights.architecture import from_args, from_hf_config, from_tensors, resnet_from_tensors
+from clockdistill.weights.classes import class_head_keys, class_mapping, read_class_map, remap_rows
 from clockdistill.weights.files import read_checkpoint
-from clockdistill.weights.layouts import rename
+from clockdistill.weights.layouts import Renamed, rename
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +55,6 @@ def detect_layout(state: dict[str, Tensor], extras: dict[str, Any], source: str)
 
 
 def class_names_of(layout: str, extras: dict[str, Any], num_classes: int) -> list[str]:
-    from clockdistill.data.coco_names import COCO_ID_NAMES
-
     id2label = (extras.get("config") or {}).get("id2label") if layout == "huggingface" else None
     if id2label and len(id2label) == num_classes:
         return [str(id2label[str(i)] if str(i) in id2label else id2label[i]) for i in range(num_classes)]
@@ -59,8 +64,6 @@ def class_names_of(layout: str, extras: dict[str, Any], num_classes: int) -> lis
 
 
 def _preset_for(fields: dict[str, Any]) -> str:
-    from clockdistill.config.presets import PRESETS
-
     depth = fields.get("backbone_depth", 50)
     if fields["arch"] == "dino":
         name = f"dino-r{depth}{'-5scale' if fields.get('backbone_levels') == 4 else ''}"
@@ -80,12 +83,10 @@ def import_checkpoint(
     class_map: str | Path | None = None,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Convert `source` and write the checkpoint directory `out`; returns its metadata."""
-    from clockdistill.checkpoint import save_checkpoint
-    from clockdistill.config.layers import resolve_config
-    from clockdistill.models.build import build_detector
-
-    source = str(source)
+    """Convert `source` and write the checkpoint directory `out`; returns its metadata. `overrides`
+    (`--set model.KEY=VALUE`) apply before the architecture is read off the tensors, so they give
+    what a checkpoint without its training args cannot tell."""
+    source, overrides = str(source), list(overrides or [])
     state, extras = read_checkpoint(source, "SOURCE")
     layout = detect_layout(state, extras, source)
     if layout == "huggingface":
@@ -95,25 +96,34 @@ def import_checkpoint(
         trunk = {k[len("backbone.0.body.") :]: v for k, v in state.items() if k.startswith("backbone.0.body.")}
         fields.update(resnet_from_tensors(trunk, source))  # the weights say the width (args only the depth)
     else:
-        arch, fields = from_tensors(state, source)
-    heads = [v for k, v in state.items() if re.fullmatch(r"(model\.)?class_embed(\.0)?\.weight", k)]
-    if not heads:
-        raise UserError(f"{source}: no class head (class_embed) found")
-    num_classes = heads[0].shape[0]
-    fields.update(num_classes=num_classes, backbone_norm="frozen", backbone_frozen_stages=1, backbone_weights="")
+        given = apply_overrides({}, overrides).get("model") or {}
+        arch, fields = from_tensors(state, source, given if isinstance(given, dict) else {})
+    fields.update(backbone_norm="frozen", backbone_frozen_stages=1, backbone_weights="")
     if arch == "dino":  # the label book's size is in its tensor (the reference: dn_labelbook_size + 1 rows)
         fields["dn_labelbook"] = state["label_enc.weight"].shape[0] - 1
-    cfg = resolve_config({"model": {"preset": _preset_for(fields), **fields}}, overrides=overrides or ())
-    shared = arch == "dino" or (arch == "deformable" and not cfg.model.box_refine)
-    renamed, unknown = rename(state, layout, arch, shared)
-    if unknown:
+    cfg = resolve_config({"model": {"preset": _preset_for(fields), **fields}}, overrides=overrides)
+    m = cfg.model
+    tie = layout == "huggingface" and arch == "deformable" and extras["config"].get("tie_word_embeddings", True)
+    renamed = rename(
+        state,
+        layout,
+        arch,
+        shared_heads=arch == "dino" or (arch == "deformable" and not m.box_refine),
+        tied_layers=(m.dec_layers + int(m.two_stage)) if tie else 0,
+    )
+    if renamed.unknown:
         raise UserError(
-            f"{source}: {len(unknown)} tensor(s) not understood for a {layout} {arch} checkpoint "
-            f"(first: {', '.join(unknown[:3])})"
+            f"{source}: {len(renamed.unknown)} tensor(s) not understood for a {layout} {arch} checkpoint "
+            f"(first: {', '.join(renamed.unknown[:3])})"
         )
+    head = renamed.state.get("class_embed.0.weight", renamed.state.get("class_embed.weight"))
+    if head is None:
+        raise UserError(f"{source}: no class head (class_embed) found")
+    num_classes = m.num_classes or head.shape[0]
+    cfg = cfg.updated({"model.num_classes": num_classes})
     model = build_detector(cfg.model, num_classes)
     _check_fit(renamed, model.state_dict(), source)
-    model.load_state_dict(renamed)
+    model.load_state_dict(renamed.state)
     names = class_names_of(layout, extras, num_classes)
     label_to_cat = list(range(num_classes))  # head index = category id, as the published COCO heads
     if data is not None:
@@ -125,37 +135,36 @@ def import_checkpoint(
         "epoch": -1,
         "best_ap": -1.0,
         "metrics": {},
-        "imported_from": {"source": source, "layout": layout, "tensors": len(renamed)},
+        "imported_from": {"source": source, "layout": layout, "tensors": len(renamed.state)},
     }
     save_checkpoint(out, model, meta)
     (Path(out) / "IMPORTED.json").write_text(json.dumps(meta["imported_from"], indent=1))
-    print(f"imported {layout} {arch} checkpoint {source}: {len(renamed)} tensors, {num_classes} classes -> {out}")
+    print(f"imported {layout} {arch} checkpoint {source}: {len(renamed.state)} tensors, {num_classes} classes -> {out}")
     return meta
 
 
-def _check_fit(state: dict[str, Tensor], own: dict[str, Tensor], source: str) -> None:
+def _check_fit(renamed: Renamed, own: dict[str, Tensor], source: str) -> None:
+    """Every tensor of the detector is in the checkpoint with its shape, and nothing is left over;
+    a refusal names the checkpoint's own key beside ours."""
+    state, origin = renamed.state, renamed.origin
     own = {k: v for k, v in own.items() if not k.endswith("num_batches_tracked")}
     for key, value in own.items():  # the first mismatch in the detector's order: backbone, encoder, decoder
         if key in state and tuple(state[key].shape) != tuple(value.shape):
             raise UserError(
-                f"{source}: {key} has shape {tuple(state[key].shape)}, the detector's is {tuple(value.shape)}"
+                f"{source}: {origin.get(key, key)} has shape {tuple(state[key].shape)}; it is the detector's {key}, "
+                f"whose shape is {tuple(value.shape)}"
             )
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or extra:
         raise UserError(
-            f"{source}: {len(missing)} tensor(s) missing (first: {', '.join(missing[:3]) or '-'}), "
-            f"{len(extra)} left over (first: {', '.join(extra[:3]) or '-'})"
+            f"{source}: {len(missing)} tensor(s) of the detector missing (first: {', '.join(missing[:3]) or '-'}), "
+            f"{len(extra)} of the checkpoint left over (first: {', '.join(origin.get(k, k) for k in extra[:3]) or '-'})"
         )
 
 
 def _to_dataset(model, cfg, names: list[str], data, class_map):
     """The detector with class heads for the data set's classes: each takes the row of the class of
     the same name (or the one the class map names); the rest start fresh."""
-    from clockdistill.config.layers import resolve_config
-    from clockdistill.data.index import load_index
-    from clockdistill.models.build import build_detector
-    from clockdistill.weights.classes import class_head_keys, class_mapping, read_class_map, remap_rows
-
     categories = load_index(data, "train").categories
     new_names = [c["name"] for c in categories]
     mapping = class_mapping(new_names, names, read_class_map(class_map) if class_map else None)

@@ -17,6 +17,7 @@ head) are written once per distinct tensor in ours; their copies must be equal, 
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -99,41 +100,54 @@ def _backbone_name(key: str) -> str | None:
     return None
 
 
-def rename(state: dict[str, Tensor], layout: str, arch: str, shared_heads: bool) -> tuple[dict[str, Tensor], list[str]]:
-    """Our names for a checkpoint's tensors. Returns (renamed state, names not understood). Tied
-    copies are checked and left out; split q/k/v projections are joined; `shared_heads` (plain
-    Deformable DETR) folds the per-layer head entries into the one shared head."""
+class Renamed(NamedTuple):
+    state: dict[str, Tensor]  # our names -> tensors
+    unknown: list[str]  # the checkpoint's names that are not understood
+    origin: dict[str, str]  # our name -> the checkpoint's name it came from (for messages)
+
+
+def rename(state: dict[str, Tensor], layout: str, arch: str, shared_heads: bool, tied_layers: int = 0) -> Renamed:
+    """Our names for a checkpoint's tensors. Tied copies are checked and left out; split q/k/v
+    projections are joined; `shared_heads` (plain Deformable DETR) folds the per-layer head entries
+    into the one shared head. `tied_layers` > 0: a transformers model saved with its head ties on
+    (tie_word_embeddings) writes a tied head once; prediction layers 1..tied_layers-1 whose class or
+    box head the file lacks take layer 0's, as transformers does when it loads the file."""
     out: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}
     unknown: list[str] = []
     rules = _HF_DEFORMABLE if arch == "deformable" else _HF_DAB
     for key, value in state.items():
         if key.endswith("num_batches_tracked"):
             continue
-        if key.startswith(("backbone.", "model.backbone.")):
-            name = _backbone_name(key)
-        elif layout == "original":
-            name = key.removeprefix("transformer.")
-            if name.startswith("decoder.") and re.match(r"decoder\.(bbox_embed|class_embed)\.", name):
-                name = "decoder_copy." + name[len("decoder.") :]
-        else:
-            body = key.removeprefix("model.")
-            name = None
-            if key.startswith(("class_embed.", "bbox_embed.", "bbox_predictor.")):
-                name = key.replace("bbox_predictor.", "bbox_embed.", 1)
-            else:
-                for pattern, repl in rules:
-                    if re.match(pattern, body):
-                        name = re.sub(pattern, repl, body, count=1)
-                        break
+        name = _our_name(key, layout, rules)
         if name is None:
             unknown.append(key)
         else:
-            out[name] = value
-    out = _join_qkv(out)
-    return _untie(out, shared_heads), unknown
+            out[name], origin[name] = value, key
+    out = _untie(_join_qkv(out, origin), origin)
+    if tied_layers:
+        out = _fill_tied(out, origin, tied_layers)
+    return Renamed(_share_heads(out, origin) if shared_heads else out, unknown, origin)
 
 
-def _join_qkv(state: dict[str, Tensor]) -> dict[str, Tensor]:
+def _our_name(key: str, layout: str, rules: list[tuple[str, str]]) -> str | None:
+    if key.startswith(("backbone.", "model.backbone.")):
+        return _backbone_name(key)
+    if layout == "original":
+        name = key.removeprefix("transformer.")
+        if re.match(r"decoder\.(bbox_embed|class_embed)\.", name):
+            name = "decoder_copy." + name[len("decoder.") :]
+        return name
+    if key.startswith(("class_embed.", "bbox_embed.", "bbox_predictor.")):
+        return key.replace("bbox_predictor.", "bbox_embed.", 1)
+    body = key.removeprefix("model.")
+    for pattern, repl in rules:
+        if re.match(pattern, body):
+            return re.sub(pattern, repl, body, count=1)
+    return None
+
+
+def _join_qkv(state: dict[str, Tensor], origin: dict[str, str]) -> dict[str, Tensor]:
     """x.q_proj / x.k_proj / x.v_proj (Hugging Face) -> x.in_proj_weight / in_proj_bias (nn.MultiheadAttention)."""
     out = {k: v for k, v in state.items() if not re.search(r"\.[qkv]_proj\.", k)}
     prefixes = {re.sub(r"\.[qkv]_proj\.(weight|bias)$", "", k) for k in state if re.search(r"\.[qkv]_proj\.", k)}
@@ -143,26 +157,39 @@ def _join_qkv(state: dict[str, Tensor]) -> dict[str, Tensor]:
             if any(t is None for t in parts):
                 raise UserError(f"checkpoint: {p} has only some of its q/k/v projections ({kind})")
             out[f"{p}.in_proj_{kind}"] = torch.cat(parts, 0)
+            origin[f"{p}.in_proj_{kind}"] = origin[f"{p}.q_proj.{kind}"].replace(".q_proj.", ".[qkv]_proj.")
     return out
 
 
-def _untie(state: dict[str, Tensor], shared_heads: bool) -> dict[str, Tensor]:
-    """Heads listed once per layer but shared (plain Deformable DETR, the decoder's copies of the
-    box refinement heads, DAB-DETR's decoder box head) become one tensor; copies must be equal."""
+def _untie(state: dict[str, Tensor], origin: dict[str, str]) -> dict[str, Tensor]:
+    """The decoder's copies of heads the reference ties to the model's (box refinement's box heads,
+    two-stage's class heads, DAB-DETR's decoder box head) become one tensor; copies must be equal."""
     out = {k: v for k, v in state.items() if not k.startswith("decoder_copy.")}
     for key, value in state.items():
         if key.startswith("decoder_copy."):
             own = key[len("decoder_copy.") :]
             if own in out and not torch.equal(out[own], value):
                 raise UserError(
-                    f"checkpoint: {key[len('decoder_copy.') :]} differs from the decoder's copy of it "
+                    f"checkpoint: {origin[own]} differs from the decoder's copy of it, {origin[key]} "
                     "(the reference ties them): not a checkpoint of this architecture"
                 )
             out.setdefault(own, value)
-    return _share_heads(out) if shared_heads else out
+            origin.setdefault(own, origin[key])
+    return out
 
 
-def _share_heads(state: dict[str, Tensor]) -> dict[str, Tensor]:
+def _fill_tied(state: dict[str, Tensor], origin: dict[str, str], layers: int) -> dict[str, Tensor]:
+    out = dict(state)
+    for key in list(state):
+        m = re.match(r"^(class_embed|bbox_embed)\.0\.(.+)$", key)
+        for i in range(1, layers) if m else ():
+            tied = f"{m.group(1)}.{i}.{m.group(2)}"
+            if tied not in out:
+                out[tied], origin[tied] = state[key], f"{origin[key]} (tied)"
+    return out
+
+
+def _share_heads(state: dict[str, Tensor], origin: dict[str, str]) -> dict[str, Tensor]:
     """class_embed.{i}.x / bbox_embed.{i}.x, all equal -> class_embed.x / bbox_embed.x."""
     out = {}
     for key, value in state.items():
@@ -172,6 +199,9 @@ def _share_heads(state: dict[str, Tensor]) -> dict[str, Tensor]:
             continue
         shared = f"{m.group(1)}.{m.group(3)}"
         if shared in out and not torch.equal(out[shared], value):
-            raise UserError(f"checkpoint: {key} differs from layer 0's head, but the detector's heads are shared")
+            raise UserError(
+                f"checkpoint: {origin[key]} differs from layer 0's head, but the detector's heads are shared"
+            )
         out.setdefault(shared, value)
+        origin.setdefault(shared, origin[key])
     return out
