@@ -40,13 +40,13 @@ demo: $(STAMP)
 # hybrid-tiny-teacher on 2000 synthetic images, one thread (about 45 min here). Run it when that
 # preset's architecture changes; commit the new weights, meta.json and recipe.json together.
 demo-teacher: $(STAMP)
-	$(PY) -m sweeps.demo build-teacher --out sweeps/assets/demo-teacher --workdir demo-teacher-build
+	$(VENV)/bin/clockdistill demo build-teacher --out sweeps/assets/demo-teacher --workdir demo-teacher-build
 
 # The efficacy study (sweeps/configs/ablation.yaml): its teacher (the shipped demo teacher trained on,
 # 14 min on one thread here), 9 methods x 5 seeds two at a time (70 min on 2 cores here), the report
 # with the method comparison in artifacts/report/ablation. Rerunning skips what is done.
 study: $(STAMP)
-	$(PY) -m sweeps.demo study-teacher --workdir study-run
+	$(VENV)/bin/clockdistill demo study-teacher --workdir study-run
 	$(VENV)/bin/clockdistill sweep sweeps/configs/ablation.yaml
 	$(VENV)/bin/clockdistill report --sweep ablation
 

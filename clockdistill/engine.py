@@ -24,11 +24,13 @@ from clockdistill.checkpoint import load_extra, load_optimizer, load_weights, re
 from clockdistill.checkpoint_meta import read_meta
 from clockdistill.config.sections import Config, TrainConfig
 from clockdistill.data.dataset import CocoDetection
+from clockdistill.data.sampler import ShardedBatchSampler
 from clockdistill.data.transforms import DetectionTransform, collate
 from clockdistill.distributed import average_across_ranks, is_distributed, rank, world_size, wrap_ddp
 from clockdistill.errors import TrainingDiverged, UserError
 from clockdistill.evaluation import coco_evaluate, postprocess, to_coco_results
 from clockdistill.losses.criterion import SetCriterion, model_detection_weights, weighted_sum
+from clockdistill.metrics import EPOCH, EVAL_TIME, LOSS, LR, TRAIN_TIME
 from clockdistill.models.build import build_detector
 from clockdistill.weights.start import apply_starting_weights
 
@@ -195,7 +197,7 @@ def train_one_epoch(
         step += 1
         n += 1
         if not names:
-            names = ["loss", *terms]
+            names = [LOSS, *terms]
         elif names[1:] != list(terms):
             raise RuntimeError(f"loss terms changed between steps: {names[1:]} -> {list(terms)}")
         values = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
@@ -204,34 +206,6 @@ def train_one_epoch(
             bar.set_postfix(loss=f"{sums[0].item() / n:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     means = average_across_ranks(sums / max(n, 1)).tolist() if sums is not None else []
     return dict(zip(names, means)), step
-
-
-class ShardedBatchSampler:
-    """Shuffled global batches of `batch_size` (one permutation per epoch from `generator`), each
-    split into `world` equal, contiguous shares: rank r trains on share r. One process (world 1)
-    sees exactly the batches a shuffled DataLoader with that generator gives; W ranks together see
-    the same global batches, which is what makes data-parallel steps equal single-process ones."""
-
-    def __init__(
-        self, n: int, batch_size: int, drop_last: bool, generator: torch.Generator, world: int = 1, rank: int = 0
-    ):
-        if batch_size % world:
-            raise UserError(
-                f"train.batch_size: {batch_size} does not split evenly over {world} workers (the global batch is "
-                "shared)"
-            )
-        self.n, self.batch_size, self.generator, self.world, self.rank = n, batch_size, generator, world, rank
-        self.drop_last = drop_last or world > 1  # every rank must take every step
-
-    def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
-
-    def __iter__(self):
-        perm = torch.randperm(self.n, generator=self.generator).tolist()
-        share = self.batch_size // self.world
-        for k in range(len(self)):
-            batch = perm[k * self.batch_size : (k + 1) * self.batch_size]
-            yield batch[self.rank * share : (self.rank + 1) * share] if self.world > 1 else batch
 
 
 def train_loader(train_ds: CocoDetection, cfg: Config, device: torch.device, generator: torch.Generator) -> DataLoader:
@@ -282,6 +256,74 @@ class FitResult:
 EpochCallback = Callable[[int, dict[str, float], Path], Any]
 
 
+@dataclass
+class RunState:
+    """Where a training run stands: what each checkpoint's metadata records and a resume restores."""
+
+    epoch: int = 0  # the next epoch to train (0-based)
+    step: int = 0
+    best_ap: float = -1.0
+    best_epoch: int = -1  # 1-based, as reported
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def restore(cls, last: Path, task: TrainingTask, extra: dict, optimizer, device: torch.device) -> "RunState":
+        """The weights, helper modules and optimizer of `last` into the run, and its state."""
+        meta = read_meta(last)
+        load_weights(last, task.model, device)
+        load_extra(last, extra, device)
+        load_optimizer(last, optimizer, meta)
+        log.info("resumed from %s at epoch %d", last, meta["epoch"] + 2)
+        return cls(meta["epoch"] + 1, meta["step"], meta.get("best_ap", -1.0), meta.get("best_epoch", -1),
+                   meta.get("history", []))  # fmt: skip
+
+    def meta(self, base: dict[str, Any], metrics: dict[str, float]) -> dict[str, Any]:
+        """A checkpoint's metadata after the epoch just trained (self.epoch)."""
+        return {**base, "epoch": self.epoch, "step": self.step, "metrics": metrics, "best_ap": self.best_ap,
+                "best_epoch": self.best_epoch, "history": self.history}  # fmt: skip
+
+
+def detection_task(cfg: Config, device: torch.device) -> DetectionTask:
+    """Plain supervised training of a fresh detector of cfg.model (its class count set)."""
+    model = build_detector(cfg.model, cfg.model.num_classes).to(device)
+    criterion = SetCriterion.from_config(cfg.loss, cfg.model.num_classes)
+    return DetectionTask(model, criterion, model_detection_weights(cfg.loss, cfg.model))
+
+
+def _distribute(task: TrainingTask, device: torch.device, batch_size: int) -> None:
+    task.distribute(device)
+    log.info(
+        "data-parallel training: rank %d of %d, %d images per rank and step",
+        rank(),
+        world_size(),
+        batch_size // world_size(),
+    )
+
+
+def _train_and_evaluate(
+    task: TrainingTask, cfg: Config, datasets, loader: DataLoader, optimizer, device: torch.device, state: RunState
+) -> dict[str, float]:
+    """One epoch (state.epoch): train, evaluate when due (rank 0), and record it in `state`."""
+    tc, (train_ds, val_ds), epoch = cfg.train, datasets, state.epoch
+    t0 = time.perf_counter()
+    train_ds.set_epoch(epoch)
+    val_ds.set_epoch(epoch)
+    params = [p for _, p in task.parameters_to_train()]
+    total_steps = tc.epochs * len(loader)
+    losses, state.step = train_one_epoch(task, loader, optimizer, device, tc, epoch, state.step, total_steps, params)
+    metrics = {EPOCH: epoch + 1, LR: optimizer.param_groups[0]["lr"], TRAIN_TIME: time.perf_counter() - t0, **losses}
+    if hasattr(task, "extra_metrics"):
+        metrics.update(task.extra_metrics(metrics))
+    if rank() == 0 and ((epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs):
+        t1 = time.perf_counter()
+        metrics.update(evaluate(task.model, val_ds, device, tc.batch_size * 2, tc.amp, tc.progress, cfg.data.canvas))
+        metrics[EVAL_TIME] = time.perf_counter() - t1
+        if metrics["AP"] > state.best_ap:
+            state.best_ap, state.best_epoch = metrics["AP"], epoch + 1
+    state.history.append(metrics)
+    return metrics
+
+
 def fit(
     cfg: Config,
     task: TrainingTask | None = None,
@@ -291,9 +333,9 @@ def fit(
     """Train for cfg.train.epochs, evaluating every eval_every epochs.
 
     Writes `<output_dir>/last` every epoch and `<output_dir>/best` when the validation AP improves;
-    resumes from `last` when train.resume is on. `on_epoch_end(epoch, metrics, checkpoint_dir)` gets
-    every loss term, the lr and the COCO metrics (on evaluated epochs) after each epoch; returning
-    True stops training early.
+    resumes from `last` when train.resume is on (a fresh run first gets its starting weights:
+    weights/start.py). `on_epoch_end(epoch, metrics, checkpoint_dir)` gets every loss term, the lr
+    and the COCO metrics (on evaluated epochs) after each epoch; returning True stops training early.
     """
     tc = cfg.train
     torch.manual_seed(tc.seed)
@@ -301,10 +343,7 @@ def fit(
     train_ds, val_ds = datasets or build_datasets(cfg)
     if cfg.model.num_classes == 0:  # a new config: the caller's stays as it is
         cfg = cfg.updated({"model.num_classes": train_ds.num_classes})
-    if task is None:
-        model = build_detector(cfg.model, train_ds.num_classes).to(device)
-        criterion = SetCriterion.from_config(cfg.loss, cfg.model.num_classes)
-        task = DetectionTask(model, criterion, model_detection_weights(cfg.loss, cfg.model))
+    task = task or detection_task(cfg, device)
     out = Path(tc.output_dir)
     resuming = tc.resume and recover_checkpoint(out / "last")
     if not resuming:  # a resumed run has its own weights
@@ -313,76 +352,31 @@ def fit(
     accelerate(task, tc)
     main = rank() == 0  # data-parallel runs: rank 0 evaluates and writes checkpoints
     if is_distributed():
-        task.distribute(device)
-        log.info(
-            "data-parallel training: rank %d of %d, %d images per rank and step",
-            rank(),
-            world_size(),
-            tc.batch_size // world_size(),
-        )
-    named = task.parameters_to_train()
-    params = [p for _, p in named]
-    optimizer = build_optimizer(named, tc)
+        _distribute(task, device, tc.batch_size)
+    optimizer = build_optimizer(task.parameters_to_train(), tc)
     out.mkdir(parents=True, exist_ok=True)
-    start_epoch, step, best_ap, best_epoch, history = 0, 0, -1.0, -1, []
-    if resuming:
-        meta = read_meta(out / "last")
-        load_weights(out / "last", task.model, device)
-        load_extra(out / "last", extra, device)
-        load_optimizer(out / "last", optimizer, meta)
-        start_epoch, step = meta["epoch"] + 1, meta["step"]
-        best_ap, best_epoch, history = meta.get("best_ap", -1.0), meta.get("best_epoch", -1), meta.get("history", [])
-        log.info("resumed from %s at epoch %d", out / "last", start_epoch + 1)
+    state = RunState.restore(out / "last", task, extra, optimizer, device) if resuming else RunState()
     shuffle_rng = torch.Generator()  # re-seeded per epoch: a resumed run sees the same order
     loader = train_loader(train_ds, cfg, device, shuffle_rng)
-    total_steps = tc.epochs * len(loader)
     base_meta = {"config": cfg.to_dict(), "class_names": train_ds.class_names, "label_to_cat": train_ds.label_to_cat}
-    metrics: dict[str, float] = history[-1] if history else {}
-    for epoch in range(start_epoch, tc.epochs):
-        t0 = time.perf_counter()
-        train_ds.set_epoch(epoch)
-        val_ds.set_epoch(epoch)
+    metrics: dict[str, float] = state.history[-1] if state.history else {}
+    for epoch in range(state.epoch, tc.epochs):
+        state.epoch = epoch
         shuffle_rng.manual_seed(tc.seed * 1000 + epoch)
-        losses, step = train_one_epoch(task, loader, optimizer, device, tc, epoch, step, total_steps, params)
-        metrics = {
-            "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_time_s": time.perf_counter() - t0,
-            **losses,
-        }
-        if hasattr(task, "extra_metrics"):
-            metrics.update(task.extra_metrics(metrics))
-        if main and ((epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs):
-            t1 = time.perf_counter()
-            metrics.update(
-                evaluate(task.model, val_ds, device, tc.batch_size * 2, tc.amp, tc.progress, cfg.data.canvas)
-            )
-            metrics["eval_time_s"] = time.perf_counter() - t1
-            if metrics["AP"] > best_ap:
-                best_ap, best_epoch = metrics["AP"], epoch + 1
-        history.append(metrics)
-        meta = {
-            **base_meta,
-            "epoch": epoch,
-            "step": step,
-            "metrics": metrics,
-            "best_ap": best_ap,
-            "best_epoch": best_epoch,
-            "history": history,
-        }
-        if main and best_epoch == epoch + 1:
-            save_checkpoint(out / "best", task.model, meta, extra=extra)
+        metrics = _train_and_evaluate(task, cfg, (train_ds, val_ds), loader, optimizer, device, state)
+        if main and state.best_epoch == epoch + 1:
+            save_checkpoint(out / "best", task.model, state.meta(base_meta, metrics), extra=extra)
         if main:
-            save_checkpoint(out / "last", task.model, meta, optimizer, extra=extra)
+            save_checkpoint(out / "last", task.model, state.meta(base_meta, metrics), optimizer, extra=extra)
         log.info(
             "epoch %d/%d loss %.4f%s (%.1fs)",
             epoch + 1,
             tc.epochs,
-            metrics["loss"],
+            metrics[LOSS],
             f" AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f}" if "AP" in metrics else "",
-            metrics["train_time_s"],
+            metrics[TRAIN_TIME],
         )
         if on_epoch_end is not None and on_epoch_end(epoch + 1, metrics, out / "last"):
             log.info("stopped early by the epoch callback after epoch %d", epoch + 1)
             break
-    return FitResult(out, best_ap, best_epoch, metrics, history)
+    return FitResult(out, state.best_ap, state.best_epoch, metrics, state.history)

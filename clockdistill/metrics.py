@@ -1,5 +1,6 @@
-"""The names of the COCO metrics a run reports (no heavy imports: the CLI and the sweep schema read
-them; evaluation.py computes them)."""
+"""The names of everything a run reports, and their one owner: the engine, the distiller and the sweep
+trial loop emit them under these names; the MLflow schema, the report, the console and the CLI read
+them from here. (No heavy imports: evaluation.py computes the COCO metrics.)"""
 
 STAT_NAMES = (
     "AP",
@@ -16,3 +17,35 @@ STAT_NAMES = (
     "ARl",
 )  # COCOeval.stats order
 COCO_METRICS = STAT_NAMES[:6]  # the precision metrics: what a sweep can maximise and a model card reports
+
+# every epoch of a training run (engine.fit)
+EPOCH = "epoch"  # 1-based; the MLflow step
+LR = "lr"
+LOSS = "loss"  # the weighted total; each unweighted term under its own name (loss_cls_0, kd_mem_fg, ...)
+TRAIN_TIME = "train_time_s"
+EVAL_TIME = "eval_time_s"
+# a distillation run adds (Distiller.extra_metrics): each part's weighted contribution to the loss,
+# and the teacher's AP as its checkpoint records it (the reference line)
+LOSS_DET = "loss_det"
+LOSS_KD_MEM = "loss_kd_mem"
+LOSS_KD_LOGIT = "loss_kd_logit"
+LOSS_PARTS = (LOSS_DET, LOSS_KD_MEM, LOSS_KD_LOGIT)
+KD_PREFIX = "kd_"  # every distillation term; these prefixes are memory terms, the other kd_ terms logit terms
+MEMORY_TERM_PREFIXES = ("kd_mem", "kd_fitnet", "kd_feat")
+TEACHER_AP = "teacher_AP"
+# a sweep trial adds (sweeps/tune/trial.py): the student's properties an objective can trade AP
+# against, and the trial's own clock
+PARAMS = "params"
+LATENCY = "latency_ms"
+STUDENT_PROPERTIES = (PARAMS, LATENCY)
+STARTUP = "startup_s"  # imports, model and data set-up, cache opening, the first checkpoint (first report)
+TRIAL_WALL = "trial_wall_s"  # since the trial's process started (or finished its previous trial)
+TRIAL_OVERHEAD = "trial_overhead_s"  # the part of it not spent in training or evaluation epochs
+TIMINGS = (TRAIN_TIME, EVAL_TIME, STARTUP, TRIAL_WALL, TRIAL_OVERHEAD)
+
+
+def loss_part(term: str) -> str:
+    """The weighted part (LOSS_PARTS) an unweighted loss term belongs to."""
+    if not term.startswith(KD_PREFIX):
+        return LOSS_DET
+    return LOSS_KD_MEM if term.startswith(MEMORY_TERM_PREFIXES) else LOSS_KD_LOGIT

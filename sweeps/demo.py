@@ -3,7 +3,7 @@ no-distillation trial) -> report and best student -> teacher / student alone / d
 
 The teacher is a checkpoint the project ships (sweeps/assets/demo-teacher: weights, metadata and
 recipe.json with the command that made it, its sha256 and its AP), so the demo's minutes go to the
-sweep. `make demo-teacher` rebuilds it (`python -m sweeps.demo build-teacher`): run it when the
+sweep. `make demo-teacher` rebuilds it (`clockdistill demo build-teacher`): run it when the
 hybrid-tiny-teacher architecture changes (a test fails when the shipped weights no longer load).
 `clockdistill demo --teacher-epochs N` trains a teacher in the work directory instead.
 
@@ -13,11 +13,9 @@ the sweep of the same name resumes and reruns nothing finished), so running the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,8 @@ from clockdistill.config.layers import resolve_config
 from clockdistill.data.index import file_digest
 from clockdistill.data.synth import ensure_synthetic
 from clockdistill.errors import UserError
-from sweeps.console import short_path
+from clockdistill.metrics import TEACHER_AP
+from sweeps.tune.console import short_path
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +126,7 @@ def package_teacher(best: Path, out: Path, wall_s: float | None = None, threads:
     shutil.copy(best / "model.safetensors", out / "model.safetensors")
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     recipe = {
-        "command": "make demo-teacher  (python -m sweeps.demo build-teacher --out sweeps/assets/demo-teacher)",
+        "command": "make demo-teacher  (clockdistill demo build-teacher --out sweeps/assets/demo-teacher)",
         "preset": TEACHER_PRESET,
         "data": {"synthetic": TEACHER_DATA},
         "train": {**TRAIN, "epochs": TEACHER_EPOCHS},
@@ -216,7 +215,7 @@ def run_demo(
     sweep_epochs: int | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    from sweeps.runner import run_sweep
+    from sweeps.tune.driver import run_sweep
 
     t0 = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -254,7 +253,7 @@ def run_demo(
         f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min (data and teacher {(t1 - t0) / 60:.1f} min, "
         f"sweep {(t2 - t1) / 60:.1f} min, report and export {(t3 - t2) / 60:.1f} min)"
     )
-    return {"teacher_AP": teacher_ap, "best": best, "baseline": baseline, **exported}
+    return {TEACHER_AP: teacher_ap, "best": best, "baseline": baseline, **exported}
 
 
 def results_table(rows: list[tuple[str, float | None, Any]]) -> str:
@@ -292,8 +291,8 @@ def _number(row: dict[str, Any]) -> str:
 def _report_and_export(sweep: str, workdir: Path) -> dict[str, Any]:
     """The sweep report and `best-student` into the work directory; a failure here is reported, and
     the finished sweep stays as it is."""
-    from sweeps.best_student import best_student
-    from sweeps.report import build_report
+    from sweeps.results.best_student import best_student
+    from sweeps.results.report import build_report
 
     done: dict[str, Any] = {}
     try:
@@ -302,30 +301,3 @@ def _report_and_export(sweep: str, workdir: Path) -> dict[str, Any]:
     except UserError as exc:
         print(f"demo: {exc}")
     return done
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sweeps.demo", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build-teacher", help="train the demo teacher by its recipe and write the shipped files")
-    b.add_argument("--out", default=str(SHIPPED_TEACHER), help="where the teacher goes (default: the shipped one's)")
-    b.add_argument("--workdir", default="demo-teacher-build", help="data and training checkpoints")
-    b.add_argument("--threads", type=int, default=1, help="torch threads (the recipe's figures: 1)")
-    s = sub.add_parser(
-        "study-teacher",
-        help="the efficacy study's teacher: the shipped one trained on by STUDY_TEACHER (14 min on one thread here)",
-    )
-    s.add_argument("--workdir", default="study-run", help="data and teacher go here (default study-run)")
-    s.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "study-teacher":
-        best, ap = build_study_teacher(Path(args.workdir), args.threads)
-        print(f"study teacher: AP {ap:.4f} -> {short_path(best)}")
-    else:
-        build_teacher(Path(args.out), Path(args.workdir), args.threads)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

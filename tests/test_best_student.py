@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import run_cli, tune_results
+from sweeps.tracking import schema as S
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +43,30 @@ def test_picks_the_trial_the_tune_results_say_is_best_and_its_ap_reproduces(tiny
     proc = run_cli("evaluate", "--checkpoint", str(out), "--data", str(tiny_sweep["data"]), "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["AP"] == pytest.approx(manifest["metrics"]["AP"], abs=1e-6)
+
+
+def test_each_trials_params_are_the_config_it_trained_with(tiny_sweep, exported):
+    """The trial builds its config once and reports it with its first epoch; the driver writes that
+    as the run's params: for the exported winner they are the checkpoint's own config."""
+    from mlflow.tracking import MlflowClient
+
+    from clockdistill.config.dotted import flatten_dict
+
+    client = MlflowClient(tiny_sweep["tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], S.trial_filter("tiny"))
+    results = tune_results(tiny_sweep["storage"], "tiny")
+    assert len(runs) == len(results) == 4
+    _, manifest, _ = exported
+    for run in runs:
+        built = json.loads(results[run.data.tags[S.TRIAL_ID_TAG]][0][S.CONFIG_KEY])
+        searched = S.searched_params(results[run.data.tags[S.TRIAL_ID_TAG]][0]["config"])
+        assert set(run.data.params) == set(built) and set(searched) <= set(built)
+        assert all(run.data.params[k] == (v if isinstance(v, str) else json.dumps(v)) for k, v in built.items()
+                   if k not in searched)  # fmt: skip
+        if run.data.tags[S.TRIAL_ID_TAG] == manifest["trial_id"]:
+            trained = flatten_dict(json.loads((exported[0] / "config.json").read_text()))
+            trained.pop("train.output_dir")
+            assert trained == {k: v for k, v in built.items() if k != S.VARIANT_KEY}
 
 
 def test_export_files_torchscript_matches_eager_and_the_card_says_what_it_is(tiny_sweep, exported):
@@ -105,7 +130,7 @@ def test_registered_with_alias_champion_and_a_second_run_adds_no_version(tiny_sw
     _, manifest, _ = exported
     client = MlflowClient(tiny_sweep["tracking_uri"])
     champion = client.get_model_version_by_alias("hybrid-tiny-student", "champion")
-    assert champion.tags["trial_id"] == manifest["trial_id"] and champion.tags["sweep_id"] == "tiny"
+    assert champion.tags[S.TRIAL_ID_TAG] == manifest["trial_id"] and champion.tags[S.SWEEP_ID_TAG] == "tiny"
     assert manifest["registered"] == {
         "model": "hybrid-tiny-student",
         "version": str(champion.version),
@@ -128,8 +153,8 @@ def _checkpoint_dir(sweep, trial_id: str) -> Path:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(sweep["tracking_uri"])
-    run = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], f"tags.trial_id = '{trial_id}'")[0]
-    return Path(run.data.tags["best_checkpoint"]), run
+    run = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], S.trial_filter("tiny", trial_id))[0]
+    return Path(run.data.tags[S.BEST_CHECKPOINT_TAG]), run
 
 
 def test_a_tampered_checkpoint_is_refused(tiny_sweep, exported, tmp_path):
@@ -150,15 +175,15 @@ def test_a_tampered_checkpoint_is_refused(tiny_sweep, exported, tmp_path):
         proc = _best_student(tiny_sweep, tmp_path / "x", "--no-register")
         assert proc.returncode == 2 and "changed after the sweep recorded them" in proc.stderr, proc.stderr[-1500:]
         # without the recorded hash the re-evaluation still catches it
-        sha = run.data.tags["best_checkpoint_sha256"]
-        client.delete_tag(run.info.run_id, "best_checkpoint_sha256")
+        sha = run.data.tags[S.BEST_CHECKPOINT_SHA_TAG]
+        client.delete_tag(run.info.run_id, S.BEST_CHECKPOINT_SHA_TAG)
         try:
             proc = _best_student(tiny_sweep, tmp_path / "y", "--no-register")
             assert proc.returncode == 2 and "re-evaluated AP" in proc.stderr and "refusing to export" in proc.stderr, (
                 proc.stderr[-1500:]
             )
         finally:
-            client.set_tag(run.info.run_id, "best_checkpoint_sha256", sha)
+            client.set_tag(run.info.run_id, S.BEST_CHECKPOINT_SHA_TAG, sha)
     finally:
         shutil.copy(backup, weights)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
@@ -203,15 +228,15 @@ def _trial(trial_id, status="FINISHED", full=True, **best):
         info=SimpleNamespace(status=status, run_id=trial_id),
         data=SimpleNamespace(tags=tags, metrics={f"best_{k}": v for k, v in best.items()}),
     )
-    from sweeps.mlflow_reader import Trial
+    from sweeps.tracking.reader import Trial
 
     return Trial(run)
 
 
 def test_choice_rules_single_and_multi_objective():
     from clockdistill.errors import UserError
-    from sweeps.best_student import choose_trial
-    from sweeps.mlflow_reader import Sweep
+    from sweeps.results.best_student import choose_trial
+    from sweeps.tracking.reader import Sweep
 
     single = Sweep(
         SimpleNamespace(data=SimpleNamespace(tags={"sweep_id": "s"}, metrics={}, params={})),

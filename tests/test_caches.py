@@ -230,7 +230,7 @@ def test_a_sweep_builds_each_cache_once_and_reports_its_overhead(tiny_sweep):
     ]
     trials = tune_results(tiny_sweep["storage"], "tiny")
     assert len(trials) == 4
-    # built by the driver's per-node task before the first trial started (sweeps/prebuild.py)
+    # built by the driver's per-node task before the first trial started (sweeps/tune/prebuild.py)
     first_start = min(rows[0]["timestamp"] - rows[0]["trial_wall_s"] for rows in trials.values())
     assert (
         next((cache / "teacher").glob("*.arrow")).stat().st_mtime <= first_start + 1.0

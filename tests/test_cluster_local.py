@@ -59,7 +59,7 @@ def test_three_nodes_with_their_resources_and_no_request_without_the_token(local
 def test_storage_preflight_runs_on_every_node(local_cluster, tmp_path):
     out = on_cluster(
         local_cluster,
-        "from sweeps.preflight import check_storage\n"
+        "from sweeps.tune.preflight import check_storage\n"
         f"print(check_storage({str(tmp_path / 'shared')!r}))\n"
         "try:\n    check_storage('/proc/clockdistill-storage')\nexcept Exception as exc:\n    print(exc)\n",
     )

@@ -3,7 +3,8 @@ warnings only with --verbose) and MLflow trial runs named by their number and kn
 
 import re
 
-from sweeps.schema import KNOB_SHORT
+from sweeps.tracking import schema as S
+from sweeps.tracking.schema import KNOB_SHORT
 
 RAY_NOISE = ("╭", "│", "+----", "Trial status", "Configuration for experiment", "snapshotting", " -- ", "pid=")
 
@@ -27,7 +28,7 @@ def test_mlflow_trial_runs_are_named_by_number_and_knobs(tiny_sweep):
 
     client = MlflowClient(tiny_sweep["tracking_uri"])
     exp = client.get_experiment_by_name("tiny")
-    runs = client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'trial'")
+    runs = client.search_runs([exp.experiment_id], S.role_filter(S.ROLE_TRIAL))
     assert sorted(r.info.run_name.split(" ")[0] for r in runs) == ["t01", "t02", "t03", "t04"]
     short_to_key = {v: k for k, v in KNOB_SHORT.items()}
     for run in runs:
@@ -36,5 +37,5 @@ def test_mlflow_trial_runs_are_named_by_number_and_knobs(tiny_sweep):
         for short, shown in knobs.items():
             value = float(run.data.params[short_to_key[short]])
             assert abs(float(shown) - value) <= 0.05 * abs(value), (run.info.run_name, value)
-    parent = client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'sweep'")
+    parent = client.search_runs([exp.experiment_id], S.role_filter(S.ROLE_SWEEP))
     assert [r.info.run_name for r in parent] == ["tiny"]

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from clockdistill.config.layers import resolve_config
 from conftest import on_cluster, tune_results
+from sweeps.tracking import schema as S
 
 pytestmark = pytest.mark.slow
 
@@ -186,7 +187,7 @@ def test_a_sweep_of_two_worker_trials_under_asha_frees_every_stopped_trials_work
         r for r in client.search_runs([client.get_experiment_by_name("ddp").experiment_id]) if "trial_id" in r.data.tags
     ]
     assert len(runs) == 2
-    full = [r for r in runs if r.data.tags.get("completed_full_budget") == "true"]
+    full = [r for r in runs if r.data.tags.get(S.FULL_BUDGET_TAG) == "true"]
     assert full and all("best_checkpoint_sha256" in r.data.tags for r in full)  # best-student can export a DDP trial
     left = on_cluster(
         cluster,

@@ -47,7 +47,7 @@ def test_changed_weights_or_architecture_are_refused_with_what_to_do(val_data, t
 
 
 def test_the_study_teacher_starts_from_the_shipped_one_on_more_images_and_is_reused(tmp_path, monkeypatch):
-    """`python -m sweeps.demo study-teacher` at a tiny scale: the students' images are the first of
+    """`clockdistill demo study-teacher` at a tiny scale: the students' images are the first of
     the teacher's, the run starts from the shipped weights, and a finished teacher is not retrained."""
     import sweeps.demo as demo
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import clean_env, cluster_processes, tune_results
+from sweeps.tracking import schema as S
 
 pytestmark = pytest.mark.slow
 
@@ -120,10 +121,10 @@ def test_a_worker_node_dies_mid_trial_and_every_trial_still_finishes(job_cluster
     # MLflow: exactly one run per trial, finished, with every epoch's metrics
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("ft")
-    runs = client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'trial'")
-    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(results)
+    runs = client.search_runs([exp.experiment_id], S.role_filter(S.ROLE_TRIAL))
+    assert sorted(r.data.tags[S.TRIAL_ID_TAG] for r in runs) == sorted(results)
     for run in runs:
-        assert run.info.status == "FINISHED" and run.data.tags["completed_full_budget"] == "true", run.data.tags
+        assert run.info.status == "FINISHED" and run.data.tags[S.FULL_BUDGET_TAG] == "true", run.data.tags
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "AP")) == list(range(1, EPOCHS + 1))
     # the cluster's token is nowhere in what the sweep wrote: MLflow store and artifacts, Tune's storage, the job log
     token = Path(job_cluster["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
@@ -198,12 +199,10 @@ def test_the_mlflow_server_down_mid_sweep_loses_no_metric(tiny_teacher, tmp_path
     assert epochs_during > 0  # trials reported while the server was down
 
     client = MlflowClient(f"http://127.0.0.1:{port}")
-    runs = client.search_runs(
-        [client.get_experiment_by_name("down").experiment_id], "tags.`clockdistill.role` = 'trial'"
-    )
-    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(tune_results(storage, "down"))
+    runs = client.search_runs([client.get_experiment_by_name("down").experiment_id], S.role_filter(S.ROLE_TRIAL))
+    assert sorted(r.data.tags[S.TRIAL_ID_TAG] for r in runs) == sorted(tune_results(storage, "down"))
     for run in runs:
-        assert run.info.status == "FINISHED" and run.data.tags["completed_full_budget"] == "true"
+        assert run.info.status == "FINISHED" and run.data.tags[S.FULL_BUDGET_TAG] == "true"
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "AP")) == list(
             range(1, DOWN_EPOCHS + 1)
         )

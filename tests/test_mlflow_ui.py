@@ -13,6 +13,7 @@ import pytest
 from cdp import Browser, find_or_install_chromium, free_port
 
 from conftest import run_cli
+from sweeps.tracking import schema as S
 
 pytestmark = pytest.mark.slow
 
@@ -66,10 +67,8 @@ def test_mlflow_ui_shows_the_trials_and_the_report(tiny_sweep, mlflow_ui, chromi
     assert proc.returncode == 0, proc.stderr[-2000:]
     client = MlflowClient(tiny_sweep["tracking_uri"])
     exp = client.get_experiment_by_name("tiny")
-    parent = client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'sweep'")[0]
-    trial_names = [
-        r.info.run_name for r in client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'trial'")
-    ]
+    parent = client.search_runs([exp.experiment_id], S.role_filter(S.ROLE_SWEEP))[0]
+    trial_names = [r.info.run_name for r in client.search_runs([exp.experiment_id], S.role_filter(S.ROLE_TRIAL))]
     assert trial_names
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser = Browser(chromium, tmp_path / "profile")

@@ -19,7 +19,7 @@ from tests.cdp import free_port
 
 PROBE = """
 import json, logging, ray
-from sweeps.ray_connect import connect
+from sweeps.tune.ray_connect import connect
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 where = connect(logging_level="ERROR")
 print("WHERE", where)
@@ -112,7 +112,7 @@ def test_a_sweep_without_ray_address_runs_on_a_ray_of_its_own_beside_a_running_o
 def test_a_ray_address_where_nothing_answers_is_one_line():
     env = clean_env(RAY_ADDRESS=f"127.0.0.1:{free_port()}")
     code = (
-        "from sweeps.ray_connect import connect\nfrom clockdistill.errors import UserError\n"
+        "from sweeps.tune.ray_connect import connect\nfrom clockdistill.errors import UserError\n"
         "try:\n    connect()\nexcept UserError as e:\n    print('ERR', e)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, tune_results
+from sweeps.tracking import schema as S
 
 pytestmark = pytest.mark.slow
 
@@ -73,14 +74,14 @@ def test_every_plot_is_a_valid_png_and_everything_is_on_the_sweep_run(tiny_sweep
     client = MlflowClient(tiny_sweep["tracking_uri"])
     exp = client.get_experiment_by_name("tiny")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the training runs
-    parent = client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'sweep'")[0]
+    parent = client.search_runs([exp.experiment_id], S.role_filter(S.ROLE_SWEEP))[0]
     logged = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
     assert set(expected) | {"trials.parquet"} <= logged
     assert "logged to MLflow run" in proc.stdout
 
 
 def test_pareto_front_plot_for_two_objectives(tmp_path):
-    from sweeps.plots import pareto_front
+    from sweeps.results.plots import pareto_front
 
     rows = [
         {"trial_id": t, "best": {"AP": ap, "latency_ms": ms}}

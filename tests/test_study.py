@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from sweeps.study import compare_methods, format_table, method_comparison_plot
+from sweeps.results.study import compare_methods, format_table, method_comparison_plot
 
 
 def _row(method, seed, ap, full=True):
@@ -57,7 +57,7 @@ def test_a_single_seed_gives_a_difference_without_an_interval(tmp_path):
 
 
 def test_optimum_estimators_on_known_curves():
-    from sweeps.study import half_rise, parabola_peak
+    from sweeps.results.study import half_rise, parabola_peak
 
     xs = [-1.0, 0.0, 1.0, 2.0, 3.0]
     # y = 5 - (x - 0.8)^2 sampled on the grid: the vertex is found exactly, not the best grid point (1.0)

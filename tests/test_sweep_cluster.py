@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tune_results
+from sweeps.tracking import schema as S
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,7 @@ def _children(client, experiment: str):
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    return client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'trial'")
+    return client.search_runs([exp.experiment_id], S.role_filter(S.ROLE_TRIAL))
 
 
 def test_a_killed_driver_resumes_on_relaunch_without_rerunning_finished_trials(shared_job_env, tiny_teacher, tmp_path):
@@ -75,9 +76,9 @@ def test_a_killed_driver_resumes_on_relaunch_without_rerunning_finished_trials(s
         except Exception:  # the store may be mid-creation
             continue
         finished_before = {
-            r.data.tags["trial_id"]: r.info.end_time
+            r.data.tags[S.TRIAL_ID_TAG]: r.info.end_time
             for r in runs
-            if r.info.status == "FINISHED" and r.data.tags.get("completed_full_budget") == "true"
+            if r.info.status == "FINISHED" and r.data.tags.get(S.FULL_BUDGET_TAG) == "true"
         }
         if finished_before:
             break
@@ -105,33 +106,33 @@ def test_a_killed_driver_resumes_on_relaunch_without_rerunning_finished_trials(s
 
     # 3. MLflow: one parent, four children with their tags, params and per-epoch AP; nothing duplicated.
     exp = client.get_experiment_by_name("tiny")
-    parents = client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'sweep'")
+    parents = client.search_runs([exp.experiment_id], S.role_filter(S.ROLE_SWEEP))
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     assert parent.data.params["spec.epochs"] == "2" and "space.distill.memory.alpha" in parent.data.params
     assert "teacher_AP" in parent.data.metrics and parent.data.tags["git_sha"]
     children = _children(client, "tiny")
-    trial_ids = [r.data.tags["trial_id"] for r in children]
+    trial_ids = [r.data.tags[S.TRIAL_ID_TAG] for r in children]
     assert len(children) == 4 and len(set(trial_ids)) == 4
     for run in children:
         tags = run.data.tags
-        assert tags["mlflow.parentRunId"] == parent.info.run_id and tags["sweep_id"] == "tiny"
-        assert tags["completed_full_budget"] == "true" and run.info.status == "FINISHED"
-        method = "none" if tags.get("baseline") == "true" else "clockdistill"
+        assert tags[S.PARENT_RUN_TAG] == parent.info.run_id and tags[S.SWEEP_ID_TAG] == "tiny"
+        assert tags[S.FULL_BUDGET_TAG] == "true" and run.info.status == "FINISHED"
+        method = "none" if tags.get(S.BASELINE_TAG) == "true" else "clockdistill"
         assert run.data.params["distill.method"] == method and "distill.memory.alpha" in run.data.params
         ap = client.get_metric_history(run.info.run_id, "AP")
-        assert sorted(m.step for m in ap) == [1, 2], (tags["trial_id"], [(m.step, m.value) for m in ap])
+        assert sorted(m.step for m in ap) == [1, 2], (tags[S.TRIAL_ID_TAG], [(m.step, m.value) for m in ap])
         assert ("kd_mem_fg" in run.data.metrics) == (method == "clockdistill") and "loss_giou" in run.data.metrics
-        assert {a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")} >= {
+        assert {a.path for a in client.list_artifacts(run.info.run_id, S.CHECKPOINT_ARTIFACT)} >= {
             "best_checkpoint/model.safetensors",
             "best_checkpoint/meta.json",
         }
     # the no-KD trial once, whether it ended before the kill or after (the searcher keeps its id)
-    assert [r.info.run_name for r in children if r.data.tags.get("baseline") == "true"] == ["t01 no-KD baseline"]
+    assert [r.info.run_name for r in children if r.data.tags.get(S.BASELINE_TAG) == "true"] == ["t01 no-KD baseline"]
     # Trials that had finished before the kill were not run (nor closed) again.
     for run in children:
-        if run.data.tags["trial_id"] in finished_before:
-            assert run.info.end_time == finished_before[run.data.tags["trial_id"]]
+        if run.data.tags[S.TRIAL_ID_TAG] in finished_before:
+            assert run.info.end_time == finished_before[run.data.tags[S.TRIAL_ID_TAG]]
 
     # 4. Ray storage: each trial's results (one line per epoch: a finished trial was not rerun) and
     # checkpoints. (A trial killed before the experiment state was saved may leave a directory the

@@ -4,6 +4,7 @@ finishes, and the sweep itself succeeds."""
 import pytest
 
 from conftest import run_sweep_cli
+from sweeps.tracking import schema as S
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +26,12 @@ def test_a_diverging_trial_fails_alone_and_the_sweep_goes_on(tiny_teacher, tmp_p
     proc = run_sweep_cli(spec, tmp_path, "--verbose")
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("grid")
-    runs = {
-        r.data.params["train.lr"]: r
-        for r in client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'trial'")
-    }
+    runs = {r.data.params["train.lr"]: r for r in client.search_runs([exp.experiment_id], S.role_filter(S.ROLE_TRIAL))}
     assert set(runs) == {"0.0004", "100000000.0"}
     good, bad = runs["0.0004"], runs["100000000.0"]
-    assert good.info.status == "FINISHED" and good.data.tags["completed_full_budget"] == "true"
-    assert bad.info.status == "FAILED" and bad.data.tags["completed_full_budget"] == "false"
-    reason = bad.data.tags["failure_reason"]
+    assert good.info.status == "FINISHED" and good.data.tags[S.FULL_BUDGET_TAG] == "true"
+    assert bad.info.status == "FAILED" and bad.data.tags[S.FULL_BUDGET_TAG] == "false"
+    reason = bad.data.tags[S.FAILURE_REASON_TAG]
     assert "not finite" in reason or "loss is" in reason, reason
     assert "t02 failed after 0/1 epoch(s): " in proc.stdout or "t02 failed after 1/1 epoch(s): " in proc.stdout
     # --verbose: Ray's own console output too (its experiment table), besides the sweep's lines

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from sweeps.search import build_scheduler, build_searcher, paper_defaults_point, tune_param_space
-from sweeps.spec import SpecError, load_spec, parse_spec, resolve_paths, spec_from_json, spec_to_json
+from sweeps.tracking import schema as S
+from sweeps.tune.search import build_scheduler, build_searcher, paper_defaults_point, tune_param_space
+from sweeps.tune.spec import SpecError, load_spec, parse_spec, resolve_paths, spec_from_json, spec_to_json
 
 BASE = {
     "name": "t",
@@ -272,7 +273,7 @@ def test_asha_never_stops_the_baseline_and_stops_an_equal_trial():
 
 
 def test_trial_labels_name_the_number_and_the_knobs():
-    from sweeps.schema import trial_label, trial_number
+    from sweeps.tracking.schema import trial_label, trial_number
 
     assert trial_number("3_distill.memory.alpha=0.0050") == 3
     assert trial_number("train_trial_8870a1b2_12_distill_logit=1_2026-11-30_03-31-25") == 12
@@ -342,9 +343,9 @@ def test_demo_prints_teacher_student_alone_and_best_distilled_student(tmp_path):
     assert export["method"] == "clockdistill"
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("clockdistill-demo").experiment_id])
-    baseline = [r for r in runs if r.data.tags.get("baseline") == "true"]
+    baseline = [r for r in runs if r.data.tags.get(S.BASELINE_TAG) == "true"]
     assert [(r.info.run_name, r.data.params["distill.method"]) for r in baseline] == [("t01 no-KD baseline", "none")]
-    assert "demo" in {r.info.run_name for r in runs if r.data.tags.get("clockdistill.role") == "sweep"}
+    assert "demo" in {r.info.run_name for r in runs if r.data.tags.get(S.ROLE_TAG) == "sweep"}
 
 
 def test_pbt_mutates_the_searched_keys_and_grid_uses_tune_variants():
@@ -366,9 +367,8 @@ def test_pbt_mutates_the_searched_keys_and_grid_uses_tune_variants():
 
 
 def test_variants_bundle_config_keys_into_one_searched_name(tiny_teacher):
-    from sweeps.schema import trial_label
-    from sweeps.trial import trial_config
-    from sweeps.tune_callback import trial_params
+    from sweeps.tracking.schema import trial_label
+    from sweeps.tune.trial import trial_config, trial_params
 
     spec = _spec(
         teacher=str(tiny_teacher),
@@ -393,6 +393,7 @@ def test_variants_bundle_config_keys_into_one_searched_name(tiny_teacher):
     )
     paper = trial_config(spec, {"variant": "clock-paper", "train.seed": 1}, "out")
     assert paper.distill.memory.alpha == 5e-5 and paper.train.seed == 1
-    params = trial_params(spec, {"variant": "clock-tuned", "train.seed": 0})
+    params = trial_params(tuned, "clock-tuned")
     assert params["variant"] == "clock-tuned" and params["distill.memory.alpha"] == 0.085
+    assert params["train.seed"] == 1 and "train.output_dir" not in params
     assert trial_label(4, "x", {"variant": "clock-tuned", "train.seed": 0}) == "t04 variant=clock-tuned seed=0"

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from conftest import run_cli
+from sweeps.tracking import schema as S
 
 pytestmark = pytest.mark.slow
 
@@ -22,20 +23,17 @@ def test_sync_rebuilds_the_sweep_in_an_empty_store_and_best_student_works_on_it(
 
     def trials(client):
         exp = client.get_experiment_by_name("tiny")
-        return {
-            r.data.tags["trial_id"]: r
-            for r in client.search_runs([exp.experiment_id], "tags.`clockdistill.role` = 'trial'")
-        }
+        return {r.data.tags[S.TRIAL_ID_TAG]: r for r in client.search_runs([exp.experiment_id], S.trial_filter("tiny"))}
 
     before, after = trials(original), trials(MlflowClient(target))
     assert set(after) == set(before)
     for trial_id, run in after.items():
         old = before[trial_id]
-        assert run.data.tags["completed_full_budget"] == old.data.tags["completed_full_budget"]
-        assert run.data.params["train.lr"] == old.data.params["train.lr"]
+        assert run.data.tags[S.FULL_BUDGET_TAG] == old.data.tags[S.FULL_BUDGET_TAG]
+        assert run.data.params == old.data.params  # the full config the trial built, and its searched knobs
         ap = {m.step: m.value for m in MlflowClient(target).get_metric_history(run.info.run_id, "AP")}
         assert ap == {m.step: m.value for m in original.get_metric_history(old.info.run_id, "AP")}
-        if old.data.tags["completed_full_budget"] == "true":
+        if old.data.tags[S.FULL_BUDGET_TAG] == "true":
             assert run.info.status == "FINISHED"
     # a second sync writes nothing new
     again = run_cli("sync", str(spec))

@@ -34,6 +34,7 @@ from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.distributed import global_mean, is_distributed
 from clockdistill.errors import ConfigError, TrainingDiverged
 from clockdistill.losses.criterion import SetCriterion, model_detection_weights
+from clockdistill.metrics import LOSS_PARTS, TEACHER_AP, loss_part
 from clockdistill.models.common import Memory, Queries, decoder_layers
 from clockdistill.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 
@@ -152,9 +153,7 @@ class Distiller:
         terms = dict(self.criterion(out_s, targets))
         if not self.caps.uses_teacher:
             return terms, self.weights
-        cache = (
-            self.cache.get() if self.cache is not None else None
-        )  # None while a cache is still being built elsewhere
+        cache = self.cache.get() if self.cache is not None else None  # None while another process builds it
         if cache is not None and cache is not self.cache:
             self.cache = cache
         if mem_t is None and cache is None:
@@ -168,27 +167,34 @@ class Distiller:
         if self.uses_queries:
             terms.update(self._target_query_terms(mem_t, qs, target_s, targets, out_s))
         if self.uses_matching or self.uses_feature or self.uses_prior:
-            if mem_t is None:
-                layers_t = self.cache.default_layers(targets, images.device)
-            elif prior is not None:
-                layers_t = decoder_layers(self.teacher.decode(mem_t, **_decode_args(prior)))
-            else:
-                layers_t = decoder_layers(self.teacher.predict_default(mem_t))
-            if self.uses_matching:
-                terms.update(self._matched_terms(layers_t, out_s))
-            if self.uses_feature:
-                terms["kd_feat"] = feature_term(
-                    layers_t,
-                    mem_t.features,
-                    tokens_s,
-                    mem_s.padding_mask,
-                    mem_s.spatial_shapes,
-                    targets,
-                    self.dcfg.detrdistill.top_k,
-                )
-            if self.uses_prior:
-                terms.update(self._prior_terms(layers_t, prior_s, targets))
+            terms.update(self._teacher_prediction_terms(mem_t, prior, targets, images, tokens_s, mem_s, out_s, prior_s))
         return terms, self.weights
+
+    def _teacher_prediction_terms(self, mem_t, prior, targets, images, tokens_s, mem_s, out_s, prior_s):
+        """The terms that read the teacher's own predictions, layer by layer: matched logits
+        (vanilla KD, DETRDistill), DETRDistill's feature imitation and query-prior assignment."""
+        if mem_t is None:
+            layers_t = self.cache.default_layers(targets, images.device)
+        elif prior is not None:
+            layers_t = decoder_layers(self.teacher.decode(mem_t, **_decode_args(prior)))
+        else:
+            layers_t = decoder_layers(self.teacher.predict_default(mem_t))
+        terms: dict[str, Tensor] = {}
+        if self.uses_matching:
+            terms.update(self._matched_terms(layers_t, out_s))
+        if self.uses_feature:
+            terms["kd_feat"] = feature_term(
+                layers_t,
+                mem_t.features,
+                tokens_s,
+                mem_s.padding_mask,
+                mem_s.spatial_shapes,
+                targets,
+                self.dcfg.detrdistill.top_k,
+            )
+        if self.uses_prior:
+            terms.update(self._prior_terms(layers_t, prior_s, targets))
+        return terms
 
     # -- the terms -------------------------------------------------------------------------------
 
@@ -377,17 +383,12 @@ class Distiller:
     def extra_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Added to every epoch's metrics: the weighted contributions of the detection, memory and
         logit parts to the loss (loss_det, loss_kd_mem, loss_kd_logit) and the teacher's AP."""
-        groups = {"loss_det": 0.0, "loss_kd_mem": 0.0, "loss_kd_logit": 0.0}
+        groups = dict.fromkeys(LOSS_PARTS, 0.0)
         for k, w in self.weights.items():
             if k in metrics:
-                group = (
-                    "loss_det"
-                    if not k.startswith("kd_")
-                    else ("loss_kd_mem" if k.startswith(("kd_mem", "kd_fitnet", "kd_feat")) else "loss_kd_logit")
-                )
-                groups[group] += w * metrics[k]
+                groups[loss_part(k)] += w * metrics[k]
         if self.teacher.best_ap is not None:
-            groups["teacher_AP"] = self.teacher.best_ap
+            groups[TEACHER_AP] = self.teacher.best_ap
         return groups
 
 

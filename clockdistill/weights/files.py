@@ -26,13 +26,7 @@ def read_checkpoint(path: str | Path, field: str = "checkpoint") -> tuple[dict[s
     Hugging Face model directory (its model.safetensors, and config.json as `config`)."""
     path = Path(path)
     if path.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if (path / name).is_file():
-                state, extras = read_checkpoint(path / name, field)
-                if (path / "config.json").is_file():
-                    extras["config"] = json.loads((path / "config.json").read_text())
-                return state, extras
-        raise UserError(f"{field}: {path} holds no model.safetensors or pytorch_model.bin")
+        return _read_model_directory(path, field)
     if not path.is_file():
         raise UserError(f"{field}: {path} not found")
     if path.suffix == ".safetensors":
@@ -44,17 +38,7 @@ def read_checkpoint(path: str | Path, field: str = "checkpoint") -> tuple[dict[s
         raise UserError(
             f"{field}: {path}: expected a .safetensors or {'/'.join(PICKLE_SUFFIXES)} file, or a model directory"
         )
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # readable, but holds an object the restricted unpickler refuses
-        raise UserError(
-            f"{field}: {path} is not a plain state dict (refused by the weights-only loader: {first_words(exc)})"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, KeyError, EOFError... for a bad file
-        raise UserError(
-            f"{field}: {path} is truncated or not a PyTorch checkpoint ({type(exc).__name__}: {first_words(exc)})"
-        ) from None
+    obj = _load_pickle(path, field)
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), dict) and _is_state(obj[key]):
@@ -64,6 +48,31 @@ def read_checkpoint(path: str | Path, field: str = "checkpoint") -> tuple[dict[s
     raise UserError(
         f"{field}: {path} holds no state dict (expected a mapping of names to tensors, or one under 'model')"
     )
+
+
+def _read_model_directory(path: Path, field: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            state, extras = read_checkpoint(path / name, field)
+            if (path / "config.json").is_file():
+                extras["config"] = json.loads((path / "config.json").read_text())
+            return state, extras
+    raise UserError(f"{field}: {path} holds no model.safetensors or pytorch_model.bin")
+
+
+def _load_pickle(path: Path, field: str) -> Any:
+    """A torch pickle through the weights-only loader (the reference checkpoints' args allowed)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # readable, but holds an object the restricted unpickler refuses
+        raise UserError(
+            f"{field}: {path} is not a plain state dict (refused by the weights-only loader: {first_words(exc)})"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, KeyError, EOFError... for a bad file
+        raise UserError(
+            f"{field}: {path} is truncated or not a PyTorch checkpoint ({type(exc).__name__}: {first_words(exc)})"
+        ) from None
 
 
 def first_words(exc: BaseException, limit: int = 160) -> str:

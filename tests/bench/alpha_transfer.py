@@ -48,11 +48,11 @@ from clockdistill.data.synth import ensure_synthetic
 from clockdistill.data.transforms import DetectionTransform, collate
 from clockdistill.distill.losses import mean_square_norm
 from clockdistill.engine import fit
-from sweeps import schema as S
 from sweeps.demo import SHIPPED_TEACHER, TEACHER_DATA, TRAIN
-from sweeps.mlflow_reader import find_sweep, open_client, sweep_trials
-from sweeps.report import trial_rows
-from sweeps.study import compare_methods, half_rise, parabola_peak
+from sweeps.results.report import trial_rows
+from sweeps.results.study import compare_methods, half_rise, parabola_peak
+from sweeps.tracking import schema as S
+from sweeps.tracking.reader import find_sweep, open_client, sweep_trials
 
 ALONE = "none"
 
@@ -282,7 +282,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     data = ensure_synthetic(workdir / "data", args.train, args.val, TEACHER_DATA["seed"])
     if not args.report_only:
-        from sweeps.runner import run_sweep
+        from sweeps.tune.driver import run_sweep
 
         torch.set_num_threads(args.threads)
         teachers = {d: build_teacher(workdir, data, d, args.teacher_epochs) for d in widths}

@@ -9,7 +9,7 @@ so the first trial pays for building the caches as on a new node:
     overhead-baseline    a new process per trial, images decoded from their files, live teacher
     overhead-optimised   reused trial processes, decoded-image cache, teacher-output cache (the demo spec)
 
-Each trial reports its own clock (sweeps/trial.py): trial_wall_s from its process start (or its
+Each trial reports its own clock (sweeps/tune/trial.py): trial_wall_s from its process start (or its
 reused process's previous trial end) to its last report, of which trial_overhead_s was not spent in
 training or evaluation epochs; startup_s is that part before its first report. Printed: per-variant
 sums, the overhead fraction (target < 5%), median start-up, mean epoch time and the sweep's wall

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from sweeps import schema as S
-from sweeps.mlflow_reader import Sweep, Trial
+from sweeps.tracking import schema as S
+from sweeps.tracking.reader import Sweep, Trial
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ MLflow run, so the MLflow UI shows it:
     param_importance.png  Optuna's fANOVA importance of the knobs (finished trials; stopped ones too when < 3 finished)
     pareto_front.png      multi-objective sweeps only
     method_comparison.png a sweep over distill.method (or variant): per method AP over seeds, paired differences to
-    methods.json          the student alone and the best baseline with 95% intervals (sweeps/study.py)
+    methods.json          the student alone and the best baseline with 95% intervals (sweeps/results/study.py)
     samples.png           validation images: ground truth, teacher and best-student boxes
 """
 
@@ -26,13 +26,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from clockdistill.metrics import COCO_METRICS
-from sweeps import plots
-from sweeps.mlflow_reader import Sweep, Trial, find_sweep, metric_history, open_client, pareto_set, rank, sweep_trials
+from clockdistill.metrics import COCO_METRICS, LOSS, LOSS_PARTS, LR
+from sweeps.results import plots
+from sweeps.tracking.reader import Sweep, Trial, find_sweep, metric_history, open_client, pareto_set, rank, sweep_trials
 
 log = logging.getLogger(__name__)
 
-EPOCH_METRICS = (*COCO_METRICS, "loss", "loss_det", "loss_kd_mem", "loss_kd_logit", "lr")
+EPOCH_METRICS = (*COCO_METRICS, LOSS, *LOSS_PARTS, LR)
 SCORE_THRESHOLD = 0.3  # boxes drawn in the sample grid ...
 MIN_SCORE = 0.05  # ... or, for a model with fewer confident boxes than the image has objects, its top ones above this
 
@@ -161,7 +161,7 @@ def samples(client, best: Trial, sweep: Sweep, path: Path, n: int = 4) -> Path:
     from clockdistill.config.layers import resolve_config
     from clockdistill.data.dataset import CocoDetection
     from clockdistill.data.transforms import DetectionTransform
-    from sweeps.best_student import fetch_checkpoint
+    from sweeps.results.best_student import fetch_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, _ = fetch_checkpoint(client, best, Path(tmp) / "student")
@@ -248,7 +248,7 @@ def build_report(
     except (ValueError, RuntimeError) as exc:
         skipped["param_importance"] = str(exc)
     if "distill.method" in searched or "variant" in searched:
-        from sweeps import study
+        from sweeps.results import study
 
         comparison = study.compare_methods(rows)
         if len(comparison["methods"]) >= 2:

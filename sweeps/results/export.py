@@ -25,7 +25,7 @@ from clockdistill.errors import UserError
 from clockdistill.exporters import max_abs_difference, onnx_available, pad_to, to_onnx, to_torchscript
 from clockdistill.latency import cpu_latency_ms, parameter_count
 from clockdistill.metrics import COCO_METRICS
-from sweeps.mlflow_reader import Sweep, Trial
+from sweeps.tracking.reader import Sweep, Trial
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sweeps.spec import spec_from_json
-from sweeps.trial import mark_process_free, run_trial, trial_clock_start
+from sweeps.tune.spec import spec_from_json
+from sweeps.tune.trial import mark_process_free, run_trial, trial_clock_start
 
 
 def train_trial(config: dict[str, Any], spec_json: str) -> None:
@@ -17,7 +17,7 @@ def train_trial(config: dict[str, Any], spec_json: str) -> None:
     try:
         spec = spec_from_json(spec_json)
         if spec.resources.workers > 1:
-            from sweeps.ddp import train_trial_ddp
+            from sweeps.tune.ddp import train_trial_ddp
 
             train_trial_ddp(config, spec, started)
         else:

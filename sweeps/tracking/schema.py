@@ -3,7 +3,7 @@ filter that the writer (mlflow_writer.py) and the readers (mlflow_reader.py, bes
 report, sync) share. Nothing else spells these names.
 
     parent run:  tags clockdistill.role=sweep, sweep_id; params spec.<key>, space.<key>;
-                 artifacts spec.json, summary.json; metric teacher_AP
+                 artifacts spec.json, summary.json; metric teacher_AP (metrics.TEACHER_AP)
     trial runs:  tags clockdistill.role=trial, sweep_id, trial_id, mlflow.parentRunId,
                  completed_full_budget, epochs_run, best_<objective>, failure_reason,
                  best_checkpoint (+ best_checkpoint_sha256); params = the trial's flattened config;
@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from clockdistill.metrics import COCO_METRICS
+from clockdistill import metrics as M
 
 # -- tags ------------------------------------------------------------------------------------------
 ROLE_TAG = "clockdistill.role"
@@ -41,14 +41,11 @@ SPACE_PARAM_PREFIX = "space."  # parent run: each searched key and its domain
 SPEC_ARTIFACT = "spec.json"
 SUMMARY_ARTIFACT = "summary.json"
 CHECKPOINT_ARTIFACT = "best_checkpoint"
-TEACHER_AP = "teacher_AP"
 
-# -- objectives and result keys -------------------------------------------------------------------
-STUDENT_PROPERTIES = ("params", "latency_ms")  # properties of the student a sweep can trade AP against
+# -- objectives and result keys (the metric names themselves: clockdistill/metrics.py) -------------
 OBJECTIVE_METRICS: dict[str, str] = {
-    **{m: "max" for m in COCO_METRICS},
-    "params": "min",
-    "latency_ms": "min",
+    **{m: "max" for m in M.COCO_METRICS},
+    **{m: "min" for m in M.STUDENT_PROPERTIES},
 }  # metric -> natural mode
 DEFAULT_OBJECTIVE = ("AP", "max")  # a spec without objective(s)
 FAILED_KEY = "diverged"  # in a trial's final result when its loss became NaN/inf
@@ -57,15 +54,17 @@ FULL_BUDGET_KEY = "completed_full_budget"  # in every result row: 1 once the tri
 BASELINE_KEY = "baseline"  # in the config of a sweep's no-distillation trial (no dot: not a config override)
 BASELINE_METHOD = "none"  # its distill.method
 VARIANT_KEY = "variant"  # a searched name of the spec's `variants` (a bundle of config keys; no dot either)
+CONFIG_KEY = "trial_config"  # in a trial's first result: its full config, flattened, as JSON (its run's params)
 
-# Per-epoch metrics written to MLflow; everything else a trial reports stays in Tune's results.
-METRIC_ALLOW = re.compile(
-    r"^("
-    + "|".join(COCO_METRICS)
-    + r"|loss.*|kd_.*|lr|train_time_s|eval_time_s|"
-    + TEACHER_AP
-    + r"|best_.*|params|latency_ms|epoch|startup_s|trial_wall_s|trial_overhead_s)$"
-)
+# Per-epoch metrics written to MLflow: every name a run emits (metrics.py), each loss term (loss_*,
+# kd_*) and best_<objective>; everything else a trial reports stays in Tune's results.
+_LOGGED = (*M.COCO_METRICS, M.EPOCH, M.LR, M.TEACHER_AP, *M.STUDENT_PROPERTIES, *M.TIMINGS)
+METRIC_ALLOW = re.compile(r"^(" + "|".join(map(re.escape, _LOGGED)) + r"|loss.*|kd_.*|best_.*)$")
+
+
+def searched_params(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's searched knobs (its Tune config's dotted keys and variant): its run's first params."""
+    return {k: v for k, v in config.items() if "." in k or k == VARIANT_KEY}
 
 
 def best_key(metric: str) -> str:
@@ -81,7 +80,7 @@ def natural_mode(metric: str) -> str:
 def checkpoint_score(metric: str, mode: str) -> tuple[str, str]:
     """What a trial's checkpoints are ranked by: the primary objective when it changes with
     training (a COCO metric), else AP (a student's size or latency is the same every epoch)."""
-    return (metric, mode) if metric in COCO_METRICS else ("AP", "max")
+    return (metric, mode) if metric in M.COCO_METRICS else ("AP", "max")
 
 
 def metrics_to_log(result: dict[str, Any]) -> dict[str, float]:
@@ -104,9 +103,14 @@ def quote(value: str) -> str:
     return value.replace("'", "\\'")
 
 
+def role_filter(role: str) -> str:
+    """MLflow search filter of every run of one role (ROLE_SWEEP or ROLE_TRIAL), whatever its sweep."""
+    return f"tags.`{ROLE_TAG}` = '{role}'"
+
+
 def sweep_filter(sweep_id: str | None = None) -> str:
     """MLflow search filter of a sweep's parent run (every sweep's when `sweep_id` is None)."""
-    where = f"tags.`{ROLE_TAG}` = '{ROLE_SWEEP}'"
+    where = role_filter(ROLE_SWEEP)
     return where + (f" and tags.{SWEEP_ID_TAG} = '{quote(sweep_id)}'" if sweep_id else "")
 
 

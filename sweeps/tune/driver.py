@@ -17,15 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from clockdistill.data.index import file_digest
-from sweeps import schema as S
-from sweeps.console import quiet_ray, short_path
-from sweeps.mlflow_writer import SweepTracker
-from sweeps.preflight import check_storage
-from sweeps.ray_connect import DRIVER_RESOURCE
-from sweeps.ray_connect import connect as connect_ray
-from sweeps.schema import FAILED_KEY, best_key, checkpoint_score, default_tracking_uri
-from sweeps.search import build_scheduler, build_searcher, tune_param_space
-from sweeps.spec import (
+from sweeps.tracking import schema as S
+from sweeps.tracking.schema import FAILED_KEY, best_key, checkpoint_score, default_tracking_uri
+from sweeps.tracking.writer import SweepTracker
+from sweeps.tune.callback import MlflowSweepCallback
+from sweeps.tune.console import quiet_ray, short_path
+from sweeps.tune.preflight import check_storage
+from sweeps.tune.ray_connect import DRIVER_RESOURCE
+from sweeps.tune.ray_connect import connect as connect_ray
+from sweeps.tune.search import build_scheduler, build_searcher, tune_param_space
+from sweeps.tune.spec import (
     SweepSpec,
     load_spec,
     resolve_paths,
@@ -34,7 +35,6 @@ from sweeps.spec import (
     spec_to_json,
     sweep_dir_name,
 )
-from sweeps.tune_callback import make_callback
 
 log = logging.getLogger("clockdistill.sweep")
 
@@ -80,15 +80,15 @@ def run_sweep(spec_path: str | Path, name: str | None = None, verbose: bool = Fa
         tracking_uri.replace(str(Path.cwd()) + "/", ""),
     )
     check_storage(storage)  # every node writes and reads it, before any trial or MLflow run exists
-    from sweeps.prebuild import needs_node_caches, prebuild_node_caches
+    from sweeps.tune.prebuild import needs_node_caches, prebuild_node_caches
 
     if needs_node_caches(spec):  # decoded images and teacher outputs once per node, not in the first trials
         prebuild_node_caches(spec)
     tracker = SweepTracker(tracking_uri, spec.mlflow.experiment, spec.name)
     tracker.start_parent(spec_to_dict(spec), search_space_summary(spec), _teacher_ap(spec))
 
-    from sweeps.ddp import train_run_janitor
-    from sweeps.trainable import train_trial
+    from sweeps.tune.ddp import train_run_janitor
+    from sweeps.tune.trainable import train_trial
 
     score_metric, score_mode = checkpoint_score(spec.primary.metric, spec.primary.mode)
     if (
@@ -128,7 +128,7 @@ def run_sweep(spec_path: str | Path, name: str | None = None, verbose: bool = Fa
                         num_to_keep=1, checkpoint_score_attribute=score_metric, checkpoint_score_order=score_mode
                     ),
                     callbacks=[
-                        make_callback(spec, tracker),
+                        MlflowSweepCallback(spec, tracker),
                         *([train_run_janitor()] if spec.resources.workers > 1 else []),
                     ],
                     verbose=1 if verbose else 0,  # Ray's status tables; the callback prints a line per event
@@ -219,7 +219,7 @@ def finalize(spec: SweepSpec, tracker: SweepTracker, results) -> dict[str, Any]:
 
 def _train_run_checkpoint(spec: SweepSpec, result, metric: str, mode: str):
     """The best still-kept checkpoint of a data-parallel trial: its Train run reports checkpoints to
-    Tune only as `checkpoint_path` rows (sweeps/ddp.py), and keeps the best two by the objective."""
+    Tune only as `checkpoint_path` rows (sweeps/tune/ddp.py), and keeps the best two by the objective."""
     import pyarrow.fs as pafs
     from ray import tune
 

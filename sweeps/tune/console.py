@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sweeps.schema import best_key
-from sweeps.spec import SweepSpec
+from sweeps.tracking.schema import best_key
+from sweeps.tune.spec import SweepSpec
 
 
 def short_path(path: str | Path) -> str:

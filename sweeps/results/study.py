@@ -148,6 +148,6 @@ def format_table(study: dict[str, Any]) -> str:
 def method_comparison_plot(study: dict[str, Any], path: Path) -> Path:
     """Left: each method's metric per seed (dots) and mean; right: paired differences to the student
     alone and to the best baseline with their 95% intervals."""
-    from sweeps import plots
+    from sweeps.results import plots
 
     return plots.method_comparison(study, path)

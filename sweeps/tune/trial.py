@@ -4,7 +4,9 @@ trial runs this loop on every rank of a Ray Train run and rank 0 reports (ddp.py
 
 Each report carries every metric of the epoch (AP..., every loss term), `best_<objective>` (best so
 far over the trial's life), the student's `params` (and `latency_ms` when an objective asks for it),
-and the epoch's checkpoint (weights, optimizer, metadata). A retried or restored trial resumes from
+and the epoch's checkpoint (weights, optimizer, metadata); the first report also carries the
+trial's full config (`trial_config`), built here once, which the driver writes as its MLflow params.
+A retried or restored trial resumes from
 its last reported checkpoint. A trial whose loss turns NaN ends with `diverged=1` and its reason
 instead of raising: retrying a deterministic divergence would only repeat it.
 
@@ -16,6 +18,7 @@ and data set-up, cache opening, the first checkpoint) - the waste the sweep want
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -25,10 +28,24 @@ from typing import Any, Callable
 
 import torch
 
+from clockdistill.checkpoint_meta import read_meta
 from clockdistill.config.layers import resolve_config
 from clockdistill.config.sections import Config
-from sweeps.schema import FAILED_KEY, FAILURE_REASON_KEY, FULL_BUDGET_KEY, VARIANT_KEY, best_key
-from sweeps.spec import SweepSpec, spec_config
+from clockdistill.distill.run import run_distillation
+from clockdistill.engine import select_device
+from clockdistill.errors import TrainingDiverged
+from clockdistill.latency import forward_latency_ms, parameter_count
+from clockdistill.metrics import EPOCH, EVAL_TIME, LATENCY, PARAMS, STARTUP, TRAIN_TIME, TRIAL_OVERHEAD, TRIAL_WALL
+from clockdistill.models.build import build_detector
+from sweeps.tracking.schema import (
+    CONFIG_KEY,
+    FAILED_KEY,
+    FAILURE_REASON_KEY,
+    FULL_BUDGET_KEY,
+    VARIANT_KEY,
+    best_key,
+)
+from sweeps.tune.spec import SweepSpec, spec_config
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +85,21 @@ def trial_config(spec: SweepSpec, params: dict[str, Any], output_dir: str | Path
     )
 
 
-def student_properties(cfg: Config, need_latency: bool) -> dict[str, float]:
-    from clockdistill.engine import select_device
-    from clockdistill.latency import forward_latency_ms, parameter_count
-    from clockdistill.models.build import build_detector
+def trial_params(cfg: Config, variant: str | None = None) -> dict[str, Any]:
+    """A trial's config as its MLflow params: every dotted key but its output directory (its own
+    path on its node), and the searched variant's name when it has one."""
+    flat = cfg.flatten()
+    flat.pop("train.output_dir", None)
+    if variant is not None:
+        flat[VARIANT_KEY] = variant
+    return flat
 
+
+def student_properties(cfg: Config, need_latency: bool) -> dict[str, float]:
     model = build_detector(cfg.model, cfg.model.num_classes)
-    props = {"params": float(parameter_count(model))}
+    props = {PARAMS: float(parameter_count(model))}
     if need_latency:
-        props["latency_ms"] = forward_latency_ms(model, cfg.data.max_size, select_device(cfg.train.device))
+        props[LATENCY] = forward_latency_ms(model, cfg.data.max_size, select_device(cfg.train.device))
     return props
 
 
@@ -85,8 +108,9 @@ class EpochReporter:
     student's properties, best_<objective> so far, completed_full_budget and the trial clock.
     `send(row, checkpoint_dir or None)` delivers a row (to Tune, or to Ray Train's report)."""
 
-    def __init__(self, spec: SweepSpec, props: dict[str, float], started: float, send: Send):
+    def __init__(self, spec: SweepSpec, props: dict[str, float], started: float, send: Send, config: dict[str, Any]):
         self.spec, self.props, self.started, self.send = spec, props, started, send
+        self.config = json.dumps(config)  # sent once, with the first row: what the trial's MLflow params say
         self.best: dict[str, float] = {}
         self.last_epoch, self.busy = 0, 0.0
 
@@ -100,12 +124,10 @@ class EpochReporter:
 
     def __call__(self, epoch: int, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
         first = self.busy == 0.0
-        self.busy += metrics.get("train_time_s", 0.0) + metrics.get("eval_time_s", 0.0)
+        self.busy += metrics.get(TRAIN_TIME, 0.0) + metrics.get(EVAL_TIME, 0.0)
         wall = time.time() - self.started
         self.last_epoch = epoch
         if not self.best and ckpt_dir is not None:  # after a resume: the best so far is in the checkpoint's history
-            from clockdistill.checkpoint_meta import read_meta
-
             for past in read_meta(ckpt_dir).get("history", [])[:-1]:
                 self._update_best({**self.props, **past})
         row = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -113,13 +135,13 @@ class EpochReporter:
         self._update_best(row)
         row.update({best_key(m): v for m, v in self.best.items()})
         row[FULL_BUDGET_KEY] = int(epoch >= self.spec.epochs)
-        row.update(trial_wall_s=wall, trial_overhead_s=wall - self.busy)
+        row.update({TRIAL_WALL: wall, TRIAL_OVERHEAD: wall - self.busy})
         if first:
-            row["startup_s"] = wall - self.busy
+            row.update({STARTUP: wall - self.busy, CONFIG_KEY: self.config})
         self.send(row, ckpt_dir)
 
     def diverged(self, exc: Exception) -> dict[str, Any]:
-        row = {FAILED_KEY: 1, FAILURE_REASON_KEY: str(exc), "epoch": self.last_epoch, FULL_BUDGET_KEY: 0, **self.props}
+        row = {FAILED_KEY: 1, FAILURE_REASON_KEY: str(exc), EPOCH: self.last_epoch, FULL_BUDGET_KEY: 0, **self.props}
         row.update(
             {
                 best_key(o.metric): self.best.get(o.metric, 0.0 if o.mode == "max" else float("inf"))
@@ -151,16 +173,13 @@ def run_trial(
     per epoch and, when the loss diverges, one final `send(row, None)` that says so (retrying a
     deterministic divergence would only repeat it). `reports_checkpoints` False: rows go without
     a checkpoint directory (the ranks of a data-parallel trial other than 0)."""
-    from clockdistill.distill.run import run_distillation
-    from clockdistill.errors import TrainingDiverged
-
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     cfg = trial_config(spec, params, work)
     if checkpoint is not None:
         restore_checkpoint(checkpoint, work)
         log.info("trial %s resumes from %s", trial_name, checkpoint.path)
-    props = student_properties(cfg, any(o.metric == "latency_ms" for o in spec.objective_list))
-    reporter = EpochReporter(spec, props, started, send)
+    props = student_properties(cfg, any(o.metric == LATENCY for o in spec.objective_list))
+    reporter = EpochReporter(spec, props, started, send, trial_params(cfg, params.get(VARIANT_KEY)))
     try:
         run_distillation(
             cfg,

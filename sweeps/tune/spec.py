@@ -46,7 +46,7 @@ from clockdistill.config.dotted import parse_yaml, set_dotted
 from clockdistill.config.layers import resolve_config
 from clockdistill.config.sections import Config
 from clockdistill.errors import ConfigError, UserError
-from sweeps.schema import DEFAULT_OBJECTIVE, OBJECTIVE_METRICS, VARIANT_KEY
+from sweeps.tracking.schema import DEFAULT_OBJECTIVE, OBJECTIVE_METRICS, VARIANT_KEY
 
 CONFIG_SECTIONS = ("data", "model", "loss", "train", "distill")
 
@@ -141,7 +141,7 @@ class Resources(_Strict):
     gpu: float = Field(0.0, ge=0)
     workers: int = Field(
         1, ge=1
-    )  # > 1: each trial is a data-parallel Ray Train run of this many workers (sweeps/ddp.py)
+    )  # > 1: each trial is a data-parallel Ray Train run of this many workers (sweeps/tune/ddp.py)
 
 
 class MlflowSpec(_Strict):
@@ -174,7 +174,7 @@ class SweepSpec(_Strict):
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SweepSpec":
+    def _objectives_and_scheduler(self) -> "SweepSpec":
         if self.objective is not None and self.objectives is not None:
             raise ValueError("objectives: give either objective or objectives, not both")
         if self.objectives is not None and len(self.objectives) < 2:
@@ -184,30 +184,35 @@ class SweepSpec(_Strict):
                 "scheduler.type: pbt exploits Tune checkpoints, which data-parallel trials (resources.workers > 1) "
                 "do not make; use asha or none"
             )
-        algorithm = self.search.algorithm
-        grid_keys = [k for k, d in self.search_space.items() if d.kind == "grid"]
-        if grid_keys and algorithm != "grid":
-            raise ValueError(f"search_space.{grid_keys[0]}: grid values need search.algorithm: grid (got {algorithm})")
-        if algorithm == "grid":
-            bad = [k for k, d in self.search_space.items() if d.kind not in ("grid", "fixed", "choice")]
-            if bad:
-                raise ValueError(
-                    f"search_space.{bad[0]}: search.algorithm grid takes grid, choice or fixed values, not ranges"
-                )
-        if self.multi_objective and algorithm == "cmaes":
-            raise ValueError("search.algorithm: cmaes cannot optimise several objectives (use tpe, gp or random)")
-        if self.multi_objective and algorithm == "grid":
-            raise ValueError("objectives: a grid sweep takes one objective")
-        if self.scheduler.type == "pbt" and algorithm != "random":
+        if self.scheduler.type == "pbt" and self.search.algorithm != "random":
             raise ValueError("scheduler.type: pbt mutates running trials itself; use it with search.algorithm: random")
         if self.scheduler.type == "asha" and self.scheduler.grace_period >= self.epochs and self.epochs > 1:
             raise ValueError(
                 f"scheduler.grace_period: must be < epochs ({self.epochs}), got {self.scheduler.grace_period}"
             )
-        if self.baseline_trial and (algorithm == "grid" or self.scheduler.type == "pbt"):
+        if self.baseline_trial and (self.search.algorithm == "grid" or self.scheduler.type == "pbt"):
             raise ValueError(
                 "baseline_trial: needs a searcher (tpe, gp, cmaes or random, not pbt); in a grid sweep put none "
                 "into distill.method's grid instead"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _search_space_fits_the_algorithm(self) -> "SweepSpec":
+        algorithm = self.search.algorithm
+        grid_keys = [k for k, d in self.search_space.items() if d.kind == "grid"]
+        if grid_keys and algorithm != "grid":
+            raise ValueError(f"search_space.{grid_keys[0]}: grid values need search.algorithm: grid (got {algorithm})")
+        ranges = [k for k, d in self.search_space.items() if d.kind not in ("grid", "fixed", "choice")]
+        if algorithm == "grid" and ranges:
+            raise ValueError(
+                f"search_space.{ranges[0]}: search.algorithm grid takes grid, choice or fixed values, not ranges"
+            )
+        if self.multi_objective and algorithm in ("cmaes", "grid"):
+            raise ValueError(
+                "search.algorithm: cmaes cannot optimise several objectives (use tpe, gp or random)"
+                if algorithm == "cmaes"
+                else "objectives: a grid sweep takes one objective"
             )
         if self.baseline_trial and "distill.method" in self.search_space:
             raise ValueError("baseline_trial: distill.method is searched already; leave one of them out")
@@ -315,17 +320,21 @@ def _check_variants(spec: SweepSpec, base: dict[str, Any], known: set[str], sour
                 f"{source}: search_space.variant: {name!r} is not a variant (known: {', '.join(spec.variants)})"
             )
     for name, keys in spec.variants.items():
-        if not isinstance(keys, dict) or not keys:
-            raise SpecError(f"{source}: variants.{name}: expected a mapping of dotted config keys to values")
-        for key in keys:
-            if key not in known:
-                raise SpecError(f"{source}: variants.{name}.{key}: unknown config key")
-            if key in spec.search_space:
-                raise SpecError(f"{source}: variants.{name}.{key}: also searched; a key is set by one or the other")
-        try:
-            resolve_config(base, variant=keys)
-        except ConfigError as exc:
-            raise SpecError(f"{source}: variants.{name}: {exc}") from None
+        _check_variant(spec, name, keys, base, known, source)
+
+
+def _check_variant(spec: SweepSpec, name: str, keys: Any, base: dict[str, Any], known: set[str], source: str) -> None:
+    if not isinstance(keys, dict) or not keys:
+        raise SpecError(f"{source}: variants.{name}: expected a mapping of dotted config keys to values")
+    for key in keys:
+        if key not in known:
+            raise SpecError(f"{source}: variants.{name}.{key}: unknown config key")
+        if key in spec.search_space:
+            raise SpecError(f"{source}: variants.{name}.{key}: also searched; a key is set by one or the other")
+    try:
+        resolve_config(base, variant=keys)
+    except ConfigError as exc:
+        raise SpecError(f"{source}: variants.{name}: {exc}") from None
 
 
 def spec_config(spec: SweepSpec) -> dict[str, Any]:

@@ -10,18 +10,24 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import optuna
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
+from ray.tune.search import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
+
 from clockdistill.config.layers import resolve_config
 from clockdistill.config.sections import Config
-from sweeps.schema import BASELINE_KEY, BASELINE_METHOD, FAILED_KEY, best_key
-from sweeps.spec import SweepSpec, spec_config
+from clockdistill.metrics import EPOCH
+from sweeps.tracking.schema import BASELINE_KEY, BASELINE_METHOD, FAILED_KEY, best_key
+from sweeps.tune.spec import SweepSpec, spec_config
 
 log = logging.getLogger(__name__)
 
 
 def tune_param_space(spec: SweepSpec) -> dict[str, Any]:
     """Flat dict of dotted config keys -> Tune domains (or constants)."""
-    from ray import tune
-
     space: dict[str, Any] = {}
     for key, dim in spec.search_space.items():
         kind, value = dim.kind, dim.value
@@ -69,8 +75,6 @@ def paper_defaults_point(spec: SweepSpec) -> dict[str, Any] | None:
 
 
 def _sampler(spec: SweepSpec):
-    import optuna
-
     algorithm, seed = spec.search.algorithm, spec.search.seed
     startup = max(2, min(10, spec.num_samples // 3))  # TPE/GP: random trials before the model takes over
     if algorithm == "tpe":
@@ -82,58 +86,56 @@ def _sampler(spec: SweepSpec):
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def pruning_aware_optuna_search(**kwargs):
+class PruningAwareOptunaSearch(OptunaSearch):
     """OptunaSearch that tells Optuna the truth about trials the scheduler stopped early (PRUNED,
     not COMPLETE with a partial value) and about diverged trials (FAIL).
 
     `full_budget` is the number of epochs a complete trial reports. `baseline`, when given, is the
     config of the sweep's no-distillation trial: the first suggestion, which Optuna never sees (its
     results would teach the model about a point outside the space)."""
-    from optuna.trial import TrialState
-    from ray.tune.search.optuna import OptunaSearch
 
-    class PruningAwareOptunaSearch(OptunaSearch):
-        def __init__(self, full_budget: int, baseline: dict[str, Any] | None = None, **kw):
-            super().__init__(**kw)
-            self.full_budget = full_budget
-            self.baseline = baseline
-            self.baseline_id: str | None = None  # saved with the searcher: a resumed sweep adds no second one
+    def __init__(self, full_budget: int, baseline: dict[str, Any] | None = None, **kw):
+        super().__init__(**kw)
+        self.full_budget = full_budget
+        self.baseline = baseline
+        self.baseline_id: str | None = None  # saved with the searcher: a resumed sweep adds no second one
 
-        def suggest(self, trial_id: str):
-            if self.baseline is not None and self.baseline_id in (None, trial_id):
-                self.baseline_id = trial_id
-                return dict(self.baseline)
-            return super().suggest(trial_id)
+    def suggest(self, trial_id: str):
+        if self.baseline is not None and self.baseline_id in (None, trial_id):
+            self.baseline_id = trial_id
+            return dict(self.baseline)
+        return super().suggest(trial_id)
 
-        def on_trial_result(self, trial_id: str, result: dict):
-            if trial_id != self.baseline_id:
-                super().on_trial_result(trial_id, result)
+    def on_trial_result(self, trial_id: str, result: dict):
+        if trial_id != self.baseline_id:
+            super().on_trial_result(trial_id, result)
 
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-            if trial_id == self.baseline_id:
-                return
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-                return super().on_trial_complete(trial_id, result, error)
-            state = None
-            if result and result.get(FAILED_KEY):
-                state = TrialState.FAIL
-            elif not error and result and int(result.get("epoch", self.full_budget)) < self.full_budget:
-                state = TrialState.PRUNED
-            if state is None:
-                return super().on_trial_complete(trial_id, result, error)
-            try:
-                self._ot_study.tell(self._ot_trials[trial_id], state=state)
-            except Exception as exc:  # noqa: BLE001 - Optuna refuses e.g. a second tell; never crash the sweep
-                log.warning("optuna: could not record trial %s as %s: %s", trial_id, state.name, exc)
-            self._completed_trials.add(trial_id)
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if trial_id == self.baseline_id:
+            return
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        state = _state_for_optuna(result, error, self.full_budget)
+        if state is None:
+            return super().on_trial_complete(trial_id, result, error)
+        try:
+            self._ot_study.tell(self._ot_trials[trial_id], state=state)
+        except Exception as exc:  # noqa: BLE001 - Optuna refuses e.g. a second tell; never crash the sweep
+            log.warning("optuna: could not record trial %s as %s: %s", trial_id, state.name, exc)
+        self._completed_trials.add(trial_id)
 
-    return PruningAwareOptunaSearch(**kwargs)
+
+def _state_for_optuna(result: dict | None, error: bool, full_budget: int):
+    """FAIL for a diverged trial, PRUNED for one stopped before its budget, else None (as reported)."""
+    if result and result.get(FAILED_KEY):
+        return TrialState.FAIL
+    if not error and result and int(result.get(EPOCH, full_budget)) < full_budget:
+        return TrialState.PRUNED
+    return None
 
 
 def build_searcher(spec: SweepSpec):
     """The search algorithm for the spec (None: Tune's own variant generator for grid / PBT)."""
-    from ray.tune.search import BasicVariantGenerator
-
     objectives = spec.objective_list
     if spec.search.algorithm == "grid" or spec.scheduler.type == "pbt":
         # max_concurrent here: Tune ignores TuneConfig.max_concurrent_trials for a variant generator
@@ -141,7 +143,7 @@ def build_searcher(spec: SweepSpec):
     point = paper_defaults_point(spec) if spec.search.paper_defaults_first else None
     metrics = [best_key(o.metric) for o in objectives]
     modes = [o.mode for o in objectives]
-    return pruning_aware_optuna_search(
+    return PruningAwareOptunaSearch(
         full_budget=spec.epochs,
         baseline=baseline_config(spec) if spec.baseline_trial else None,
         metric=metrics if spec.multi_objective else metrics[0],
@@ -162,7 +164,6 @@ def baseline_config(spec: SweepSpec) -> dict[str, Any]:
 def baseline_aware_asha(**kwargs):
     """ASHA that never stops the no-distillation trial and leaves it out of its rungs: the baseline
     runs the full budget, and the other trials are stopped exactly as in a sweep without it."""
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     class BaselineAwareASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller, trial, result):
@@ -180,8 +181,6 @@ def baseline_aware_asha(**kwargs):
 
 
 def build_scheduler(spec: SweepSpec):
-    from ray.tune.schedulers import FIFOScheduler, PopulationBasedTraining
-
     sc, primary = spec.scheduler, spec.primary
     metric = best_key(primary.metric)
     if sc.type == "asha":

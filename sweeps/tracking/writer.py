@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sweeps import schema as S
+from clockdistill import metrics as M
+from clockdistill.config.dotted import flatten_dict
+from sweeps.tracking import schema as S
 
 log = logging.getLogger(__name__)
 
@@ -114,18 +116,12 @@ class SweepTracker:
                 run_name=self.sweep_id,
                 tags={S.SWEEP_ID_TAG: self.sweep_id, S.ROLE_TAG: S.ROLE_SWEEP, **tags},
             )
-            from mlflow.entities import Param
-
-            from clockdistill.config.dotted import flatten_dict
-
             params = {f"{S.SPEC_PARAM_PREFIX}{k}": v for k, v in flatten_dict(spec_dict).items() if k != "search_space"}
             params.update({f"{S.SPACE_PARAM_PREFIX}{k}": v for k, v in space.items()})
-            items = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in params.items()]
-            for i in range(0, len(items), PARAM_BATCH):
-                self.client.log_batch(run.info.run_id, params=items[i : i + PARAM_BATCH])
+            self._log_new_params(run.info.run_id, params, {})
             self.client.log_dict(run.info.run_id, spec_dict, S.SPEC_ARTIFACT)
             if teacher_ap is not None:
-                self.client.log_metric(run.info.run_id, S.TEACHER_AP, teacher_ap)
+                self.client.log_metric(run.info.run_id, M.TEACHER_AP, teacher_ap)
             log.info("mlflow: sweep run %s created in experiment %s", run.info.run_id, self.experiment)
         else:
             self.client.update_run(run.info.run_id, status="RUNNING")
@@ -166,17 +162,25 @@ class SweepTracker:
                     **({S.BASELINE_TAG: "true"} if baseline else {}),
                 },
             )
-            from mlflow.entities import Param
-
-            items = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in params.items()]
-            for i in range(0, len(items), PARAM_BATCH):
-                self.client.log_batch(run.info.run_id, params=items[i : i + PARAM_BATCH])
+            self._log_new_params(run.info.run_id, params, {})
         else:
             self._logged_epoch[run.info.run_id] = int(run.data.metrics.get("epoch", 0))
             if run.info.status != "RUNNING" and not self.is_done(run):
                 self.client.update_run(run.info.run_id, status="RUNNING")
         self._runs[trial_id] = run.info.run_id
         return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Params the run does not have yet (MLflow params are write-once: a searched knob logged when the
+        run opened keeps the value Tune gave it)."""
+        self._log_new_params(run_id, params, self.client.get_run(run_id).data.params)
+
+    def _log_new_params(self, run_id: str, params: dict[str, Any], existing: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v if isinstance(v, str) else json.dumps(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), PARAM_BATCH):
+            self.client.log_batch(run_id, params=items[i : i + PARAM_BATCH])
 
     def log_epoch(self, run_id: str, result: dict[str, Any]) -> bool:
         """Write one epoch's allow-listed metrics in one batch; an epoch already written (a trial

@@ -15,13 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from sweeps.spec import SweepSpec, spec_from_json, spec_to_json
+from sweeps.tune.spec import SweepSpec, spec_from_json, spec_to_json
 
 log = logging.getLogger(__name__)
 
 
 def needs_node_caches(spec: SweepSpec) -> bool:
-    from sweeps.trial import trial_config
+    from sweeps.tune.trial import trial_config
 
     cfg = trial_config(spec, {}, Path(tempfile.gettempdir()) / "clockdistill-prebuild")
     return cfg.data.decoded_cache or cfg.distill.teacher_cache != "off"
@@ -33,7 +33,7 @@ def _build(spec_json: str) -> dict:
     from clockdistill.distill.cache import prepare_teacher_cache
     from clockdistill.distill.teacher import FrozenTeacher
     from clockdistill.engine import build_datasets, select_device
-    from sweeps.trial import trial_config
+    from sweeps.tune.trial import trial_config
 
     t0 = time.perf_counter()
     spec = spec_from_json(spec_json)

@@ -13,8 +13,8 @@ import logging
 import uuid
 
 from clockdistill.checkpoint import storage_filesystem
-from sweeps.console import short_path
-from sweeps.spec import SpecError
+from sweeps.tune.console import short_path
+from sweeps.tune.spec import SpecError
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import logging
 from typing import Any
 
 from clockdistill.checkpoint import storage_filesystem
-from sweeps import schema as S
-from sweeps.mlflow_writer import SweepTracker
-from sweeps.spec import SweepSpec, load_spec, search_space_summary, spec_to_dict, sweep_dir_name
+from sweeps.tracking import schema as S
+from sweeps.tracking.writer import SweepTracker
+from sweeps.tune.spec import SweepSpec, load_spec, search_space_summary, spec_to_dict, sweep_dir_name
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,6 @@ def _best_checkpoint(fs, trial_dir: str, metric: str, mode: str) -> tuple[str, s
 
 
 def sync_sweep(spec_path: str, name: str | None = None) -> dict[str, int]:
-    from sweeps.tune_callback import trial_params
-
     spec = load_spec(spec_path, name)
     tracker = SweepTracker(spec.mlflow.tracking_uri or S.default_tracking_uri(), spec.mlflow.experiment, spec.name)
     parent = tracker.find_parent()
@@ -85,7 +83,10 @@ def sync_sweep(spec_path: str, name: str | None = None) -> dict[str, int]:
     for dirname, params, rows, best in _trials(spec):
         trial_id = rows[-1]["trial_id"]
         label = S.trial_label(S.trial_number(dirname, trial_id), trial_id, params)
-        run_id = tracker.trial_run(trial_id, label, trial_params(spec, params), bool(params.get(S.BASELINE_KEY)))
+        run_id = tracker.trial_run(trial_id, label, S.searched_params(params), bool(params.get(S.BASELINE_KEY)))
+        for row in rows[:1]:
+            if S.CONFIG_KEY in row:  # the full config the trial built, with its first report
+                tracker.log_params(run_id, json.loads(row[S.CONFIG_KEY]))
         counts["trials"] += 1
         counts["epochs_written"] += sum(tracker.log_epoch(run_id, row) for row in rows if S.FAILED_KEY not in row)
         run = tracker.client.get_run(run_id)

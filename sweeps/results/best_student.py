@@ -33,8 +33,8 @@ from clockdistill.checkpoint_meta import read_meta
 from clockdistill.config.layers import resolve_config
 from clockdistill.data.index import file_digest
 from clockdistill.errors import UserError
-from sweeps import schema as S
-from sweeps.mlflow_reader import Sweep, Trial, find_sweep, metric_history, open_client, pareto_set, rank, sweep_trials
+from sweeps.tracking import schema as S
+from sweeps.tracking.reader import Sweep, Trial, find_sweep, metric_history, open_client, pareto_set, rank, sweep_trials
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +173,8 @@ def best_student(
 ) -> dict[str, Any]:
     """The whole command; returns the export manifest (also written as export.json)."""
     from clockdistill.engine import select_device
-    from sweeps.registry import register_student
-    from sweeps.student_export import export_files
+    from sweeps.results.export import export_files
+    from sweeps.tracking.registry import register_student
 
     client = open_client(tracking_uri)
     sweep = find_sweep(client, sweep_name)

@@ -4,7 +4,7 @@ With `resources: {workers: N, cpu: C, gpu: G}` (N > 1) a trial is a light Tune f
 a `TorchTrainer` of N workers (C CPUs and G GPUs each; gloo on CPU, NCCL on GPU). Every worker
 builds the same teacher (replicated, frozen) and student; `fit` wraps the student's side of the step
 in DistributedDataParallel and gives each rank its share of every global batch of
-`train.batch_size` (clockdistill/engine.py: ShardedBatchSampler; loss normalisers are global, so a
+`train.batch_size` (clockdistill/data/sampler.py: ShardedBatchSampler; loss normalisers are global, so a
 step on N workers equals a step on one with the same global batch). Rank 0 evaluates, checkpoints
 and reports; Ray Train's TuneReportCallback passes its rows (and the checkpoint's path as
 `checkpoint_path`) up to Tune, where ASHA can stop the trial, which ends the Train run and frees
@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sweeps.schema import checkpoint_score
-from sweeps.spec import SweepSpec, spec_from_json, spec_to_json
-from sweeps.trial import run_trial
+from sweeps.tracking.schema import checkpoint_score
+from sweeps.tune.spec import SweepSpec, spec_from_json, spec_to_json
+from sweeps.tune.trial import run_trial
 
 log = logging.getLogger(__name__)
 

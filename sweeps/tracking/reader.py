@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clockdistill import metrics as M
 from clockdistill.errors import UserError
-from sweeps import schema as S
+from sweeps.tracking import schema as S
 
 
 def open_client(tracking_uri: str | None = None):
@@ -73,7 +74,7 @@ class Sweep:
 
     @property
     def teacher_ap(self) -> float | None:
-        return self.run.data.metrics.get(S.TEACHER_AP)
+        return self.run.data.metrics.get(M.TEACHER_AP)
 
     @property
     def searched_keys(self) -> list[str]:
