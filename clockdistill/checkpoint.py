@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -114,8 +115,6 @@ def save_checkpoint(
 
 def storage_filesystem(location: str):
     """(pyarrow filesystem, path) of a sweep storage location: a URI (s3://...) or a local path."""
-    import pyarrow.fs as pafs
-
     if "://" in location:
         return pafs.FileSystem.from_uri(location)
     return pafs.LocalFileSystem(), str(Path(location).resolve())

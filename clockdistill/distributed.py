@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 
 def is_distributed() -> bool:
@@ -59,8 +60,6 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel over `module`. On CUDA, BatchNorm layers that still train become
     SyncBatchNorm (statistics over the global batch); on CPU (gloo) there is no SyncBatchNorm, so each
     rank normalises by its own share unless the model uses `model.frozen_bn`."""
-    from torch.nn.parallel import DistributedDataParallel
-
     if device.type == "cuda":
         module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)

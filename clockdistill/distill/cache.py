@@ -51,6 +51,7 @@ from clockdistill.data.index import file_digest
 from clockdistill.data.transforms import collate
 from clockdistill.distill.queries import TargetQueryBuilder
 from clockdistill.errors import ConfigError
+from clockdistill.models.common import decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +242,6 @@ def write_cache(
     progress: bool = True,
 ) -> None:
     """One teacher pass over every (image, view) of `dataset`, written as the plan's cache file."""
-    from clockdistill.models.common import decoder_layers
-
     dc, C = cfg.distill, teacher.num_classes
     builder = TargetQueryBuilder(C, [teacher.cfg.d_model], dc.logit).to(device) if "queries" in plan.parts else None
     meta = {
