@@ -75,7 +75,7 @@ def _load_pickle(path: Path, field: str) -> Any:
         ) from None
 
 
-def first_words(exc: BaseException, limit: int = 160) -> str:
+def first_words(exc: BaseException, limit: int = 100) -> str:
     """The first line of an exception's message, cut at a word boundary (its type when it has none)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if len(text) <= limit:
