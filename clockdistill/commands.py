@@ -45,6 +45,7 @@ def _synth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--train", type=int, default=1000, help="training images (default 1000)")
     p.add_argument("--val", type=int, default=200, help="validation images (default 200)")
+    p.add_argument("--test", type=int, default=200, help="held-out test images, which no sweep reads (default 200)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -52,11 +53,11 @@ def _synth_arguments(p: argparse.ArgumentParser) -> None:
 def _synth(args: argparse.Namespace) -> int:
     from clockdistill.data.synth import write_synthetic
 
-    for name in ("train", "val"):
+    for name in ("train", "val", "test"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name}: expected a count >= 0, got {getattr(args, name)}")
-    out = write_synthetic(args.out, args.train, args.val, args.seed, progress=not args.quiet)
-    print(f"wrote {args.train} train and {args.val} val images to {out}")
+    out = write_synthetic(args.out, args.train, args.val, args.seed, progress=not args.quiet, test=args.test)
+    print(f"wrote {args.train} train, {args.val} val and {args.test} test images to {out}")
     return 0
 
 
@@ -70,6 +71,11 @@ def _kitti_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--val-ids", help="file with one validation image id per line")
     p.add_argument(
+        "--test-ids",
+        help="file with the held-out test ids (default: ImageSets/test.txt when its ids are labelled and not in "
+        "train or val, else every second id of the val list, which keeps the others)",
+    )
+    p.add_argument(
         "--map-similar", action="store_true", help="map Van -> Car and Person_sitting -> Pedestrian instead of ignoring"
     )
     p.add_argument("--copy", action="store_true", help="copy images instead of symlinking them")
@@ -78,8 +84,10 @@ def _kitti_arguments(p: argparse.ArgumentParser) -> None:
 def _kitti(args: argparse.Namespace) -> int:
     from clockdistill.data.kitti import convert_kitti
 
-    counts = convert_kitti(args.kitti, args.out, args.train_ids, args.val_ids, args.map_similar, args.copy)
-    print(f"wrote {counts.get('train', 0)} train and {counts.get('val', 0)} val images to {args.out}")
+    counts = convert_kitti(
+        args.kitti, args.out, args.train_ids, args.val_ids, args.map_similar, args.copy, args.test_ids
+    )
+    print(", ".join(f"{counts[s]} {s}" for s in ("train", "val", "test")) + f" images written to {args.out}")
     return 0
 
 

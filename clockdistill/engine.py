@@ -28,7 +28,7 @@ from clockdistill.data.sampler import ShardedBatchSampler
 from clockdistill.data.transforms import DetectionTransform, collate
 from clockdistill.distributed import average_across_ranks, is_distributed, rank, world_size, wrap_ddp
 from clockdistill.errors import TrainingDiverged, UserError
-from clockdistill.evaluation import coco_evaluate, postprocess, to_coco_results
+from clockdistill.evaluation.coco import coco_evaluate, postprocess, to_coco_results
 from clockdistill.losses.criterion import SetCriterion, model_detection_weights, weighted_sum
 from clockdistill.metrics import EPOCH, EVAL_TIME, LOSS, LR, TRAIN_TIME
 from clockdistill.models.build import build_detector

@@ -200,7 +200,7 @@ def make_kitti(root):
 def test_kitti_conversion(tmp_path):
     kitti = make_kitti(tmp_path / "kitti")
     counts = convert_kitti(kitti, tmp_path / "coco", kitti / "train.txt", kitti / "val.txt")
-    assert counts == {"train": 2, "val": 1}
+    assert counts == {"train": 2, "val": 1, "test": 0}  # the test split takes every second val id: none of one
     doc = json.loads((tmp_path / "coco" / "annotations" / "instances_train.json").read_text())
     assert [c["name"] for c in doc["categories"]] == ["Car", "Pedestrian", "Cyclist"]
     assert doc["images"][0] == {"id": 1, "file_name": "000000.png", "width": 1242, "height": 375}
@@ -220,6 +220,39 @@ def test_kitti_conversion(tmp_path):
     assert mapped["val"] == 1
     val2 = json.loads((tmp_path / "coco2" / "annotations" / "instances_val.json").read_text())
     assert [(a["category_id"], a["iscrowd"]) for a in val2["annotations"]] == [(2, 0)]
+
+
+def test_kitti_holds_out_a_test_split_no_sweep_reads(tmp_path):
+    """--test-ids, else ImageSets/test.txt when labelled and disjoint from train and val (the devkit's
+    own lists the unlabelled testing images, whose ids repeat the training ones), else every second
+    val id; a test list that overlaps train or val is refused."""
+    from clockdistill.data.kitti import kitti_splits
+
+    labelled = [f"{i:06d}" for i in range(20)]
+    default = kitti_splits(tmp_path, labelled)
+    assert default["val"] == ["000000", "000010"] and default["test"] == ["000005", "000015"]
+    assert set(default["train"]) == set(labelled) - {"000000", "000005", "000010", "000015"}
+    sets = tmp_path / "ImageSets"
+    sets.mkdir()
+    (sets / "train.txt").write_text("\n".join(labelled[:10]))
+    (sets / "val.txt").write_text("\n".join(labelled[10:16]))
+    (sets / "test.txt").write_text("\n".join(labelled[:5]))  # ids of the training list: the devkit's testing images
+    devkit = kitti_splits(tmp_path, labelled)
+    assert devkit["test"] == labelled[11:16:2] and devkit["val"] == labelled[10:16:2]
+    (sets / "test.txt").write_text("\n".join(labelled[16:]))  # labelled, in neither list: a real test split
+    assert kitti_splits(tmp_path, labelled)["test"] == labelled[16:]
+    (tmp_path / "mine.txt").write_text("000003\n000019\n")
+    with pytest.raises(DataError, match=r"--test-ids .*mine.txt: 1 id\(s\) also in the train or val list"):
+        kitti_splits(tmp_path, labelled, test_ids=tmp_path / "mine.txt")
+
+
+def test_a_training_config_never_names_the_test_split():
+    from clockdistill.config.layers import resolve_config
+    from clockdistill.errors import ConfigError
+
+    for key in ("train_split", "val_split"):
+        with pytest.raises(ConfigError, match=rf"^data.{key}: 'test' is the held-out test split"):
+            resolve_config({"data": {key: "test"}})
 
 
 def test_kitti_bad_label_line(tmp_path):

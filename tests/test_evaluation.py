@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from clockdistill.evaluation import coco_evaluate, postprocess, to_coco_results
+from clockdistill.evaluation.coco import coco_evaluate, postprocess, to_coco_results
 
 
 def gt_dataset():

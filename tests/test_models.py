@@ -7,7 +7,7 @@ from clockdistill.config.layers import resolve_config
 from clockdistill.data.dataset import CocoDetection
 from clockdistill.data.transforms import DetectionTransform, collate
 from clockdistill.engine import build_optimizer
-from clockdistill.evaluation import coco_evaluate, postprocess, to_coco_results
+from clockdistill.evaluation.coco import coco_evaluate, postprocess, to_coco_results
 from clockdistill.losses.criterion import SetCriterion, model_detection_weights, weighted_sum
 from clockdistill.models.build import build_detector
 from clockdistill.models.deformable_attention import deformable_sample

@@ -13,6 +13,10 @@ from clockdistill.config.dotted import check_choice as _check_choice
 from clockdistill.config.dotted import check_range as _check_range
 from clockdistill.errors import ConfigError
 
+# The held-out split (annotations/instances_test.json): training and selection never read it; best-student
+# reports the winner, the student alone and the teacher on it
+TEST_SPLIT = "test"
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -28,6 +32,12 @@ class DataConfig:
     cache_dir: str = ""  # node-local cache directory ("" = $CLOCKDISTILL_CACHE_DIR or ~/.cache/clockdistill)
 
     def __post_init__(self):
+        for key in ("train_split", "val_split"):
+            if getattr(self, key) == TEST_SPLIT:
+                raise ConfigError(
+                    f"data.{key}: {TEST_SPLIT!r} is the held-out test split; training and selection never read it "
+                    "(best-student reports on it)"
+                )
         _check_choice("data.pad_to", self.pad_to, ("batch", "max_size"))
         _check_range("data.max_size", self.max_size, low=16)
         _check_range("data.hflip", self.hflip, low=0.0, high=1.0)

@@ -12,8 +12,11 @@ Class rule (documented in the README):
 - DontCare regions become ignore regions (iscrowd=1).
 - Truck, Tram and Misc are dropped.
 
-Split: id lists (one id per line) from `train_ids` / `val_ids` files, else `<kitti>/ImageSets/
-{train,val}.txt`, else every fifth id (sorted) goes to val.
+Splits (`kitti_splits`): train and val from `train_ids` / `val_ids` files, else `<kitti>/ImageSets/
+{train,val}.txt`, else every fifth id (sorted) goes to val. The held-out test split, which no sweep
+reads: `test_ids`, else `<kitti>/ImageSets/test.txt` when its ids are labelled and disjoint from
+train and val (the devkit's own test.txt lists the unlabelled testing images, whose ids repeat the
+training ones: it is not taken), else every second id of the val list (val keeps the others).
 """
 
 from __future__ import annotations
@@ -82,21 +85,14 @@ def parse_label_file(path: Path, map_similar: bool = False) -> tuple[list[tuple[
     return objects, degenerate
 
 
-def convert_kitti(
-    kitti: str | Path,
-    out: str | Path,
+def kitti_splits(
+    kitti: Path,
+    labelled: list[str],
     train_ids: str | Path | None = None,
     val_ids: str | Path | None = None,
-    map_similar: bool = False,
-    copy: bool = False,
-) -> dict[str, int]:
-    """Write `out/annotations/instances_{train,val}.json` and `out/images/{split}/` (symlinks unless
-    `copy`). Returns the number of images per split."""
-    kitti, out = Path(kitti), Path(out)
-    label_dir, image_dir = _find(kitti, "label_2"), _find(kitti, "image_2")
-    all_ids = sorted(p.stem for p in label_dir.glob("*.txt"))
-    if not all_ids:
-        raise DataError(f"{label_dir}: no label files (*.txt)")
+    test_ids: str | Path | None = None,
+) -> dict[str, list[str]]:
+    """{train, val, test: ids} by the rules of this module's docstring."""
     if train_ids or val_ids:
         if not (train_ids and val_ids):
             raise DataError("--train-ids and --val-ids: give both id lists, or neither")
@@ -104,7 +100,44 @@ def convert_kitti(
     elif (kitti / "ImageSets" / "train.txt").is_file():
         splits = {s: _read_ids(kitti / "ImageSets" / f"{s}.txt") for s in ("train", "val")}
     else:
-        splits = {"train": [i for k, i in enumerate(all_ids) if k % 5], "val": all_ids[::5]}
+        splits = {"train": [i for k, i in enumerate(labelled) if k % 5], "val": labelled[::5]}
+    used = set(splits["train"]) | set(splits["val"])
+    if test_ids:
+        splits["test"] = _read_ids(Path(test_ids))
+        overlap = sorted(set(splits["test"]) & used)
+        if overlap:
+            raise DataError(
+                f"--test-ids {test_ids}: {len(overlap)} id(s) also in the train or val list (first: {overlap[0]}); "
+                "the test split must be held out"
+            )
+        return splits
+    listed = kitti / "ImageSets" / "test.txt"
+    ids = _read_ids(listed) if listed.is_file() else []
+    if ids and set(ids) <= set(labelled) and not set(ids) & used:
+        splits["test"] = ids
+    else:
+        val = sorted(splits["val"])
+        splits["val"], splits["test"] = val[0::2], val[1::2]
+    return splits
+
+
+def convert_kitti(
+    kitti: str | Path,
+    out: str | Path,
+    train_ids: str | Path | None = None,
+    val_ids: str | Path | None = None,
+    map_similar: bool = False,
+    copy: bool = False,
+    test_ids: str | Path | None = None,
+) -> dict[str, int]:
+    """Write `out/annotations/instances_{train,val,test}.json` and `out/images/{split}/` (symlinks
+    unless `copy`). Returns the number of images per split."""
+    kitti, out = Path(kitti), Path(out)
+    label_dir, image_dir = _find(kitti, "label_2"), _find(kitti, "image_2")
+    all_ids = sorted(p.stem for p in label_dir.glob("*.txt"))
+    if not all_ids:
+        raise DataError(f"{label_dir}: no label files (*.txt)")
+    splits = kitti_splits(kitti, all_ids, train_ids, val_ids, test_ids)
     categories = [{"id": i + 1, "name": c, "supercategory": "kitti"} for i, c in enumerate(CLASSES)]
     cat_id = {c: i + 1 for i, c in enumerate(CLASSES)}
     counts, degenerate = {}, 0

@@ -94,44 +94,56 @@ def render_image(seed: int, split: str, index: int) -> tuple[np.ndarray, list[tu
     return np.clip(img, 0, 255).astype(np.uint8), objects
 
 
-def write_synthetic(out: str | Path, train: int, val: int, seed: int = 0, progress: bool = True) -> Path:
-    """Write a COCO-format data set: images/{train,val}/*.png and annotations/instances_{split}.json."""
+def write_synthetic(out: str | Path, train: int, val: int, seed: int = 0, progress: bool = True, test: int = 0) -> Path:
+    """Write a COCO-format data set: images/{train,val[,test]}/*.png and annotations/instances_{split}.json
+    (a test split only when `test` > 0; every split's images are its own: adding one changes no other)."""
     out = Path(out)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
-    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
-    for split, count in (("train", train), ("val", val)):
-        image_dir = out / "images" / split
-        image_dir.mkdir(parents=True, exist_ok=True)
-        images, annotations = [], []
-        for i in tqdm(range(count), desc=f"synth {split}", disable=not progress, unit="img"):
-            pixels, objects = render_image(seed, split, i)
-            name = f"{i:06d}.png"
-            Image.fromarray(pixels).save(image_dir / name, optimize=False, compress_level=1)
-            images.append({"id": i + 1, "file_name": name, "width": pixels.shape[1], "height": pixels.shape[0]})
-            for cls, bbox in objects:
-                annotations.append(
-                    {
-                        "id": len(annotations) + 1,
-                        "image_id": i + 1,
-                        "category_id": cls + 1,
-                        "bbox": bbox,
-                        "area": bbox[2] * bbox[3],
-                        "iscrowd": 0,
-                    }
-                )
-        doc = {
-            "info": {"description": f"clockdistill synthetic shapes, seed {seed}"},
-            "images": images,
-            "annotations": annotations,
-            "categories": categories,
-        }
-        (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
+    for split, count in (("train", train), ("val", val), ("test", test)):
+        if split != "test" or count:
+            _write_split(out, split, count, seed, progress)
     return out
 
 
-def ensure_synthetic(out: str | Path, train: int, val: int, seed: int = 0, progress: bool = True) -> Path:
-    """`write_synthetic` unless `out` already holds a data set (then it is reused as it is)."""
+def _write_split(out: Path, split: str, count: int, seed: int, progress: bool) -> None:
+    """images/<split>/*.png and annotations/instances_<split>.json of `count` images."""
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
+    image_dir = out / "images" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in tqdm(range(count), desc=f"synth {split}", disable=not progress, unit="img"):
+        pixels, objects = render_image(seed, split, i)
+        name = f"{i:06d}.png"
+        Image.fromarray(pixels).save(image_dir / name, optimize=False, compress_level=1)
+        images.append({"id": i + 1, "file_name": name, "width": pixels.shape[1], "height": pixels.shape[0]})
+        for cls, bbox in objects:
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": cls + 1,
+                    "bbox": bbox,
+                    "area": bbox[2] * bbox[3],
+                    "iscrowd": 0,
+                }
+            )
+    doc = {
+        "info": {"description": f"clockdistill synthetic shapes, seed {seed}"},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
+    (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
+
+
+def ensure_synthetic(
+    out: str | Path, train: int, val: int, seed: int = 0, progress: bool = True, test: int = 0
+) -> Path:
+    """`write_synthetic` unless `out` already holds a data set (then it is reused as it is, with a
+    test split of `test` images written when it has none)."""
     out = Path(out)
     if not (out / "annotations" / "instances_val.json").is_file():
-        write_synthetic(out, train, val, seed=seed, progress=progress)
+        write_synthetic(out, train, val, seed=seed, progress=progress, test=test)
+    elif test and not (out / "annotations" / "instances_test.json").is_file():
+        _write_split(out, "test", test, seed, progress)
     return out

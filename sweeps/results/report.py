@@ -145,7 +145,7 @@ def _detections(model, dataset, indices: list[int]):
     import torch
 
     from clockdistill.data.transforms import collate
-    from clockdistill.evaluation import postprocess
+    from clockdistill.evaluation.coco import postprocess
 
     images, mask, targets = collate([dataset[i] for i in indices])
     with torch.no_grad():

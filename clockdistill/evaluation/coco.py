@@ -60,7 +60,7 @@ def to_coco_results(
     return results
 
 
-def _quiet_coco(dataset: dict[str, Any]) -> COCO:
+def quiet_coco(dataset: dict[str, Any]) -> COCO:
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
@@ -75,7 +75,7 @@ def coco_evaluate(
     file (or loaded dict). `image_ids` restricts evaluation to those images. Empty categories give -1,
     as in pycocotools."""
     dataset = json.loads(Path(ann).read_text()) if not isinstance(ann, dict) else ann
-    gt = _quiet_coco(dataset)
+    gt = quiet_coco(dataset)
     ids = sorted(image_ids) if image_ids is not None else sorted(gt.getImgIds())
     if not results:
         stats = {name: 0.0 for name in STAT_NAMES}
