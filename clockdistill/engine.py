@@ -132,7 +132,7 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def evaluate(
+def predict(
     model: nn.Module,
     dataset: CocoDetection,
     device: torch.device,
@@ -140,8 +140,9 @@ def evaluate(
     amp: bool = True,
     progress: bool = False,
     canvas: tuple[int, int] | None = None,
-) -> dict[str, float]:
-    """COCO metrics of `model` on a whole split (batches padded to `canvas` when given)."""
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """COCO-format detections of `model` on a whole split, and the split's image ids (batches padded
+    to `canvas` when given)."""
     was_training = model.training
     model.eval()
     loader = DataLoader(
@@ -157,6 +158,20 @@ def evaluate(
         results += to_coco_results(postprocess(outputs, orig), ids, dataset.label_to_cat)
         image_ids += ids
     model.train(was_training)
+    return results, image_ids
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: CocoDetection,
+    device: torch.device,
+    batch_size: int = 16,
+    amp: bool = True,
+    progress: bool = False,
+    canvas: tuple[int, int] | None = None,
+) -> dict[str, float]:
+    """COCO metrics of `model` on a whole split (batches padded to `canvas` when given)."""
+    results, image_ids = predict(model, dataset, device, batch_size, amp, progress, canvas)
     return coco_evaluate(dataset.ground_truth, results, image_ids)
 
 

@@ -42,6 +42,11 @@ STARTUP = "startup_s"  # imports, model and data set-up, cache opening, the firs
 TRIAL_WALL = "trial_wall_s"  # since the trial's process started (or finished its previous trial)
 TRIAL_OVERHEAD = "trial_overhead_s"  # the part of it not spent in training or evaluation epochs
 TIMINGS = (TRAIN_TIME, EVAL_TIME, STARTUP, TRIAL_WALL, TRIAL_OVERHEAD)
+# best-student, on the held-out test split (each with LOW / HIGH: its 95% bootstrap interval over images)
+TEST_AP = "test_AP"
+TEST_GAIN = "test_AP_gain_vs_alone"  # the winner minus the sweep's student trained alone, on the same resamples
+SELECTION_GAP = "selection_minus_test_AP"  # the winner's validation AP (what chose it) minus its test AP
+LOW, HIGH = "_low", "_high"
 
 
 def loss_part(term: str) -> str:

@@ -109,6 +109,12 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", type=int, default=1000, help="synthetic training images (default 1000)")
     p.add_argument("--val", type=int, default=300, help="synthetic validation images (default 300)")
     p.add_argument(
+        "--test",
+        type=int,
+        default=300,
+        help="held-out test images, on which the table's test AP is measured (default 300; 0: none)",
+    )
+    p.add_argument(
         "--teacher-epochs",
         type=int,
         help="train a teacher here for this many epochs instead of taking the shipped one (AP 0.44 after 30 "
@@ -124,7 +130,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(
         Path(args.workdir), args.train, args.val, args.teacher_epochs, args.trials, args.sweep_epochs,
-        verbose=args.ray_verbose or args.verbose,
+        verbose=args.ray_verbose or args.verbose, n_test=args.test,
     )  # fmt: skip
     return 0
 

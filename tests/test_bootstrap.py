@@ -98,3 +98,15 @@ def test_paired_differences_use_the_same_resamples():
     assert diff["high"] - diff["low"] < sum(widths)
     with pytest.raises(ValueError, match="same images"):
         bootstrap({"a": good, "b": match_images(gt, [], ids[:10])})
+
+
+def test_the_gain_sentence_claims_no_more_than_its_interval():
+    from sweeps.results.held_out import gain_sentence
+
+    def said(ap, low, high):
+        return gain_sentence({"differences": {"winner - alone": {"AP": ap, "low": low, "high": high}}})
+
+    assert said(0.021, 0.004, 0.038).startswith("distillation gained +2.10 AP [+0.40, +3.80]")
+    assert said(-0.02, -0.03, -0.01).startswith("distillation lost -2.00 AP")
+    assert "the interval spans 0, no gain shown" in said(0.01, -0.002, 0.02)
+    assert "not measured" in gain_sentence({"differences": {}})

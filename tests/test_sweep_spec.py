@@ -1,6 +1,7 @@
 """Sweep specs: validation before Ray starts, translation to Tune, Optuna's view of pruned trials."""
 
 import json
+import re
 
 import pytest
 
@@ -41,6 +42,14 @@ def _spec(**changes):
         (
             {"search_space": {"distill.memory.alpha": {"uniform": [3, 2]}}},
             "search_space.distill.memory.alpha.uniform: low must be < high",
+        ),
+        (  # no trial can read the held-out test split, whichever way a spec points at it
+            {"config": {"data": {"val_split": "test"}}},
+            "s.yaml: config: data.val_split: 'test' is the held-out test split",
+        ),
+        (
+            {"search_space": {"data.train_split": {"choice": ["train", "test"]}}},
+            "search_space.data.train_split.choice: data.train_split: 'test' is the held-out test split",
         ),
         (
             {"search_space": {"distill.memory.alpha": {"loguniform": [0, 1]}}},
@@ -318,7 +327,7 @@ def test_demo_prints_teacher_student_alone_and_best_distilled_student(tmp_path):
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "clockdistill", "demo", "--workdir", str(tmp_path / "demo")]
-        + ["--train", "16", "--val", "8", "--trials", "1", "--sweep-epochs", "1"],
+        + ["--train", "16", "--val", "8", "--test", "12", "--trials", "1", "--sweep-epochs", "1"],
         capture_output=True,
         text=True,
         timeout=900,
@@ -330,22 +339,32 @@ def test_demo_prints_teacher_student_alone_and_best_distilled_student(tmp_path):
     # the shipped teacher, the no-KD trial on the same budget, and the three-row table
     assert "teacher: the shipped hybrid-tiny-teacher" in proc.stderr
     assert "sweep demo: 2 trials, 2 ran the full budget" in out and "t01 started   no-KD baseline" in out
-    table = out[out.index("\nmodel ") + 1 :].splitlines()
+    table = out[out.rindex("\nmodel ") + 1 :].splitlines()
     assert table[1].startswith("teacher (hybrid-tiny-teacher)")
     assert table[2].startswith("student alone (t01, no KD)") and "x smaller" in table[2]
     assert table[3].startswith("best distilled student (t02)") and "x faster" in table[3]
-    assert "AP over the student alone on the same budget" in out
+    # every row's held-out test AP with its interval, and what distillation did there, with its interval
+    intervals = [re.search(r" (\d\.\d{4}) \[(\d\.\d{4}), (\d\.\d{4})\] ", row) for row in table[1:4]]
+    assert all(m and float(m[2]) <= float(m[1]) <= float(m[3]) for m in intervals), table
+    assert re.search(r"(gained|lost|changed AP by) [+-]\d+\.\d\d AP \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", table[4]), table
+    assert "held-out test images" in table[4]
+    export = json.loads((tmp_path / "demo" / "best-student" / "export.json").read_text())
+    assert export["test"]["images"] == 12 and set(export["test"]["models"]) == {"winner", "alone", "teacher"}
+    assert "## Held-out test split\n12 images" in (tmp_path / "demo" / "best-student" / "MODEL_CARD.md").read_text()
     # the demo ends with the report and the exported, registered best student (never the baseline)
     assert (tmp_path / "demo" / "report" / "ap_over_epochs.png").is_file()
     assert (tmp_path / "demo" / "best-student" / "student.torchscript.pt").is_file()
     assert "alias champion -> clockdistill-demo-student version 1" in out
-    export = json.loads((tmp_path / "demo" / "best-student" / "export.json").read_text())
     assert export["method"] == "clockdistill"
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("clockdistill-demo").experiment_id])
     baseline = [r for r in runs if r.data.tags.get(S.BASELINE_TAG) == "true"]
     assert [(r.info.run_name, r.data.params["distill.method"]) for r in baseline] == [("t01 no-KD baseline", "none")]
     assert "demo" in {r.info.run_name for r in runs if r.data.tags.get(S.ROLE_TAG) == "sweep"}
+    winner = next(r for r in runs if r.data.tags.get(S.TRIAL_ID_TAG) == export["trial_id"])
+    assert winner.data.metrics["test_AP"] == pytest.approx(export["test"]["models"]["winner"]["AP"])
+    version = client.get_model_version_by_alias("clockdistill-demo-student", "champion")
+    assert float(version.tags["selection_minus_test_AP"]) == pytest.approx(export["test"]["selection_gap"], abs=1e-6)
 
 
 def test_pbt_mutates_the_searched_keys_and_grid_uses_tune_variants():

@@ -22,17 +22,29 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from mlflow.entities import Metric
 
 from clockdistill.checkpoint import load_detector, storage_filesystem
 from clockdistill.checkpoint_meta import read_meta
 from clockdistill.config.layers import resolve_config
 from clockdistill.data.index import file_digest
 from clockdistill.errors import UserError
+from sweeps.results.held_out import (
+    ALONE,
+    TEACHER,
+    WINNER,
+    Contender,
+    held_out_report,
+    run_metrics,
+    table,
+    test_annotations,
+)
 from sweeps.tracking import schema as S
 from sweeps.tracking.reader import Sweep, Trial, find_sweep, metric_history, open_client, pareto_set, rank, sweep_trials
 
@@ -161,6 +173,38 @@ def verify_checkpoint(
     return metrics, meta
 
 
+def test_the_winner(
+    client, sweep: Sweep, trials: list[Trial], winner: Trial, checkpoint: Path, meta: dict[str, Any], device
+) -> dict[str, Any] | None:
+    """The winner, the sweep's student alone and the teacher on the held-out test split (held_out.py),
+    printed and logged on the winner's run; None (and a line saying so) without a test split."""
+    root, teacher = meta["config"]["data"]["root"], meta["config"]["distill"]["teacher"]
+    if not test_annotations(root).is_file():
+        print(
+            f"no test split in {root} ({test_annotations(root).relative_to(root)}): the winner is not measured on "
+            "held-out images (clockdistill data synth --test N and data kitti write one)"
+        )
+        return None
+    number = winner.name.split(" ")[0]
+    contenders = [Contender(WINNER, f"best distilled student ({number})", checkpoint, winner.best("AP"))]
+    with tempfile.TemporaryDirectory() as tmp:
+        alone = next((t for t in trials if t.baseline and t.finished), None)
+        if alone is not None:
+            path, _ = fetch_checkpoint(client, alone, Path(tmp) / "alone")
+            contenders.append(
+                Contender(ALONE, f"student alone ({alone.name.split(' ')[0]}, no KD)", path, alone.best("AP"))
+            )
+        if teacher and (Path(teacher) / "meta.json").is_file():
+            preset = read_meta(teacher)["config"]["model"]["preset"]
+            contenders.append(Contender(TEACHER, f"teacher ({preset})", Path(teacher), sweep.teacher_ap))
+        report = held_out_report(contenders, root, device)
+    print(table(report))
+    client.log_batch(
+        winner.run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in run_metrics(report).items()]
+    )
+    return report
+
+
 def best_student(
     sweep_name: str | None = None,
     metric: str | None = None,
@@ -196,8 +240,12 @@ def best_student(
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, source = fetch_checkpoint(client, choice.trial, Path(tmp) / "checkpoint")
         metrics, meta = verify_checkpoint(client, choice.trial, checkpoint, select_device(device), tolerance)
-        manifest = export_files(checkpoint, meta, metrics, out, sweep=sweep, trial=choice.trial, source=source)
+        held_out = test_the_winner(client, sweep, trials, choice.trial, checkpoint, meta, select_device(device))
+        manifest = export_files(
+            checkpoint, meta, metrics, out, sweep=sweep, trial=choice.trial, source=source, held_out=held_out
+        )
     if register:
-        manifest["registered"] = register_student(client, sweep, choice.trial, out, manifest)
+        figures = run_metrics(held_out) if held_out else None
+        manifest["registered"] = register_student(client, sweep, choice.trial, out, manifest, figures)
         (out / "export.json").write_text(json.dumps(manifest, indent=1))
     return manifest

@@ -25,6 +25,7 @@ from clockdistill.errors import UserError
 from clockdistill.exporters import max_abs_difference, onnx_available, pad_to, to_onnx, to_torchscript
 from clockdistill.latency import cpu_latency_ms, parameter_count
 from clockdistill.metrics import COCO_METRICS
+from sweeps.results.held_out import gain_sentence
 from sweeps.tracking.reader import Sweep, Trial
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def export_files(
     sweep: Sweep,
     trial: Trial,
     source: str,
+    held_out: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     cfg = resolve_config(meta["config"])
     size = cfg.data.max_size
@@ -126,6 +128,7 @@ def export_files(
         "knobs": {k: trial.params.get(k) for k in searched},
         "method": cfg.distill.method,
         "metrics": {k: metrics[k] for k in COCO_METRICS if k in metrics},
+        "test": held_out,  # the held-out test split (held_out.py), or None without one
         "torchscript_max_abs_diff": diff,
         "onnx_max_abs_diff": onnx_diff,
         "files": files + ["MODEL_CARD.md", "export.json"],
@@ -138,6 +141,28 @@ def export_files(
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def _test_section(report: dict[str, Any] | None) -> str:
+    if not report:
+        return (
+            "## Held-out test split\nNone in this data set: nothing here was measured on images the sweep did not "
+            "choose on."
+        )
+    level = int(round(100 * report["level"]))
+    rows = "\n".join(
+        f"| {m['label']} | {_fmt(m.get('selection_AP'))} | {m['AP']:.4f} [{m['low']:.4f}, {m['high']:.4f}] |"
+        for m in report["models"].values()
+    )
+    return f"""## Held-out test split
+{report["images"]} images ({report["data"]}) that no trial read; AP with its {level}% bootstrap interval over images
+({report["resamples"]} resamples).
+
+| model | selection AP (val) | test AP [{level}% interval] |
+|---|---|---|
+{rows}
+
+{gain_sentence(report)}."""
 
 
 def model_card(m: dict[str, Any]) -> str:
@@ -160,11 +185,15 @@ by re-evaluation before export.
 - Input: images resized to a longest side of {m["input_size"]}, zero-padded to {m["input_size"]} x {m["input_size"]}
 
 ## Accuracy (validation split, re-evaluated at export)
+The sweep chose this student as the best of its trials on this split, so these figures are optimistic.
+
 | metric | student |
 |---|---|
 {rows}
 
 Teacher AP (reference): {_fmt(t.get("AP"))}
+
+{_test_section(m.get("test"))}
 
 ## Size and speed (CPU, one image, median)
 | | student | teacher | ratio |

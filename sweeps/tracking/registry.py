@@ -17,9 +17,12 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 
 
-def register_student(client, sweep: Sweep, trial: Trial, out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Log the TorchScript student on the trial's run, register it and set the `champion` alias.
-    A version of this sweep's trial that is already registered is reused, not duplicated."""
+def register_student(
+    client, sweep: Sweep, trial: Trial, out: Path, manifest: dict[str, Any], figures: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """Log the TorchScript student on the trial's run, register it and set the `champion` alias, with
+    `figures` (its held-out test AP, interval and selection gap) as version tags. A version of this
+    sweep's trial that is already registered is reused, not duplicated."""
     import mlflow
     import mlflow.pytorch
 
@@ -37,6 +40,7 @@ def register_student(client, sweep: Sweep, trial: Trial, out: Path, manifest: di
         scripted = torch.jit.load(str(out / "student.torchscript.pt"))
         extra = [str(out / f) for f in ("MODEL_CARD.md", "config.json", "meta.json")]
         tags = {S.SWEEP_ID_TAG: sweep.name, S.TRIAL_ID_TAG: trial.trial_id, "AP": f"{manifest['metrics']['AP']:.6f}"}
+        tags.update({k: f"{v:.6f}" for k, v in (figures or {}).items()})
         quiet = logging.getLogger("mlflow.pytorch")
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # its pickle warning does not apply: a ScriptModule is written by torch.jit.save
