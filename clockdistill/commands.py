@@ -91,6 +91,23 @@ def _kitti(args: argparse.Namespace) -> int:
     return 0
 
 
+def _coco_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coco", required=True, help="COCO 2017 directory (annotations/, train2017/, val2017/)")
+    p.add_argument("--out", required=True, help="output directory (annotations written, image directories linked)")
+    p.add_argument(
+        "--val", type=int, default=5000, help="train2017 images drawn as the validation split (default 5000)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of that draw (default 0)")
+
+
+def _coco(args: argparse.Namespace) -> int:
+    from clockdistill.data.coco_splits import split_coco
+
+    counts = split_coco(args.coco, args.out, args.val, args.seed)
+    print(", ".join(f"{counts[s]} {s}" for s in ("train", "val", "test")) + f" images written to {args.out}")
+    return 0
+
+
 def _index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help="COCO-format data set directory")
     p.add_argument("--split", action="append", help="split to index (repeatable; default train and val)")
@@ -251,6 +268,15 @@ COMMANDS = (
         "Convert KITTI 2-D object labels (training/label_2, training/image_2) to COCO format with classes Car, "
         "Pedestrian, Cyclist. Van and Person_sitting become ignore regions (or Car/Pedestrian with --map-similar), "
         "DontCare becomes ignore regions, Truck/Tram/Misc are dropped.",
+    ),
+    Command(
+        "data coco",
+        "COCO 2017 as train / val / test: a slice of train2017 selects, val2017 is the held-out test split",
+        _coco_arguments,
+        _coco,
+        "Write COCO 2017 as this project's three splits: train2017 without a seeded random slice as train, that "
+        "slice as val (what sweeps select on), val2017 as test (held out: what best-student reports on, and what "
+        "published COCO figures are measured on). Annotation files are written, image directories symlinked.",
     ),
     Command(
         "data index",

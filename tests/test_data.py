@@ -260,3 +260,30 @@ def test_kitti_bad_label_line(tmp_path):
     (kitti / "training" / "label_2" / "000002.txt").write_text("Car 0.0 0\n")
     with pytest.raises(DataError, match=r"000002.txt:1: expected 15 fields"):
         convert_kitti(kitti, tmp_path / "out")
+
+
+def test_coco_2017_becomes_three_splits_with_val2017_held_out(tmp_path):
+    """A seeded slice of train2017 selects, val2017 is the test split; images are linked, not copied."""
+    from clockdistill.data.coco_splits import split_coco
+
+    coco = tmp_path / "coco"
+    for split, n in (("train2017", 12), ("val2017", 5)):
+        images = [{"id": 100 * (split == "val2017") + i, "file_name": f"{i}.png", "width": 40, "height": 30}
+                  for i in range(1, n + 1)]  # fmt: skip
+        anns = [{"id": k + 1, "image_id": img["id"], "category_id": 1, "bbox": [2, 2, 9, 9], "area": 81, "iscrowd": 0}
+                for k, img in enumerate(images)]  # fmt: skip
+        write_coco(coco, split, images, anns)  # annotations/instances_<split>.json, images/<split>/
+        (coco / "images" / split).rename(coco / split)  # COCO's own layout: <coco>/train2017/
+    counts = split_coco(coco, tmp_path / "out", val_images=4, seed=1)
+    assert counts == {"train": 8, "val": 4, "test": 5}
+    doc = {s: json.loads((tmp_path / "out" / "annotations" / f"instances_{s}.json").read_text()) for s in counts}
+    train_ids, val_ids = ({i["id"] for i in doc[s]["images"]} for s in ("train", "val"))
+    assert not train_ids & val_ids and train_ids | val_ids == set(range(1, 13))
+    assert {a["image_id"] for a in doc["val"]["annotations"]} == val_ids
+    assert split_coco(coco, tmp_path / "again", val_images=4, seed=1) == counts  # the same slice for the same seed
+    again = json.loads((tmp_path / "again" / "annotations" / "instances_val.json").read_text())
+    assert {i["id"] for i in again["images"]} == val_ids
+    test = CocoDetection(tmp_path / "out", "test", DetectionTransform(64, train=False))
+    assert len(test) == 5 and (tmp_path / "out" / "images" / "test").resolve() == (coco / "val2017").resolve()
+    with pytest.raises(DataError, match=r"--val: expected 1 to 11"):
+        split_coco(coco, tmp_path / "bad", val_images=12)
