@@ -233,20 +233,20 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from clockdistill.checkpoint import load_detector
+    from clockdistill.config.layers import resolve_config
     from clockdistill.data.dataset import CocoDetection
     from clockdistill.data.transforms import DetectionTransform
     from clockdistill.engine import evaluate, select_device
 
     device = select_device(args.device)
     model, meta = load_detector(args.checkpoint, device)
-    data = meta["config"]["data"]
-    dataset = CocoDetection(args.data, args.split, DetectionTransform(data["max_size"], train=False))
+    data = resolve_config(meta["config"]).data
+    dataset = CocoDetection(args.data, args.split, DetectionTransform(data.max_size, train=False))
     if dataset.class_names != meta["class_names"]:
         raise UserError(
             f"--data {args.data}: classes {dataset.class_names} differ from the checkpoint's {meta['class_names']}"
         )
-    canvas = (data["max_size"],) * 2 if data.get("pad_to") == "max_size" else None  # as evaluated in training
-    metrics = evaluate(model, dataset, device, args.batch_size, progress=not args.quiet, canvas=canvas)
+    metrics = evaluate(model, dataset, device, args.batch_size, progress=not args.quiet, canvas=data.canvas)
     print(json.dumps(metrics, indent=1))
     return 0
 

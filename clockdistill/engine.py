@@ -323,7 +323,7 @@ def _train_and_evaluate(
     t0 = time.perf_counter()
     train_ds.set_epoch(epoch)
     val_ds.set_epoch(epoch)
-    params = [p for _, p in task.parameters_to_train()]
+    params = [p for _, p in task.parameters_to_train()]  # in their named order, as clipping sums their norms
     total_steps = tc.epochs * len(loader)
     losses, state.step = train_one_epoch(task, loader, optimizer, device, tc, epoch, state.step, total_steps, params)
     metrics = {EPOCH: epoch + 1, LR: optimizer.param_groups[0]["lr"], TRAIN_TIME: time.perf_counter() - t0, **losses}

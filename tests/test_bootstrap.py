@@ -93,9 +93,6 @@ def test_paired_differences_use_the_same_resamples():
     diff = report["differences"]["good - poor"]
     assert diff["AP"] == pytest.approx(report["models"]["good"]["AP"] - report["models"]["poor"]["AP"])
     assert 0 < diff["low"] < diff["AP"] < diff["high"]
-    # pairing narrows the interval: the difference's is narrower than the two models' added widths
-    widths = [report["models"][m]["high"] - report["models"][m]["low"] for m in ("good", "poor")]
-    assert diff["high"] - diff["low"] < sum(widths)
     with pytest.raises(ValueError, match="same images"):
         bootstrap({"a": good, "b": match_images(gt, [], ids[:10])})
 

@@ -1,14 +1,11 @@
 """The `distill` section of a config: which method distils the student, and the knobs of its
 memory term, its logit term and DETRDistill's parts (paper defaults)."""
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from clockdistill.config.dotted import check_choice as _check_choice
 from clockdistill.config.dotted import check_range as _check_range
-from clockdistill.config.dotted import flatten_dict
 from clockdistill.config.methods import METHODS
 from clockdistill.errors import ConfigError
 
@@ -154,7 +151,3 @@ class DistillConfig:
     @property
     def uses_target_queries(self) -> bool:
         return METHODS[self.method].target_queries
-
-    def flatten(self) -> dict[str, Any]:
-        """Dotted keys under `distill.`, as logged: {"distill.memory.alpha": 5e-05, ...}."""
-        return flatten_dict(dataclasses.asdict(self), "distill.")

@@ -94,7 +94,7 @@ def read_config_file(path: str | Path | None) -> dict[str, Any]:
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{p}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if loaded is not None and not isinstance(loaded, dict):
-        raise ConfigError(f"{p}: expected a mapping of sections (data, model, loss, train, distill)")
+        raise ConfigError(f"{p}: expected a mapping of sections ({', '.join(SECTIONS)})")
     return loaded or {}
 
 

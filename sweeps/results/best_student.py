@@ -1,5 +1,5 @@
-"""`clockdistill best-student`: pick a sweep's winner, verify it, export it (student_export.py) and
-register it (registry.py).
+"""`clockdistill best-student`: pick a sweep's winner, verify it, export it (export.py) and
+register it (tracking/registry.py); it also measures the winner on the held-out test split (held_out.py).
 
     1. find the sweep in MLflow (the latest when not named) and its trials;
     2. candidates = trials that FINISHED their full budget (the no-distillation baseline trial of
@@ -10,8 +10,10 @@ register it (registry.py).
        refuse it when its weights' sha256 differs from the one recorded at the end of the sweep, or
        when its AP re-evaluated on the validation split differs from the logged AP by more than
        the tolerance;
-    4. export safetensors + config + TorchScript (+ ONNX) + a model card;
-    5. log the TorchScript student as an MLflow model on the trial's run, register it (tags
+    4. measure the winner, the sweep's student alone and the teacher on the held-out test split, with
+       bootstrap intervals (held_out.py; a data set without one gets a line saying so);
+    5. export safetensors + config + TorchScript (+ ONNX) + a model card;
+    6. log the TorchScript student as an MLflow model on the trial's run, register it (tags
        sweep_id, trial_id), point the alias `champion` at it. A trial already registered is not
        registered again: its version gets the alias.
 """

@@ -1,4 +1,4 @@
-"""Writing the verified best student out: its files and model card (the registry: registry.py).
+"""Writing the verified best student out: its files and model card (the registry: tracking/registry.py).
 
 <out>/model.safetensors     student weights
 <out>/meta.json             checkpoint metadata (config, class names): `clockdistill evaluate --checkpoint <out>` works

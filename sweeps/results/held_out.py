@@ -20,6 +20,7 @@ import torch
 
 from clockdistill import metrics as M
 from clockdistill.checkpoint import load_detector
+from clockdistill.config.layers import resolve_config
 from clockdistill.config.sections import TEST_SPLIT
 from clockdistill.data.dataset import CocoDetection
 from clockdistill.data.transforms import DetectionTransform
@@ -45,20 +46,17 @@ def test_annotations(data_root: str | Path) -> Path:
 
 def held_out_report(
     contenders: list[Contender], data_root: str | Path, device: torch.device, resamples: int = 1000, seed: int = 0
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     """Test AP with its interval for each contender, the paired gain of the winner over the student
-    alone, and the winner's selection gap; None when the data set has no test split."""
+    alone, and the winner's selection gap, on the test split of `data_root` (test_annotations)."""
     annotations = test_annotations(data_root)
-    if not annotations.is_file():
-        return None
     ground_truth = json.loads(annotations.read_text())
     matches = {}
     for c in contenders:
         model, meta = load_detector(c.checkpoint, device)
-        data = meta["config"]["data"]
-        dataset = CocoDetection(data_root, TEST_SPLIT, DetectionTransform(data["max_size"], train=False))
-        canvas = (data["max_size"],) * 2 if data.get("pad_to") == "max_size" else None  # as it was evaluated
-        results, ids = predict(model, dataset, device, meta["config"]["train"]["batch_size"] * 2, canvas=canvas)
+        cfg = resolve_config(meta["config"])  # each model at its own input size and padding, as it was evaluated
+        dataset = CocoDetection(data_root, TEST_SPLIT, DetectionTransform(cfg.data.max_size, train=False))
+        results, ids = predict(model, dataset, device, cfg.train.batch_size * 2, canvas=cfg.data.canvas)
         matches[c.key] = match_images(ground_truth, results, ids)
     keys = {c.key for c in contenders}
     report = bootstrap(

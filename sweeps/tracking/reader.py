@@ -1,6 +1,6 @@
 """Reading a sweep back from MLflow: its parent run, its trials, their metrics and the Pareto set.
 
-The sweep driver writes (mlflow_writer.py); `best-student`, `report` and `sync` read through here.
+The sweep driver writes (writer.py); `best-student`, `report` and `sync` read through here.
 The names both sides use are in schema.py.
 """
 

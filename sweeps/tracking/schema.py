@@ -1,5 +1,5 @@
 """The sweep's record in MLflow and in Tune's results: every tag, param prefix, metric name and
-filter that the writer (mlflow_writer.py) and the readers (mlflow_reader.py, best_student.py, the
+filter that the writer (writer.py) and the readers (reader.py, results/best_student.py, the
 report, sync) share. Nothing else spells these names.
 
     parent run:  tags clockdistill.role=sweep, sweep_id; params spec.<key>, space.<key>;

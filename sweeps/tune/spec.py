@@ -43,12 +43,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from clockdistill.config.dotted import parse_yaml, set_dotted
-from clockdistill.config.layers import resolve_config
+from clockdistill.config.layers import SECTIONS, resolve_config
 from clockdistill.config.sections import Config
 from clockdistill.errors import ConfigError, UserError
 from sweeps.tracking.schema import DEFAULT_OBJECTIVE, OBJECTIVE_METRICS, VARIANT_KEY
-
-CONFIG_SECTIONS = ("data", "model", "loss", "train", "distill")
 
 
 class SpecError(UserError):
@@ -274,9 +272,9 @@ def load_spec(path: str | Path, name: str | None = None) -> SweepSpec:
 
 def _check_config_keys(spec: SweepSpec, source: str) -> None:
     """Every searched key is a real config key and every candidate value passes its checks."""
-    bad_sections = [k for k in spec.config if k not in CONFIG_SECTIONS]
+    bad_sections = [k for k in spec.config if k not in SECTIONS]
     if bad_sections:
-        raise SpecError(f"{source}: config.{bad_sections[0]}: unknown section (expected {', '.join(CONFIG_SECTIONS)})")
+        raise SpecError(f"{source}: config.{bad_sections[0]}: unknown section (expected {', '.join(SECTIONS)})")
     base = spec_config(spec)
     try:
         resolve_config(base)
