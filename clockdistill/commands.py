@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -229,6 +230,12 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--kitti-results",
+        metavar="DIR",
+        help="also write the detections in KITTI's result format (one <image>.txt per image, original image "
+        "coordinates, 2-D fields only) for the official devkit or server",
+    )
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -236,7 +243,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from clockdistill.config.layers import resolve_config
     from clockdistill.data.dataset import CocoDetection
     from clockdistill.data.transforms import DetectionTransform
-    from clockdistill.engine import evaluate, select_device
+    from clockdistill.engine import predict, select_device, split_metrics
+    from clockdistill.evaluation.kitti import format_kitti, has_kitti_fields, write_kitti_results
 
     device = select_device(args.device)
     model, meta = load_detector(args.checkpoint, device)
@@ -246,8 +254,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise UserError(
             f"--data {args.data}: classes {dataset.class_names} differ from the checkpoint's {meta['class_names']}"
         )
-    metrics = evaluate(model, dataset, device, args.batch_size, progress=not args.quiet, canvas=data.canvas)
+    results, image_ids = predict(model, dataset, device, args.batch_size, progress=not args.quiet, canvas=data.canvas)
+    ground_truth = dataset.ground_truth
+    metrics = split_metrics(ground_truth, results, image_ids)
     print(json.dumps(metrics, indent=1))
+    if has_kitti_fields(ground_truth):
+        print(format_kitti(metrics), file=sys.stderr)
+    if args.kitti_results:
+        n = write_kitti_results(ground_truth, results, args.kitti_results)
+        print(f"wrote {n} KITTI result files to {args.kitti_results}", file=sys.stderr)
     return 0
 
 
@@ -326,9 +341,14 @@ COMMANDS = (
     ),
     Command(
         "evaluate",
-        "COCO metrics of a checkpoint, as JSON",
+        "COCO metrics of a checkpoint (and KITTI's own on KITTI data), as JSON",
         _evaluate_arguments,
         _evaluate,
-        "Evaluate a checkpoint directory on a split of a COCO-format data set; prints JSON.",
+        "Evaluate a checkpoint directory on a split of a COCO-format data set; prints the metrics as JSON. On a data "
+        "set converted by `clockdistill data kitti` it adds KITTI's own 2-D metric as the object devkit computes it "
+        "(AP|R40 and AP|R11 per class at easy / moderate / hard; Car at IoU 0.7, Pedestrian and Cyclist at 0.5) "
+        "and prints its table on stderr; --kitti-results writes the detections for the official devkit.",
+        "example: clockdistill evaluate --checkpoint runs/student/best --data data/kitti-coco --split test "
+        "--kitti-results results/student/data",
     ),
 )

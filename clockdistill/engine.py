@@ -29,6 +29,7 @@ from clockdistill.data.transforms import DetectionTransform, collate
 from clockdistill.distributed import average_across_ranks, is_distributed, rank, world_size, wrap_ddp
 from clockdistill.errors import TrainingDiverged, UserError
 from clockdistill.evaluation.coco import coco_evaluate, postprocess, to_coco_results
+from clockdistill.evaluation.kitti import has_kitti_fields, kitti_evaluate
 from clockdistill.losses.criterion import SetCriterion, model_detection_weights, weighted_sum
 from clockdistill.metrics import EPOCH, EVAL_TIME, LOSS, LR, TRAIN_TIME
 from clockdistill.models.build import build_detector
@@ -170,9 +171,18 @@ def evaluate(
     progress: bool = False,
     canvas: tuple[int, int] | None = None,
 ) -> dict[str, float]:
-    """COCO metrics of `model` on a whole split (batches padded to `canvas` when given)."""
+    """COCO metrics of `model` on a whole split (batches padded to `canvas` when given), and KITTI's own
+    (evaluation/kitti.py) when the split was converted by `clockdistill data kitti`."""
     results, image_ids = predict(model, dataset, device, batch_size, amp, progress, canvas)
-    return coco_evaluate(dataset.ground_truth, results, image_ids)
+    return split_metrics(dataset.ground_truth, results, image_ids)
+
+
+def split_metrics(ground_truth: dict, results: list[dict[str, Any]], image_ids: list[int]) -> dict[str, float]:
+    """COCO metrics of COCO results, and KITTI's when the annotations carry its fields."""
+    metrics = coco_evaluate(ground_truth, results, image_ids)
+    if has_kitti_fields(ground_truth):
+        metrics.update(kitti_evaluate(ground_truth, results, image_ids))
+    return metrics
 
 
 def train_one_epoch(

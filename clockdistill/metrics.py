@@ -17,6 +17,22 @@ STAT_NAMES = (
     "ARl",
 )  # COCOeval.stats order
 COCO_METRICS = STAT_NAMES[:6]  # the precision metrics: what a sweep can maximise and a model card reports
+# KITTI's own metric (evaluation/kitti.py), on data converted by `clockdistill data kitti`: AP|R40 per
+# class and difficulty ("kitti/Car/moderate"), AP|R11 ("kitti/Car/moderate/R11"), and the mean AP|R40
+# over the classes ("kitti/mean/moderate")
+KITTI_CLASSES = ("Car", "Pedestrian", "Cyclist")
+KITTI_DIFFICULTIES = ("easy", "moderate", "hard")
+
+
+def kitti_metric(cls: str | None, difficulty: str, r11: bool = False) -> str:
+    """The name of a KITTI figure: a class's AP|R40 (or AP|R11), or with cls None the classes' mean AP|R40."""
+    return f"kitti/{cls or 'mean'}/{difficulty}" + ("/R11" if r11 else "")
+
+
+KITTI_METRICS = tuple(
+    kitti_metric(c, d, r11) for d in KITTI_DIFFICULTIES for c in KITTI_CLASSES for r11 in (False, True)
+) + tuple(kitti_metric(None, d) for d in KITTI_DIFFICULTIES)
+EVALUATED_METRICS = COCO_METRICS + KITTI_METRICS  # what an evaluation epoch can report and a sweep select on
 
 # every epoch of a training run (engine.fit)
 EPOCH = "epoch"  # 1-based; the MLflow step

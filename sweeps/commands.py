@@ -10,9 +10,9 @@ from pathlib import Path
 
 from clockdistill.commands import Command
 from clockdistill.errors import UserError
-from clockdistill.metrics import COCO_METRICS, STUDENT_PROPERTIES
+from clockdistill.metrics import EVALUATED_METRICS, STUDENT_PROPERTIES
 
-METRIC_CHOICES = (*COCO_METRICS, *STUDENT_PROPERTIES)
+METRIC_CHOICES = (*EVALUATED_METRICS, *STUDENT_PROPERTIES)
 
 
 def _verbose_argument(p: argparse.ArgumentParser) -> None:

@@ -139,6 +139,23 @@ def test_missing_teacher_or_data_set_is_caught_before_ray(tmp_path, tiny_teacher
     assert resolved.data and resolved.teacher == str(tiny_teacher.resolve())
 
 
+def test_a_kitti_objective_needs_kitti_data(tmp_path, tiny_teacher):
+    """A sweep may select on KITTI's own metric, on a validation split `data kitti` converted."""
+    from clockdistill.data.kitti import convert_kitti
+    from test_data import make_kitti
+
+    kitti_objective = {"objective": {"metric": "kitti/Car/moderate", "mode": "max"}}
+    with pytest.raises(SpecError, match=r"^s.yaml: objective: kitti/Car/moderate needs a validation split converted"):
+        resolve_paths(_spec(teacher=str(tiny_teacher), **kitti_objective), "s.yaml")  # the synthetic data
+    kitti = make_kitti(tmp_path / "kitti")
+    convert_kitti(kitti, tmp_path / "coco", kitti / "train.txt", kitti / "val.txt")
+    spec = resolve_paths(_spec(teacher=str(tiny_teacher), data=str(tmp_path / "coco"), **kitti_objective), "s.yaml")
+    assert spec.primary.metric == "kitti/Car/moderate"
+    assert S.checkpoint_score("kitti/Car/moderate", "max") == ("kitti/Car/moderate", "max")
+    with pytest.raises(SpecError, match="objective.metric"):
+        parse_spec({**BASE, "objective": {"metric": "kitti/Truck/moderate"}})
+
+
 def test_spec_file_round_trip_and_name_override(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(

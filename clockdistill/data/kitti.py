@@ -51,8 +51,10 @@ def _read_ids(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def parse_label_file(path: Path, map_similar: bool = False) -> tuple[list[tuple[str, list[float], bool]], int]:
-    """Objects as (class name, [x, y, w, h], is_ignore_region), and the count of degenerate boxes."""
+def parse_label_file(path: Path, map_similar: bool = False) -> tuple[list[tuple[str, list[float], bool, dict]], int]:
+    """Objects as (class name, [x, y, w, h], is_ignore_region, KITTI fields), and the count of degenerate
+    boxes. The KITTI fields (raw type, truncation, occlusion) are what KITTI's own metric reads
+    (evaluation/kitti.py): its difficulties, neighbouring classes and DontCare regions."""
     objects, degenerate = [], 0
     for n, line in enumerate(path.read_text().splitlines(), 1):
         parts = line.split()
@@ -63,8 +65,12 @@ def parse_label_file(path: Path, map_similar: bool = False) -> tuple[list[tuple[
         kind = parts[0]
         try:
             x1, y1, x2, y2 = (float(v) for v in parts[4:8])
+            fields = {"type": parts[0], "truncated": float(parts[1]), "occluded": int(float(parts[2]))}
         except ValueError:
-            raise DataError(f"{path}:{n}: bbox fields 5-8 must be numbers, got {parts[4:8]}") from None
+            raise DataError(
+                f"{path}:{n}: truncated, occluded and bbox (fields 2, 3, 5-8) must be numbers, "
+                f"got {parts[1:3] + parts[4:8]}"
+            ) from None
         if kind in DROPPED:
             continue
         if x2 <= x1 or y2 <= y1:
@@ -72,11 +78,11 @@ def parse_label_file(path: Path, map_similar: bool = False) -> tuple[list[tuple[
             continue
         box = [x1, y1, x2 - x1, y2 - y1]
         if kind in CLASSES:
-            objects.append((kind, box, False))
+            objects.append((kind, box, False, fields))
         elif kind in NEIGHBOURS:
-            objects.append((NEIGHBOURS[kind], box, not map_similar))
+            objects.append((NEIGHBOURS[kind], box, not map_similar, fields))
         elif kind == "DontCare":
-            objects.append(("DontCare", box, True))
+            objects.append(("DontCare", box, True, fields))
         else:
             raise DataError(
                 f"{path}:{n}: unknown KITTI class {kind!r} (expected Car, Van, Truck, Pedestrian, Person_sitting, "
@@ -163,7 +169,7 @@ def convert_kitti(
             images.append({"id": image_id, "file_name": src.name, "width": width, "height": height})
             objects, bad = parse_label_file(label, map_similar)
             degenerate += bad
-            for kind, box, ignore in objects:
+            for kind, box, ignore, fields in objects:
                 annotations.append(
                     {
                         "id": len(annotations) + 1,
@@ -173,6 +179,7 @@ def convert_kitti(
                         "bbox": box,
                         "area": box[2] * box[3],
                         "iscrowd": int(ignore),
+                        "kitti": fields,  # for KITTI's own metric
                     }
                 )
         doc = {"images": images, "annotations": annotations, "categories": categories}

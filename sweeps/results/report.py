@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from clockdistill.metrics import COCO_METRICS, LOSS, LOSS_PARTS, LR
+from clockdistill.metrics import COCO_METRICS, EVALUATED_METRICS, LOSS, LOSS_PARTS, LR
 from sweeps.results import plots
 from sweeps.tracking.reader import Sweep, Trial, find_sweep, metric_history, open_client, pareto_set, rank, sweep_trials
 
@@ -232,7 +232,7 @@ def build_report(
     metric, mode = sweep.objectives[0]
     written = {"table": str(write_table(rows, sweep.objectives, out / "trials.parquet"))}
     skipped: dict[str, str] = {}
-    curve_metric = metric if metric in COCO_METRICS else "AP"
+    curve_metric = metric if metric in EVALUATED_METRICS else "AP"
     baseline = baseline_ap if baseline_ap is not None else _baseline(rows, curve_metric)
     written["ap_over_epochs"] = str(
         plots.ap_over_epochs(rows, curve_metric, sweep.teacher_ap, baseline, out / "ap_over_epochs.png")

@@ -44,7 +44,7 @@ CHECKPOINT_ARTIFACT = "best_checkpoint"
 
 # -- objectives and result keys (the metric names themselves: clockdistill/metrics.py) -------------
 OBJECTIVE_METRICS: dict[str, str] = {
-    **{m: "max" for m in M.COCO_METRICS},
+    **{m: "max" for m in M.EVALUATED_METRICS},
     **{m: "min" for m in M.STUDENT_PROPERTIES},
 }  # metric -> natural mode
 DEFAULT_OBJECTIVE = ("AP", "max")  # a spec without objective(s)
@@ -58,7 +58,7 @@ CONFIG_KEY = "trial_config"  # in a trial's first result: its full config, flatt
 
 # Per-epoch metrics written to MLflow: every name a run emits (metrics.py), each loss term (loss_*,
 # kd_*) and best_<objective>; everything else a trial reports stays in Tune's results.
-_LOGGED = (*M.COCO_METRICS, M.EPOCH, M.LR, M.TEACHER_AP, *M.STUDENT_PROPERTIES, *M.TIMINGS)
+_LOGGED = (*M.EVALUATED_METRICS, M.EPOCH, M.LR, M.TEACHER_AP, *M.STUDENT_PROPERTIES, *M.TIMINGS)
 METRIC_ALLOW = re.compile(r"^(" + "|".join(map(re.escape, _LOGGED)) + r"|loss.*|kd_.*|best_.*)$")
 
 
@@ -79,8 +79,8 @@ def natural_mode(metric: str) -> str:
 
 def checkpoint_score(metric: str, mode: str) -> tuple[str, str]:
     """What a trial's checkpoints are ranked by: the primary objective when it changes with
-    training (a COCO metric), else AP (a student's size or latency is the same every epoch)."""
-    return (metric, mode) if metric in M.COCO_METRICS else ("AP", "max")
+    training (a COCO or KITTI metric), else AP (a student's size or latency is the same every epoch)."""
+    return (metric, mode) if metric in M.EVALUATED_METRICS else ("AP", "max")
 
 
 def metrics_to_log(result: dict[str, Any]) -> dict[str, float]:

@@ -374,10 +374,29 @@ def resolve_paths(spec: SweepSpec, source: str = "spec") -> SweepSpec:
             f"{source}: {where}: {data} is not a COCO-format data set (expected "
             f"{data}/annotations/instances_<split>.json)"
         )
+    _check_kitti_objective(spec, data, source)
     storage = spec.storage_path if "://" in spec.storage_path else str(Path(spec.storage_path).expanduser().resolve())
     return spec.model_copy(
         update={"teacher": str(teacher.resolve()), "data": str(data.resolve()), "storage_path": storage}
     )
+
+
+def _check_kitti_objective(spec: SweepSpec, data: Path, source: str) -> None:
+    """A KITTI objective needs a validation split converted by `clockdistill data kitti`."""
+    import json
+
+    from clockdistill.evaluation.kitti import has_kitti_fields
+
+    kitti = [o.metric for o in spec.objective_list if o.metric.startswith("kitti/")]
+    if not kitti:
+        return
+    split = spec.config.get("data", {}).get("val_split", "val")
+    ann = data / "annotations" / f"instances_{split}.json"
+    if not ann.is_file() or not has_kitti_fields(json.loads(ann.read_text())):
+        raise SpecError(
+            f"{source}: objective: {kitti[0]} needs a validation split converted by `clockdistill data kitti` "
+            f"(its KITTI fields); {ann} has none"
+        )
 
 
 def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
