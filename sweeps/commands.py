@@ -72,6 +72,17 @@ def _best_student_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cpu", help="device of the re-evaluation: cpu, cuda[:N] or auto (default cpu)")
     p.add_argument("--no-register", action="store_true", help="export only; do not touch the model registry")
+    p.add_argument(
+        "--confirm",
+        type=int,
+        default=0,
+        metavar="K",
+        help="first retrain the top K settings and the student alone with --seeds new seeds (a second Tune run, "
+        "<sweep>-confirmKxS, resumable), and take the champion from the setting with the best mean validation "
+        "objective; test AP is then reported per setting as a mean with an interval over seeds (default 0: off)",
+    )
+    p.add_argument("--seeds", type=int, default=3, metavar="S", help="new seeds per setting of --confirm (default 3)")
+    _verbose_argument(p)
 
 
 def _best_student(args: argparse.Namespace) -> int:
@@ -79,9 +90,13 @@ def _best_student(args: argparse.Namespace) -> int:
 
     if args.tolerance < 0:
         raise UserError(f"--tolerance: expected an AP difference >= 0, got {args.tolerance}")
+    if args.confirm < 0 or args.seeds < 1:
+        raise UserError(f"--confirm K --seeds S: expected K >= 0 and S >= 1, got {args.confirm} and {args.seeds}")
+    if args.confirm and (args.metric or args.prefer):
+        raise UserError("--confirm ranks settings by the sweep's first objective; leave out --metric and --prefer")
     best_student(
         args.sweep, args.metric, args.prefer, args.out, args.tracking_uri, args.tolerance, args.device,
-        not args.no_register,
+        not args.no_register, args.confirm, args.seeds, args.ray_verbose,
     )  # fmt: skip
     return 0
 
@@ -193,8 +208,9 @@ COMMANDS = (
         "re-evaluate its best checkpoint on the validation split (refused when the AP differs from the logged AP, "
         "or the weights changed since the sweep), export it (safetensors, config, TorchScript, ONNX with the onnx "
         "extra, a model card) and register it in MLflow with the alias champion. Running it again registers no "
-        "second version of the same trial.",
-        "example: clockdistill best-student --sweep demo --out artifacts/best-student",
+        "second version of the same trial. With --confirm K the top K settings and the student alone are first "
+        "retrained on --seeds new seeds and the champion comes from the best mean over seeds.",
+        "example: clockdistill best-student --sweep demo --out artifacts/best-student --confirm 2 --seeds 3",
     ),
     Command(
         "report",

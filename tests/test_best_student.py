@@ -149,6 +149,54 @@ def test_registered_with_alias_champion_and_a_second_run_adds_no_version(tiny_sw
     assert logits.shape[:2] == (1, json.loads((tmp_path / "again" / "config.json").read_text())["model"]["num_queries"])
 
 
+def test_confirmation_retrains_the_top_settings_on_new_seeds_and_resumes(tiny_sweep, exported, tmp_path):
+    """--confirm 2 --seeds 2: the top two settings by validation AP and the student alone, each on two new
+    seeds, run as a second Tune run nested under the sweep in MLflow; the champion is the best run of the
+    best mean; launched again, the stage reruns nothing."""
+    from mlflow.tracking import MlflowClient
+
+    proc = _best_student(tiny_sweep, tmp_path / "c", "--confirm", "2", "--seeds", "2", "--no-register")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the settings are the sweep's top two by its own results (no stopped trial among the candidates:
+    # whether ASHA stops one depends on timing, so there may be one)
+    sweep_rows = {t: rows[-1] for t, rows in tune_results(tiny_sweep["storage"], "tiny").items()}
+    full = sorted((r for r in sweep_rows.values() if r["completed_full_budget"] == 1), key=lambda r: -r["best_AP"])
+    top_lrs = {r["config"]["train.lr"] for r in full[:2]}
+    results = tune_results(tiny_sweep["storage"], "tiny-confirm2x2")
+    assert len(results) == 2 * (len(top_lrs) + 1), proc.stdout[-3000:]
+    assert all(rows[-1]["completed_full_budget"] == 1 for rows in results.values())
+    configs = {t: {**json.loads(rows[0][S.CONFIG_KEY]), **rows[0]["config"]} for t, rows in results.items()}
+    distilled = [c for c in configs.values() if c["variant"] != "alone"]
+    assert {c["train.lr"] for c in distilled} == top_lrs and {c["train.seed"] for c in configs.values()} == {1, 2}
+    assert {c["distill.method"] for c in configs.values() if c["variant"] == "alone"} == {"none"}
+    assert sum(c["variant"] == "alone" for c in configs.values()) == 2
+    # the champion: the best seed run of the setting whose mean best_AP over seeds is highest
+    by_setting = {}
+    for t, rows in results.items():
+        by_setting.setdefault(configs[t]["variant"], {})[t] = rows[-1]["best_AP"]
+    best = max((v for k, v in by_setting.items() if k != "alone"), key=lambda v: sum(v.values()) / len(v))
+    manifest = json.loads((tmp_path / "c" / "export.json").read_text())
+    assert manifest["trial_id"] == max(best, key=best.get)
+    settings = manifest["confirmation"]["settings"]
+    assert set(settings) == set(by_setting) and all(len(f["test"]) == 2 for f in settings.values())
+    assert "gain over alone" in proc.stdout and "champion: setting" in proc.stdout
+    # MLflow: the stage's run is nested under the sweep's, its trial runs carry the confirms tag
+    client = MlflowClient(tiny_sweep["tracking_uri"])
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    stage = client.search_runs([experiment], S.sweep_filter("tiny-confirm2x2", S.ROLE_CONFIRMATION))
+    parent = client.search_runs([experiment], S.sweep_filter("tiny"))[0]
+    assert len(stage) == 1 and stage[0].data.tags[S.PARENT_RUN_TAG] == parent.info.run_id
+    runs = client.search_runs([experiment], S.trial_filter("tiny-confirm2x2"))
+    assert len(runs) == len(results) and all(r.data.tags[S.CONFIRMS_TAG] == "tiny" for r in runs)
+    # launched again: the finished stage resumes and reruns nothing
+    again = _best_student(tiny_sweep, tmp_path / "d", "--confirm", "2", "--seeds", "2", "--no-register")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    rerun = tune_results(tiny_sweep["storage"], "tiny-confirm2x2")
+    assert {t: len(r) for t, r in rerun.items()} == {t: len(r) for t, r in results.items()}
+    assert len(client.search_runs([experiment], S.trial_filter("tiny-confirm2x2"))) == len(results)
+    assert json.loads((tmp_path / "d" / "export.json").read_text())["trial_id"] == manifest["trial_id"]
+
+
 def _checkpoint_dir(sweep, trial_id: str) -> Path:
     from mlflow.tracking import MlflowClient
 

@@ -193,8 +193,9 @@ def _random_detector(out, class_names):
 def test_converted_kitti_data_carries_the_fields_and_evaluate_prints_the_table(tmp_path):
     """`data kitti` writes each label's raw type, truncation and occlusion (DontCare and Van too);
     `clockdistill evaluate` on such data reports the KITTI figures and writes result files."""
-    from clockdistill.data.kitti import convert_kitti
     from test_data import make_kitti
+
+    from clockdistill.data.kitti import convert_kitti
 
     kitti = make_kitti(tmp_path / "kitti")
     convert_kitti(kitti, tmp_path / "coco", kitti / "train.txt", kitti / "val.txt")

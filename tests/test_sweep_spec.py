@@ -141,8 +141,9 @@ def test_missing_teacher_or_data_set_is_caught_before_ray(tmp_path, tiny_teacher
 
 def test_a_kitti_objective_needs_kitti_data(tmp_path, tiny_teacher):
     """A sweep may select on KITTI's own metric, on a validation split `data kitti` converted."""
-    from clockdistill.data.kitti import convert_kitti
     from test_data import make_kitti
+
+    from clockdistill.data.kitti import convert_kitti
 
     kitti_objective = {"objective": {"metric": "kitti/Car/moderate", "mode": "max"}}
     with pytest.raises(SpecError, match=r"^s.yaml: objective: kitti/Car/moderate needs a validation split converted"):

@@ -176,10 +176,11 @@ def verify_checkpoint(
 
 
 def test_the_winner(
-    client, sweep: Sweep, trials: list[Trial], winner: Trial, checkpoint: Path, meta: dict[str, Any], device
+    client, sweep: Sweep, alone: Trial | None, winner: Trial, checkpoint: Path, meta: dict[str, Any], device
 ) -> dict[str, Any] | None:
-    """The winner, the sweep's student alone and the teacher on the held-out test split (held_out.py),
-    printed and logged on the winner's run; None (and a line saying so) without a test split."""
+    """The winner, the sweep's student alone (`alone`: its run, when it has one) and the teacher on the
+    held-out test split (held_out.py), printed and logged on the winner's run; None (and a line saying
+    so) without a test split."""
     root, teacher = meta["config"]["data"]["root"], meta["config"]["distill"]["teacher"]
     if not test_annotations(root).is_file():
         print(
@@ -190,7 +191,6 @@ def test_the_winner(
     number = winner.name.split(" ")[0]
     contenders = [Contender(WINNER, f"best distilled student ({number})", checkpoint, winner.best("AP"))]
     with tempfile.TemporaryDirectory() as tmp:
-        alone = next((t for t in trials if t.baseline and t.finished), None)
         if alone is not None:
             path, _ = fetch_checkpoint(client, alone, Path(tmp) / "alone")
             contenders.append(
@@ -216,8 +216,13 @@ def best_student(
     tolerance: float = 2e-3,
     device: str = "cpu",
     register: bool = True,
+    confirm: int = 0,
+    seeds: int = 3,
+    verbose: bool = False,
 ) -> dict[str, Any]:
-    """The whole command; returns the export manifest (also written as export.json)."""
+    """The whole command; returns the export manifest (also written as export.json). `confirm` K > 0:
+    first the confirmation stage (confirm.py: the top K settings and the student alone on `seeds` new
+    seeds), and the champion comes from it."""
     from clockdistill.engine import select_device
     from sweeps.results.export import export_files
     from sweeps.tracking.registry import register_student
@@ -225,7 +230,14 @@ def best_student(
     client = open_client(tracking_uri)
     sweep = find_sweep(client, sweep_name)
     trials = sweep_trials(client, sweep)
-    choice = choose_trial(sweep, trials, metric, prefer)
+    confirmation, seed_figures = None, None
+    if confirm:
+        confirmation, seed_figures = confirm_settings(client, sweep, trials, confirm, seeds, device, verbose)
+        sweep, trials = confirmation.sweep, confirmation.trials
+        champion = confirmation.champion
+        choice = Choice(champion, confirmation.metric, champion.best(confirmation.metric), [])
+    else:
+        choice = choose_trial(sweep, trials, metric, prefer)
     if choice.pareto:
         names = [m for m, _ in sweep.objectives]
         print(f"Pareto set of sweep {sweep.name} ({' vs '.join(names)}), best by {choice.metric} taken:")
@@ -242,12 +254,35 @@ def best_student(
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, source = fetch_checkpoint(client, choice.trial, Path(tmp) / "checkpoint")
         metrics, meta = verify_checkpoint(client, choice.trial, checkpoint, select_device(device), tolerance)
-        held_out = test_the_winner(client, sweep, trials, choice.trial, checkpoint, meta, select_device(device))
+        alone = (
+            confirmation.alone_for(choice.trial)
+            if confirmation
+            else next((t for t in trials if t.baseline and t.finished), None)
+        )
+        held_out = test_the_winner(client, sweep, alone, choice.trial, checkpoint, meta, select_device(device))
         manifest = export_files(
             checkpoint, meta, metrics, out, sweep=sweep, trial=choice.trial, source=source, held_out=held_out
         )
+    if seed_figures is not None:
+        manifest["confirmation"] = seed_figures
+        (out / "export.json").write_text(json.dumps(manifest, indent=1))
     if register:
         figures = run_metrics(held_out) if held_out else None
         manifest["registered"] = register_student(client, sweep, choice.trial, out, manifest, figures)
         (out / "export.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def confirm_settings(client, sweep: Sweep, trials: list[Trial], top: int, seeds: int, device: str, verbose: bool):
+    """The confirmation stage (confirm.py), its table printed and its figures logged on the stage's run."""
+    from clockdistill.engine import select_device
+    from sweeps.results.confirm import measure_test, run_confirmation, seed_table
+
+    confirmation = run_confirmation(client, sweep, trials, top, seeds, verbose)
+    measured = measure_test(client, confirmation, select_device(device))
+    text, figures = seed_table(confirmation)
+    print(text)
+    if not measured:
+        print("no test split: the settings are compared on validation only")
+    client.log_dict(confirmation.sweep.run_id, figures, "confirmation.json")
+    return confirmation, {"stage": confirmation.sweep.name, "seeds": confirmation.seeds, "settings": figures}

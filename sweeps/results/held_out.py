@@ -44,6 +44,15 @@ def test_annotations(data_root: str | Path) -> Path:
     return Path(data_root) / "annotations" / f"instances_{TEST_SPLIT}.json"
 
 
+def test_predictions(checkpoint: Path, data_root: str | Path, device: torch.device):
+    """COCO-format detections of a checkpoint on the test split, and its image ids: the model at its own
+    input size and padding, as it was evaluated during training."""
+    model, meta = load_detector(checkpoint, device)
+    cfg = resolve_config(meta["config"])
+    dataset = CocoDetection(data_root, TEST_SPLIT, DetectionTransform(cfg.data.max_size, train=False))
+    return predict(model, dataset, device, cfg.train.batch_size * 2, canvas=cfg.data.canvas)
+
+
 def held_out_report(
     contenders: list[Contender], data_root: str | Path, device: torch.device, resamples: int = 1000, seed: int = 0
 ) -> dict[str, Any]:
@@ -53,10 +62,7 @@ def held_out_report(
     ground_truth = json.loads(annotations.read_text())
     matches = {}
     for c in contenders:
-        model, meta = load_detector(c.checkpoint, device)
-        cfg = resolve_config(meta["config"])  # each model at its own input size and padding, as it was evaluated
-        dataset = CocoDetection(data_root, TEST_SPLIT, DetectionTransform(cfg.data.max_size, train=False))
-        results, ids = predict(model, dataset, device, cfg.train.batch_size * 2, canvas=cfg.data.canvas)
+        results, ids = test_predictions(c.checkpoint, data_root, device)
         matches[c.key] = match_images(ground_truth, results, ids)
     keys = {c.key for c in contenders}
     report = bootstrap(

@@ -130,11 +130,14 @@ class Trial:
         return value if value is not None and math.isfinite(value) else None
 
 
-def find_sweep(client, name: str | None = None) -> Sweep:
-    """The sweep's parent run by name, or the most recently started sweep in the store."""
+def find_sweep(client, name: str | None = None, role: str = S.ROLE_SWEEP) -> Sweep:
+    """The sweep's parent run by name, or the most recently started sweep in the store (with role
+    ROLE_CONFIRMATION: a sweep's confirmation stage, by its name)."""
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = (
-        client.search_runs(experiments, S.sweep_filter(name), max_results=1, order_by=["attributes.start_time DESC"])
+        client.search_runs(
+            experiments, S.sweep_filter(name, role), max_results=1, order_by=["attributes.start_time DESC"]
+        )
         if experiments
         else []
     )

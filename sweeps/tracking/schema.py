@@ -23,6 +23,8 @@ from clockdistill import metrics as M
 # -- tags ------------------------------------------------------------------------------------------
 ROLE_TAG = "clockdistill.role"
 ROLE_SWEEP, ROLE_TRIAL = "sweep", "trial"
+ROLE_CONFIRMATION = "confirmation"  # the parent run of a sweep's confirmation stage (best-student --confirm)
+CONFIRMS_TAG = "confirms"  # on a confirmation's parent run and its trial runs: the sweep they confirm
 SWEEP_ID_TAG = "sweep_id"
 TRIAL_ID_TAG = "trial_id"
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -108,9 +110,10 @@ def role_filter(role: str) -> str:
     return f"tags.`{ROLE_TAG}` = '{role}'"
 
 
-def sweep_filter(sweep_id: str | None = None) -> str:
-    """MLflow search filter of a sweep's parent run (every sweep's when `sweep_id` is None)."""
-    where = role_filter(ROLE_SWEEP)
+def sweep_filter(sweep_id: str | None = None, role: str = ROLE_SWEEP) -> str:
+    """MLflow search filter of a sweep's parent run (every sweep's when `sweep_id` is None); with role
+    ROLE_CONFIRMATION, of a confirmation stage's."""
+    where = role_filter(role)
     return where + (f" and tags.{SWEEP_ID_TAG} = '{quote(sweep_id)}'" if sweep_id else "")
 
 

@@ -72,7 +72,9 @@ def _best_checkpoint(fs, trial_dir: str, metric: str, mode: str) -> tuple[str, s
 
 def sync_sweep(spec_path: str, name: str | None = None) -> dict[str, int]:
     spec = load_spec(spec_path, name)
-    tracker = SweepTracker(spec.mlflow.tracking_uri or S.default_tracking_uri(), spec.mlflow.experiment, spec.name)
+    tracker = SweepTracker(
+        spec.mlflow.tracking_uri or S.default_tracking_uri(), spec.mlflow.experiment, spec.name, spec.confirms
+    )
     parent = tracker.find_parent()
     if parent is None:
         tracker.start_parent(spec_to_dict(spec), search_space_summary(spec), None)

@@ -59,8 +59,11 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
 class SweepTracker:
     """MLflow bookkeeping of one sweep. Picklable (Tune stores its callbacks with the experiment)."""
 
-    def __init__(self, tracking_uri: str, experiment: str, sweep_id: str):
+    def __init__(self, tracking_uri: str, experiment: str, sweep_id: str, confirms: str = ""):
+        """`confirms`: this is the confirmation stage of that sweep (best-student --confirm): its parent run
+        is nested under the sweep's, and it and its trial runs carry the CONFIRMS tag."""
         self.tracking_uri, self.experiment, self.sweep_id = tracking_uri, experiment, sweep_id
+        self.confirms = confirms
         self._client = None
         self._experiment_id: str | None = None
         self._runs: dict[str, str] = {}  # trial_id -> run_id
@@ -104,7 +107,14 @@ class SweepTracker:
     # -- the sweep's parent run ------------------------------------------------------------------
 
     def find_parent(self):
-        return self._find(S.sweep_filter(self.sweep_id))
+        return self._find(S.sweep_filter(self.sweep_id, S.ROLE_CONFIRMATION if self.confirms else S.ROLE_SWEEP))
+
+    def _confirmation_tags(self) -> dict[str, str]:
+        if not self.confirms:
+            return {}
+        confirmed = self._find(S.sweep_filter(self.confirms))
+        nest = {S.PARENT_RUN_TAG: confirmed.info.run_id} if confirmed is not None else {}
+        return {S.CONFIRMS_TAG: self.confirms, **nest}
 
     def start_parent(self, spec_dict: dict[str, Any], space: dict[str, str], teacher_ap: float | None) -> str:
         """Create the sweep's run, or reopen it when the sweep resumes."""
@@ -114,7 +124,12 @@ class SweepTracker:
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=self.sweep_id,
-                tags={S.SWEEP_ID_TAG: self.sweep_id, S.ROLE_TAG: S.ROLE_SWEEP, **tags},
+                tags={
+                    S.SWEEP_ID_TAG: self.sweep_id,
+                    S.ROLE_TAG: S.ROLE_CONFIRMATION if self.confirms else S.ROLE_SWEEP,
+                    **self._confirmation_tags(),
+                    **tags,
+                },
             )
             params = {f"{S.SPEC_PARAM_PREFIX}{k}": v for k, v in flatten_dict(spec_dict).items() if k != "search_space"}
             params.update({f"{S.SPACE_PARAM_PREFIX}{k}": v for k, v in space.items()})
@@ -160,6 +175,7 @@ class SweepTracker:
                     S.ROLE_TAG: S.ROLE_TRIAL,
                     S.FULL_BUDGET_TAG: "false",
                     **({S.BASELINE_TAG: "true"} if baseline else {}),
+                    **({S.CONFIRMS_TAG: self.confirms} if self.confirms else {}),
                 },
             )
             self._log_new_params(run.info.run_id, params, {})

@@ -51,6 +51,11 @@ def run_sweep(spec_path: str | Path, name: str | None = None, verbose: bool = Fa
     status tables, warnings and the trials' own output too (else one line per trial event)."""
     source = str(spec_path)
     spec = resolve_paths(load_spec(spec_path, name), source)  # every spec error before Ray starts
+    return run_spec(spec, verbose)
+
+
+def run_spec(spec: SweepSpec, verbose: bool = False) -> dict[str, Any]:
+    """run_sweep for a validated spec with resolved paths (also a sweep's confirmation stage)."""
     storage = spec.storage_path
     tracking_uri = spec.mlflow.tracking_uri or default_tracking_uri()
     # a tracking server that is down costs seconds per attempt, not minutes of urllib3 retries:
@@ -84,7 +89,7 @@ def run_sweep(spec_path: str | Path, name: str | None = None, verbose: bool = Fa
 
     if needs_node_caches(spec):  # decoded images and teacher outputs once per node, not in the first trials
         prebuild_node_caches(spec)
-    tracker = SweepTracker(tracking_uri, spec.mlflow.experiment, spec.name)
+    tracker = SweepTracker(tracking_uri, spec.mlflow.experiment, spec.name, spec.confirms)
     tracker.start_parent(spec_to_dict(spec), search_space_summary(spec), _teacher_ap(spec))
 
     from sweeps.tune.ddp import train_run_janitor

@@ -30,6 +30,9 @@
     reuse_actors: true                              # a finished trial's process runs the next trial (no new start-up)
     mlflow: {tracking_uri: sqlite:///mlflow.db, experiment: clockdistill}
 
+(`confirms: <sweep>` marks the spec of a sweep's confirmation stage, which `best-student --confirm`
+writes: its settings as variants, its new seeds as a grid; it is not written by hand.)
+
 Every error is one line naming the field, e.g.
 `sweeps/configs/x.yaml: search_space.distill.memory.alpha.loguniform: low must be > 0, got 0.0`.
 """
@@ -170,6 +173,7 @@ class SweepSpec(_Strict):
     max_failures: int = Field(2, ge=0)
     reuse_actors: bool = True
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+    confirms: str = ""  # set by best-student --confirm: this spec is that sweep's confirmation stage
 
     @model_validator(mode="after")
     def _objectives_and_scheduler(self) -> "SweepSpec":

@@ -70,7 +70,8 @@ def main() -> None:
     t2 = time.perf_counter()
     print(f"{args.images} images, {len(results)} detections, {len(dataset['annotations'])} labels")
     print(
-        f"KITTI metric (9 class x difficulty curves): {t1 - t0:.1f} s  Car moderate AP|R40 {kitti['kitti/Car/moderate']:.4f}"
+        f"KITTI metric (9 class x difficulty curves): {t1 - t0:.1f} s  "
+        f"Car moderate AP|R40 {kitti['kitti/Car/moderate']:.4f}"
     )
     print(f"COCO AP (pycocotools):                     {t2 - t1:.1f} s  AP {coco['AP']:.4f}")
     print(f"ratio KITTI / COCO: {(t1 - t0) / (t2 - t1):.2f}")
