@@ -18,6 +18,7 @@ from clockdistill.distill.run import build_distiller
 from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.engine import build_datasets
 from clockdistill.errors import ConfigError, DataError
+from sweeps.tracking import schema as S
 
 
 def _cfg(teacher, cache_dir, **distill):
@@ -248,11 +249,7 @@ def test_a_sweep_builds_each_cache_once_and_reports_its_overhead(tiny_sweep):
     for startups in by_pid.values():
         assert all(later < startups[0] / 3 for later in startups[1:]), by_pid
     client = MlflowClient(tiny_sweep["tracking_uri"])
-    runs = [
-        r
-        for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-        if "trial_id" in r.data.tags
-    ]
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], S.trial_filter("tiny"))
     assert len(runs) == 4 and all("startup_s" in r.data.metrics and "trial_overhead_s" in r.data.metrics for r in runs)
 
 

@@ -28,7 +28,7 @@ def test_mlflow_trial_runs_are_named_by_number_and_knobs(tiny_sweep):
 
     client = MlflowClient(tiny_sweep["tracking_uri"])
     exp = client.get_experiment_by_name("tiny")
-    runs = client.search_runs([exp.experiment_id], S.role_filter(S.ROLE_TRIAL))
+    runs = client.search_runs([exp.experiment_id], S.trial_filter("tiny"))  # (not a confirmation stage's)
     assert sorted(r.info.run_name.split(" ")[0] for r in runs) == ["t01", "t02", "t03", "t04"]
     short_to_key = {v: k for k, v in KNOB_SHORT.items()}
     for run in runs:
