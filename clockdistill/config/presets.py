@@ -115,8 +115,46 @@ for _size in ("teacher", "student"):  # C5 of a 128-pixel image is 4 x 4 cells: 
     PRESETS[f"dab-detr-tiny-{_size}"] = {**_DAB, **_TINY[_size], "dilation": True}
     PRESETS[f"dino-tiny-{_size}"] = {**_DINO, **_TINY[_size], **_DINO_TINY}
 
-# loss settings a preset brings (a config's own loss keys win): DINO's published class weight is 1
+# RT-DETR (lyuwenyu/RT-DETR, rtdetr_pytorch/configs/rtdetr): PResNet-vd, the hybrid encoder (one AIFI layer on
+# C5, CSPRep layers of 3 RepVGG blocks), 300 queries, 100 denoising queries with box noise 1.0; R18 / R34
+# train their BatchNorm and every stage, R50 / R101 freeze the norm and the stem; R101's encoder is 384 wide
+_RTDETR = dict(
+    arch="rtdetr",
+    backbone_norm="batch",
+    backbone_frozen_stages=0,
+    d_model=256,
+    nheads=8,
+    enc_layers=1,
+    ffn_dim=1024,
+    dropout=0.0,
+    num_queries=300,
+    num_levels=3,
+    n_points=4,
+    dn_number=100,
+    dn_box_noise=1.0,
+    dn_label_noise=0.5,
+    frozen_bn=False,
+)
+for _depth, _layers, _extra in (
+    (18, 3, dict(expansion=0.5)),
+    (34, 4, dict(expansion=0.5)),
+    (50, 6, dict(backbone_norm="frozen", backbone_frozen_stages=1)),
+    (101, 6, dict(backbone_norm="frozen", backbone_frozen_stages=1, encoder_dim=384, encoder_ffn_dim=2048)),
+):
+    PRESETS[f"rtdetr-r{_depth}"] = dict(
+        _RTDETR, backbone_depth=_depth, backbone_width=1.0, dec_layers=_layers, **_extra
+    )  # fmt: skip
+# tiny: the tiny sizes (ResNet-18-vd at 1/4 or 1/8 width), one RepVGG block per CSPRep layer, 30 queries and
+# a denoising budget of 12 queries per box of the batch's fullest image
+for _size in ("teacher", "student"):
+    PRESETS[f"rtdetr-tiny-{_size}"] = dict(
+        _RTDETR, **{k: v for k, v in _TINY[_size].items() if k != "enc_layers"}, enc_layers=1, expansion=0.5,
+        depth_mult=1 / 3, dn_number=12,
+    )  # fmt: skip
+# loss settings a preset brings (a config's own loss keys win): DINO's published class weight is 1; RT-DETR's
+# classification loss is varifocal at weight 1
 PRESET_LOSS: dict[str, dict[str, Any]] = {name: {"cls": 1.0} for name in PRESETS if name.startswith("dino-")}
+PRESET_LOSS.update({name: {"cls": 1.0, "cls_loss": "vfl"} for name in PRESETS if name.startswith("rtdetr-")})
 
 _HYBRID = dict(arch="hybrid", backbone_norm="batch", backbone_frozen_stages=0, dilation=False, n_points=4)
 PRESETS["hybrid-teacher"] = dict(

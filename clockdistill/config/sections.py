@@ -90,11 +90,17 @@ class ModelConfig:
     dn_box_noise: float = 0.4  # dino: box corners move up to this x half the box size (negatives 1-2x)
     dn_label_noise: float = 0.5  # dino: a denoising query's label is redrawn with half this probability
     dn_labelbook: int = 0  # dino: rows of the denoising label embedding (+1); 0 = num_classes
+    # rtdetr: the hybrid encoder's width and feed-forward width (0 = d_model, ffn_dim), and its CSPRep layers'
+    # channel expansion and block-count multiplier (round(3 x depth_mult) RepVGG blocks each)
+    encoder_dim: int = 0
+    encoder_ffn_dim: int = 0
+    expansion: float = 1.0
+    depth_mult: float = 1.0
     frozen_bn: bool = False  # trainable BatchNorm uses and keeps its running statistics in training (students
     #                          initialised from a teacher, and data-parallel runs without SyncBatchNorm)
 
     def __post_init__(self):
-        _check_choice("model.arch", self.arch, ("deformable", "dab", "dino", "hybrid"))
+        _check_choice("model.arch", self.arch, ("deformable", "dab", "dino", "hybrid", "rtdetr"))
         _check_choice("model.backbone_depth", self.backbone_depth, (18, 34, 50, 101))
         _check_choice("model.backbone_norm", self.backbone_norm, ("frozen", "batch"))
         _check_choice("model.backbone_frozen_stages", self.backbone_frozen_stages, (0, 1))
@@ -112,8 +118,12 @@ class ModelConfig:
         _check_range("model.dn_box_noise", self.dn_box_noise, low=0.0)
         _check_range("model.dn_label_noise", self.dn_label_noise, low=0.0, high=1.0)
         _check_range("model.dn_labelbook", self.dn_labelbook, low=0)
-        if self.dn_number and self.arch != "dino":
-            raise ConfigError(f"model.dn_number: denoising queries are DINO's (arch dino), not {self.arch}'s; set 0")
+        if self.dn_number and self.arch not in ("dino", "rtdetr"):
+            raise ConfigError(
+                f"model.dn_number: denoising queries are DINO's and RT-DETR's (arch dino, rtdetr), not {self.arch}'s; "
+                "set 0"
+            )
+        self._check_rtdetr_fields()
         _check_range("model.num_classes", self.num_classes, low=0)
         _check_range("model.dropout", self.dropout, low=0.0, high=1.0)
         if self.d_model % self.nheads:
@@ -135,6 +145,12 @@ class ModelConfig:
             if self.num_levels == 2:
                 raise ConfigError("model.num_levels: Deformable DETR takes 1 level (C5) or 3 and more (C3-C5, strided)")
 
+    def _check_rtdetr_fields(self) -> None:
+        for name in ("encoder_dim", "encoder_ffn_dim"):
+            _check_range(f"model.{name}", getattr(self, name), low=0)
+        _check_range("model.expansion", self.expansion, low=0.0625)
+        _check_range("model.depth_mult", self.depth_mult, low=0.0)
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -145,6 +161,10 @@ class LossConfig:
     giou: float = 2.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # classification loss: focal (Deformable DETR, DAB-DETR, DINO) | vfl: varifocal, the target of a matched
+    # query its box's IoU with the GT (RT-DETR; vfl_alpha weighs the negatives, focal_gamma their focus)
+    cls_loss: str = "focal"
+    vfl_alpha: float = 0.75
     match_cost_class: float = 2.0
     match_cost_bbox: float = 5.0
     match_cost_giou: float = 2.0
@@ -154,6 +174,7 @@ class LossConfig:
         for f in dataclasses.fields(self):
             if f.type is float:
                 _check_range(f"loss.{f.name}", getattr(self, f.name), low=0.0)
+        _check_choice("loss.cls_loss", self.cls_loss, ("focal", "vfl"))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Detection criterion: sigmoid focal classification, L1 and GIoU box terms, on every decoder layer.
+"""Detection criterion: sigmoid focal (or varifocal) classification, L1 and GIoU box terms, on every
+decoder layer.
 
 The criterion returns *unweighted* named terms (`loss_cls`, `loss_bbox`, `loss_giou`; aux layers get a
 suffix `_0`, `_1`, ...). `detection_weights` builds the weight map and `weighted_sum` combines them, so
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from clockdistill.config.sections import LossConfig
 from clockdistill.distributed import global_mean
 from clockdistill.losses.matcher import HungarianMatcher
-from clockdistill.ops.boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from clockdistill.ops.boxes import box_cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou
 
 TERMS = ("loss_cls", "loss_bbox", "loss_giou")
 
@@ -30,6 +31,15 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gam
     return loss
 
 
+def varifocal_loss(logits: Tensor, target_score: Tensor, target: Tensor, alpha: float, gamma: float) -> Tensor:
+    """Element-wise varifocal loss (Zhang et al. 2021, as RT-DETR computes it): BCE against the IoU-aware
+    score `target_score` (the matched box's IoU on its class, else 0), negatives weighted by
+    alpha * p^gamma, positives by their score; `target` is the {0, 1} class target."""
+    pred = logits.sigmoid().detach()
+    weight = alpha * pred.pow(gamma) * (1 - target) + target_score
+    return F.binary_cross_entropy_with_logits(logits, target_score, weight=weight, reduction="none")
+
+
 class SetCriterion(nn.Module):
     def __init__(
         self,
@@ -38,17 +48,20 @@ class SetCriterion(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         aux_loss: bool = True,
+        cls_loss: str = "focal",
+        vfl_alpha: float = 0.75,
     ):
         super().__init__()
         self.num_classes, self.matcher = num_classes, matcher
         self.focal_alpha, self.focal_gamma, self.aux_loss = focal_alpha, focal_gamma, aux_loss
+        self.cls_loss, self.vfl_alpha = cls_loss, vfl_alpha
 
     @classmethod
     def from_config(cls, cfg: LossConfig, num_classes: int) -> "SetCriterion":
         matcher = HungarianMatcher(
             cfg.match_cost_class, cfg.match_cost_bbox, cfg.match_cost_giou, cfg.focal_alpha, cfg.focal_gamma
         )
-        return cls(num_classes, matcher, cfg.focal_alpha, cfg.focal_gamma, cfg.aux_loss)
+        return cls(num_classes, matcher, cfg.focal_alpha, cfg.focal_gamma, cfg.aux_loss, cfg.cls_loss, cfg.vfl_alpha)
 
     def layer_losses(
         self,
@@ -69,12 +82,18 @@ class SetCriterion(nn.Module):
         target_classes = torch.zeros_like(logits)
         matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
         target_classes[batch_idx, src_idx, matched_labels] = 1.0
-        loss_cls = sigmoid_focal_loss(logits, target_classes, self.focal_alpha, self.focal_gamma).sum() / num_boxes
-
         src_boxes = boxes[batch_idx, src_idx]
         tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device).float()
+        src_xyxy, tgt_xyxy = box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)
+        if self.cls_loss == "vfl":
+            score = torch.zeros_like(logits)
+            score[batch_idx, src_idx, matched_labels] = elementwise_box_iou(src_xyxy, tgt_xyxy).detach()
+            cls = varifocal_loss(logits, score, target_classes, self.vfl_alpha, self.focal_gamma)
+        else:
+            cls = sigmoid_focal_loss(logits, target_classes, self.focal_alpha, self.focal_gamma)
+        loss_cls = cls.sum() / num_boxes
         loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
-        giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes))
+        giou = elementwise_generalized_box_iou(src_xyxy, tgt_xyxy)
         loss_giou = (1 - giou).sum() / num_boxes
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
@@ -138,9 +157,13 @@ def detection_weights(
 
 def model_detection_weights(cfg: LossConfig, model_cfg) -> dict[str, float]:
     """`detection_weights` for a detector's config."""
-    dino = model_cfg.arch == "dino"
+    selects = model_cfg.arch in ("dino", "rtdetr")  # query selection supervised with the real labels, denoising
     return detection_weights(
-        cfg, model_cfg.dec_layers - 1, model_cfg.two_stage, denoising=dino and model_cfg.dn_number > 0, interm=dino
+        cfg,
+        model_cfg.dec_layers - 1,
+        model_cfg.two_stage,
+        denoising=selects and model_cfg.dn_number > 0,
+        interm=selects,
     )
 
 

@@ -12,8 +12,9 @@ from clockdistill.models.dab_detr import DABDETR
 from clockdistill.models.deformable_detr import DeformableDETR
 from clockdistill.models.dino import DINO
 from clockdistill.models.hybrid import HybridDETR
+from clockdistill.models.rtdetr import RTDETR
 
-ARCHS = {"deformable": DeformableDETR, "dab": DABDETR, "dino": DINO, "hybrid": HybridDETR}
+ARCHS = {"deformable": DeformableDETR, "dab": DABDETR, "dino": DINO, "hybrid": HybridDETR, "rtdetr": RTDETR}
 
 
 def build_detector(cfg: ModelConfig, num_classes: int) -> Detector:

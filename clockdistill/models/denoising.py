@@ -164,3 +164,58 @@ def denoising_indices(queries: DenoisingQueries) -> list[tuple[Tensor, Tensor]]:
         slots = torch.nonzero(queries.positive[b]).flatten()
         out.append((slots, queries.gt_index[b, slots]))
     return out
+
+
+class ContrastiveDenoising:
+    """Detector mixin (DINO, RT-DETR): the denoising queries decoded in the same pass as the matching
+    queries, before them, behind the group attention mask, and their outputs cut off again under `dn`.
+    The detector gives its trainable label book (`denoising_label_book`) and cfg.dn_*."""
+
+    def denoising_label_book(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def add_denoising(self, queries, targets: list[dict] | None):
+        """In training with targets: (denoising + matching queries, the DenoisingQueries)."""
+        from clockdistill.models.common import Queries
+
+        if not (self.training and targets is not None and self.cfg.dn_number > 0):
+            return queries, None
+        dn = contrastive_denoising_queries(
+            targets,
+            self.denoising_label_book(),
+            queries.content.shape[1],
+            self.num_classes,
+            self.cfg.dn_number,
+            self.cfg.dn_label_noise,
+            self.cfg.dn_box_noise,
+        )
+        if dn.pad_size == 0:  # no box in the batch: nothing to denoise
+            return queries, None
+        both = Queries(
+            torch.cat([dn.content.to(queries.content.dtype), queries.content], 1),
+            torch.cat([dn.reference.sigmoid().to(queries.reference.dtype), queries.reference], 1),
+            None,
+            queries.outputs,
+            self_attn_mask=dn.attn_mask,
+        )
+        return both, dn
+
+    def split_denoising(self, out: dict, dn: DenoisingQueries | None) -> dict:
+        """The decode output of denoising + matching queries -> the matching queries' output, with
+        the denoising queries' under `dn` ({outputs, indices, groups}) for the criterion."""
+        from clockdistill.models.common import LAYER_KEYS, decoder_layers
+
+        if dn is None:
+            return out
+        P = dn.pad_size
+        layers = decoder_layers(out)
+        own = [{k: v[:, P:] for k, v in layer.items()} for layer in layers]
+        noised = [{k: v[:, :P] for k, v in layer.items()} for layer in layers]
+        result = {k: v for k, v in out.items() if k not in (*LAYER_KEYS, "aux_outputs")}
+        result.update(own[-1], aux_outputs=own[:-1])
+        result["dn"] = {
+            "outputs": {**noised[-1], "aux_outputs": noised[:-1]},
+            "indices": denoising_indices(dn),
+            "groups": dn.groups,
+        }
+        return result

@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from clockdistill.models.common import LAYER_KEYS, MLP, Memory, Queries, decoder_layers, layer_outputs
+from clockdistill.models.common import MLP, Memory, Queries, layer_outputs
 from clockdistill.models.common import self_attention_masks as _sa_masks
 from clockdistill.models.deformable_detr import FOCAL_PRIOR, DecoderLayer, DeformableEncoderDetector
-from clockdistill.models.denoising import DenoisingQueries, contrastive_denoising_queries, denoising_indices
+from clockdistill.models.denoising import ContrastiveDenoising
 from clockdistill.models.position import sine_box_encoding
 from clockdistill.ops.boxes import inverse_sigmoid
 
@@ -99,7 +99,7 @@ def look_forward_twice(
     return logits, boxes
 
 
-class DINO(DeformableEncoderDetector):
+class DINO(ContrastiveDenoising, DeformableEncoderDetector):
     pos_temperature, pos_offset = 20.0, 0.0
 
     def __init__(self, cfg, num_classes: int):
@@ -155,47 +155,5 @@ class DINO(DeformableEncoderDetector):
         logits, boxes = look_forward_twice(hidden, refs[:-1], [self.class_embed] * len(heads), heads)
         return layer_outputs(logits, boxes, hidden)
 
-    # -- contrastive denoising (training only) -----------------------------------------------------
-
-    def add_denoising(self, queries: Queries, targets: list[dict] | None) -> tuple[Queries, DenoisingQueries | None]:
-        """In training with targets: the denoising queries before the matching queries, one group
-        mask over both (as the reference's one decoder pass)."""
-        if not (self.training and targets is not None and self.cfg.dn_number > 0):
-            return queries, None
-        dn = contrastive_denoising_queries(
-            targets,
-            self.label_enc,
-            queries.content.shape[1],
-            self.num_classes,
-            self.cfg.dn_number,
-            self.cfg.dn_label_noise,
-            self.cfg.dn_box_noise,
-        )
-        if dn.pad_size == 0:  # no box in the batch: nothing to denoise
-            return queries, None
-        both = Queries(
-            torch.cat([dn.content.to(queries.content.dtype), queries.content], 1),
-            torch.cat([dn.reference.sigmoid().to(queries.reference.dtype), queries.reference], 1),
-            None,
-            queries.outputs,
-            self_attn_mask=dn.attn_mask,
-        )
-        return both, dn
-
-    def split_denoising(self, out: dict[str, Any], dn: DenoisingQueries | None) -> dict[str, Any]:
-        """The decode output of denoising + matching queries -> the matching queries' output, with
-        the denoising queries' under `dn` ({outputs, indices, groups}) for the criterion."""
-        if dn is None:
-            return out
-        P = dn.pad_size
-        layers = decoder_layers(out)
-        own = [{k: v[:, P:] for k, v in layer.items()} for layer in layers]
-        noised = [{k: v[:, :P] for k, v in layer.items()} for layer in layers]
-        result = {k: v for k, v in out.items() if k not in (*LAYER_KEYS, "aux_outputs")}
-        result.update(own[-1], aux_outputs=own[:-1])
-        result["dn"] = {
-            "outputs": {**noised[-1], "aux_outputs": noised[:-1]},
-            "indices": denoising_indices(dn),
-            "groups": dn.groups,
-        }
-        return result
+    def denoising_label_book(self) -> nn.Embedding:
+        return self.label_enc

@@ -46,14 +46,23 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return iou - (hull - union) / hull.clamp(min=1e-12)
 
 
-def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """GIoU of aligned xyxy boxes: (N, 4) x (N, 4) -> (N,). Avoids the N x N matrix."""
+def _elementwise_iou_union(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
     lt = torch.max(boxes1[:, :2], boxes2[:, :2])
     rb = torch.min(boxes1[:, 2:], boxes2[:, 2:])
     wh = (rb - lt).clamp(min=0)
     inter = wh[:, 0] * wh[:, 1]
     union = box_area(boxes1) + box_area(boxes2) - inter
-    iou = inter / union.clamp(min=1e-12)
+    return inter / union.clamp(min=1e-12), union
+
+
+def elementwise_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of aligned xyxy boxes: (N, 4) x (N, 4) -> (N,)."""
+    return _elementwise_iou_union(boxes1, boxes2)[0]
+
+
+def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """GIoU of aligned xyxy boxes: (N, 4) x (N, 4) -> (N,). Avoids the N x N matrix."""
+    iou, union = _elementwise_iou_union(boxes1, boxes2)
     lt_hull = torch.min(boxes1[:, :2], boxes2[:, :2])
     rb_hull = torch.max(boxes1[:, 2:], boxes2[:, 2:])
     wh_hull = (rb_hull - lt_hull).clamp(min=0)

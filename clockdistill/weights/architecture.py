@@ -74,10 +74,61 @@ def from_hf_config(config: dict[str, Any], source: str) -> tuple[str, dict[str, 
             num_levels=1,
             dilation=bool(config.get("dilation")),
         )
+    elif kind == "rt_detr":
+        fields = _hf_rtdetr(config, source)
     else:
-        raise _fail(source, f"model_type {kind!r} is not understood (expected deformable_detr or dab-detr)")
+        raise _fail(source, f"model_type {kind!r} is not understood (expected deformable_detr, dab-detr or rt_detr)")
     fields.update(_hf_backbone(config, source))
     return fields["arch"], fields
+
+
+# transformers' RTDetrConfig values this import builds as the reference has them (another is refused)
+_RTDETR_FIXED = (
+    ("encode_proj_layers", [2]),
+    ("feat_strides", [8, 16, 32]),
+    ("num_feature_levels", 3),
+    ("positional_encoding_temperature", 10000),
+    ("encoder_activation_function", "gelu"),
+    ("activation_function", "silu"),
+    ("decoder_activation_function", "relu"),
+    ("normalize_before", False),
+    ("learn_initial_query", False),
+    ("with_box_refine", True),
+)
+
+
+def _hf_rtdetr(config: dict[str, Any], source: str) -> dict[str, Any]:
+    for key, want in _RTDETR_FIXED:
+        got = config.get(key, want)
+        if (list(got) if isinstance(got, (list, tuple)) else got) != want:
+            raise _fail(source, f"{key} is {got!r}; the RT-DETR reference (and this import) uses {want!r}")
+    if config.get("encoder_attention_heads") != config.get("decoder_attention_heads"):
+        raise _fail(source, "encoder_attention_heads and decoder_attention_heads differ; this import uses one count")
+    enc_dim = config["encoder_hidden_dim"]
+    if list(config.get("decoder_in_channels", [enc_dim] * 3)) != [enc_dim] * 3:
+        raise _fail(source, f"decoder_in_channels {config.get('decoder_in_channels')} are not the encoder's {enc_dim}")
+    backbone = config.get("backbone_config") or {}
+    if backbone.get("downsample_in_bottleneck") or backbone.get("downsample_in_first_stage"):
+        raise _fail(source, "a ResNet downsampling in its bottleneck's first conv or first stage is not ResNet-vd")
+    return dict(
+        arch="rtdetr",
+        d_model=config["d_model"],
+        nheads=config["decoder_attention_heads"],
+        enc_layers=config["encoder_layers"],
+        dec_layers=config["decoder_layers"],
+        ffn_dim=config["decoder_ffn_dim"],
+        encoder_dim=enc_dim,
+        encoder_ffn_dim=config["encoder_ffn_dim"],
+        expansion=float(config.get("hidden_expansion", 1.0)),
+        depth_mult=1.0,  # transformers' CSPRep layers hold 3 RepVGG blocks
+        dropout=float(config.get("dropout", 0.0)),
+        num_queries=config["num_queries"],
+        num_levels=3,
+        n_points=config.get("decoder_n_points", 4),
+        dn_number=config.get("num_denoising", 100),
+        dn_label_noise=float(config.get("label_noise_ratio", 0.5)),
+        dn_box_noise=float(config.get("box_noise_scale", 1.0)),
+    )
 
 
 def _hf_backbone(config: dict[str, Any], source: str) -> dict[str, Any]:

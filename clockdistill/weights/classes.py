@@ -22,7 +22,10 @@ from clockdistill.config.dotted import parse_yaml
 from clockdistill.errors import UserError
 
 # per-class rows: the class heads (DINO's proposal scorer and its denoising label book too)
-_CLASS_HEAD = re.compile(r"^(class_embed|class_heads|enc_out_class_embed|label_enc)(\.(\d+))?\.(weight|bias)$")
+_CLASS_HEAD = re.compile(  # (RT-DETR's under decoder.: its per-layer, proposal and denoising label heads)
+    r"^(?:decoder\.)?(class_embed|class_heads|enc_out_class_embed|label_enc|dec_score_head|enc_score_head|"
+    r"denoising_class_embed)(\.(\d+))?\.(weight|bias)$"
+)
 
 
 def class_head_keys(state: dict[str, Tensor], dec_layers: int, two_stage: bool) -> tuple[list[str], list[str]]:

@@ -68,6 +68,8 @@ def _preset_for(fields: dict[str, Any]) -> str:
     if fields["arch"] == "dino":
         name = f"dino-r{depth}{'-5scale' if fields.get('backbone_levels') == 4 else ''}"
         return name if name in PRESETS else "dino-r50"
+    if fields["arch"] == "rtdetr":
+        return f"rtdetr-r{depth}" if f"rtdetr-r{depth}" in PRESETS else "rtdetr-r50"
     if fields["arch"] == "dab":
         name = f"dab-detr-r{depth}{'-dc5' if fields.get('dilation') else ''}"
     else:
@@ -98,7 +100,13 @@ def import_checkpoint(
     else:
         given = apply_overrides({}, overrides).get("model") or {}
         arch, fields = from_tensors(state, source, given if isinstance(given, dict) else {})
-    fields.update(backbone_norm="frozen", backbone_frozen_stages=1, backbone_weights="")
+    if arch == "rtdetr":  # the published R18 / R34 train their backbone's BatchNorm, R50 / R101 freeze it
+        preset = PRESETS.get(f"rtdetr-r{fields.get('backbone_depth', 50)}", {})
+        fields.setdefault("backbone_norm", preset.get("backbone_norm", "frozen"))
+        fields.setdefault("backbone_frozen_stages", preset.get("backbone_frozen_stages", 1))
+        fields["backbone_weights"] = ""
+    else:
+        fields.update(backbone_norm="frozen", backbone_frozen_stages=1, backbone_weights="")
     if arch == "dino":  # the label book's size is in its tensor (the reference: dn_labelbook_size + 1 rows)
         fields["dn_labelbook"] = state["label_enc.weight"].shape[0] - 1
     cfg = resolve_config({"model": {"preset": _preset_for(fields), **fields}}, overrides=overrides)
@@ -116,7 +124,11 @@ def import_checkpoint(
             f"{source}: {len(renamed.unknown)} tensor(s) not understood for a {layout} {arch} checkpoint "
             f"(first: {', '.join(renamed.unknown[:3])})"
         )
-    head = renamed.state.get("class_embed.0.weight", renamed.state.get("class_embed.weight"))
+    head = next(
+        (renamed.state[k] for k in ("class_embed.0.weight", "class_embed.weight", "decoder.dec_score_head.0.weight")
+         if k in renamed.state),
+        None,
+    )  # fmt: skip
     if head is None:
         raise UserError(f"{source}: no class head (class_embed) found")
     num_classes = m.num_classes or head.shape[0]

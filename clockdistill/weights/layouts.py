@@ -2,10 +2,11 @@
 
     original      fundamentalvision/Deformable-DETR and IDEA-Research/DAB-DETR `.pth` files: the
                   model's state dict under `model` (and the training arguments under `args`)
-    huggingface   a `save_pretrained` directory of transformers' DeformableDetrForObjectDetection
-                  or DabDetrForObjectDetection (config.json + model.safetensors): the published
-                  SenseTime/deformable-detr* and IDEA-Research/dab-detr-* checkpoints; the backbone
-                  in timm's (torchvision) names or Hugging Face's ResNet names
+    huggingface   a `save_pretrained` directory of transformers' DeformableDetrForObjectDetection,
+                  DabDetrForObjectDetection or RTDetrForObjectDetection (config.json +
+                  model.safetensors): the published SenseTime/deformable-detr*, IDEA-Research/dab-detr-*
+                  and PekingU/rtdetr_r*vd* checkpoints; the backbone in timm's (torchvision) names or
+                  Hugging Face's ResNet names (RT-DETR: its ResNet-vd port, renamed to PResNet's)
 
 Our parameter names follow the original repositories' (without `transformer.` and
 `backbone.0.body.`), so the original layout renames by prefix; Hugging Face's port renamed most
@@ -80,6 +81,53 @@ _HF_DAB = [
     (r"^decoder\.bbox_embed\.", "decoder_copy.bbox_embed."),
 ]
 
+_ENC = r"^encoder\.(?:aifi|encoder)\.(\d+)\.layers\.(\d+)\."  # transformers names AIFI `aifi` in memory
+_DEC = r"^decoder\.layers\.(\d+)\."
+_HF_RTDETR = [  # transformers' RTDetrForObjectDetection (after "model.", as saved or in memory) -> the reference's
+    (r"^encoder_input_proj\.(\d+)\.", r"encoder.input_proj.\1."),
+    (_ENC + r"self_attn\.(?:o|out)_proj\.", r"encoder.encoder.\1.layers.\2.self_attn.out_proj."),
+    (_ENC + r"self_attn\.([qkv])_proj\.", r"encoder.encoder.\1.layers.\2.self_attn.\3_proj."),
+    (_ENC + r"self_attn_layer_norm\.", r"encoder.encoder.\1.layers.\2.norm1."),
+    (_ENC + r"(?:mlp\.)?fc1\.", r"encoder.encoder.\1.layers.\2.linear1."),
+    (_ENC + r"(?:mlp\.)?fc2\.", r"encoder.encoder.\1.layers.\2.linear2."),
+    (_ENC + r"final_layer_norm\.", r"encoder.encoder.\1.layers.\2.norm2."),
+    (r"^encoder\.(lateral_convs|fpn_blocks|downsample_convs|pan_blocks)\.", r"encoder.\1."),
+    (r"^decoder_input_proj\.(\d+)\.0\.", r"decoder.input_proj.\1.conv."),
+    (r"^decoder_input_proj\.(\d+)\.1\.", r"decoder.input_proj.\1.norm."),
+    (_DEC + r"self_attn\.(?:o|out)_proj\.", r"decoder.decoder.layers.\1.self_attn.out_proj."),
+    (_DEC + r"self_attn\.([qkv])_proj\.", r"decoder.decoder.layers.\1.self_attn.\2_proj."),
+    (_DEC + r"self_attn_layer_norm\.", r"decoder.decoder.layers.\1.norm1."),
+    (_DEC + r"encoder_attn\.", r"decoder.decoder.layers.\1.cross_attn."),
+    (_DEC + r"encoder_attn_layer_norm\.", r"decoder.decoder.layers.\1.norm2."),
+    (_DEC + r"(?:mlp\.)?fc1\.", r"decoder.decoder.layers.\1.linear1."),
+    (_DEC + r"(?:mlp\.)?fc2\.", r"decoder.decoder.layers.\1.linear2."),
+    (_DEC + r"final_layer_norm\.", r"decoder.decoder.layers.\1.norm3."),
+    (r"^decoder\.query_pos_head\.", "decoder.query_pos_head."),
+    (r"^decoder\.class_embed\.", "decoder.dec_score_head."),
+    (r"^decoder\.bbox_embed\.", "decoder.dec_bbox_head."),
+    (r"^(denoising_class_embed|enc_output|enc_score_head|enc_bbox_head)\.", r"decoder.\1."),
+]
+
+_HF_PRESNET = [  # transformers' RTDetrResNet (after "model.backbone.model.") -> the reference's PResNet
+    (r"^embedder\.embedder\.0\.", "conv1.conv1_1."),
+    (r"^embedder\.embedder\.1\.", "conv1.conv1_2."),
+    (r"^embedder\.embedder\.2\.", "conv1.conv1_3."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.0\.", r"res_layers.\1.blocks.\2.branch2a."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.1\.", r"res_layers.\1.blocks.\2.branch2b."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.2\.", r"res_layers.\1.blocks.\2.branch2c."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.1\.", r"res_layers.\1.blocks.\2.short.conv."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.", r"res_layers.\1.blocks.\2.short."),
+]
+
+
+def _hf_presnet_name(rest: str) -> str | None:
+    for pattern, repl in _HF_PRESNET:
+        if re.match(pattern, rest):
+            name = re.sub(pattern, repl, rest, count=1)
+            return "backbone." + name.replace(".convolution.", ".conv.").replace(".normalization.", ".norm.")
+    return None
+
+
 _BACKBONE_PREFIXES = (
     "model.backbone.conv_encoder.model._backbone.",
     "model.backbone.conv_encoder.model.",
@@ -115,7 +163,7 @@ def rename(state: dict[str, Tensor], layout: str, arch: str, shared_heads: bool,
     out: dict[str, Tensor] = {}
     origin: dict[str, str] = {}
     unknown: list[str] = []
-    rules = _HF_DEFORMABLE if arch == "deformable" else _HF_DAB
+    rules = {"deformable": _HF_DEFORMABLE, "rtdetr": _HF_RTDETR}.get(arch, _HF_DAB)
     for key, value in state.items():
         if key.endswith("num_batches_tracked"):
             continue
@@ -131,6 +179,8 @@ def rename(state: dict[str, Tensor], layout: str, arch: str, shared_heads: bool,
 
 
 def _our_name(key: str, layout: str, rules: list[tuple[str, str]]) -> str | None:
+    if layout == "huggingface" and key.startswith("model.backbone.model."):  # RT-DETR's ResNet-vd
+        return _hf_presnet_name(key[len("model.backbone.model.") :])
     if key.startswith(("backbone.", "model.backbone.")):
         return _backbone_name(key)
     if layout == "original":
@@ -138,6 +188,9 @@ def _our_name(key: str, layout: str, rules: list[tuple[str, str]]) -> str | None
         if re.match(r"decoder\.(bbox_embed|class_embed)\.", name):
             name = "decoder_copy." + name[len("decoder.") :]
         return name
+    if rules is _HF_RTDETR and key.startswith(("class_embed.", "bbox_embed.")):  # ties of the decoder's heads
+        head = "dec_score_head." if key.startswith("class_embed.") else "dec_bbox_head."
+        return "decoder_copy.decoder." + head + key.split(".", 1)[1]
     if key.startswith(("class_embed.", "bbox_embed.", "bbox_predictor.")):
         return key.replace("bbox_predictor.", "bbox_embed.", 1)
     body = key.removeprefix("model.")
