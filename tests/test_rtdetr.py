@@ -120,3 +120,27 @@ def test_training_steps_with_denoising_and_varifocal_loss_fit_a_batch():
     assert {"loss_cls_dn", "loss_cls_interm", "loss_giou_1"} <= set(losses)
     # measured over seeds 0-4 (one thread): the last five steps' lowest loss is 0.33-0.41 of the first
     assert min(history[-5:]) < 0.6 * history[0], history
+
+
+@pytest.mark.parametrize("method", ["clockdistill", "detrdistill"])
+def test_cli_distills_an_rtdetr_teacher_into_the_rtdetr_student(method, synth_data, tmp_path):
+    """The tiny pair through `clockdistill distill`: memory distillation on the hybrid encoder's memory,
+    target-aware queries through both decoders, the student preset following from the teacher's."""
+    import json
+
+    from clockdistill.checkpoint import save_checkpoint
+    from clockdistill.data.synth import CLASSES
+    from tests.conftest import run_cli
+
+    torch.manual_seed(0)
+    tcfg = resolve_config({"model": {"preset": "rtdetr-tiny-teacher"}, "data": {"root": str(synth_data)}})
+    teacher = build_detector(tcfg.model, len(CLASSES))
+    save_checkpoint(tmp_path / "teacher", teacher, {"config": tcfg.to_dict(), "class_names": list(CLASSES)})
+    sets = ["train.epochs=1", "train.progress=false", "train.device=cpu", f"train.output_dir={tmp_path / 'run'}"]
+    sets.append(f"distill.method={method}")
+    proc = run_cli("distill", "--teacher", str(tmp_path / "teacher"), *(a for s in sets for a in ("--set", s)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.rindex("\n{") + 1 :])
+    assert summary["method"] == method and 0 <= summary["best_AP"] <= 1
+    meta = json.loads((tmp_path / "run" / "best" / "meta.json").read_text())
+    assert meta["config"]["model"]["preset"] == "rtdetr-tiny-student" and meta["config"]["loss"]["cls_loss"] == "vfl"

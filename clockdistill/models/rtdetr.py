@@ -23,8 +23,8 @@ Number for number with the reference:
 - contrastive denoising queries in training (models/denoising.py, the label book
   `denoising_class_embed` with a zero padding row).
 
-Inputs with a padding mask are taken as the reference cannot: the decoder works in the padded
-canvas's coordinates (its anchors tile the canvas) and its boxes are rescaled to the unpadded image
+Inputs of any size and with a padding mask are taken as the reference cannot: images are padded to
+a multiple of 32 (the FPN's upsampling needs it), the decoder works in the padded canvas's coordinates (its anchors tile the canvas) and its boxes are rescaled to the unpadded image
 on the way out (and query boxes given to `decode` on the way in), so square unpadded inputs, the
 recipe these detectors train and deploy with, give the reference's numbers exactly. The encoder's
 position code is the (y, x) one transformers' port computes; the reference's equals it on square
@@ -352,6 +352,16 @@ def grid_anchors(shapes: list[tuple[int, int]], device, grid_size: float = 0.05)
     return torch.where(valid, torch.log(a / (1 - a)), torch.inf), valid
 
 
+def pad_to_stride(images: Tensor, mask: Tensor, stride: int = 32) -> tuple[Tensor, Tensor]:
+    """Images (and their padding mask) padded at the bottom and right to a multiple of the coarsest
+    stride, which the FPN's 2x upsampling needs (the reference's inputs are 640 x 640)."""
+    H, W = images.shape[-2:]
+    ph, pw = -H % stride, -W % stride
+    if not (ph or pw):
+        return images, mask
+    return F.pad(images, (0, pw, 0, ph)), F.pad(mask, (0, pw, 0, ph), value=True)
+
+
 def _to_canvas(boxes: Tensor, ratios: Tensor) -> Tensor:
     """Boxes of the unpadded image (B, Q, 4) -> of the padded canvas; ratios (B, 2) unpadded (w, h)."""
     return boxes * ratios.repeat(1, 2)[:, None]
@@ -380,6 +390,7 @@ class RTDETR(ContrastiveDenoising, Detector):
     # -- the Detector interface -------------------------------------------------------------------
 
     def encode(self, images: Tensor, mask: Tensor) -> Memory:
+        images, mask = pad_to_stride(images, mask)
         feats, inputs = self.encoder(self.backbone(images))
         proj = [p(f) for p, f in zip(self.decoder.input_proj, feats)]
         shapes = [tuple(f.shape[2:]) for f in proj]
