@@ -1,5 +1,5 @@
-"""RT-DETR (clockdistill/models/rtdetr.py) against transformers' RTDetrForObjectDetection, an oracle no
-one here wrote: tiny random models with every tensor perturbed, saved as a Hugging Face directory,
+"""RT-DETR and RT-DETRv2 (clockdistill/models/rtdetr.py) against transformers' RTDetrForObjectDetection
+and RTDetrV2ForObjectDetection (bilinear and discrete sampling), oracles no one here wrote: tiny random models with every tensor perturbed, saved as a Hugging Face directory,
 imported with `clockdistill import`, then the hybrid encoder's maps, the query selection's proposals
 and every decoder layer's logits and boxes compared on a 2-image batch."""
 
@@ -21,12 +21,24 @@ BACKBONES = {  # ResNet-vd layouts at reduced width: R18 (basic blocks) and R50 
 }
 
 
-def _oracle(backbone: str):
-    from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetConfig
+def _oracle(backbone: str, version: str = "v1"):
+    """A tiny transformers RTDetr (v1) or RTDetrV2 ("v2": bilinear, "v2-discrete") with perturbed tensors."""
+    from transformers import (
+        RTDetrConfig,
+        RTDetrForObjectDetection,
+        RTDetrResNetConfig,
+        RTDetrV2Config,
+        RTDetrV2ForObjectDetection,
+    )
 
     bb = RTDetrResNetConfig(**BACKBONES[backbone], out_features=["stage2", "stage3", "stage4"])
     channels = BACKBONES[backbone]["hidden_sizes"][1:]
-    cfg = RTDetrConfig(
+    config_class, model_class = (RTDetrConfig, RTDetrForObjectDetection)
+    extra = {}
+    if version != "v1":
+        config_class, model_class = (RTDetrV2Config, RTDetrV2ForObjectDetection)
+        extra = dict(decoder_method="discrete" if version == "v2-discrete" else "default", decoder_offset_scale=0.6)
+    cfg = config_class(
         backbone_config=bb,
         encoder_hidden_dim=32,
         encoder_in_channels=channels,
@@ -41,24 +53,29 @@ def _oracle(backbone: str):
         num_queries=20,
         num_denoising=10,
         num_labels=3,
+        **extra,
     )
     torch.manual_seed(0)
-    model = RTDetrForObjectDetection(cfg).eval()
+    model = model_class(cfg).eval()
     with torch.no_grad():  # every tensor away from its initial value (zero heads, unit norms, ...)
         for name, t in model.state_dict().items():
             if name.endswith("running_var"):
                 t.copy_(torch.rand_like(t) + 0.5)
+            elif name.endswith("n_points_scale"):  # (RT-DETRv2: 1 / points, derived)
+                continue
             elif t.is_floating_point():
                 t.add_(torch.randn_like(t) * (0.1 if t.dim() == 1 else 0.05))
     return model
 
 
-@pytest.mark.parametrize("backbone", ["r18", "r50"])
-def test_rtdetr_matches_transformers_after_import(backbone, tmp_path):
-    oracle = _oracle(backbone)
+@pytest.mark.parametrize("backbone,version", [("r18", "v1"), ("r50", "v1"), ("r18", "v2"), ("r18", "v2-discrete")])
+def test_rtdetr_matches_transformers_after_import(backbone, version, tmp_path):
+    oracle = _oracle(backbone, version)
     oracle.save_pretrained(tmp_path / "hf")
     meta = import_checkpoint(tmp_path / "hf", tmp_path / "ck")
-    assert meta["config"]["model"]["arch"] == "rtdetr"
+    model_cfg = meta["config"]["model"]
+    assert model_cfg["arch"] == "rtdetr" and model_cfg["rtdetr_version"] == (1 if version == "v1" else 2)
+    assert model_cfg["preset"] == ("rtdetr" if version == "v1" else "rtdetrv2") + f"-{backbone}"
     ours, _ = load_detector(tmp_path / "ck")
     ours.eval()
     torch.manual_seed(1)
@@ -122,7 +139,7 @@ def test_training_steps_with_denoising_and_varifocal_loss_fit_a_batch():
     assert min(history[-5:]) < 0.6 * history[0], history
 
 
-@pytest.mark.parametrize("method", ["clockdistill", "detrdistill"])
+@pytest.mark.parametrize("method", ["clockdistill"])
 def test_cli_distills_an_rtdetr_teacher_into_the_rtdetr_student(method, synth_data, tmp_path):
     """The tiny pair through `clockdistill distill`: memory distillation on the hybrid encoder's memory,
     target-aware queries through both decoders, the student preset following from the teacher's."""

@@ -144,6 +144,11 @@ for _depth, _layers, _extra in (
     PRESETS[f"rtdetr-r{_depth}"] = dict(
         _RTDETR, backbone_depth=_depth, backbone_width=1.0, dec_layers=_layers, **_extra
     )  # fmt: skip
+# RT-DETRv2 (rtdetrv2_pytorch/configs/rtdetrv2): the same models with the v2 decoder attention at its
+# published setting (4 points on each of the 3 levels, bilinear sampling); `-dsp`: discrete sampling
+for _depth in (18, 34, 50, 101):
+    PRESETS[f"rtdetrv2-r{_depth}"] = dict(PRESETS[f"rtdetr-r{_depth}"], rtdetr_version=2, level_points=[4, 4, 4])
+    PRESETS[f"rtdetrv2-r{_depth}-dsp"] = dict(PRESETS[f"rtdetrv2-r{_depth}"], cross_attn_method="discrete")
 # tiny: the tiny sizes (ResNet-18-vd at 1/4 or 1/8 width), one RepVGG block per CSPRep layer, 30 queries and
 # a denoising budget of 12 queries per box of the batch's fullest image
 for _size in ("teacher", "student"):
@@ -154,7 +159,7 @@ for _size in ("teacher", "student"):
 # loss settings a preset brings (a config's own loss keys win): DINO's published class weight is 1; RT-DETR's
 # classification loss is varifocal at weight 1
 PRESET_LOSS: dict[str, dict[str, Any]] = {name: {"cls": 1.0} for name in PRESETS if name.startswith("dino-")}
-PRESET_LOSS.update({name: {"cls": 1.0, "cls_loss": "vfl"} for name in PRESETS if name.startswith("rtdetr-")})
+PRESET_LOSS.update({name: {"cls": 1.0, "cls_loss": "vfl"} for name in PRESETS if name.startswith("rtdetr")})
 
 _HYBRID = dict(arch="hybrid", backbone_norm="batch", backbone_frozen_stages=0, dilation=False, n_points=4)
 PRESETS["hybrid-teacher"] = dict(

@@ -96,6 +96,12 @@ class ModelConfig:
     encoder_ffn_dim: int = 0
     expansion: float = 1.0
     depth_mult: float = 1.0
+    # rtdetr: 2 = RT-DETRv2's decoder attention: `level_points` sampling points per level (empty: n_points on
+    # each), offsets at `offset_scale` x the box size, `cross_attn_method` default (bilinear) | discrete
+    rtdetr_version: int = 1
+    level_points: list[int] = field(default_factory=list)
+    offset_scale: float = 0.5
+    cross_attn_method: str = "default"
     frozen_bn: bool = False  # trainable BatchNorm uses and keeps its running statistics in training (students
     #                          initialised from a teacher, and data-parallel runs without SyncBatchNorm)
 
@@ -146,6 +152,20 @@ class ModelConfig:
                 raise ConfigError("model.num_levels: Deformable DETR takes 1 level (C5) or 3 and more (C3-C5, strided)")
 
     def _check_rtdetr_fields(self) -> None:
+        _check_choice("model.rtdetr_version", self.rtdetr_version, (1, 2))
+        _check_choice("model.cross_attn_method", self.cross_attn_method, ("default", "discrete"))
+        if self.level_points and (
+            len(self.level_points) != self.num_levels or any(int(p) < 1 for p in self.level_points)
+        ):
+            raise ConfigError(
+                f"model.level_points: expected {self.num_levels} point counts >= 1 (one per level), "
+                f"got {list(self.level_points)}"
+            )
+        if self.rtdetr_version == 1 and (self.level_points or self.cross_attn_method != "default"):
+            raise ConfigError(
+                "model.level_points / cross_attn_method: RT-DETRv2's options (set model.rtdetr_version=2)"
+            )
+        _check_range("model.offset_scale", self.offset_scale, low=0.0)
         for name in ("encoder_dim", "encoder_ffn_dim"):
             _check_range(f"model.{name}", getattr(self, name), low=0)
         _check_range("model.expansion", self.expansion, low=0.0625)

@@ -1,4 +1,6 @@
-"""RT-DETR (Zhao et al., CVPR 2024) as in lyuwenyu/RT-DETR (rtdetr_pytorch): the real-time DETR.
+"""RT-DETR (Zhao et al., CVPR 2024) as in lyuwenyu/RT-DETR (rtdetr_pytorch): the real-time DETR; and
+RT-DETRv2 (rtdetrv2_pytorch, `model.rtdetr_version: 2`), whose only change to the model is its decoder's
+cross-attention (MSDeformAttnV2: points per level, an offset scale, discrete sampling).
 
 Number for number with the reference:
 
@@ -24,9 +26,10 @@ Number for number with the reference:
   `denoising_class_embed` with a zero padding row).
 
 Inputs of any size and with a padding mask are taken as the reference cannot: images are padded to
-a multiple of 32 (the FPN's upsampling needs it), the decoder works in the padded canvas's coordinates (its anchors tile the canvas) and its boxes are rescaled to the unpadded image
-on the way out (and query boxes given to `decode` on the way in), so square unpadded inputs, the
-recipe these detectors train and deploy with, give the reference's numbers exactly. The encoder's
+a multiple of 32 (the FPN's upsampling needs it), the decoder works in the padded canvas's
+coordinates (its anchors tile the canvas) and its boxes are rescaled to the unpadded image on the
+way out (and query boxes given to `decode` on the way in), so square unpadded inputs of a multiple
+of 32, the recipe these detectors train and deploy with, give the reference's numbers exactly. The encoder's
 position code is the (y, x) one transformers' port computes; the reference's equals it on square
 maps and transposes the grid's indices on others.
 
@@ -277,12 +280,80 @@ class HybridEncoder(nn.Module):
 # -- the decoder ----------------------------------------------------------------------------------
 
 
+class MSDeformAttnV2(nn.Module):
+    """RT-DETRv2's deformable cross-attention (rtdetrv2_decoder.py): `points` sampling points per level
+    (one count each, or a list), offsets scaled by 1 / points x the box size x `offset_scale`, and
+    `method` discrete: the value at the nearest cell instead of bilinear sampling (the offsets then take
+    no gradient, as the reference's). Names as the reference's, `num_points_scale` included."""
+
+    def __init__(self, d: int, n_levels: int, n_heads: int, points: list[int], method: str, offset_scale: float):
+        super().__init__()
+        self.d_model, self.n_heads, self.points = d, n_heads, list(points)
+        self.method, self.offset_scale = method, offset_scale
+        total = sum(self.points)
+        self.sampling_offsets = nn.Linear(d, n_heads * total * 2)
+        self.attention_weights = nn.Linear(d, n_heads * total)
+        self.value_proj, self.output_proj = nn.Linear(d, d), nn.Linear(d, d)
+        scale = [1 / n for n in self.points for _ in range(n)]
+        self.register_buffer("num_points_scale", torch.tensor(scale, dtype=torch.float32))
+        self._reset_parameters()
+        if method == "discrete":
+            for p in self.sampling_offsets.parameters():
+                p.requires_grad_(False)
+
+    def _reset_parameters(self) -> None:
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True).values).reshape(self.n_heads, 1, 2)
+        grid = grid.tile([1, sum(self.points), 1])
+        grid = grid * torch.cat([torch.arange(1, n + 1) for n in self.points]).reshape(1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(self, query: Tensor, boxes: Tensor, value_input: Tensor, spatial_shapes: list[tuple[int, int]]):
+        """query (B, Q, D); boxes (B, Q, 4) cxcywh in [0, 1]; value_input (B, N, D). Returns (B, Q, D)."""
+        B, Q, _ = query.shape
+        H, T, Dh = self.n_heads, sum(self.points), self.d_model // self.n_heads
+        value = self.value_proj(value_input).view(B, -1, H, Dh)
+        offsets = self.sampling_offsets(query).view(B, Q, H, T, 2)
+        weights = self.attention_weights(query).view(B, Q, H, T).softmax(-1)
+        scale = self.num_points_scale.to(query.dtype)[:, None]
+        locations = boxes[:, :, None, None, :2] + offsets * scale * boxes[:, :, None, None, 2:] * self.offset_scale
+        grids = locations.permute(0, 2, 1, 3, 4).flatten(0, 1).split(self.points, dim=-2)
+        values = value.permute(0, 2, 3, 1).flatten(0, 1).split([h * w for h, w in spatial_shapes], dim=-1)
+        sampled = []
+        for (h, w), v, g in zip(spatial_shapes, values, grids):
+            v = v.reshape(B * H, Dh, h, w)
+            if self.method == "discrete":
+                cell = (g * torch.tensor([w, h], device=g.device) + 0.5).to(torch.int64)
+                x, y = cell[..., 0].clamp(0, w - 1), cell[..., 1].clamp(0, h - 1)  # (B*H, Q, P)
+                rows = torch.arange(B * H, device=v.device)[:, None, None].expand_as(x)
+                sampled.append(v[rows, :, y, x].permute(0, 3, 1, 2))  # (B*H, Dh, Q, P)
+            else:
+                grid = 2 * g.to(v.dtype) - 1
+                sampled.append(F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+        attn = weights.permute(0, 2, 1, 3).reshape(B * H, 1, Q, T)
+        out = (torch.cat(sampled, -1) * attn.to(value.dtype)).sum(-1).view(B, H * Dh, Q).transpose(1, 2)
+        return self.output_proj(out)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, d: int, nheads: int, ffn: int, dropout: float, n_levels: int, n_points: int):
+    def __init__(self, d: int, nheads: int, ffn: int, dropout: float, n_levels: int, n_points: int, cfg=None):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d, nheads, dropout=dropout, batch_first=True)
         self.dropout1, self.norm1 = nn.Dropout(dropout), nn.LayerNorm(d)
-        self.cross_attn = MSDeformAttn(d, n_levels, nheads, n_points)
+        if cfg is not None and cfg.rtdetr_version == 2:
+            points = list(cfg.level_points) or [n_points] * n_levels
+            self.cross_attn = MSDeformAttnV2(d, n_levels, nheads, points, cfg.cross_attn_method, cfg.offset_scale)
+        else:
+            self.cross_attn = MSDeformAttn(d, n_levels, nheads, n_points)
         self.dropout2, self.norm2 = nn.Dropout(dropout), nn.LayerNorm(d)
         self.linear1, self.dropout3, self.linear2 = nn.Linear(d, ffn), nn.Dropout(dropout), nn.Linear(ffn, d)
         self.dropout4, self.norm3 = nn.Dropout(dropout), nn.LayerNorm(d)
@@ -291,8 +362,11 @@ class DecoderLayer(nn.Module):
         q = tgt + query_pos
         sa = self.self_attn(q, q, tgt, attn_mask=attn_mask, key_padding_mask=key_padding, need_weights=False)[0]
         tgt = self.norm1(tgt + self.dropout1(sa))
-        L = len(mem.spatial_shapes)
-        ca = self.cross_attn(tgt + query_pos, ref[:, :, None].expand(-1, -1, L, -1), mem.memory, mem.spatial_shapes)
+        if isinstance(self.cross_attn, MSDeformAttnV2):
+            ca = self.cross_attn(tgt + query_pos, ref, mem.memory, mem.spatial_shapes)
+        else:
+            L = len(mem.spatial_shapes)
+            ca = self.cross_attn(tgt + query_pos, ref[:, :, None].expand(-1, -1, L, -1), mem.memory, mem.spatial_shapes)
         tgt = self.norm2(tgt + self.dropout2(ca))
         ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
         return self.norm3((tgt + self.dropout4(ffn)).clamp(min=-65504, max=65504))
@@ -309,7 +383,7 @@ class RTDETRTransformer(nn.Module):
             nn.Sequential(OrderedDict([("conv", nn.Conv2d(c, d, 1, bias=False)), ("norm", nn.BatchNorm2d(d))]))
             for c in in_channels
         )
-        layer = DecoderLayer(d, cfg.nheads, cfg.ffn_dim, cfg.dropout, L, cfg.n_points)
+        layer = DecoderLayer(d, cfg.nheads, cfg.ffn_dim, cfg.dropout, L, cfg.n_points, cfg)
         self.decoder = LayerStack(copy.deepcopy(layer) for _ in range(cfg.dec_layers))
         if cfg.dn_number > 0:
             self.denoising_class_embed = nn.Embedding(num_classes + 1, d, padding_idx=num_classes)

@@ -74,10 +74,21 @@ def from_hf_config(config: dict[str, Any], source: str) -> tuple[str, dict[str, 
             num_levels=1,
             dilation=bool(config.get("dilation")),
         )
-    elif kind == "rt_detr":
+    elif kind in ("rt_detr", "rt_detr_v2"):
         fields = _hf_rtdetr(config, source)
+        if kind == "rt_detr_v2":  # its decoder attention: every level n_points, an offset scale, a sampling method
+            if config.get("decoder_n_levels", 3) != 3:
+                raise _fail(source, f"decoder_n_levels is {config.get('decoder_n_levels')}; the memory has 3 levels")
+            fields.update(
+                rtdetr_version=2,
+                level_points=[fields["n_points"]] * 3,
+                offset_scale=float(config.get("decoder_offset_scale", 0.5)),
+                cross_attn_method=config.get("decoder_method", "default"),
+            )
     else:
-        raise _fail(source, f"model_type {kind!r} is not understood (expected deformable_detr, dab-detr or rt_detr)")
+        raise _fail(
+            source, f"model_type {kind!r} is not understood (expected deformable_detr, dab-detr, rt_detr or rt_detr_v2)"
+        )
     fields.update(_hf_backbone(config, source))
     return fields["arch"], fields
 

@@ -69,7 +69,8 @@ def _preset_for(fields: dict[str, Any]) -> str:
         name = f"dino-r{depth}{'-5scale' if fields.get('backbone_levels') == 4 else ''}"
         return name if name in PRESETS else "dino-r50"
     if fields["arch"] == "rtdetr":
-        return f"rtdetr-r{depth}" if f"rtdetr-r{depth}" in PRESETS else "rtdetr-r50"
+        family = "rtdetrv2" if fields.get("rtdetr_version") == 2 else "rtdetr"
+        return f"{family}-r{depth}" if f"{family}-r{depth}" in PRESETS else f"{family}-r50"
     if fields["arch"] == "dab":
         name = f"dab-detr-r{depth}{'-dc5' if fields.get('dilation') else ''}"
     else:

@@ -97,6 +97,7 @@ _HF_RTDETR = [  # transformers' RTDetrForObjectDetection (after "model.", as sav
     (_DEC + r"self_attn\.(?:o|out)_proj\.", r"decoder.decoder.layers.\1.self_attn.out_proj."),
     (_DEC + r"self_attn\.([qkv])_proj\.", r"decoder.decoder.layers.\1.self_attn.\2_proj."),
     (_DEC + r"self_attn_layer_norm\.", r"decoder.decoder.layers.\1.norm1."),
+    (_DEC + r"encoder_attn\.n_points_scale$", r"decoder.decoder.layers.\1.cross_attn.num_points_scale"),  # v2
     (_DEC + r"encoder_attn\.", r"decoder.decoder.layers.\1.cross_attn."),
     (_DEC + r"encoder_attn_layer_norm\.", r"decoder.decoder.layers.\1.norm2."),
     (_DEC + r"(?:mlp\.)?fc1\.", r"decoder.decoder.layers.\1.linear1."),
@@ -163,7 +164,7 @@ def rename(state: dict[str, Tensor], layout: str, arch: str, shared_heads: bool,
     out: dict[str, Tensor] = {}
     origin: dict[str, str] = {}
     unknown: list[str] = []
-    rules = {"deformable": _HF_DEFORMABLE, "rtdetr": _HF_RTDETR}.get(arch, _HF_DAB)
+    rules = {"deformable": _HF_DEFORMABLE, "rtdetr": _HF_RTDETR}.get(arch, _HF_DAB)  # (RT-DETRv2: rtdetr too)
     for key, value in state.items():
         if key.endswith("num_batches_tracked"):
             continue
