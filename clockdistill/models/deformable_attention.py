@@ -39,6 +39,26 @@ def deformable_sample(
     return out.transpose(1, 2)
 
 
+def reset_deformable_attention(m: nn.Module, n_heads: int, points: list[int]) -> None:
+    """The reference initialisation of a deformable attention module `m` (sampling_offsets,
+    attention_weights, value_proj, output_proj) with `points[l]` points on level l: offsets start on a
+    ring of directions, one per head, growing with the point index; uniform attention; xavier
+    projections."""
+    nn.init.constant_(m.sampling_offsets.weight, 0.0)
+    thetas = torch.arange(n_heads, dtype=torch.float32) * (2.0 * math.pi / n_heads)
+    grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+    grid = (grid / grid.abs().max(-1, keepdim=True).values).reshape(n_heads, 1, 2).tile([1, sum(points), 1])
+    grid = grid * torch.cat([torch.arange(1, n + 1, dtype=torch.float32) for n in points]).reshape(1, -1, 1)
+    with torch.no_grad():
+        m.sampling_offsets.bias.copy_(grid.flatten())
+    nn.init.constant_(m.attention_weights.weight, 0.0)
+    nn.init.constant_(m.attention_weights.bias, 0.0)
+    nn.init.xavier_uniform_(m.value_proj.weight)
+    nn.init.constant_(m.value_proj.bias, 0.0)
+    nn.init.xavier_uniform_(m.output_proj.weight)
+    nn.init.constant_(m.output_proj.bias, 0.0)
+
+
 class MSDeformAttn(nn.Module):
     def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int):
         super().__init__()
@@ -50,21 +70,7 @@ class MSDeformAttn(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        # Offsets start on a ring of directions, one per head, growing with the point index.
-        nn.init.constant_(self.sampling_offsets.weight, 0.0)
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
-        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
-        grid = grid / grid.abs().max(-1, keepdim=True)[0]
-        grid = grid.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
-        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.flatten())
-        nn.init.constant_(self.attention_weights.weight, 0.0)
-        nn.init.constant_(self.attention_weights.bias, 0.0)
-        nn.init.xavier_uniform_(self.value_proj.weight)
-        nn.init.constant_(self.value_proj.bias, 0.0)
-        nn.init.xavier_uniform_(self.output_proj.weight)
-        nn.init.constant_(self.output_proj.bias, 0.0)
+        reset_deformable_attention(self, self.n_heads, [self.n_points] * self.n_levels)
 
     def forward(
         self,

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from clockdistill.models.common import MLP, Detector, LayerStack, Memory, Queries, layer_outputs, valid_ratio
 from clockdistill.models.common import self_attention_masks as _sa_masks
-from clockdistill.models.deformable_attention import MSDeformAttn
+from clockdistill.models.deformable_attention import MSDeformAttn, reset_deformable_attention
 from clockdistill.models.denoising import ContrastiveDenoising
 from clockdistill.models.resnet import FrozenBatchNorm2d
 from clockdistill.ops.boxes import inverse_sigmoid
@@ -302,20 +302,7 @@ class MSDeformAttnV2(nn.Module):
                 p.requires_grad_(False)
 
     def _reset_parameters(self) -> None:
-        nn.init.constant_(self.sampling_offsets.weight, 0.0)
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
-        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
-        grid = (grid / grid.abs().max(-1, keepdim=True).values).reshape(self.n_heads, 1, 2)
-        grid = grid.tile([1, sum(self.points), 1])
-        grid = grid * torch.cat([torch.arange(1, n + 1) for n in self.points]).reshape(1, -1, 1)
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.flatten())
-        nn.init.constant_(self.attention_weights.weight, 0.0)
-        nn.init.constant_(self.attention_weights.bias, 0.0)
-        nn.init.xavier_uniform_(self.value_proj.weight)
-        nn.init.constant_(self.value_proj.bias, 0.0)
-        nn.init.xavier_uniform_(self.output_proj.weight)
-        nn.init.constant_(self.output_proj.bias, 0.0)
+        reset_deformable_attention(self, self.n_heads, self.points)
 
     def forward(self, query: Tensor, boxes: Tensor, value_input: Tensor, spatial_shapes: list[tuple[int, int]]):
         """query (B, Q, D); boxes (B, Q, 4) cxcywh in [0, 1]; value_input (B, N, D). Returns (B, Q, D)."""
