@@ -1,7 +1,8 @@
 """RT-DETR and RT-DETRv2 (clockdistill/models/rtdetr.py) against transformers' RTDetrForObjectDetection
-and RTDetrV2ForObjectDetection (bilinear and discrete sampling), oracles no one here wrote: tiny random models with every tensor perturbed, saved as a Hugging Face directory,
-imported with `clockdistill import`, then the hybrid encoder's maps, the query selection's proposals
-and every decoder layer's logits and boxes compared on a 2-image batch."""
+and RTDetrV2ForObjectDetection (bilinear and discrete sampling), oracles no one here wrote: tiny random
+models with every tensor perturbed, saved as a Hugging Face directory, imported with `clockdistill
+import`, then the hybrid encoder's maps, the query selection's proposals and every decoder layer's
+logits and boxes compared on a 2-image batch; training, distillation and export of the tiny presets."""
 
 from __future__ import annotations
 
@@ -161,3 +162,20 @@ def test_cli_distills_an_rtdetr_teacher_into_the_rtdetr_student(method, synth_da
     assert summary["method"] == method and 0 <= summary["best_AP"] <= 1
     meta = json.loads((tmp_path / "run" / "best" / "meta.json").read_text())
     assert meta["config"]["model"]["preset"] == "rtdetr-tiny-student" and meta["config"]["loss"]["cls_loss"] == "vfl"
+
+
+def test_the_rtdetr_student_exports_to_torchscript_and_onnx(tmp_path):
+    """The deployment forms best-student writes: TorchScript equal to eager, ONNX within 1e-4 of it
+    (onnxruntime, when the onnx extra is installed)."""
+    from clockdistill.exporters import max_abs_difference, onnx_available, to_onnx, to_torchscript
+
+    torch.manual_seed(0)
+    cfg = resolve_config({"model": {"preset": "rtdetr-tiny-student"}, "data": {"max_size": 128}})
+    model = build_detector(cfg.model, 3).eval()
+    example = (torch.randn(2, 3, 128, 128), torch.zeros(2, 128, 128, dtype=torch.bool))
+    scripted = to_torchscript(model, example, 128)
+    with torch.no_grad():
+        eager = model(*example)
+        assert max_abs_difference((eager["pred_logits"], eager["pred_boxes"]), tuple(scripted(*example))) < 1e-5
+    if onnx_available():
+        assert to_onnx(model, example, tmp_path / "student.onnx") < 1e-4
