@@ -150,16 +150,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_teacher_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="sweeps/assets/demo-teacher", help="where the teacher goes (default: the shipped)")
-    p.add_argument("--workdir", default="demo-teacher-build", help="data and training checkpoints")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the recipe's figures: 1)")
+def _build_arguments(what: str, workdir: str):
+    def arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--out", default=f"sweeps/assets/demo-{what}", help=f"where the {what} goes (default: the shipped)"
+        )
+        p.add_argument("--workdir", default=workdir, help="data and training checkpoints")
+        p.add_argument("--threads", type=int, default=1, help="torch threads (the recipe's figures: 1)")
+
+    return arguments
 
 
 def _build_teacher(args: argparse.Namespace) -> int:
     from sweeps.demo import build_teacher
 
     build_teacher(Path(args.out), Path(args.workdir), args.threads)
+    return 0
+
+
+def _build_student(args: argparse.Namespace) -> int:
+    from sweeps.demo import build_student
+
+    build_student(Path(args.out), Path(args.workdir), args.threads)
     return 0
 
 
@@ -238,11 +250,21 @@ COMMANDS = (
     Command(
         "demo build-teacher",
         "train the demo teacher by its recipe and write the shipped files (make demo-teacher; about 45 min)",
-        _build_teacher_arguments,
+        _build_arguments("teacher", "demo-teacher-build"),
         _build_teacher,
         "Train hybrid-tiny-teacher by the recipe in sweeps/assets/demo-teacher/recipe.json (30 epochs of 2000 "
         "synthetic images, one thread) and write its weights, metadata without machine paths, and recipe.json "
         "with the command, its sha256 and its figures. Run it when that preset's architecture changes.",
+    ),
+    Command(
+        "demo build-student",
+        "pretrain the demo students' starting weights by their recipe (make demo-student; about 9 min)",
+        _build_arguments("student", "demo-student-build"),
+        _build_student,
+        "Train hybrid-tiny-student alone by the recipe in sweeps/assets/demo-student/recipe.json (15 epochs of 2000 "
+        "synthetic images of seed 1, none of the demo's; one thread) and write it as the demo's trials start from "
+        "it (train.init_from): the students' own pretrained weights, as a real student starts from weights "
+        "pretrained elsewhere. Run it when that preset's architecture changes.",
     ),
     Command(
         "demo study-teacher",

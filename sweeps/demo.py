@@ -36,6 +36,13 @@ log = logging.getLogger(__name__)
 TRAIN = {"lr": 4e-4, "lr_backbone": 4e-4, "clip_max_norm": 1.0, "warmup_iters": 200, "batch_size": 8}
 TEACHER_PRESET = "hybrid-tiny-teacher"
 SHIPPED_TEACHER = Path(__file__).parent / "assets" / "demo-teacher"
+# The students' own pretrained weights (sweeps/assets/demo-student): the student preset trained alone on
+# other images of the same generator (seed 1, none of the demo's), as a real student starts from weights
+# pretrained elsewhere; every demo trial, the no-KD one included, starts from them (train.init_from)
+STUDENT_PRESET = "hybrid-tiny-student"
+SHIPPED_STUDENT = Path(__file__).parent / "assets" / "demo-student"
+STUDENT_DATA = {"train": 2000, "val": 300, "seed": 1}
+STUDENT_EPOCHS = 15
 # The shipped teacher's recipe: synthetic seed-0 images (the demo's data are their first n), 30 epochs
 TEACHER_DATA = {"train": 2000, "val": 300, "seed": 0}
 TEACHER_EPOCHS = 30
@@ -61,6 +68,7 @@ def demo_spec(workdir: Path, trials: int | None = None, epochs: int | None = Non
     """sweeps/configs/demo.yaml with its teacher and storage under `workdir` (written there)."""
     spec: dict[str, Any] = parse_yaml((Path(__file__).parent / "configs" / "demo.yaml").read_text())
     spec.update(teacher=str(workdir / "teacher" / "best"), storage_path=str(workdir / "sweeps"))
+    spec["config"]["train"]["init_from"] = str(check_shipped(SHIPPED_STUDENT, STUDENT_PRESET, "make demo-student"))
     if trials:
         spec["num_samples"] = trials
     if epochs:
@@ -115,9 +123,42 @@ def build_study_teacher(workdir: Path, threads: int = 1) -> tuple[Path, float]:
     return best, fit(cfg).best_ap
 
 
+def build_student(out: Path, workdir: Path, threads: int = 1) -> dict[str, Any]:
+    """Pretrain the demo students' starting weights by their recipe (STUDENT_DATA, STUDENT_EPOCHS) and
+    write them to `out`. What `make demo-student` runs."""
+    import torch
+
+    from clockdistill.engine import fit
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    data = ensure_synthetic(workdir / "data", STUDENT_DATA["train"], STUDENT_DATA["val"], STUDENT_DATA["seed"], test=0)
+    fit(demo_config("demo-student", data, STUDENT_PRESET, STUDENT_EPOCHS, workdir / "student", False))
+    recipe = {
+        "command": "make demo-student  (clockdistill demo build-student --out sweeps/assets/demo-student)",
+        "preset": STUDENT_PRESET,
+        "data": {"synthetic": STUDENT_DATA},
+        "train": {**TRAIN, "epochs": STUDENT_EPOCHS},
+    }
+    return package_checkpoint(workdir / "student" / "best", out, recipe, time.perf_counter() - t0, threads)
+
+
 def package_teacher(best: Path, out: Path, wall_s: float | None = None, threads: int | None = None) -> dict[str, Any]:
-    """A trained teacher checkpoint -> the shipped form: weights, metadata (data root and output dir
-    left blank: they are this machine's) and recipe.json."""
+    """A trained teacher checkpoint -> the shipped form (package_checkpoint)."""
+    recipe = {
+        "command": "make demo-teacher  (clockdistill demo build-teacher --out sweeps/assets/demo-teacher)",
+        "preset": TEACHER_PRESET,
+        "data": {"synthetic": TEACHER_DATA},
+        "train": {**TRAIN, "epochs": TEACHER_EPOCHS},
+    }
+    return package_checkpoint(best, out, recipe, wall_s, threads)
+
+
+def package_checkpoint(
+    best: Path, out: Path, recipe: dict[str, Any], wall_s: float | None = None, threads: int | None = None
+) -> dict[str, Any]:
+    """A trained checkpoint -> the shipped form: weights, metadata (data root and output dir left
+    blank: they are this machine's) and recipe.json (how it was made, its AP, its weights' sha256)."""
     import torch
 
     meta = json.loads((best / "meta.json").read_text())
@@ -127,10 +168,7 @@ def package_teacher(best: Path, out: Path, wall_s: float | None = None, threads:
     shutil.copy(best / "model.safetensors", out / "model.safetensors")
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     recipe = {
-        "command": "make demo-teacher  (clockdistill demo build-teacher --out sweeps/assets/demo-teacher)",
-        "preset": TEACHER_PRESET,
-        "data": {"synthetic": TEACHER_DATA},
-        "train": {**TRAIN, "epochs": TEACHER_EPOCHS},
+        **recipe,
         "AP": meta["best_ap"],
         "AP50": meta["metrics"].get("AP50"),
         "best_epoch": meta["best_epoch"],
@@ -140,13 +178,15 @@ def package_teacher(best: Path, out: Path, wall_s: float | None = None, threads:
         "wall_min": round(wall_s / 60, 1) if wall_s else None,
     }
     (out / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
-    print(f"demo teacher: AP {recipe['AP']:.4f} (epoch {recipe['best_epoch']}) -> {out}, sha256 {recipe['sha256']}")
+    print(
+        f"{recipe['preset']}: AP {recipe['AP']:.4f} (epoch {recipe['best_epoch']}) -> {out}, sha256 {recipe['sha256']}"
+    )
     return recipe
 
 
-def install_teacher(dest: Path, data: Path, shipped: Path = SHIPPED_TEACHER) -> Path:
-    """The shipped teacher as a checkpoint in the work directory, reading `data`. Refused when its
-    weights are not the ones recipe.json names, or no longer fit the teacher preset."""
+def check_shipped(shipped: Path, preset: str, rebuild: str) -> Path:
+    """A shipped checkpoint (`shipped`), refused when its weights are not the ones its recipe.json
+    names or no longer fit `preset`; `rebuild` says how to make it again."""
     from clockdistill.checkpoint import load_detector
 
     recipe = json.loads((shipped / "recipe.json").read_text())
@@ -154,21 +194,27 @@ def install_teacher(dest: Path, data: Path, shipped: Path = SHIPPED_TEACHER) -> 
     if digest != recipe["sha256"]:
         raise UserError(
             f"{shipped / 'model.safetensors'}: sha256 {digest[:12]}.. is not the recipe's {recipe['sha256'][:12]}..; "
-            "restore it (git checkout) or rebuild it with `make demo-teacher`"
+            f"restore it (git checkout) or rebuild it with `{rebuild}`"
         )
+    try:
+        load_detector(shipped, "cpu")
+    except Exception as exc:  # noqa: BLE001 - a key or shape mismatch: the architecture changed since
+        raise UserError(
+            f"{shipped}: the shipped checkpoint no longer fits {preset} ({str(exc).splitlines()[0][:200]}); "
+            f"rebuild it with `{rebuild}`"
+        ) from None
+    return shipped.resolve()
+
+
+def install_teacher(dest: Path, data: Path, shipped: Path = SHIPPED_TEACHER) -> Path:
+    """The shipped teacher as a checkpoint in the work directory, reading `data` (check_shipped first)."""
+    check_shipped(shipped, TEACHER_PRESET, "make demo-teacher")
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(shipped / "model.safetensors", dest / "model.safetensors")
     meta = json.loads((shipped / "meta.json").read_text())
     meta["config"]["data"]["root"] = str(data.resolve())
     meta["config"]["train"]["output_dir"] = str(dest.parent.resolve())
     (dest / "meta.json").write_text(json.dumps(meta, indent=1))
-    try:
-        load_detector(dest, "cpu")
-    except Exception as exc:  # noqa: BLE001 - a key or shape mismatch: the architecture changed since
-        raise UserError(
-            f"{shipped}: the shipped demo teacher no longer fits {TEACHER_PRESET} ({str(exc).splitlines()[0][:200]}); "
-            "rebuild it with `make demo-teacher`"
-        ) from None
     return dest
 
 

@@ -67,3 +67,13 @@ def test_the_study_teacher_starts_from_the_shipped_one_on_more_images_and_is_reu
     stamp = (best / "model.safetensors").stat().st_mtime_ns
     assert demo.build_study_teacher(tmp_path, threads=1) == (best, ap)
     assert (best / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_the_shipped_student_weights_load_and_come_from_other_images():
+    """The demo students' starting weights (sweeps/assets/demo-student): the student preset, pretrained
+    on images of another seed than the demo's, and the file its recipe names."""
+    from sweeps.demo import SHIPPED_STUDENT, STUDENT_PRESET, check_shipped
+
+    recipe = json.loads((SHIPPED_STUDENT / "recipe.json").read_text())
+    assert recipe["preset"] == STUDENT_PRESET and recipe["data"]["synthetic"]["seed"] != TEACHER_DATA["seed"]
+    assert check_shipped(SHIPPED_STUDENT, STUDENT_PRESET, "make demo-student") == SHIPPED_STUDENT.resolve()

@@ -139,6 +139,19 @@ def test_missing_teacher_or_data_set_is_caught_before_ray(tmp_path, tiny_teacher
     assert resolved.data and resolved.teacher == str(tiny_teacher.resolve())
 
 
+def test_config_paths_become_absolute_and_a_missing_one_is_refused(tmp_path, tiny_teacher, monkeypatch):
+    """Trials run in their own directories: a relative train.init_from or model.backbone_weights is made
+    absolute from where the sweep is launched, and one that is not there stops the sweep before Ray."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_teacher, tmp_path / "weights")  # a checkpoint to start from
+    spec = resolve_paths(_spec(teacher=str(tiny_teacher), config={"train": {"init_from": "weights"}}), "s.yaml")
+    assert spec.config["train"]["init_from"] == str((tmp_path / "weights").resolve())
+    with pytest.raises(SpecError, match=r"^s.yaml: config.model.backbone_weights: nope not found"):
+        resolve_paths(_spec(teacher=str(tiny_teacher), config={"model": {"backbone_weights": "nope"}}), "s.yaml")
+
+
 def test_a_kitti_objective_needs_kitti_data(tmp_path, tiny_teacher):
     """A sweep may select on KITTI's own metric, on a validation split `data kitti` converted."""
     from test_data import make_kitti

@@ -379,10 +379,30 @@ def resolve_paths(spec: SweepSpec, source: str = "spec") -> SweepSpec:
             f"{data}/annotations/instances_<split>.json)"
         )
     _check_kitti_objective(spec, data, source)
+    spec = _absolute_config_paths(spec, source)
     storage = spec.storage_path if "://" in spec.storage_path else str(Path(spec.storage_path).expanduser().resolve())
     return spec.model_copy(
         update={"teacher": str(teacher.resolve()), "data": str(data.resolve()), "storage_path": storage}
     )
+
+
+PATH_KEYS = ("train.init_from", "model.backbone_weights")  # config paths a trial reads, from its own directory
+
+
+def _absolute_config_paths(spec: SweepSpec, source: str) -> SweepSpec:
+    """The spec's config paths (PATH_KEYS) made absolute from where the sweep is launched, as trials
+    run elsewhere; a path that is not there is refused in one line."""
+    config = spec.config
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = (config.get(section) or {}).get(name)
+        if not value or "://" in str(value):
+            continue
+        path = Path(value).expanduser()
+        if not path.exists():
+            raise SpecError(f"{source}: config.{key}: {value} not found (a checkpoint directory or weights file)")
+        config = set_dotted(config, key, str(path.resolve()))
+    return spec.model_copy(update={"config": config})
 
 
 def _check_kitti_objective(spec: SweepSpec, data: Path, source: str) -> None:
