@@ -179,3 +179,60 @@ def test_the_rtdetr_student_exports_to_torchscript_and_onnx(tmp_path):
         assert max_abs_difference((eager["pred_logits"], eager["pred_boxes"]), tuple(scripted(*example))) < 1e-5
     if onnx_available():
         assert to_onnx(model, example, tmp_path / "student.onnx") < 1e-4
+
+
+def test_a_deformable_teacher_distils_into_an_rtdetr_student_over_the_shared_strides(tmp_path):
+    """Across architectures the memory terms compare the levels of equal stride on their common grid
+    (Deformable DETR's 8/16/32/64 against RT-DETR's 8/16/32, whose grids are larger after its pad to
+    32), through the adapter where the widths differ; the teacher cache is not used for such a pair,
+    and a pair that shares no stride is refused in one line."""
+    from types import SimpleNamespace
+
+    from clockdistill.checkpoint import save_checkpoint
+    from clockdistill.distill.cache import cache_blockers
+    from clockdistill.distill.distiller import Distiller
+    from clockdistill.distill.pairing import memory_pairing, memory_strides
+    from clockdistill.distill.teacher import FrozenTeacher
+    from clockdistill.errors import ConfigError
+
+    torch.manual_seed(0)
+    tcfg = resolve_config({"model": {"preset": "deformable-detr-tiny-teacher"}})
+    teacher = build_detector(tcfg.model, 3).eval()
+    save_checkpoint(tmp_path / "teacher", teacher, {"config": tcfg.to_dict(), "class_names": ["a", "b", "c"]})
+    cfg = resolve_config(
+        {"model": {"preset": "rtdetr-tiny-student", "d_model": 32}, "distill": {"teacher": str(tmp_path / "teacher")}}
+    )
+    student = build_detector(cfg.model, 3).train()
+    assert memory_strides(tcfg.model) == [8, 16, 32, 64] and memory_strides(cfg.model) == [8, 16, 32]
+    d = Distiller(FrozenTeacher(teacher), student, cfg)
+    assert d.pairing.pairs == [(0, 0, 8), (1, 1, 16), (2, 2, 32)] and d.adapter is not None
+    images = torch.rand(2, 3, 96, 128)
+    mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    mask[1, :, 96:] = True  # the second image is narrower
+    targets = [
+        {"size": torch.tensor([96, 128]), "labels": torch.tensor([0, 2]),
+         "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])},
+        {"size": torch.tensor([96, 96]), "labels": torch.tensor([1]), "boxes": torch.tensor([[0.4, 0.4, 0.2, 0.3]])},
+    ]  # fmt: skip
+    terms, weights = d.losses(images, mask, targets)
+    assert terms["kd_mem_fg"] > 0 and terms["kd_mem_bg"] > 0 and any(k.startswith("kd_cls") for k in terms)
+    sum(weights[k] * v for k, v in terms.items()).backward()
+    assert d.adapter.weight.grad.abs().sum() > 0 and student.encoder.input_proj[0][0].weight.grad.abs().sum() > 0
+    # the common grids: 12x16, 6x8, 3x4 (the teacher's) of the student's 16x16, 8x8, 4x4; the narrower
+    # image's columns from 96 px on are padding
+    with torch.no_grad():
+        mem_t, mem_s = teacher.encode(images, mask), student.encode(images, mask)
+    t, s, shapes, padding, extents = d.pairing.select(
+        mem_t.memory, mem_t.spatial_shapes, mem_s.memory, mem_s.spatial_shapes, mask
+    )
+    assert shapes == [(12, 16), (6, 8), (3, 4)] and extents == [(96, 128), (96, 128), (96, 128)]
+    assert t.shape[1] == s.shape[1] == padding.shape[1] == 12 * 16 + 6 * 8 + 3 * 4
+    assert not padding[0].any() and padding[1, : 12 * 16].view(12, 16)[:, 12:].all()
+    assert not padding[1, : 12 * 16].view(12, 16)[:, :12].any()
+    assert torch.equal(s[:, :16], mem_s.memory[:, :16])  # row 0 of the student's stride-8 grid, cropped to 16
+    assert torch.equal(s[:, 16:32], mem_s.memory[:, 16:32])  # row 1 starts at the student's 17th token
+    assert any("two architectures" in r for r in cache_blockers(cfg))
+    with pytest.raises(
+        ConfigError, match=r"^model: the teacher's memory levels \(strides \[16\], dab\) .* share no stride"
+    ):
+        memory_pairing(SimpleNamespace(arch="dab", dilation=True), SimpleNamespace(arch="rtdetr", num_levels=1))

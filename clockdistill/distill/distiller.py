@@ -27,7 +27,7 @@ from clockdistill.config.methods import METHODS
 from clockdistill.config.sections import Config
 from clockdistill.distill.losses import feature_term, fitnet_term, logit_terms, memory_terms
 from clockdistill.distill.masks import level_token_mask, memory_masks
-from clockdistill.distill.pairing import check_memory_geometry, check_query_prior
+from clockdistill.distill.pairing import check_memory_geometry, check_query_prior, memory_pairing
 from clockdistill.distill.queries import TargetQueryBuilder
 from clockdistill.distill.student_pass import StudentPass, target_queries
 from clockdistill.distill.teacher import FrozenTeacher
@@ -81,8 +81,10 @@ class Distiller:
         self.uses_matching = caps.matched_logits and (dd.logits or not caps.detrdistill)
         self.uses_feature = caps.detrdistill and dd.feature
         self.uses_prior = caps.detrdistill and dd.query_prior
-        if self.uses_memory or self.uses_feature:
+        if self.uses_feature:  # DETRDistill's feature imitation compares the encoders' inputs token for token
             check_memory_geometry(teacher.cfg, student.cfg)
+        # token for token (one architecture), or the levels of equal stride (across architectures)
+        self.pairing = memory_pairing(teacher.cfg, student.cfg) if self.uses_memory else None
         dt, ds = teacher.cfg.d_model, student.cfg.d_model
         if self.uses_prior:
             check_query_prior(teacher.cfg, student.cfg)
@@ -159,7 +161,13 @@ class Distiller:
         if self.uses_memory:
             terms.update(
                 self._memory_terms(
-                    self._teacher_memory(mem_t, mem_s, targets), tokens_s, mem_s, targets, tuple(images.shape[-2:])
+                    self._teacher_memory(mem_t, mem_s, targets),
+                    tokens_s,
+                    mem_s,
+                    targets,
+                    tuple(images.shape[-2:]),
+                    mem_t,
+                    mask,
                 )
             )
         if self.uses_queries:
@@ -207,7 +215,7 @@ class Distiller:
                     f"{mem_s.memory.shape[1]} (a different canvas or levels; delete {self.cache.path})"
                 )
             return t
-        if mem_t.spatial_shapes != mem_s.spatial_shapes:
+        if self.pairing is None and mem_t.spatial_shapes != mem_s.spatial_shapes:
             raise ConfigError(
                 f"model: the student's memory levels {mem_s.spatial_shapes} do not line up with the teacher's "
                 f"{mem_t.spatial_shapes} (use the same num_levels and dilation)"
@@ -215,17 +223,31 @@ class Distiller:
         return mem_t.memory + mem_t.pos if self.dcfg.memory.with_pos else mem_t.memory
 
     def _memory_terms(
-        self, t: Tensor, s: Tensor, mem_s: Memory, targets: list[dict], image_hw: tuple[int, int]
+        self,
+        t: Tensor,
+        s: Tensor,
+        mem_s: Memory,
+        targets: list[dict],
+        image_hw: tuple[int, int],
+        mem_t: Memory | None = None,
+        mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Teacher tokens `t` against the student's `s` (memory, + pos, adapted); the two share their
-        geometry (same levels and canvas), so the student's padding mask and level shapes serve both."""
+        """Teacher tokens `t` against the student's `s` (memory, + pos, adapted). One architecture: the
+        two share their geometry (same levels and canvas), so the student's padding mask and level
+        shapes serve both. Across architectures: the levels of equal stride, on their common grid
+        (self.pairing; distill.memory.levels then counts the shared levels)."""
         mc = self.dcfg.memory
-        levels = level_token_mask(mem_s.spatial_shapes, mc.levels, t.device)
+        shapes, padding, extents = mem_s.spatial_shapes, mem_s.padding_mask, None
+        if self.pairing is not None:
+            if mem_t is None:
+                raise ConfigError(
+                    "distill.teacher_cache: a pair of two architectures reads the live teacher (set it off)"
+                )
+            t, s, shapes, padding, extents = self.pairing.select(t, mem_t.spatial_shapes, s, shapes, mask)
+        levels = level_token_mask(shapes, mc.levels, t.device)
         if self.caps.memory == "plain":
-            return {"kd_fitnet": fitnet_term(t, s, mem_s.padding_mask, levels)}
-        m, sc = memory_masks(
-            targets, image_hw, mem_s.spatial_shapes, mem_s.padding_mask, mc.mask, mc.gaussian_grow, mc.scale_norm
-        )
+            return {"kd_fitnet": fitnet_term(t, s, padding, levels)}
+        m, sc = memory_masks(targets, image_hw, shapes, padding, mc.mask, mc.gaussian_grow, mc.scale_norm, extents)
         return memory_terms(t, s, m, sc, levels, mc.channel_reduce, mc.normalize)
 
     def _target_query_terms(

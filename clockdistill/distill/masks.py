@@ -109,13 +109,17 @@ def memory_masks(
     mode: str = "box",
     grow: float = 2.0,
     scale_norm: bool = True,
+    level_hw: list[tuple[int, int]] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """M and S for a whole memory: (B, N) each, in token order (levels concatenated, row-major)."""
+    """M and S for a whole memory: (B, N) each, in token order (levels concatenated, row-major).
+    `level_hw`: each level's own extent in input pixels (grids cropped to a common part, as across
+    architectures), instead of `image_hw` for all."""
     boxes, valid = boxes_in_pixels(targets, padding_mask.device)
     ms, ss, start = [], [], 0
-    for h, w in spatial_shapes:
+    for i, (h, w) in enumerate(spatial_shapes):
         pad = padding_mask[:, start : start + h * w].view(-1, h, w)
-        m, s = level_masks(boxes, valid, image_hw, (h, w), pad, mode, grow, scale_norm)
+        hw = level_hw[i] if level_hw else image_hw
+        m, s = level_masks(boxes, valid, hw, (h, w), pad, mode, grow, scale_norm)
         ms.append(m.flatten(1))
         ss.append(s.flatten(1))
         start += h * w
