@@ -250,6 +250,13 @@ def prepare_teacher(workdir: Path, data: Path, teacher_epochs: int | None) -> tu
     return best, metrics["AP"]
 
 
+def prepare_study(workdir: Path, n_train: int, n_val: int, n_test: int) -> tuple[Path, float]:
+    """The fair study's data (the demo's generator, `n_test` held-out images) and the shipped teacher
+    under `workdir` (sweeps/configs/study.yaml); (teacher checkpoint, its validation AP)."""
+    data = ensure_synthetic(workdir / "data", n_train, n_val, TEACHER_DATA["seed"], test=n_test)
+    return prepare_teacher(workdir, data, None)
+
+
 # -- the demo --------------------------------------------------------------------------------------
 
 

@@ -90,6 +90,7 @@ class Setting:
     runs: dict[int, Trial] = field(default_factory=dict)  # seed -> its confirmation run
     val: dict[int, float] = field(default_factory=dict)  # seed -> best validation objective
     test: dict[int, float] = field(default_factory=dict)  # seed -> test AP (filled by measure_test)
+    test_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> every test metric
 
     @property
     def mean_val(self) -> float:
@@ -104,11 +105,12 @@ class Confirmation:
     metric: str
     mode: str
     seeds: list[int]
+    alone: str = ALONE_SETTING  # the setting that is the student alone
 
     @property
     def ranked(self) -> list[Setting]:
         """Distilled settings with every seed finished, best mean validation objective first."""
-        full = [s for n, s in self.settings.items() if n != ALONE_SETTING and len(s.val) == len(self.seeds)]
+        full = [s for n, s in self.settings.items() if n != self.alone and len(s.val) == len(self.seeds)]
         return sorted(full, key=lambda s: s.mean_val, reverse=self.mode == "max")
 
     @property
@@ -125,11 +127,11 @@ class Confirmation:
 
     def alone_for(self, trial: Trial) -> Trial | None:
         """The student-alone run of the champion's seed: the pair of the held-out comparison."""
-        alone = self.settings.get(ALONE_SETTING)
+        alone = self.settings.get(self.alone)
         return alone.runs.get(int(trial.params.get(SEED_KEY, -1))) if alone else None
 
 
-def read_confirmation(client, spec: SweepSpec) -> Confirmation:
+def read_confirmation(client, spec: SweepSpec, alone: str = ALONE_SETTING) -> Confirmation:
     stage = find_sweep(client, spec.name, role=S.ROLE_CONFIRMATION)
     trials = sweep_trials(client, stage)
     metric, mode = stage.objectives[0]
@@ -140,7 +142,7 @@ def read_confirmation(client, spec: SweepSpec) -> Confirmation:
         if name in settings and t.finished and t.best(metric) is not None:
             settings[name].runs[int(seed)] = t
             settings[name].val[int(seed)] = t.best(metric)
-    return Confirmation(stage, trials, settings, metric, mode, seeds)
+    return Confirmation(stage, trials, settings, metric, mode, seeds, alone)
 
 
 def run_confirmation(client, sweep: Sweep, trials: list[Trial], top: int, seeds: int, verbose: bool = False):
@@ -160,28 +162,36 @@ def run_confirmation(client, sweep: Sweep, trials: list[Trial], top: int, seeds:
 
 def measure_test(client, confirmation: Confirmation, device) -> bool:
     """Test AP of every confirmation run (False, measuring nothing, when the data set has no test split)."""
-    from clockdistill.evaluation.coco import coco_evaluate
-    from sweeps.results.best_student import fetch_checkpoint
-    from sweeps.results.held_out import test_annotations, test_predictions
+    from sweeps.results.held_out import test_annotations
 
     annotations = test_annotations(confirmation.sweep.spec.get("data", ""))
     if not annotations.is_file():
         return False
     ground_truth = json.loads(annotations.read_text())
     runs = [(s, seed, t) for s in confirmation.settings.values() for seed, t in s.runs.items()]
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, (setting, seed, trial) in enumerate(runs):
-            path, _ = fetch_checkpoint(client, trial, Path(tmp) / f"run{i}")
-            results, ids = test_predictions(path, annotations.parent.parent, device)
-            setting.test[seed] = coco_evaluate(ground_truth, results, ids)["AP"]
+    for setting, seed, trial in runs:
+        setting.test_metrics[seed] = trial_test_metrics(client, trial, annotations, ground_truth, device)
+        setting.test[seed] = setting.test_metrics[seed]["AP"]
     return True
+
+
+def trial_test_metrics(client, trial: Trial, annotations: Path, ground_truth: dict, device) -> dict[str, float]:
+    """COCO metrics of a trial's best checkpoint on the test split whose annotations file is given."""
+    from clockdistill.evaluation.coco import coco_evaluate
+    from sweeps.results.best_student import fetch_checkpoint
+    from sweeps.results.held_out import test_predictions
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path, _ = fetch_checkpoint(client, trial, Path(tmp) / "run")
+        results, ids = test_predictions(path, annotations.parent.parent, device)
+    return coco_evaluate(ground_truth, results, ids)
 
 
 def seed_table(confirmation: Confirmation) -> tuple[str, dict[str, Any]]:
     """The table of settings (val mean, test mean [interval], gain over alone [interval]) and its figures."""
     from sweeps.results.study import paired_difference
 
-    alone = confirmation.settings.get(ALONE_SETTING)
+    alone = confirmation.settings.get(confirmation.alone)
     rows, figures = [], {}
     level = "95%"
     header = (
