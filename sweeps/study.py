@@ -90,7 +90,7 @@ def method_spec(base: dict[str, Any], method: str, space: dict[str, Any], source
     if not METHODS[method].uses_teacher:  # the student alone reads no teacher output
         config = set_dotted(config, "distill.teacher_cache", "off")
     spec.update(name=f"{base['name']}-{method}", config=config, search_space=space, baseline_trial=False)
-    return resolve_paths(parse_spec(spec, f"{source} (methods.{method})"), source)
+    return parse_spec(spec, f"{source} (methods.{method})")
 
 
 def chosen_setting(sweep: Sweep, trials: list[Trial], method: str) -> tuple[Trial, dict[str, Any]]:
@@ -133,7 +133,8 @@ def run_study(path: str | Path, out: str | Path | None = None, device: str = "cp
 
     source = str(path)
     base, methods, seeds = load_study(path)
-    specs = {m: method_spec(base, m, space, source) for m, space in methods.items()}  # every error before Ray
+    # every error before Ray starts
+    specs = {m: resolve_paths(method_spec(base, m, space, source), source) for m, space in methods.items()}
     first = next(iter(specs.values()))
     print(
         f"study {base['name']}: {len(methods)} methods ({', '.join(methods)}), each tuned by {first.search.algorithm} "

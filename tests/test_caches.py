@@ -221,7 +221,7 @@ def test_teacher_cache_file_is_reused(tiny_teacher, tmp_path):
 def test_a_sweep_builds_each_cache_once_and_reports_its_overhead(tiny_sweep):
     from mlflow.tracking import MlflowClient
 
-    from tests.conftest import tune_results
+    from conftest import tune_results
 
     cache = tiny_sweep["root"] / "cache"
     assert len(list((cache / "teacher").glob("*.arrow"))) == 1

@@ -1,5 +1,6 @@
 import pytest
 
+from clockdistill.config.dotted import parse_yaml
 from clockdistill.config.layers import resolve_config
 from clockdistill.errors import ConfigError
 
@@ -20,6 +21,30 @@ def test_overrides_and_flatten_round_trip(tmp_path):
     assert flat["train.epochs"] == 7 and flat["model.preset"] == "hybrid-tiny-student"
     again = resolve_config(cfg.to_dict())
     assert again == cfg
+
+
+def test_on_off_knobs_read_as_written_in_overrides_files_and_specs(tmp_path):
+    """YAML 1.1 reads on/off/yes/no as booleans; the documented values of distill.teacher_cache must
+    work as written, and a true/false field takes the same words."""
+    from sweeps.tune.spec import parse_spec
+
+    for value in ("on", "off", "auto"):
+        assert resolve_config({}, overrides=[f"distill.teacher_cache={value}"]).distill.teacher_cache == value
+    f = tmp_path / "c.yaml"
+    f.write_text("distill:\n  teacher_cache: on\n  init_student: yes\ntrain:\n  amp: off\n")
+    cfg = resolve_config(f, overrides=["data.decoded_cache=on"])
+    assert cfg.distill.teacher_cache == "on" and cfg.distill.init_student is True and cfg.train.amp is False
+    assert cfg.data.decoded_cache is True
+    spec = parse_spec(
+        parse_yaml(
+            "name: s\nteacher: t\nepochs: 1\nbaseline_trial: yes\nconfig: {distill: {teacher_cache: on}}\n"
+            "search_space: {distill.teacher_cache: {choice: [on, off]}}\n"
+        )
+    )
+    assert spec.baseline_trial is True and spec.config["distill"]["teacher_cache"] == "on"
+    assert spec.search_space["distill.teacher_cache"].candidates() == ["on", "off"]
+    with pytest.raises(ConfigError, match=r"train\.amp: expected true or false, got 'maybe'"):
+        resolve_config({}, overrides=["train.amp=maybe"])
 
 
 @pytest.mark.parametrize(

@@ -254,7 +254,7 @@ def test_every_method_trains_a_dino_student_from_a_dino_teacher():
 def test_cli_distills_a_dino_teacher_into_the_dino_student(synth_data, tmp_path):
     from clockdistill.checkpoint import save_checkpoint
     from clockdistill.data.synth import CLASSES
-    from tests.conftest import run_cli
+    from conftest import run_cli
 
     teacher, tcfg = _dino("dino-tiny-teacher", len(CLASSES), num_classes=len(CLASSES))
     tcfg = tcfg.updated({"data.root": str(synth_data)})

@@ -14,7 +14,7 @@ from clockdistill.distill.run import run_distillation
 from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.errors import ConfigError
 from clockdistill.models.build import build_detector
-from tests.conftest import run_cli
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")

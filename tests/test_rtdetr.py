@@ -148,7 +148,7 @@ def test_cli_distills_an_rtdetr_teacher_into_the_rtdetr_student(method, synth_da
 
     from clockdistill.checkpoint import save_checkpoint
     from clockdistill.data.synth import CLASSES
-    from tests.conftest import run_cli
+    from conftest import run_cli
 
     torch.manual_seed(0)
     tcfg = resolve_config({"model": {"preset": "rtdetr-tiny-teacher"}, "data": {"root": str(synth_data)}})

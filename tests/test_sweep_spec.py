@@ -342,6 +342,14 @@ def test_multi_objective_searcher_and_asha_on_the_first_objective():
     sorted(str(p) for p in (__import__("pathlib").Path(__file__).parents[1] / "sweeps" / "configs").glob("*.yaml")),
 )
 def test_shipped_specs_are_valid(path):
+    from sweeps.study import load_study, method_spec
+
+    if "methods:" in __import__("pathlib").Path(path).read_text():  # a study: a sweep spec per method
+        base, methods, _ = load_study(path)
+        specs = [method_spec(base, m, space, path) for m, space in methods.items()]
+        assert len({(s.epochs, s.num_samples, s.search.algorithm, s.scheduler.type) for s in specs}) == 1
+        assert all(s.search_space and s.config["distill"]["method"] == m for s, m in zip(specs, methods))
+        return
     spec = load_spec(path)
     assert spec.search_space and spec.epochs >= 1
 

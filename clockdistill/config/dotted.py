@@ -14,8 +14,19 @@ from clockdistill.errors import ConfigError
 
 
 class _Loader(yaml.SafeLoader):
-    """safe_load that also reads `5e-5` as a float (YAML 1.1 wants `5.0e-5`)."""
+    """safe_load that also reads `5e-5` as a float (YAML 1.1 wants `5.0e-5`), and whose booleans are
+    YAML 1.2's (true / false): `on`, `off`, `yes` and `no` stay strings, so a knob whose values are
+    on / off / auto (distill.teacher_cache) reads as written; a true/false field takes them as well
+    (_coerce)."""
 
+
+BOOL_TAG = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+BOOL_WORDS = {"true": True, "on": True, "yes": True, "false": False, "off": False, "no": False}
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -74,7 +85,13 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{dotted}: expected a list of {item_tp.__name__}, got {value!r}")
         return [_coerce(item_tp, v, f"{dotted}[{i}]") for i, v in enumerate(value)]
+    return _coerce_scalar(tp, value, dotted)
+
+
+def _coerce_scalar(tp: Any, value: Any, dotted: str) -> Any:
     if tp is bool:
+        if isinstance(value, str) and value.lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.lower()]
         if not isinstance(value, bool):
             raise ConfigError(f"{dotted}: expected true or false, got {value!r}")
         return value
