@@ -70,7 +70,45 @@ def to_torchscript(detector: nn.Module, example: tuple[Tensor, Tensor], size: in
         # TracerWarnings: the spatial size is baked in on purpose (FixedSize guards it)
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example, check_trace=False)
+        follow_input_device(traced)
         return torch.jit.script(FixedSize(traced, size))
+
+
+def _forward_graphs(module: torch.jit.ScriptModule):
+    for m in module.modules():
+        if isinstance(m, torch.jit.ScriptModule) and m._c._has_method("forward"):
+            yield m._c._get_method("forward").graph
+
+
+def _device_constants(graph) -> list:
+    return [n for n in graph.findAllNodes("prim::Constant") if n.output().type().kind() == "DeviceObjType"]
+
+
+def device_constants(module: torch.jit.ScriptModule) -> int:
+    """How many device constants a traced module's forward graphs hold (each a device it would run on
+    whatever its inputs' device)."""
+    return sum(len(_device_constants(g)) for g in _forward_graphs(module))
+
+
+def follow_input_device(traced: torch.jit.ScriptModule) -> int:
+    """Replace every device constant the trace recorded (a tensor made with device=x.device: position
+    codes, reference grids, shape tables; `cpu` when exported on a CPU) by the device of the graph's
+    first tensor input, so the exported model runs on whatever device its inputs and weights are on.
+    Returns how many were replaced."""
+    replaced = 0
+    for graph in _forward_graphs(traced):
+        constants = _device_constants(graph)
+        tensors = [v for v in list(graph.inputs())[1:] if v.type().kind() == "TensorType"]
+        if constants and not tensors:
+            raise RuntimeError(f"a traced submodule makes tensors on a fixed device and has no tensor input:\n{graph}")
+        for node in constants:
+            device = graph.create("prim::device", [tensors[0]])
+            device.output().setType(node.output().type())
+            device.insertAfter(node)
+            node.output().replaceAllUsesWith(device.output())
+            node.destroy()
+            replaced += 1
+    return replaced
 
 
 def max_abs_difference(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> float:

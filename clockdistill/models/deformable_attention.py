@@ -20,11 +20,16 @@ def deformable_sample(
     """Core of the attention.
 
     value: (B, N, H, Dh) with N = sum of H_l * W_l; locations: (B, Q, H, L, P, 2) in [0, 1] (x, y);
-    weights: (B, Q, H, L, P). Returns (B, Q, H * Dh).
+    weights: (B, Q, H, L, P). Returns (B, Q, H * Dh) in value's dtype.
+
+    The sampling runs in at least fp32 (sample_dtype): grid_sample takes the grid in its input's dtype,
+    and a location in [0, 1] rounded to bf16 is off by up to a third of a cell on a 167-cell level.
     """
     B, _, n_heads, head_dim = value.shape
     _, Q, _, L, P, _ = locations.shape
-    grids = 2 * locations - 1  # grid_sample wants [-1, 1]
+    out_dtype, dtype = value.dtype, sample_dtype(value, locations)
+    value, weights = value.to(dtype), weights.to(dtype)
+    grids = 2 * locations.to(dtype) - 1  # grid_sample wants [-1, 1]
     sampled = []
     start = 0
     for lvl, (h, w) in enumerate(spatial_shapes):
@@ -36,7 +41,16 @@ def deformable_sample(
     stacked = torch.stack(sampled, dim=-2).flatten(-2)  # (B*H, Dh, Q, L*P)
     attn = weights.permute(0, 2, 1, 3, 4).reshape(B * n_heads, 1, Q, L * P)
     out = (stacked * attn).sum(-1).view(B, n_heads * head_dim, Q)
-    return out.transpose(1, 2)
+    return out.transpose(1, 2).to(out_dtype)
+
+
+def sample_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype deformable sampling runs in: the widest of the tensors' and fp32 (bf16 / fp16 values
+    and locations are sampled in fp32, fp64 stays fp64)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def reset_deformable_attention(m: nn.Module, n_heads: int, points: list[int]) -> None:
@@ -90,6 +104,9 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(B, Q, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(B, Q, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(B, Q, self.n_heads, self.n_levels, self.n_points)
+        # locations in fp32 at least (under autocast the offsets come out of the linear layer in bf16)
+        dtype = sample_dtype(offsets, reference_points)
+        offsets, reference_points = offsets.to(dtype), reference_points.to(dtype)
         if reference_points.shape[-1] == 2:
             normaliser = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device)
             locations = reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
@@ -98,5 +115,5 @@ class MSDeformAttn(nn.Module):
             centre = reference_points[:, :, None, :, None, :2]
             size = reference_points[:, :, None, :, None, 2:]
             locations = centre + offsets / self.n_points * size * 0.5
-        out = deformable_sample(value, spatial_shapes, locations.to(value.dtype), weights.to(value.dtype))
+        out = deformable_sample(value, spatial_shapes, locations, weights)
         return self.output_proj(out)

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from clockdistill.models.common import MLP, Detector, LayerStack, Memory, Queries, layer_outputs, valid_ratio
 from clockdistill.models.common import self_attention_masks as _sa_masks
-from clockdistill.models.deformable_attention import MSDeformAttn, reset_deformable_attention
+from clockdistill.models.deformable_attention import MSDeformAttn, reset_deformable_attention, sample_dtype
 from clockdistill.models.denoising import ContrastiveDenoising
 from clockdistill.models.resnet import FrozenBatchNorm2d
 from clockdistill.ops.boxes import inverse_sigmoid
@@ -311,7 +311,9 @@ class MSDeformAttnV2(nn.Module):
         value = self.value_proj(value_input).view(B, -1, H, Dh)
         offsets = self.sampling_offsets(query).view(B, Q, H, T, 2)
         weights = self.attention_weights(query).view(B, Q, H, T).softmax(-1)
-        scale = self.num_points_scale.to(query.dtype)[:, None]
+        dtype = sample_dtype(value, offsets, boxes)  # locations and sampling in fp32 at least (see deformable_sample)
+        offsets, boxes, value, weights = offsets.to(dtype), boxes.to(dtype), value.to(dtype), weights.to(dtype)
+        scale = self.num_points_scale.to(dtype)[:, None]
         locations = boxes[:, :, None, None, :2] + offsets * scale * boxes[:, :, None, None, 2:] * self.offset_scale
         grids = locations.permute(0, 2, 1, 3, 4).flatten(0, 1).split(self.points, dim=-2)
         values = value.permute(0, 2, 3, 1).flatten(0, 1).split([h * w for h, w in spatial_shapes], dim=-1)
@@ -324,11 +326,11 @@ class MSDeformAttnV2(nn.Module):
                 rows = torch.arange(B * H, device=v.device)[:, None, None].expand_as(x)
                 sampled.append(v[rows, :, y, x].permute(0, 3, 1, 2))  # (B*H, Dh, Q, P)
             else:
-                grid = 2 * g.to(v.dtype) - 1
+                grid = 2 * g - 1
                 sampled.append(F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
         attn = weights.permute(0, 2, 1, 3).reshape(B * H, 1, Q, T)
-        out = (torch.cat(sampled, -1) * attn.to(value.dtype)).sum(-1).view(B, H * Dh, Q).transpose(1, 2)
-        return self.output_proj(out)
+        out = (torch.cat(sampled, -1) * attn).sum(-1).view(B, H * Dh, Q).transpose(1, 2)
+        return self.output_proj(out.to(value_input.dtype))
 
 
 class DecoderLayer(nn.Module):
