@@ -120,6 +120,11 @@ def _spec(**changes):
             {"variants": {"a": {"distill.method": "fitnets"}}, "search_space": {"variant": {"choice": ["a"]}}},
             "variants.a: distill.method: expected one of",
         ),
+        (  # NCCL stops with "Duplicate GPU detected" when two ranks share a GPU
+            {"resources": {"workers": 2, "gpu": 0.5}},
+            "resources.gpu: a data-parallel trial (workers: 2) needs a whole GPU per worker",
+        ),
+        ({"resources": {"gpu": 1.5}}, "resources.gpu: a share above 1 must be a whole number of GPUs, got 1.5"),
     ],
 )
 def test_bad_specs_fail_with_one_line_naming_the_field(changes, expected):

@@ -144,6 +144,17 @@ class Resources(_Strict):
         1, ge=1
     )  # > 1: each trial is a data-parallel Ray Train run of this many workers (sweeps/tune/ddp.py)
 
+    @model_validator(mode="after")
+    def _whole_gpus_where_needed(self) -> "Resources":
+        if self.gpu > 1 and self.gpu != int(self.gpu):
+            raise ValueError(f"resources.gpu: a share above 1 must be a whole number of GPUs, got {self.gpu:g}")
+        if self.workers > 1 and 0 < self.gpu < 1:
+            raise ValueError(
+                f"resources.gpu: a data-parallel trial (workers: {self.workers}) needs a whole GPU per worker "
+                f"(NCCL refuses two ranks on one GPU), got {self.gpu:g}; give gpu: 1, or workers: 1 to share GPUs"
+            )
+        return self
+
 
 class MlflowSpec(_Strict):
     tracking_uri: str = ""  # default: sqlite:///<project dir>/mlflow.db (or MLFLOW_TRACKING_URI)
