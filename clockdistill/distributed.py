@@ -56,10 +56,24 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def wrap_ddp(module: torch.nn.Module, device: torch.device, find_unused_parameters: bool = False) -> torch.nn.Module:
     """DistributedDataParallel over `module`. On CUDA, BatchNorm layers that still train become
     SyncBatchNorm (statistics over the global batch); on CPU (gloo) there is no SyncBatchNorm, so each
-    rank normalises by its own share unless the model uses `model.frozen_bn`."""
+    rank normalises by its own share unless the model uses `model.frozen_bn`. `find_unused_parameters`
+    (see may_leave_parameters_unused): DDP then marks what a step did not use as ready instead of
+    failing the next step with "Expected to have finished reduction in the prior iteration"."""
     if device.type == "cuda":
         module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )
+
+
+def may_leave_parameters_unused(detector: torch.nn.Module, aux_loss: bool) -> bool:
+    """Whether a training step of `detector` may leave some of its parameters out of the loss: the
+    per-layer heads of the earlier decoder layers without the auxiliary losses, and the denoising label
+    embedding (DINO, RT-DETR) on a rank whose share of the batch holds no box. DDP's search for unused
+    parameters costs a pass over the autograd graph per step, so it is on only then."""
+    return not aux_loss or getattr(getattr(detector, "cfg", None), "dn_number", 0) > 0

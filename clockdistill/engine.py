@@ -26,7 +26,14 @@ from clockdistill.config.sections import Config, TrainConfig
 from clockdistill.data.dataset import CocoDetection
 from clockdistill.data.sampler import ShardedBatchSampler
 from clockdistill.data.transforms import DetectionTransform, collate
-from clockdistill.distributed import average_across_ranks, is_distributed, rank, world_size, wrap_ddp
+from clockdistill.distributed import (
+    average_across_ranks,
+    is_distributed,
+    may_leave_parameters_unused,
+    rank,
+    world_size,
+    wrap_ddp,
+)
 from clockdistill.errors import TrainingDiverged, UserError
 from clockdistill.evaluation.coco import coco_evaluate, postprocess, to_coco_results
 from clockdistill.evaluation.kitti import has_kitti_fields, kitti_evaluate
@@ -66,7 +73,8 @@ class DetectionTask:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def distribute(self, device: torch.device) -> None:
-        self.forward_module = wrap_ddp(self.model, device)
+        unused = may_leave_parameters_unused(self.model, self.criterion.aux_loss)
+        self.forward_module = wrap_ddp(self.model, device, find_unused_parameters=unused)
 
     def losses(self, images, mask, targets):
         return self.criterion(self.forward_module(images, mask, targets=targets), targets), self.weights

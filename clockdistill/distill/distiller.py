@@ -31,7 +31,7 @@ from clockdistill.distill.pairing import check_memory_geometry, check_query_prio
 from clockdistill.distill.queries import TargetQueryBuilder
 from clockdistill.distill.student_pass import StudentPass, target_queries
 from clockdistill.distill.teacher import FrozenTeacher
-from clockdistill.distributed import global_mean, is_distributed, wrap_ddp
+from clockdistill.distributed import global_mean, is_distributed, may_leave_parameters_unused, wrap_ddp
 from clockdistill.errors import ConfigError, TrainingDiverged
 from clockdistill.losses.criterion import SetCriterion, model_detection_weights
 from clockdistill.metrics import LOSS_PARTS, TEACHER_AP, loss_part
@@ -121,7 +121,8 @@ class Distiller:
 
     def distribute(self, device: torch.device) -> None:
         """Data-parallel training: gradients of the student (and adapter) averaged over ranks."""
-        self.student_pass = wrap_ddp(self._pass(), device)
+        unused = may_leave_parameters_unused(self._pass().student, self.criterion.aux_loss)
+        self.student_pass = wrap_ddp(self._pass(), device, find_unused_parameters=unused)
 
     # -- TrainingTask ----------------------------------------------------------------------------
 
