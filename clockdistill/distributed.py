@@ -37,6 +37,16 @@ def global_mean(x: Tensor | float) -> Tensor | float:
     return t.to(x.device) if torch.is_tensor(x) else float(t)
 
 
+def all_ranks(flag: Tensor) -> bool:
+    """Whether a 0-d bool tensor is True on every rank (one all-reduce in a data-parallel run; the
+    flag's own value otherwise)."""
+    if not is_distributed():
+        return bool(flag)
+    value = flag.to(torch.float32).reshape(1)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def average_across_ranks(values: Tensor) -> Tensor:
     """A 1-d tensor of per-rank values averaged over ranks (epoch loss means for the log)."""
     if not is_distributed():

@@ -27,6 +27,7 @@ from clockdistill.data.dataset import CocoDetection
 from clockdistill.data.sampler import ShardedBatchSampler
 from clockdistill.data.transforms import DetectionTransform, collate
 from clockdistill.distributed import (
+    all_ranks,
     average_across_ranks,
     is_distributed,
     may_leave_parameters_unused,
@@ -216,12 +217,7 @@ def train_one_epoch(
         factor = lr_factor(step, total_steps, len(loader), cfg)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
-        with _autocast(device, cfg.amp):
-            terms, weights = task.losses(images, mask, targets)
-        loss = weighted_sum(terms, weights)
-        if not torch.isfinite(loss):
-            bad = sorted(k for k, v in terms.items() if not torch.isfinite(v))
-            raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step} (non-finite terms: {bad})")
+        terms, weights, loss = _step_losses(task, images, mask, targets, device, cfg, f"epoch {epoch + 1}, step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_max_norm > 0:
@@ -239,6 +235,33 @@ def train_one_epoch(
             bar.set_postfix(loss=f"{sums[0].item() / n:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     means = average_across_ranks(sums / max(n, 1)).tolist() if sums is not None else []
     return dict(zip(names, means)), step
+
+
+def _step_losses(task: TrainingTask, images, mask, targets, device: torch.device, cfg: TrainConfig, where: str):
+    """(terms, weights, weighted loss) of one step, or TrainingDiverged on every rank at once: in a
+    data-parallel run the ranks agree on whether the step is finite (one all-reduce of a flag) before
+    any of them starts the backward pass, whose gradient all-reduce would otherwise leave the healthy
+    ranks waiting for the diverged one until the collective's timeout."""
+    reason = None
+    try:
+        with _autocast(device, cfg.amp):
+            terms, weights = task.losses(images, mask, targets)
+        loss = weighted_sum(terms, weights)
+        finite = torch.isfinite(loss)
+    except TrainingDiverged as exc:  # the matcher or the distiller found non-finite predictions
+        if not is_distributed():
+            raise
+        reason, finite = f"{exc} ({where})", torch.zeros((), dtype=torch.bool, device=device)
+    if not all_ranks(finite):
+        if reason is None and not bool(finite):
+            bad = sorted(k for k, v in terms.items() if not torch.isfinite(v))
+            reason = f"loss is {loss.item()} at {where} (non-finite terms: {bad})"
+        raise TrainingDiverged(
+            (f"rank {rank()}: " + reason if is_distributed() else reason)
+            if reason
+            else f"the loss of another rank is not finite at {where}"
+        )
+    return terms, weights, loss
 
 
 def train_loader(train_ds: CocoDetection, cfg: Config, device: torch.device, generator: torch.Generator) -> DataLoader:

@@ -1,8 +1,12 @@
-"""Data-parallel steps where a rank leaves parameters out of its loss (two gloo processes, no Ray):
-without the auxiliary losses the earlier layers' heads take no gradient, and a DINO or RT-DETR rank
-whose images hold no box never uses the denoising label embedding. DDP failed the second step with
-"Expected to have finished reduction in the prior iteration" (or hung the other rank); now three
-steps run on both ranks and the ranks' weights stay equal."""
+"""Data-parallel steps where the ranks differ (two gloo processes, no Ray).
+
+A rank that leaves parameters out of its loss: without the auxiliary losses the earlier layers' heads
+take no gradient, and a DINO or RT-DETR rank whose images hold no box never uses the denoising label
+embedding. DDP failed the second step with "Expected to have finished reduction in the prior
+iteration" (or hung the other rank); now three steps run on both ranks and their weights stay equal.
+
+A rank whose loss diverges: it raised alone while the others waited in the gradient all-reduce until
+the collective's timeout; now every rank raises TrainingDiverged at the same step."""
 
 import hashlib
 import os
@@ -90,3 +94,54 @@ def test_ranks_that_leave_parameters_unused_train_on(preset, aux, distil, empty_
         p.join(60)
     assert [r[1] for r in results] == ["ok", "ok"], results
     assert results[0][2] == results[1][2]  # gradients averaged: the ranks' weights are equal
+
+
+def _diverging_rank(rank: int, port: int, out):
+    from clockdistill.config.layers import resolve_config
+    from clockdistill.engine import train_one_epoch
+    from clockdistill.errors import TrainingDiverged
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=__import__("datetime").timedelta(seconds=120))
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    try:
+        model, task = _task("hybrid-tiny-student", True, False)
+        task.distribute(torch.device("cpu"))
+        cfg = resolve_config({"train": {"progress": False, "warmup_iters": 0, "clip_max_norm": 0.0}}).train
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+        batches = []
+        for i in range(3):
+            images = torch.randn(2, 3, 64, 64)
+            if rank == 1 and i == 1:
+                images[0, :, :8, :8] = float("nan")  # one rank's second batch
+            batches.append((images, torch.zeros(2, 64, 64, dtype=torch.bool), _targets(True)))
+        params = list(model.parameters())
+        train_one_epoch(task, batches, optimizer, torch.device("cpu"), cfg, 0, 0, 3, params)
+        out.put((rank, "finished"))
+    except TrainingDiverged as exc:
+        out.put((rank, f"diverged: {exc}"))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        out.put((rank, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_diverges_takes_every_rank_down_at_once():
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_diverging_rank, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(out.get(timeout=90) for _ in procs)  # before: rank 0 waited out the 120 s timeout
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    assert results[1].startswith("diverged: rank 1: ") and "epoch 1, step 1" in results[1], results
+    assert results[0].startswith("diverged: ") and "another rank" in results[0] and "step 1" in results[0], results
