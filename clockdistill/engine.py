@@ -150,13 +150,19 @@ def predict(
     amp: bool = True,
     progress: bool = False,
     canvas: tuple[int, int] | None = None,
+    num_workers: int = 0,
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """COCO-format detections of `model` on a whole split, and the split's image ids (batches padded
-    to `canvas` when given)."""
+    to `canvas` when given; decoded by `num_workers` loader processes, pinned for a GPU)."""
     was_training = model.training
     model.eval()
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, collate_fn=functools.partial(collate, pad_to=canvas)
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=functools.partial(collate, pad_to=canvas),
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
     )
     results, image_ids = [], []
     for images, mask, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
@@ -179,10 +185,11 @@ def evaluate(
     amp: bool = True,
     progress: bool = False,
     canvas: tuple[int, int] | None = None,
+    num_workers: int = 0,
 ) -> dict[str, float]:
     """COCO metrics of `model` on a whole split (batches padded to `canvas` when given), and KITTI's own
     (evaluation/kitti.py) when the split was converted by `clockdistill data kitti`."""
-    results, image_ids = predict(model, dataset, device, batch_size, amp, progress, canvas)
+    results, image_ids = predict(model, dataset, device, batch_size, amp, progress, canvas, num_workers)
     return split_metrics(dataset.ground_truth, results, image_ids)
 
 
@@ -372,7 +379,8 @@ def _train_and_evaluate(
         metrics.update(task.extra_metrics(metrics))
     if rank() == 0 and ((epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs):
         t1 = time.perf_counter()
-        metrics.update(evaluate(task.model, val_ds, device, tc.batch_size * 2, tc.amp, tc.progress, cfg.data.canvas))
+        canvas, workers = cfg.data.canvas, cfg.data.num_workers
+        metrics.update(evaluate(task.model, val_ds, device, tc.batch_size * 2, tc.amp, tc.progress, canvas, workers))
         metrics[EVAL_TIME] = time.perf_counter() - t1
         if metrics["AP"] > state.best_ap:
             state.best_ap, state.best_epoch = metrics["AP"], epoch + 1

@@ -70,7 +70,12 @@ def _best_student_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tolerance", type=float, default=2e-3, help="largest accepted |re-evaluated AP - logged AP| (default 0.002)"
     )
-    p.add_argument("--device", default="cpu", help="device of the re-evaluation: cpu, cuda[:N] or auto (default cpu)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="device of the re-evaluation and the test-split figures: auto (a GPU when there is one, as the "
+        "trials ran), cuda[:N] or cpu; in the precision each trial trained in (train.amp) (default auto)",
+    )
     p.add_argument("--no-register", action="store_true", help="export only; do not touch the model registry")
     p.add_argument(
         "--confirm",
@@ -178,7 +183,9 @@ def _build_student(args: argparse.Namespace) -> int:
 def _study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="study spec YAML file (a sweep spec with methods and confirm_seeds)")
     p.add_argument("--out", help="where the study page goes (default artifacts/study/<name>)")
-    p.add_argument("--device", default="cpu", help="device of the test-split evaluations: cpu, cuda[:N] or auto")
+    p.add_argument(
+        "--device", default="auto", help="device of the test-split evaluations: auto, cuda[:N] or cpu (default auto)"
+    )
     _verbose_argument(p)
 
 

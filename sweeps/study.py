@@ -126,7 +126,7 @@ def confirmation_spec(base: dict[str, Any], settings: dict[str, dict[str, Any]],
     return resolve_paths(parse_spec(json.loads(json.dumps(spec, default=str)), f"{source} (confirmation)"), source)
 
 
-def run_study(path: str | Path, out: str | Path | None = None, device: str = "cpu", verbose: bool = False):
+def run_study(path: str | Path, out: str | Path | None = None, device: str = "auto", verbose: bool = False):
     """The three stages (resuming what is done) and the study page; returns the page's figures."""
     from clockdistill.engine import select_device
     from sweeps.tune.driver import run_spec

@@ -48,3 +48,24 @@ def test_postprocess_converts_to_absolute_xywh_and_dataset_ids():
 
 def test_no_detections_gives_zero_ap():
     assert coco_evaluate(gt_dataset(), [])["AP"] == 0.0
+
+
+def test_predictions_are_the_same_with_loader_workers(synth_data):
+    """predict with decoding workers (and pinned memory on a GPU) gives the same detections in the same
+    order as in the main process."""
+    from clockdistill.config.layers import resolve_config
+    from clockdistill.data.dataset import CocoDetection
+    from clockdistill.data.transforms import DetectionTransform
+    from clockdistill.engine import predict
+    from clockdistill.models.build import build_detector
+
+    torch.manual_seed(0)
+    cfg = resolve_config({"model": {"preset": "hybrid-tiny-student"}, "data": {"root": str(synth_data)}})
+    model = build_detector(cfg.model, 4)
+    dataset = CocoDetection(str(synth_data), "val", DetectionTransform(cfg.data.max_size, train=False))
+    alone = predict(model, dataset, torch.device("cpu"), 4, canvas=cfg.data.canvas)
+    workers = predict(model, dataset, torch.device("cpu"), 4, canvas=cfg.data.canvas, num_workers=2)
+    assert workers[1] == alone[1] and len(alone[0]) > 0
+    labels = [[(r["image_id"], r["category_id"]) for r in rows] for rows in (alone[0], workers[0])]
+    assert labels[0] == labels[1]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(alone[0], workers[0])) < 1e-6

@@ -460,3 +460,22 @@ def test_variants_bundle_config_keys_into_one_searched_name(tiny_teacher):
     assert params["variant"] == "clock-tuned" and params["distill.memory.alpha"] == 0.085
     assert params["train.seed"] == 1 and "train.output_dir" not in params
     assert trial_label(4, "x", {"variant": "clock-tuned", "train.seed": 0}) == "t04 variant=clock-tuned seed=0"
+
+
+def test_a_trial_given_a_gpu_trains_on_cuda_or_fails_in_one_line(tiny_teacher):
+    """train.device auto in a trial with resources.gpu > 0 is cuda: on a node where CUDA is missing the
+    trial fails saying so instead of training on the CPU while holding its GPU share."""
+    from clockdistill.engine import select_device
+    from clockdistill.errors import UserError
+    from sweeps.tune.trial import trial_config
+
+    space = {"train.lr": {"uniform": [1e-4, 1e-3]}}
+    on_gpu = trial_config(_spec(teacher=str(tiny_teacher), resources={"gpu": 0.5}, search_space=space), {}, "out")
+    on_cpu = trial_config(_spec(teacher=str(tiny_teacher), search_space=space), {}, "out")
+    assert on_gpu.train.device == "cuda" and on_cpu.train.device == "auto"
+    named = {"train": {"device": "cpu"}}
+    pinned = _spec(teacher=str(tiny_teacher), resources={"gpu": 1}, search_space=space, config=named)
+    assert trial_config(pinned, {}, "out").train.device == "cpu"  # a device the spec names is kept
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(UserError, match="^train.device: cuda requested but CUDA is not available"):
+            select_device(on_gpu.train.device)

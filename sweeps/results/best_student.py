@@ -158,7 +158,10 @@ def verify_checkpoint(
     cfg = resolve_config(meta["config"])
     model, _ = load_detector(checkpoint, device)
     dataset = CocoDetection(cfg.data.root, cfg.data.val_split, DetectionTransform(cfg.data.max_size, train=False))
-    metrics = evaluate(model, dataset, device, cfg.train.batch_size * 2, cfg.train.amp, canvas=cfg.data.canvas)
+    metrics = evaluate(
+        model, dataset, device, cfg.train.batch_size * 2, cfg.train.amp, canvas=cfg.data.canvas,
+        num_workers=cfg.data.num_workers,
+    )  # fmt: skip
     if abs(metrics["AP"] - logged) > tolerance:
         raise UserError(
             f"trial {trial.trial_id}: re-evaluated AP {metrics['AP']:.4f} differs from the logged {logged:.4f} "
@@ -214,7 +217,7 @@ def best_student(
     out: str | Path = "artifacts/best-student",
     tracking_uri: str | None = None,
     tolerance: float = 2e-3,
-    device: str = "cpu",
+    device: str = "auto",
     register: bool = True,
     confirm: int = 0,
     seeds: int = 3,

@@ -46,11 +46,15 @@ def test_annotations(data_root: str | Path) -> Path:
 
 def test_predictions(checkpoint: Path, data_root: str | Path, device: torch.device):
     """COCO-format detections of a checkpoint on the test split, and its image ids: the model at its own
-    input size and padding, as it was evaluated during training."""
+    input size, padding and precision, as it was evaluated during training."""
     model, meta = load_detector(checkpoint, device)
     cfg = resolve_config(meta["config"])
     dataset = CocoDetection(data_root, TEST_SPLIT, DetectionTransform(cfg.data.max_size, train=False))
-    return predict(model, dataset, device, cfg.train.batch_size * 2, canvas=cfg.data.canvas)
+    # in the precision it trained and was selected in (train.amp)
+    return predict(
+        model, dataset, device, cfg.train.batch_size * 2, cfg.train.amp, canvas=cfg.data.canvas,
+        num_workers=cfg.data.num_workers,
+    )  # fmt: skip
 
 
 def held_out_report(

@@ -74,8 +74,9 @@ def trial_config(spec: SweepSpec, params: dict[str, Any], output_dir: str | Path
     """The full config of a trial (the layers of config/layers.py): the spec's config with its data,
     student and epochs, the searched variant's keys (spec `variants`), the trial's searched values
     (its dotted keys; others, such as the baseline trial's marker, are not config keys), the trial's
-    own keys, and what the teacher's checkpoint implies."""
-    return resolve_config(
+    own keys, and what the teacher's checkpoint implies. A trial given GPUs (resources.gpu) with
+    train.device auto trains on cuda: without one it fails in one line instead of running on the CPU."""
+    cfg = resolve_config(
         spec_config(spec),
         variant=spec.variants.get(params.get(VARIANT_KEY), {}),
         overrides={k: v for k, v in params.items() if "." in k},
@@ -83,6 +84,9 @@ def trial_config(spec: SweepSpec, params: dict[str, Any], output_dir: str | Path
         distill=True,
         teacher=spec.teacher,
     )
+    if spec.resources.gpu > 0 and cfg.train.device == "auto":
+        cfg = cfg.updated({"train.device": "cuda"})
+    return cfg
 
 
 def trial_params(cfg: Config, variant: str | None = None) -> dict[str, Any]:
