@@ -184,6 +184,7 @@ def run_trial(
         log.info("trial %s resumes from %s", trial_name, checkpoint.path)
     props = student_properties(cfg, any(o.metric == LATENCY for o in spec.objective_list))
     reporter = EpochReporter(spec, props, started, send, trial_params(cfg, params.get(VARIANT_KEY)))
+    limit_gpu_memory(spec.resources.gpu if spec.resources.workers == 1 else 1.0)
     try:
         run_distillation(
             cfg,
@@ -192,6 +193,25 @@ def run_trial(
     except TrainingDiverged as exc:
         log.error("trial %s diverged: %s", trial_name, exc)
         send(reporter.diverged(exc), None)
+    finally:
+        release_gpu_memory()
+
+
+def limit_gpu_memory(share: float) -> None:
+    """A trial given a fraction of a GPU allocates at most that fraction of its memory (torch's caching
+    allocator raises out-of-memory beyond it) instead of taking what a co-located trial needs."""
+    if 0 < share < 1 and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(share)
+
+
+def release_gpu_memory() -> None:
+    """The trial's cached GPU blocks back to the device when it ends: a reused actor keeps its process,
+    and the next trial on it (or a co-located one) would otherwise find the memory taken."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def mark_process_free() -> None:
