@@ -214,3 +214,36 @@ def test_converted_kitti_data_carries_the_fields_and_evaluate_prints_the_table(t
     assert 0.0 <= metrics["kitti/Car/moderate"] <= 1.0 and "kitti/mean/hard" in metrics and "AP" in metrics
     assert "AP|R40 (AP|R11)" in run.stderr and "Pedestrian" in run.stderr
     assert sorted(p.name for p in out.iterdir()) == ["000000.txt", "000001.txt"]
+
+
+def test_held_out_figures_on_kitti_data_carry_kittis_metric(tmp_path):
+    """best-student's held-out report on converted KITTI data gives each model KITTI's own figures on the
+    test split, the values `clockdistill evaluate --split test` reports, and prints them."""
+    import shutil
+
+    import torch
+    from test_data import make_kitti
+
+    from clockdistill.data.kitti import convert_kitti
+    from sweeps.results.held_out import ALONE, TEACHER, WINNER, Contender, held_out_report, table
+
+    kitti = make_kitti(tmp_path / "kitti")
+    coco = tmp_path / "coco"
+    convert_kitti(kitti, coco, kitti / "train.txt", kitti / "val.txt")
+    shutil.copy(coco / "annotations" / "instances_train.json", coco / "annotations" / "instances_test.json")
+    shutil.copytree(coco / "images" / "train", coco / "images" / "test", dirs_exist_ok=True)
+    doc = json.loads((coco / "annotations" / "instances_test.json").read_text())
+    checkpoint = _random_detector(tmp_path / "ckpt", [c["name"] for c in doc["categories"]])
+    contenders = [Contender(k, k, checkpoint, None) for k in (TEACHER, ALONE, WINNER)]
+    report = held_out_report(contenders, coco, torch.device("cpu"), resamples=20)
+    run = subprocess.run(
+        [sys.executable, "-m", "clockdistill", "evaluate", "--checkpoint", str(checkpoint), "--data", str(coco),
+         "--split", "test", "--quiet", "--device", "cpu"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    evaluated = json.loads(run.stdout)
+    for key in (TEACHER, ALONE, WINNER):
+        figures = report["models"][key]["kitti"]
+        assert set(figures) == {k for k in evaluated if k.startswith("kitti/")}
+        assert all(figures[k] == pytest.approx(evaluated[k], abs=1e-9) for k in figures)
+    assert "KITTI AP|R40, mean of classes (test)" in table(report)

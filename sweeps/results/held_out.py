@@ -26,6 +26,7 @@ from clockdistill.data.dataset import CocoDetection
 from clockdistill.data.transforms import DetectionTransform
 from clockdistill.engine import predict
 from clockdistill.evaluation.bootstrap import bootstrap, match_images
+from clockdistill.evaluation.kitti import has_kitti_fields, kitti_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +65,20 @@ def held_out_report(
     alone, and the winner's selection gap, on the test split of `data_root` (test_annotations)."""
     annotations = test_annotations(data_root)
     ground_truth = json.loads(annotations.read_text())
-    matches = {}
+    matches, kitti = {}, {}
     for c in contenders:
         results, ids = test_predictions(c.checkpoint, data_root, device)
         matches[c.key] = match_images(ground_truth, results, ids)
+        if has_kitti_fields(ground_truth):  # KITTI's own figures too (point values: the bootstrap is COCO AP's)
+            kitti[c.key] = kitti_evaluate(ground_truth, results, ids)
     keys = {c.key for c in contenders}
     report = bootstrap(
         matches, pairs=[(WINNER, ALONE)] if {WINNER, ALONE} <= keys else [], resamples=resamples, seed=seed
     )
     for c in contenders:
         report["models"][c.key].update(label=c.label, selection_AP=c.selection_ap)
+        if c.key in kitti:
+            report["models"][c.key]["kitti"] = kitti[c.key]
     winner = report["models"][WINNER]
     if winner["selection_AP"] is not None:
         report["selection_gap"] = winner["selection_AP"] - winner["AP"]
@@ -116,6 +121,14 @@ def table(report: dict[str, Any]) -> str:
             continue
         val = f"{m['selection_AP']:.4f}" if m.get("selection_AP") is not None else "-"
         lines.append(f"{m['label']:<36} {val:>8}   {m['AP']:.4f} [{m['low']:.4f}, {m['high']:.4f}]")
+    if any("kitti" in report["models"][k] for k in report["models"]):
+        lines.append(f"{'KITTI AP|R40, mean of classes (test)':<36} {'easy':>8} {'moderate':>9} {'hard':>8}")
+        for key in (TEACHER, ALONE, WINNER):
+            k = (report["models"].get(key) or {}).get("kitti")
+            if k:
+                means = [k[M.kitti_metric(None, d)] for d in M.KITTI_DIFFICULTIES]
+                cells = " ".join(f"{v:>{w}.4f}" for v, w in zip(means, (8, 9, 8)))
+                lines.append(f"{report['models'][key]['label']:<36} {cells}")
     if "selection_gap" in report:
         lines.append(
             f"the winner's val AP is {report['selection_gap']:+.4f} over its test AP (chosen as the best on val)"
