@@ -1,12 +1,34 @@
 """What a model costs to run: parameter count and forward latency (the student properties a sweep
-can optimise against AP, and the figures a model card reports)."""
+can optimise against AP, and the figures a model card reports).
+
+A sweep's latency objective is a property of the architecture, not of a trial's weights, and a
+trial that times itself while co-located trials train on the same device measures them as much as
+itself. So latency is measured once per architecture, input size, device and precision on each node
+(`node_latency_ms`: a table in the node cache directory), by the sweep's prebuild step before any
+trial starts, alone on the node; a trial whose architecture is not in the table yet (model keys in
+the search space) measures it once and says so in its log. It is measured in the precision the model
+runs in after training (bf16 autocast on a GPU when it trained with train.amp, fp32 otherwise), the
+median of 20 forwards after 3 warm-ups.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import platform
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
+LATENCY_TABLE = "latency.json"
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -18,23 +40,72 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def forward_latency_ms(model: nn.Module, size: int, device: torch.device, repeats: int = 5) -> float:
-    """Median time of one forward pass on one size x size image on `device`, in ms (after a warm-up)."""
+def deployment_latency_ms(model: nn.Module, size: int, device: torch.device, amp: bool, repeats: int = 20) -> float:
+    """Median one-image forward time (ms) after 3 warm-ups, in bf16 autocast on a GPU when `amp`."""
     model = model.to(device).eval()
     images = torch.randn(1, 3, size, size, device=device)
     mask = torch.zeros(1, size, size, dtype=torch.bool, device=device)
+    bf16 = device.type == "cuda" and amp
     times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for i in range(repeats + 3):
             _sync(device)
             t0 = time.perf_counter()
             model(images, mask)
             _sync(device)
-            if i:
+            if i >= 3:
                 times.append((time.perf_counter() - t0) * 1000)
     return sorted(times)[len(times) // 2]
 
 
 def cpu_latency_ms(model: nn.Module, size: int, repeats: int = 10) -> float:
-    """Median one-image forward time on the CPU, in ms."""
-    return forward_latency_ms(model, size, torch.device("cpu"), repeats)
+    """Median one-image fp32 forward time on the CPU, in ms (the model card's figure)."""
+    return deployment_latency_ms(model, size, torch.device("cpu"), False, repeats)
+
+
+def latency_key(cfg, device: torch.device) -> dict[str, Any]:
+    """What a latency depends on: the architecture (the model section but its weights file), the input
+    size, the device (its name; for a CPU its architecture and threads) and the precision."""
+    model = {k: v for k, v in cfg.to_dict()["model"].items() if k != "backbone_weights"}
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"cpu {platform.machine()} x{torch.get_num_threads()} threads"
+    precision = "bf16" if device.type == "cuda" and cfg.train.amp else "fp32"
+    return {"model": model, "size": cfg.data.max_size, "device": where, "precision": precision}
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def node_latency_ms(model: nn.Module, cfg, device: torch.device, why: str) -> tuple[float, bool]:
+    """(latency in ms, whether it was measured now) of `model` built from config `cfg` on `device`, from
+    the node's table in the cache directory (data.cache_dir), measured and recorded when the table does
+    not hold this architecture, size, device and precision yet; `why` says in the table who measured it."""
+    from clockdistill.arrowcache import cache_root
+
+    key = latency_key(cfg, device)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    path = cache_root(cfg.data.cache_dir) / LATENCY_TABLE
+    with _locked(path):  # one measurement per architecture on the node, not one per trial that starts at once
+        table = json.loads(path.read_text()) if path.is_file() else {}
+        if digest in table:
+            return float(table[digest]["ms"]), False
+        ms = deployment_latency_ms(model, cfg.data.max_size, device, cfg.train.amp)
+        table[digest] = {"ms": ms, "measured": why, "at": time.strftime("%Y-%m-%d %H:%M:%S"), **key}
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1, default=str))
+        os.replace(tmp, path)
+    log.info(
+        "latency of %s at %d px on %s (%s): %.2f ms, measured %s",
+        cfg.model.arch, cfg.data.max_size, key["device"], key["precision"], ms, why,
+    )  # fmt: skip
+    return ms, True

@@ -1,4 +1,5 @@
-"""Before the first trial: build the node caches on every node that can run a trial.
+"""Before the first trial: build the node caches on every node that can run a trial, and measure the
+student's latency there while nothing else runs when an objective needs it (clockdistill/latency.py).
 
 With `data.decoded_cache` or `distill.teacher_cache` on, the first trial on each node would spend
 its start-up decoding every image and running the teacher over the data set while its sweep waits
@@ -20,25 +21,45 @@ from sweeps.tune.spec import SweepSpec, spec_from_json, spec_to_json
 log = logging.getLogger(__name__)
 
 
+def needs_latency(spec: SweepSpec) -> bool:
+    from clockdistill.metrics import LATENCY
+
+    return any(o.metric == LATENCY for o in spec.objective_list)
+
+
 def needs_node_caches(spec: SweepSpec) -> bool:
     from sweeps.tune.trial import trial_config
 
     cfg = trial_config(spec, {}, Path(tempfile.gettempdir()) / "clockdistill-prebuild")
-    return cfg.data.decoded_cache or cfg.distill.teacher_cache != "off"
+    return cfg.data.decoded_cache or cfg.distill.teacher_cache != "off" or needs_latency(spec)
 
 
 def _build(spec_json: str) -> dict:
     import torch
 
-    from clockdistill.distill.cache import prepare_teacher_cache
-    from clockdistill.distill.teacher import FrozenTeacher
-    from clockdistill.engine import build_datasets, select_device
+    from clockdistill.engine import select_device
+    from clockdistill.latency import node_latency_ms
+    from clockdistill.models.build import build_detector
     from sweeps.tune.trial import trial_config
 
     t0 = time.perf_counter()
     spec = spec_from_json(spec_json)
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     cfg = trial_config(spec, {}, Path(tempfile.gettempdir()) / "clockdistill-prebuild")
+    done: dict = {}
+    if needs_latency(spec):  # first, while nothing else runs on the node
+        model = build_detector(cfg.model, cfg.model.num_classes)
+        done["latency_ms"], _ = node_latency_ms(model, cfg, select_device(cfg.train.device), "before the sweep, alone")
+    if cfg.data.decoded_cache or cfg.distill.teacher_cache != "off":
+        done["teacher_cache"] = _build_caches(cfg)
+    return {"seconds": time.perf_counter() - t0, **done}
+
+
+def _build_caches(cfg) -> str:
+    from clockdistill.distill.cache import prepare_teacher_cache
+    from clockdistill.distill.teacher import FrozenTeacher
+    from clockdistill.engine import build_datasets, select_device
+
     decoded = cfg.data.decoded_cache
     # the decoded images are built here, waiting for them (a trial would not wait)
     cfg = cfg.updated({"train.progress": False, "data.decoded_cache": False})
@@ -48,7 +69,7 @@ def _build(spec_json: str) -> dict:
             ds.use_decoded_cache(cfg.data.cache_dir, progress=False, wait=True)
     device = select_device(cfg.train.device)
     cache = prepare_teacher_cache(cfg, FrozenTeacher.load(cfg.distill.teacher, device), train, device, wait=True)
-    return {"seconds": time.perf_counter() - t0, "teacher_cache": str(cache.path) if cache is not None else ""}
+    return str(cache.path) if cache is not None else ""
 
 
 def prebuild_node_caches(spec: SweepSpec, timeout_s: float = 3600.0) -> int:

@@ -34,7 +34,7 @@ from clockdistill.config.sections import Config
 from clockdistill.distill.run import run_distillation
 from clockdistill.engine import select_device
 from clockdistill.errors import TrainingDiverged
-from clockdistill.latency import forward_latency_ms, parameter_count
+from clockdistill.latency import node_latency_ms, parameter_count
 from clockdistill.metrics import EPOCH, EVAL_TIME, LATENCY, PARAMS, STARTUP, TRAIN_TIME, TRIAL_OVERHEAD, TRIAL_WALL
 from clockdistill.models.build import build_detector
 from sweeps.tracking.schema import (
@@ -100,10 +100,17 @@ def trial_params(cfg: Config, variant: str | None = None) -> dict[str, Any]:
 
 
 def student_properties(cfg: Config, need_latency: bool) -> dict[str, float]:
+    """Parameter count, and the latency when an objective needs it: from the node's latency table, where
+    the sweep's prebuild step measured the spec's architecture before any trial started (latency.py)."""
     model = build_detector(cfg.model, cfg.model.num_classes)
     props = {PARAMS: float(parameter_count(model))}
     if need_latency:
-        props[LATENCY] = forward_latency_ms(model, cfg.data.max_size, select_device(cfg.train.device))
+        props[LATENCY], measured = node_latency_ms(model, cfg, select_device(cfg.train.device), "by a trial")
+        if measured:
+            log.warning(
+                "latency of this trial's architecture measured by the trial itself (the sweep measured only the "
+                "spec's own before it started): trials running beside it on this node may have slowed it"
+            )
     return props
 
 
