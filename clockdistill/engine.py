@@ -302,9 +302,23 @@ def accelerate(task: TrainingTask, tc: TrainConfig) -> None:
         mode = None if tc.compile == "default" else tc.compile
         for m in models:
             net = getattr(m, "detector", m)  # FrozenTeacher wraps its detector
-            net.encode = torch.compile(net.encode, mode=mode)
-            net.decode = torch.compile(net.decode, mode=mode, dynamic=True)  # query counts vary with the GT
+            # input sizes vary (multi-scale training, aspect ratios) and query counts with the GT: dynamic
+            # shapes, one graph for all; each model its own copy of the code, so that the teacher (under
+            # no_grad) and the student (a detector class they may share) do not share one compile cache
+            net.encode = torch.compile(_own_code(net, "encode"), mode=mode, dynamic=True)
+            net.decode = torch.compile(_own_code(net, "decode"), mode=mode, dynamic=True)
         log.info("torch.compile (%s) of encoder and decoder: the first steps compile", tc.compile)
+
+
+def _own_code(net: nn.Module, name: str):
+    """net.<name> bound to `net` as a function with a code object of its own: torch.compile keeps its
+    graphs and its recompile budget per code object, which every instance of a class shares."""
+    import types
+
+    f = getattr(type(net), name)
+    copy = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = f.__kwdefaults__, f.__qualname__
+    return types.MethodType(copy, net)
 
 
 @dataclass

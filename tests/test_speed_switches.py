@@ -73,6 +73,33 @@ def test_speed_switches_leave_loss_and_gradients_unchanged(batch, switch, monkey
     assert set(fast.model.state_dict()) == set(eager.model.state_dict())  # checkpoints keep their names
 
 
+def test_compiled_teacher_and_student_do_not_recompile_for_new_input_sizes(monkeypatch):
+    """A distillation run's compiled encoder and decoder over mixed input sizes (multi-scale training,
+    padded batches), teacher under no_grad and student training: one graph each, no recompile. Before,
+    the level grids' linspace specialised on every size and the teacher and student shared one code
+    object, so the recompile limit was reached within a few steps and the rest ran eagerly. Dynamo's
+    capture and guards are real; the eager backend skips code generation (tests nothing of ours)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager", "mode": None}))
+    torch._dynamo.reset()
+    counters.clear()
+    student = build_detector(resolve_config({"model": {"preset": "hybrid-tiny-student"}}).model, 3)
+    teacher = build_detector(resolve_config({"model": {"preset": "hybrid-tiny-teacher"}}).model, 3)
+    task = type("Task", (), {"model": student, "teacher": teacher})()
+    accelerate(task, resolve_config({"train": {"compile": "default"}}).train)
+    for size in (96, 128, 112):
+        images, mask = torch.randn(2, 3, size, size + 32), torch.zeros(2, size, size + 32, dtype=torch.bool)
+        mask[1, :, size:] = True
+        with torch.no_grad():
+            teacher(images, mask)
+        student(images, mask)["pred_logits"].sum().backward()
+    assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])  # encode and decode of each model
+    torch._dynamo.reset()
+
+
 def test_unknown_compile_mode_is_one_line():
     with pytest.raises(ConfigError, match=r"^train.compile: expected one of"):
         resolve_config({"train": {"compile": "fast"}})

@@ -77,8 +77,10 @@ def encoder_reference_points(shapes: list[tuple[int, int]], valid_ratios: Tensor
     refs = []
     for lvl, (h, w) in enumerate(shapes):
         ys, xs = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=valid_ratios.device),
-            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=valid_ratios.device),
+            # arange + 0.5 equals linspace(0.5, h - 0.5, h) bit for bit; unlike linspace's step count it
+            # stays symbolic under torch.compile(dynamic=True), so a new input size does not recompile
+            torch.arange(h, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+            torch.arange(w, dtype=torch.float32, device=valid_ratios.device) + 0.5,
             indexing="ij",
         )
         ys = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
@@ -168,8 +170,8 @@ class DeformableEncoderDetector(Detector):
             m = mem.padding_mask[:, start : start + h * w].view(B, h, w)
             valid_h, valid_w = (~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)
             gy, gx = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=torch.float32, device=m.device),
-                torch.linspace(0, w - 1, w, dtype=torch.float32, device=m.device),
+                torch.arange(h, dtype=torch.float32, device=m.device),  # linspace(0, h - 1, h), symbolic
+                torch.arange(w, dtype=torch.float32, device=m.device),
                 indexing="ij",
             )
             grid = torch.cat([gx.unsqueeze(-1), gy.unsqueeze(-1)], -1)
