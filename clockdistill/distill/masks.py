@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from clockdistill.ops.boxes import box_cxcywh_to_xyxy
+from clockdistill.ops.host import small_tensor
 
 
 def boxes_in_pixels(targets: list[dict], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -25,9 +26,8 @@ def boxes_in_pixels(targets: list[dict], device: torch.device) -> tuple[Tensor, 
     valid = torch.zeros(len(targets), k, dtype=torch.bool, device=device)
     for i, t in enumerate(targets):
         n = len(t["boxes"])
-        if n:
-            h, w = (float(v) for v in t["size"])
-            scale = torch.tensor([w, h, w, h], device=device)
+        if n:  # the image's (w, h, w, h) from its size tensor where it is: no host read per image
+            scale = t["size"].to(device).float().flip(0).repeat(2)
             boxes[i, :n] = box_cxcywh_to_xyxy(t["boxes"].to(device).float()) * scale
             valid[i, :n] = True
     return boxes, valid
@@ -57,7 +57,7 @@ def level_masks(
     if boxes.shape[1] == 0:
         m = torch.zeros(B, h, w, device=device)
     else:
-        cells = boxes * torch.tensor([w / W, h / H, w / W, h / H], device=device)
+        cells = boxes * small_tensor([w / W, h / H, w / W, h / H], device)
         # Cells [x0, x1) x [y0, y1): min edges rounded down, max edges up (a box edge within 1e-3 cell
         # of a cell border, e.g. after the normalise/denormalise round trip, stays on that border),
         # at least one cell, inside the grid.

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from clockdistill.config.distill import LogitDistillConfig
 from clockdistill.ops.boxes import inverse_sigmoid
+from clockdistill.ops.host import small_tensor
 
 
 @dataclass
@@ -70,7 +71,7 @@ class TargetQueryEmbedding(nn.Module):
         """Decoder inputs (see DETR.decode) for a query set."""
         content = self.label[qs.labels]
         content = torch.cat([content, torch.ones_like(content[..., :1])], -1)
-        if qs.random.any():
+        if len(self.random_content):  # its count is the config's, known here: no host read of qs.random
             content[:, qs.random] = self.random_content[None].expand(content.shape[0], -1, -1).to(content.dtype)
         return {
             "content": content,
@@ -107,7 +108,7 @@ class TargetQueryBuilder(nn.Module):
         G, R = cfg.groups, cfg.random_queries
         K = max(G * n_gt + R, min_slots)
         labels = torch.full((B, K), self.num_classes, dtype=torch.long, device=device)
-        boxes = torch.tensor([0.5, 0.5, 0.1, 0.1], device=device).repeat(B, K, 1)
+        boxes = small_tensor([0.5, 0.5, 0.1, 0.1], device).repeat(B, K, 1)
         valid = torch.zeros(B, K, dtype=torch.bool, device=device)
         for b, t in enumerate(targets):
             n = len(t["labels"])
@@ -120,7 +121,7 @@ class TargetQueryBuilder(nn.Module):
             flip = (torch.rand(B, K, device=device) < cfg.label_noise) & valid
             labels = torch.where(flip, torch.randint(0, self.num_classes, (B, K), device=device), labels)
         if n_gt and cfg.box_noise > 0:
-            wh = boxes[..., 2:].repeat(1, 1, 2) * torch.tensor([0.5, 0.5, 1.0, 1.0], device=device)
+            wh = boxes[..., 2:].repeat(1, 1, 2) * small_tensor([0.5, 0.5, 1.0, 1.0], device)
             jitter = (torch.rand(B, K, 4, device=device) * 2 - 1) * wh * cfg.box_noise
             boxes = torch.where(valid[..., None], boxes + jitter, boxes)
         group = torch.arange(G, device=device).repeat_interleave(n_gt)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clockdistill.ops.host import small_tensor
+
 
 class MLP(nn.Module):
     """Linear layers with ReLU between them (`layers.{i}` as in the reference implementations)."""
@@ -178,8 +180,8 @@ class Detector(nn.Module):
             memory=mem.memory,
             memory_pos=mem.pos,
             memory_padding_mask=mem.padding_mask,
-            spatial_shapes=torch.tensor(mem.spatial_shapes, dtype=torch.long, device=images.device),
-            level_start_index=torch.tensor(mem.level_start_index, dtype=torch.long, device=images.device),
+            spatial_shapes=small_tensor(mem.spatial_shapes, images.device, torch.long),
+            level_start_index=small_tensor(mem.level_start_index, images.device, torch.long),
         )
         if extra_queries is not None:
             out["extra"] = self.decode(mem, **extra_queries)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clockdistill.ops.host import small_tensor
+
 
 def deformable_sample(
     value: Tensor, spatial_shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor
@@ -108,7 +110,7 @@ class MSDeformAttn(nn.Module):
         dtype = sample_dtype(offsets, reference_points)
         offsets, reference_points = offsets.to(dtype), reference_points.to(dtype)
         if reference_points.shape[-1] == 2:
-            normaliser = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device)
+            normaliser = small_tensor([[w, h] for h, w in spatial_shapes], offsets.device, offsets.dtype)
             locations = reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
         else:
             # Offsets scaled by the box size: sampling spreads over the box (box refinement).

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from clockdistill.ops.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from clockdistill.ops.host import small_tensor
 
 
 @dataclass
@@ -41,6 +42,7 @@ class DenoisingQueries:
     attn_mask: Tensor  # (pad_size + num_queries,) * 2, bool, True = blocked
     groups: int
     max_gt: int
+    counts: tuple[int, ...] = ()  # GT boxes per image (host values: the loss's pairs without a host read)
 
     @property
     def pad_size(self) -> int:
@@ -140,9 +142,9 @@ def contrastive_denoising_queries(
     filled = labels >= 0
     content = torch.zeros(batch, pad, d, device=device, dtype=label_embedding.weight.dtype)
     reference = torch.zeros(batch, pad, 4, device=device)
-    if filled.any():
-        content[filled] = label_embedding(labels[filled])
-        reference[filled] = inverse_sigmoid(boxes[filled], eps=1e-3)  # DINO's eps
+    # every slot computed, the unfilled ones kept at 0 (no host read of which are filled)
+    content = torch.where(filled[..., None], label_embedding(labels.clamp(min=0)).to(content.dtype), content)
+    reference = torch.where(filled[..., None], inverse_sigmoid(boxes, eps=1e-3), reference)  # DINO's eps
     return DenoisingQueries(
         content=content,
         reference=reference,
@@ -153,6 +155,7 @@ def contrastive_denoising_queries(
         attn_mask=denoising_attention_mask(groups, max_gt, num_queries, device),
         groups=groups,
         max_gt=max_gt,
+        counts=tuple(counts),
     )
 
 
@@ -160,9 +163,15 @@ def denoising_indices(queries: DenoisingQueries) -> list[tuple[Tensor, Tensor]]:
     """Per image, (positive slot indices, the GT each reconstructs): the fixed pairs of the denoising
     loss, group by group (the reference's `dn_pos_idx`)."""
     out = []
+    device = queries.positive.device
     for b in range(queries.positive.shape[0]):
-        slots = torch.nonzero(queries.positive[b]).flatten()
-        out.append((slots, queries.gt_index[b, slots]))
+        if queries.counts:  # the positive slots are 2g * max_gt + j, j < the image's count: known on the host
+            n, step = queries.counts[b], 2 * queries.max_gt
+            slots = small_tensor([g * step + j for g in range(queries.groups) for j in range(n)], device, torch.long)
+            out.append((slots, small_tensor([j for _ in range(queries.groups) for j in range(n)], device, torch.long)))
+        else:
+            slots = torch.nonzero(queries.positive[b]).flatten()
+            out.append((slots, queries.gt_index[b, slots]))
     return out
 
 

@@ -53,6 +53,7 @@ from clockdistill.models.deformable_attention import MSDeformAttn, reset_deforma
 from clockdistill.models.denoising import ContrastiveDenoising
 from clockdistill.models.resnet import FrozenBatchNorm2d
 from clockdistill.ops.boxes import inverse_sigmoid
+from clockdistill.ops.host import small_tensor
 
 FOCAL_PRIOR = -math.log((1 - 0.01) / 0.01)
 INV_SIGMOID_EPS = 1e-5  # the reference's inverse_sigmoid
@@ -321,7 +322,7 @@ class MSDeformAttnV2(nn.Module):
         for (h, w), v, g in zip(spatial_shapes, values, grids):
             v = v.reshape(B * H, Dh, h, w)
             if self.method == "discrete":
-                cell = (g * torch.tensor([w, h], device=g.device) + 0.5).to(torch.int64)
+                cell = (g * small_tensor([w, h], g.device, g.dtype) + 0.5).to(torch.int64)
                 x, y = cell[..., 0].clamp(0, w - 1), cell[..., 1].clamp(0, h - 1)  # (B*H, Q, P)
                 rows = torch.arange(B * H, device=v.device)[:, None, None].expand_as(x)
                 sampled.append(v[rows, :, y, x].permute(0, 3, 1, 2))  # (B*H, Dh, Q, P)
@@ -407,7 +408,7 @@ def grid_anchors(shapes: list[tuple[int, int]], device, grid_size: float = 0.05)
             torch.arange(w, dtype=torch.float32, device=device),
             indexing="ij",
         )
-        xy = (torch.stack([gx, gy], -1) + 0.5) / torch.tensor([w, h], dtype=torch.float32, device=device)
+        xy = (torch.stack([gx, gy], -1) + 0.5) / small_tensor([w, h], device, torch.float32)
         wh = torch.ones_like(xy) * grid_size * (2.0**lvl)
         anchors.append(torch.cat([xy, wh], -1).reshape(-1, h * w, 4))
     a = torch.cat(anchors, 1)
