@@ -97,6 +97,10 @@ def test_kuberay_clusters_pin_ray_use_tokens_and_valid_pod_templates(name, spec)
         assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert "nvidia.com/gpu" in limits
+        env = {e["name"]: e["value"] for e in group["template"]["spec"]["containers"][0]["env"]}
+        # data-parallel trials talk over the pod network, and a failed collective raises
+        assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "eth0"
+        assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
     for template in _pod_templates(spec):
         kubernetes_validate.validate(
             {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template},
