@@ -1,7 +1,8 @@
 """Host reads in a training step (each one a host sync on a GPU; counted on the CPU by
 clockdistill/ops/host_reads.py): a distillation step of every family reads values back only where
-Hungarian matching needs them on the host, one copy of the costs per matched decoder layer, and
-where DINO's label noise draws its flips (the reference's order of draws). Before, the location
+Hungarian matching needs them on the host, one copy of all the costs of a criterion call, and where
+DINO's label noise draws its flips (the reference's order of draws). Before (tiny pairs, batch 4):
+13 to 23 reads per step; the criterion copied each decoder layer's costs on its own, the location
 masks read every image's size, the denoising queries which slots were filled and the loss's pairs
 from a mask, and vanilla KD / DETRDistill copied and checked each image's costs on their own."""
 
@@ -27,16 +28,17 @@ ALLOWED = {
 
 
 @pytest.mark.parametrize(
-    "preset,method",
-    [
-        ("hybrid-tiny-student", "clockdistill"),
-        ("dino-tiny-student", "clockdistill"),
-        ("rtdetr-tiny-student", "clockdistill"),
-        ("deformable-detr-tiny-student", "detrdistill"),
-        ("dab-detr-tiny-student", "vanilla_kd"),
+    "preset,method,ceiling",
+    [  # reads of device values per step: one copy of every matching cost of a criterion call (and of the
+        # matched-logit terms, DETRDistill's query prior), DINO / RT-DETR's label-flip draw
+        ("hybrid-tiny-student", "clockdistill", 1),
+        ("dino-tiny-student", "clockdistill", 2),
+        ("rtdetr-tiny-student", "clockdistill", 2),
+        ("deformable-detr-tiny-student", "detrdistill", 3),
+        ("dab-detr-tiny-student", "vanilla_kd", 2),
     ],
 )
-def test_a_distillation_step_reads_the_host_only_to_match(preset, method):
+def test_a_distillation_step_reads_the_host_only_to_match(preset, method, ceiling):
     torch.manual_seed(0)
     cfg = resolve_config({"model": {"preset": preset}, "distill": {"method": method}})
     teacher = build_detector(resolve_config({"model": {"preset": preset.replace("student", "teacher")}}).model, 3)
@@ -53,5 +55,8 @@ def test_a_distillation_step_reads_the_host_only_to_match(preset, method):
         sum(weights[k] * v for k, v in terms.items() if k in weights).backward()
     seen = {(where.split(":")[0], op) for where, op in (k.rsplit(" ", 1) for k in reads.by_source)}
     assert seen <= ALLOWED, dict(reads.by_source)
-    copies = sum(n for k, n in reads.by_source.items() if k.endswith(" cpu"))
-    assert copies <= 2 * (cfg.model.dec_layers + 2), dict(reads.by_source)  # one per matched layer set
+    host_copy = ("numpy", "_local_scalar_dense")  # the matchers' reads of their own host copy of the costs
+    device_reads = sum(
+        n for k, n in reads.by_source.items() if not (k.endswith(host_copy) and ("matcher" in k or "distiller" in k))
+    )
+    assert device_reads <= ceiling, dict(reads.by_source)

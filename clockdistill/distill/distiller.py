@@ -271,10 +271,10 @@ class Distiller:
         """Vanilla KD: each distilled student layer's queries matched one-to-one (Hungarian) to the
         teacher's predictions of the corresponding layer, then the same weighted KD terms."""
         layers_s = decoder_layers(out_s)
+        matched = _match([(layers_t[e_t], layers_s[e_s]) for e_s, e_t in self.pairs])
         pairs = []
-        for e_s, e_t in self.pairs:
+        for (e_s, e_t), (si, ti) in zip(self.pairs, matched):
             t, s = layers_t[e_t], layers_s[e_s]
-            si, ti = _match(t, s)
             keys = ("pred_logits", "pred_boxes")
             pairs.append(
                 (
@@ -292,8 +292,8 @@ class Distiller:
         predictions of the corresponding layer (the detection terms, with those fixed pairs)."""
         num_boxes = max(global_mean(float(sum(len(t["labels"]) for t in targets))), 1.0)
         terms = {}
-        for e_s, e_t in self.pairs:
-            indices = self.criterion.matcher(layers_t[e_t], targets)
+        matched = self.criterion.matcher.match_many([(layers_t[e_t], targets) for _, e_t in self.pairs])
+        for (e_s, _), indices in zip(self.pairs, matched):
             lt = self.criterion.layer_losses(prior_s[e_s], targets, num_boxes, indices)
             terms.update({f"kd_qp_{k[len('loss_') :]}_{e_s}": v for k, v in lt.items()})
         return terms
@@ -415,25 +415,32 @@ class Distiller:
 
 
 @torch.no_grad()
-def _match(t: dict[str, Tensor], s: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    """Per image, Hungarian matching of student queries to teacher predictions on class-probability
-    L1 + 5 * box L1 - 2 * GIoU. Returns student and teacher indices per image (min(Qs, Qt) each). The
-    batch's costs reach the host in one copy (a host read per image and a finiteness check on the
-    device drained a GPU's queue twice per image)."""
-    pt, ps = t["pred_logits"].float().sigmoid(), s["pred_logits"].float().sigmoid()
-    bt, bs = t["pred_boxes"].float(), s["pred_boxes"].float()
-    giou = torch.stack(
-        [generalized_box_iou(box_cxcywh_to_xyxy(bs[b]), box_cxcywh_to_xyxy(bt[b])) for b in range(pt.shape[0])]
-    )
-    cost = (torch.cdist(ps, pt, p=1) / pt.shape[-1] + 5 * torch.cdist(bs, bt, p=1) - 2 * giou).cpu()
-    if not torch.isfinite(cost).all():
+def _match(layers: list[tuple[dict[str, Tensor], dict[str, Tensor]]]) -> list[tuple[list[Tensor], list[Tensor]]]:
+    """For each (teacher, student) layer pair, per image, Hungarian matching of student queries to
+    teacher predictions on class-probability L1 + 5 * box L1 - 2 * GIoU: student and teacher indices per
+    image (min(Qs, Qt) each). Every pair's costs reach the host in one copy, checked there (a copy and
+    a device-side check per image drained a GPU's queue twice per image and layer)."""
+    costs = []
+    for t, s in layers:
+        pt, ps = t["pred_logits"].float().sigmoid(), s["pred_logits"].float().sigmoid()
+        bt, bs = t["pred_boxes"].float(), s["pred_boxes"].float()
+        giou = torch.stack(
+            [generalized_box_iou(box_cxcywh_to_xyxy(bs[b]), box_cxcywh_to_xyxy(bt[b])) for b in range(pt.shape[0])]
+        )
+        costs.append(torch.cdist(ps, pt, p=1) / pt.shape[-1] + 5 * torch.cdist(bs, bt, p=1) - 2 * giou)
+    host = torch.stack(costs).cpu() if costs else torch.empty(0)
+    if not torch.isfinite(host).all():
         raise TrainingDiverged("the student's predictions are not finite (NaN or inf): the model has diverged")
-    s_idx, t_idx = [], []
-    for block in cost.numpy():
-        si, ti = linear_sum_assignment(block)
-        s_idx.append(small_tensor(si, bs.device, torch.long))
-        t_idx.append(small_tensor(ti, bs.device, torch.long))
-    return s_idx, t_idx
+    device = layers[0][1]["pred_boxes"].device if layers else torch.device("cpu")
+    out = []
+    for layer in host.numpy():
+        s_idx, t_idx = [], []
+        for block in layer:
+            si, ti = linear_sum_assignment(block)
+            s_idx.append(small_tensor(si, device, torch.long))
+            t_idx.append(small_tensor(ti, device, torch.long))
+        out.append((s_idx, t_idx))
+    return out
 
 
 def _decode_args(q: Queries) -> dict[str, Tensor | None]:

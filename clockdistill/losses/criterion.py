@@ -16,6 +16,7 @@ from clockdistill.config.sections import LossConfig
 from clockdistill.distributed import global_mean
 from clockdistill.losses.matcher import HungarianMatcher
 from clockdistill.ops.boxes import box_cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou
+from clockdistill.ops.host import to_device_async
 
 TERMS = ("loss_cls", "loss_bbox", "loss_giou")
 
@@ -75,15 +76,23 @@ class SetCriterion(nn.Module):
         query indices, target indices), as for denoising queries. Unpaired queries are no-object."""
         logits = outputs["pred_logits"].float()  # (B, Q, C)
         boxes = outputs["pred_boxes"].float()  # (B, Q, 4)
+        device = logits.device
         if indices is None:
             indices = self.matcher(outputs, targets)
-        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
-        src_idx = torch.cat([src for src, _ in indices]).to(logits.device)
+        # the pairs as three index vectors, moved to the device in one asynchronous copy each when they
+        # are on the host (the matcher's); the targets indexed as one concatenation
+        offsets = [0]
+        for t in targets[:-1]:
+            offsets.append(offsets[-1] + len(t["labels"]))
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        src_idx = torch.cat([src for src, _ in indices])
+        tgt_idx = torch.cat([tgt + off for (_, tgt), off in zip(indices, offsets)])
+        batch_idx, src_idx, tgt_idx = (to_device_async(x, device) for x in (batch_idx, src_idx, tgt_idx))
         target_classes = torch.zeros_like(logits)
-        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
+        matched_labels = torch.cat([t["labels"] for t in targets]).to(device)[tgt_idx]
         target_classes[batch_idx, src_idx, matched_labels] = 1.0
         src_boxes = boxes[batch_idx, src_idx]
-        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device).float()
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device).float()[tgt_idx]
         src_xyxy, tgt_xyxy = box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)
         if self.cls_loss == "vfl":
             score = torch.zeros_like(logits)
@@ -115,20 +124,22 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         num_boxes = max(global_mean(float(sum(len(t["labels"]) for t in targets))), 1.0)  # DDP: the global mean count
-        losses = self.layer_losses(outputs, targets, num_boxes)
+        # every matched set of predictions: (suffix, outputs, targets); matched together (one host copy)
+        sets = [("", outputs, targets)]
         if self.aux_loss:
-            for i, aux in enumerate(outputs.get("aux_outputs", [])):
-                losses.update({f"{k}_{i}": v for k, v in self.layer_losses(aux, targets, num_boxes).items()})
+            sets += [(f"_{i}", aux, targets) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        if "enc_outputs" in outputs:  # two-stage proposals: class-agnostic, every object is class 0
+            agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            sets.append(("_enc", outputs["enc_outputs"], agnostic))
+        if "interm_outputs" in outputs:  # DINO's selected proposals: matched with their real labels
+            sets.append(("_interm", outputs["interm_outputs"], targets))
+        matched = self.matcher.match_many([(o, t) for _, o, t in sets])
+        losses = {}
+        for (suffix, o, t), indices in zip(sets, matched):
+            losses.update({f"{k}{suffix}": v for k, v in self.layer_losses(o, t, num_boxes, indices).items()})
         if "dn" in outputs:  # denoising queries: fixed pairs, normalised by the box count x groups
             dn = outputs["dn"]
             losses.update(self.denoising_losses(dn["outputs"], targets, dn["indices"], num_boxes * dn["groups"]))
-        if "enc_outputs" in outputs:  # two-stage proposals: class-agnostic, every object is class 0
-            agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            enc = self.layer_losses(outputs["enc_outputs"], agnostic, num_boxes)
-            losses.update({f"{k}_enc": v for k, v in enc.items()})
-        if "interm_outputs" in outputs:  # DINO's selected proposals: matched with their real labels
-            interm = self.layer_losses(outputs["interm_outputs"], targets, num_boxes)
-            losses.update({f"{k}_interm": v for k, v in interm.items()})
         return losses
 
 

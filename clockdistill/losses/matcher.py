@@ -35,11 +35,46 @@ class HungarianMatcher(nn.Module):
     def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
         """outputs: pred_logits (B, Q, C), pred_boxes (B, Q, 4) cxcywh; targets: per image labels (n,),
         boxes (n, 4) cxcywh. Returns per image (prediction indices, target indices), both (min(Q, n),)."""
-        B, Q = outputs["pred_logits"].shape[:2]
-        sizes = [len(t["labels"]) for t in targets]
+        return self.match_many([(outputs, targets)])[0]
+
+    @torch.no_grad()
+    def match_many(
+        self, problems: list[tuple[dict[str, Tensor], list[dict[str, Tensor]]]]
+    ) -> list[list[tuple[Tensor, Tensor]]]:
+        """`forward` for several (outputs, targets) at once (a criterion's decoder layers, proposals):
+        every cost matrix computed on the device, then one copy of them all to the host (on a GPU each
+        copy waits for the queue) and one finiteness check there; the assignments on the host."""
+        costs = [self._cost(outputs, targets) for outputs, targets in problems]
+        present = [c for c in costs if c is not None]
+        host = torch.cat([c.flatten() for c in present]).cpu().split([c.numel() for c in present]) if present else []
+        if present and not all(torch.isfinite(h).all() for h in host):
+            raise TrainingDiverged(
+                "the predictions are not finite (NaN or inf in the matching cost): the model has diverged"
+            )
+        blocks = iter(h.view(c.shape) for h, c in zip(host, present))
         empty = torch.empty(0, dtype=torch.int64)
-        if sum(sizes) == 0:
-            return [(empty, empty) for _ in sizes]
+        result = []
+        for cost, (_, targets) in zip(costs, problems):
+            sizes = [len(t["labels"]) for t in targets]
+            if cost is None:
+                result.append([(empty, empty) for _ in sizes])
+                continue
+            block = next(blocks)
+            per_image = []
+            for i, image in enumerate(block.split(sizes, -1)):
+                if sizes[i] == 0:
+                    per_image.append((empty, empty))
+                    continue
+                rows, cols = linear_sum_assignment(image[i].numpy())
+                per_image.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+            result.append(per_image)
+        return result
+
+    def _cost(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> Tensor | None:
+        """(B, Q, total targets) matching cost on the device, or None when the batch has no target."""
+        B, Q = outputs["pred_logits"].shape[:2]
+        if sum(len(t["labels"]) for t in targets) == 0:
+            return None
         logits = outputs["pred_logits"].flatten(0, 1)
         boxes = outputs["pred_boxes"].flatten(0, 1).float()
         tgt_labels = torch.cat([t["labels"] for t in targets])
@@ -49,16 +84,4 @@ class HungarianMatcher(nn.Module):
             + self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1)
             - self.cost_giou * generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
         )
-        cost = cost.view(B, Q, -1).cpu()
-        if not torch.isfinite(cost).all():
-            raise TrainingDiverged(
-                "the predictions are not finite (NaN or inf in the matching cost): the model has diverged"
-            )
-        result = []
-        for i, block in enumerate(cost.split(sizes, -1)):
-            if sizes[i] == 0:
-                result.append((empty, empty))
-                continue
-            rows, cols = linear_sum_assignment(block[i].numpy())
-            result.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
-        return result
+        return cost.view(B, Q, -1)

@@ -18,3 +18,10 @@ def small_tensor(values: Any, device: torch.device, dtype: torch.dtype | None = 
     if device.type == "cuda":
         return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
     return torch.tensor(values, dtype=dtype, device=device)
+
+
+def to_device_async(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor (e.g. matching indices) on `device`; on a GPU through pinned memory, asynchronously."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
