@@ -39,7 +39,7 @@ from typing import Any
 from clockdistill.config.dotted import parse_yaml, set_dotted
 from clockdistill.config.methods import METHODS
 from clockdistill.errors import UserError
-from sweeps.results.confirm import Confirmation, read_confirmation, setting_name
+from sweeps.results.confirm import Confirmation, read_confirmation, seed_grid_spec, setting_name
 from sweeps.tracking import schema as S
 from sweeps.tracking.reader import Sweep, Trial, find_sweep, open_client, rank, sweep_trials
 from sweeps.tune.spec import SpecError, SweepSpec, parse_spec, resolve_paths
@@ -110,20 +110,10 @@ def chosen_setting(sweep: Sweep, trials: list[Trial], method: str) -> tuple[Tria
 
 def confirmation_spec(base: dict[str, Any], settings: dict[str, dict[str, Any]], seeds: int, source: str) -> SweepSpec:
     """Every method's chosen setting on `seeds` new seeds, one grid, the full budget for each run."""
-    spec = json.loads(json.dumps(base))
-    first = int((spec.get("config") or {}).get("train", {}).get("seed", 0))
-    new_seeds = [first + 1 + i for i in range(seeds)]
-    spec.update(
-        name=f"{base['name']}-confirm{seeds}",
-        confirms=base["name"],
-        variants=settings,
-        search_space={S.VARIANT_KEY: {"grid": list(settings)}, SEED_KEY: {"grid": new_seeds}},
-        search={"algorithm": "grid", "seed": 0},
-        scheduler={"type": "none"},
-        num_samples=1,
-        baseline_trial=False,
-    )
-    return resolve_paths(parse_spec(json.loads(json.dumps(spec, default=str)), f"{source} (confirmation)"), source)
+    first = int((base.get("config") or {}).get("train", {}).get("seed", 0))
+    name = f"{base['name']}-confirm{seeds}"
+    spec = seed_grid_spec(base, name, base["name"], settings, first, seeds, f"{source} (confirmation)")
+    return resolve_paths(spec, source)
 
 
 def run_study(path: str | Path, out: str | Path | None = None, device: str = "auto", verbose: bool = False):

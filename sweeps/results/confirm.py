@@ -69,19 +69,31 @@ def confirmation_spec(sweep: Sweep, trials: list[Trial], top: int, seeds: int) -
     source = _setting(alone, keys) if alone is not None else dict(settings[setting_name(candidates[0])])
     settings[ALONE_SETTING] = {**source, "distill.method": S.BASELINE_METHOD, "distill.teacher_cache": "off"}
     first = int(candidates[0].params.get(SEED_KEY, 0))
-    new_seeds = [first + 1 + i for i in range(seeds)]
-    base.update(
-        name=confirmation_name(sweep.name, top, seeds),
-        confirms=sweep.name,
+    name = confirmation_name(sweep.name, top, seeds)
+    spec = seed_grid_spec(base, name, sweep.name, settings, first, seeds, f"confirmation of {sweep.name}")
+    return spec, {setting_name(t): t for t in candidates}
+
+
+def seed_grid_spec(
+    base: dict[str, Any], name: str, confirms: str, settings: dict[str, dict], first: int, seeds: int, source: str
+) -> SweepSpec:
+    """A confirmation stage's spec: `base` (a sweep spec as a dict) with `settings` as variants, seeds
+    first + 1 ... first + seeds as a grid over them, no scheduler (every run the full budget)."""
+    spec = json.loads(json.dumps(base, default=str))
+    spec.update(
+        name=name,
+        confirms=confirms,
         variants=settings,
-        search_space={S.VARIANT_KEY: {"grid": list(settings)}, SEED_KEY: {"grid": new_seeds}},
+        search_space={
+            S.VARIANT_KEY: {"grid": list(settings)},
+            SEED_KEY: {"grid": [first + 1 + i for i in range(seeds)]},
+        },
         search={"algorithm": "grid", "seed": 0},
         scheduler={"type": "none"},
         num_samples=1,
         baseline_trial=False,
     )
-    spec = parse_spec(json.loads(json.dumps(base, default=str)), f"confirmation of {sweep.name}")
-    return spec, {setting_name(t): t for t in candidates}
+    return parse_spec(json.loads(json.dumps(spec, default=str)), source)
 
 
 @dataclass
