@@ -196,6 +196,7 @@ def study_page(client, confirmation: Confirmation, tuned: dict, device) -> dict[
             "val": setting.val if setting else {},
         }
     page.update(
+        label="test AP",  # what the plot's per-seed values are (compare_methods' rows carry test figures)
         study=confirmation.sweep.spec.get("confirms"),
         stage=confirmation.sweep.name,
         seeds=confirmation.seeds,

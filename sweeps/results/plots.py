@@ -197,7 +197,7 @@ def method_comparison(study: dict[str, Any], path: Path) -> Path:
         left.scatter(values, [y] * len(values), color=colour, s=18, edgecolors="black", linewidths=0.4, zorder=3)
         left.text(max(values + [s["mean"]]), y, f"  mean {s['mean']:.3f}", va="center", fontsize=7)
     left.set_yticks(range(len(names)), names, fontsize=8)
-    left.set_xlabel(f"best {metric} per seed (bar: mean)")
+    left.set_xlabel(f"{study.get('label', 'best ' + metric)} per seed (bar: mean)")
     left.grid(axis="x", alpha=0.3)
     for offset, (key, label, colour) in enumerate(
         (("versus_alone", "vs the student alone", NO_KD), ("versus_best_baseline", "vs the best baseline", FINISHED))
