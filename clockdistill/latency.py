@@ -13,12 +13,8 @@ median of 20 forwards after 3 warm-ups.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import logging
-import os
 import platform
 import time
 from pathlib import Path
@@ -27,8 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from clockdistill.arrowcache import build_once, cache_root, content_key
+
 log = logging.getLogger(__name__)
-LATENCY_TABLE = "latency.json"
+LATENCY_TABLE = "latency"  # a folder of the node cache directory
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -75,37 +73,29 @@ def latency_key(cfg, device: torch.device) -> dict[str, Any]:
     return {"model": model, "size": cfg.data.max_size, "device": where, "precision": precision}
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def node_latency_ms(model: nn.Module, cfg, device: torch.device, why: str) -> tuple[float, bool]:
     """(latency in ms, whether it was measured now) of `model` built from config `cfg` on `device`, from
-    the node's table in the cache directory (data.cache_dir), measured and recorded when the table does
-    not hold this architecture, size, device and precision yet; `why` says in the table who measured it."""
-    from clockdistill.arrowcache import cache_root
-
+    the node's table in the cache directory (data.cache_dir: one file per architecture, size, device and
+    precision, built once under the cache's lock), measured when the table does not hold it yet; `why`
+    says in the entry who measured it."""
     key = latency_key(cfg, device)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    path = cache_root(cfg.data.cache_dir) / LATENCY_TABLE
-    with _locked(path):  # one measurement per architecture on the node, not one per trial that starts at once
-        table = json.loads(path.read_text()) if path.is_file() else {}
-        if digest in table:
-            return float(table[digest]["ms"]), False
+    path = cache_root(cfg.data.cache_dir) / LATENCY_TABLE / f"{content_key(key)}.json"
+
+    def measure(tmp: Path) -> None:
         ms = deployment_latency_ms(model, cfg.data.max_size, device, cfg.train.amp)
-        table[digest] = {"ms": ms, "measured": why, "at": time.strftime("%Y-%m-%d %H:%M:%S"), **key}
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1, default=str))
-        os.replace(tmp, path)
-    log.info(
-        "latency of %s at %d px on %s (%s): %.2f ms, measured %s",
-        cfg.model.arch, cfg.data.max_size, key["device"], key["precision"], ms, why,
-    )  # fmt: skip
-    return ms, True
+        tmp.write_text(json.dumps({"ms": ms, "measured": why, "at": time.strftime("%Y-%m-%d %H:%M:%S"), **key}))
+
+    measured = bool(build_once(path, measure))  # one measurement per architecture on the node
+    ms = float(json.loads(path.read_text())["ms"])
+    if measured:
+        log.info(
+            "latency of %s at %d px on %s (%s): %.2f ms, measured %s",
+            cfg.model.arch, cfg.data.max_size, key["device"], key["precision"], ms, why,
+        )  # fmt: skip
+    return ms, measured
+
+
+def latency_table(cache_dir: str | Path = "") -> dict[str, dict[str, Any]]:
+    """The node's latency entries (file stem -> ms, who measured it and when, and what it depends on)."""
+    folder = cache_root(str(cache_dir)) / LATENCY_TABLE
+    return {f.stem: json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))}

@@ -83,29 +83,29 @@ def load_study(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, An
     return base, methods, seeds
 
 
+def method_keys(method: str) -> dict[str, Any]:
+    """The config keys that make a run one of `method`'s (the student alone reads no teacher output)."""
+    return {"distill.method": method, **({} if METHODS[method].uses_teacher else {"distill.teacher_cache": "off"})}
+
+
 def method_spec(base: dict[str, Any], method: str, space: dict[str, Any], source: str) -> SweepSpec:
     """The tuning sweep of one method: the study's budget with the method's own search space."""
     spec = json.loads(json.dumps(base))
-    config = set_dotted(spec.get("config") or {}, "distill.method", method)
-    if not METHODS[method].uses_teacher:  # the student alone reads no teacher output
-        config = set_dotted(config, "distill.teacher_cache", "off")
+    config = spec.get("config") or {}
+    for key, value in method_keys(method).items():
+        config = set_dotted(config, key, value)
     spec.update(name=f"{base['name']}-{method}", config=config, search_space=space, baseline_trial=False)
     return parse_spec(spec, f"{source} (methods.{method})")
 
 
-def chosen_setting(sweep: Sweep, trials: list[Trial], method: str) -> tuple[Trial, dict[str, Any]]:
+def chosen_setting(sweep: Sweep, trials: list[Trial]) -> tuple[Trial, dict[str, Any]]:
     """The method sweep's best full-budget trial (validation objective) and its searched values."""
     metric, mode = sweep.objectives[0]
     ranked = rank([t for t in trials if t.finished], metric, mode)
     if not ranked:
         raise UserError(f"sweep {sweep.name}: no trial finished its full budget; launch the study again (it resumes)")
     best = ranked[0]
-    keys = [k for k in sweep.searched_keys if "." in k]
-    setting = {k: best.params[k] for k in keys if k in best.params}
-    setting["distill.method"] = method
-    if not METHODS[method].uses_teacher:
-        setting["distill.teacher_cache"] = "off"
-    return best, setting
+    return best, {k: best.params[k] for k in sweep.searched_keys if "." in k and k in best.params}
 
 
 def confirmation_spec(base: dict[str, Any], settings: dict[str, dict[str, Any]], seeds: int, source: str) -> SweepSpec:
@@ -135,13 +135,14 @@ def run_study(path: str | Path, out: str | Path | None = None, device: str = "au
         print(f"[{i}/{len(specs) + 1}] tuning {method}: sweep {spec.name}")
         run_spec(spec, verbose)
     client = open_client(first.mlflow.tracking_uri or None)
-    tuned: dict[str, tuple[Sweep, list[Trial], Trial]] = {}
+    tuned: dict[str, tuple[Sweep, list[Trial], Trial, dict[str, Any]]] = {}
     settings = {}
     for method, spec in specs.items():
         sweep = find_sweep(client, spec.name)
         trials = sweep_trials(client, sweep)
-        best, settings[method] = chosen_setting(sweep, trials, method)
-        tuned[method] = (sweep, trials, best)
+        best, searched = chosen_setting(sweep, trials)
+        tuned[method] = (sweep, trials, best, searched)
+        settings[method] = {**searched, **method_keys(method)}
     stage = confirmation_spec(base, settings, seeds, source)
     print(f"[{len(specs) + 1}/{len(specs) + 1}] confirming: {stage.name} ({len(settings)} settings x {seeds} seeds)")
     run_spec(stage, verbose)
@@ -177,7 +178,7 @@ def study_page(client, confirmation: Confirmation, tuned: dict, device) -> dict[
     annotations = test_annotations(confirmation.sweep.spec["data"])
     ground_truth = json.loads(annotations.read_text())
     curse, chosen = {}, {}
-    for method, (sweep, trials, best) in tuned.items():
+    for method, (sweep, trials, best, searched) in tuned.items():
         others = [t for t in trials if t.finished and t.run_id != best.run_id]
         other = random.Random(0).choice(others) if others else None
         curse[method] = {}
@@ -187,13 +188,13 @@ def study_page(client, confirmation: Confirmation, tuned: dict, device) -> dict[
             test = trial_test_metrics(client, trial, annotations, ground_truth, device)["AP"]
             val = trial.best(metric)
             curse[method][role] = {"trial": setting_name(trial), "val": val, "test": test, "gap": val - test}
-        setting = confirmation.settings.get(method)
+        setting = confirmation.settings[method]
         chosen[method] = {
             "sweep": sweep.name,
             "trial": setting_name(best),
-            "setting": {k: best.params.get(k) for k in sweep.searched_keys if "." in k},
-            "val_mean": setting.mean_val if setting else None,
-            "val": setting.val if setting else {},
+            "setting": searched,
+            "val_mean": setting.mean_val,
+            "val": setting.val,
         }
     page.update(
         label="test AP",  # what the plot's per-seed values are (compare_methods' rows carry test figures)

@@ -129,10 +129,11 @@ def test_denoising_pairs_and_losses_follow_the_reference():
         expected = [g * single_pad + i for g in range(q.groups) for i in range(n)]
         assert slots.tolist() == expected and gts.tolist() == list(range(n)) * q.groups
     # the pairs built from the host's box counts equal those read from the positive-slot mask
-    import dataclasses
-
-    from_mask = denoising_indices(dataclasses.replace(q, counts=()))
-    assert [(s.tolist(), g.tolist()) for s, g in pairs] == [(s.tolist(), g.tolist()) for s, g in from_mask]
+    from_mask = []
+    for b in range(len(targets)):
+        slots = torch.nonzero(q.positive[b]).flatten()
+        from_mask.append((slots.tolist(), q.gt_index[b, slots].tolist()))
+    assert [(s.tolist(), g.tolist()) for s, g in pairs] == from_mask
     # outputs that reconstruct every positive exactly and call everything else background
     B, pad = q.labels.shape
     logits = torch.full((B, pad, 4), -12.0)

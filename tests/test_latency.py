@@ -1,8 +1,6 @@
 """A sweep's latency objective: measured once per architecture, size, device and precision on a node,
 by the prebuild step before any trial starts, and read by every trial of that architecture."""
 
-import json
-
 import pytest
 
 from clockdistill import latency as L
@@ -34,7 +32,7 @@ def test_the_node_table_measures_each_architecture_once(tmp_path, monkeypatch):
     bigger = cfg.updated({"data.max_size": 96})  # another input size too
     L.node_latency_ms(model, bigger, cpu, "fourth")
     assert calls == [64, 64, 96]
-    table = json.loads((tmp_path / L.LATENCY_TABLE).read_text())
+    table = L.latency_table(tmp_path)
     assert sorted(e["measured"] for e in table.values()) == ["first", "fourth", "third"]
     assert {e["precision"] for e in table.values()} == {"fp32"}  # a CPU runs fp32 whatever train.amp says
 
@@ -57,7 +55,7 @@ def test_the_prebuild_measures_alone_and_trials_read_it(tmp_path, tiny_teacher, 
     )
     assert needs_node_caches(spec)
     built = _build(spec_to_json(spec))
-    table = json.loads((tmp_path / L.LATENCY_TABLE).read_text())
+    table = L.latency_table(tmp_path)
     assert [e["measured"] for e in table.values()] == ["before the sweep, alone"]
     with caplog.at_level("WARNING"):
         for weight in (0.5, 2.0):  # two trials of the same architecture

@@ -428,10 +428,10 @@ def _match(layers: list[tuple[dict[str, Tensor], dict[str, Tensor]]]) -> list[tu
             [generalized_box_iou(box_cxcywh_to_xyxy(bs[b]), box_cxcywh_to_xyxy(bt[b])) for b in range(pt.shape[0])]
         )
         costs.append(torch.cdist(ps, pt, p=1) / pt.shape[-1] + 5 * torch.cdist(bs, bt, p=1) - 2 * giou)
-    host = torch.stack(costs).cpu() if costs else torch.empty(0)
+    host = torch.stack(costs).cpu()  # self.pairs is never empty (checked when the distiller is built)
     if not torch.isfinite(host).all():
         raise TrainingDiverged("the student's predictions are not finite (NaN or inf): the model has diverged")
-    device = layers[0][1]["pred_boxes"].device if layers else torch.device("cpu")
+    device = layers[0][1]["pred_boxes"].device
     out = []
     for layer in host.numpy():
         s_idx, t_idx = [], []

@@ -46,12 +46,12 @@ class HungarianMatcher(nn.Module):
         copy waits for the queue) and one finiteness check there; the assignments on the host."""
         costs = [self._cost(outputs, targets) for outputs, targets in problems]
         present = [c for c in costs if c is not None]
-        host = torch.cat([c.flatten() for c in present]).cpu().split([c.numel() for c in present]) if present else []
-        if present and not all(torch.isfinite(h).all() for h in host):
+        flat = torch.cat([c.flatten() for c in present]).cpu() if present else torch.empty(0)
+        if not torch.isfinite(flat).all():
             raise TrainingDiverged(
                 "the predictions are not finite (NaN or inf in the matching cost): the model has diverged"
             )
-        blocks = iter(h.view(c.shape) for h, c in zip(host, present))
+        blocks = iter(h.view(c.shape) for h, c in zip(flat.split([c.numel() for c in present]), present))
         empty = torch.empty(0, dtype=torch.int64)
         result = []
         for cost, (_, targets) in zip(costs, problems):

@@ -42,7 +42,7 @@ class DenoisingQueries:
     attn_mask: Tensor  # (pad_size + num_queries,) * 2, bool, True = blocked
     groups: int
     max_gt: int
-    counts: tuple[int, ...] = ()  # GT boxes per image (host values: the loss's pairs without a host read)
+    counts: tuple[int, ...]  # GT boxes per image (host values: the loss's pairs without a host read)
 
     @property
     def pad_size(self) -> int:
@@ -117,7 +117,6 @@ def contrastive_denoising_queries(
     batch, max_gt = len(targets), max(counts, default=0)
     groups = denoising_groups(dn_number, max_gt)
     pad = 2 * groups * max_gt
-    d = label_embedding.embedding_dim
     labels = torch.full((batch, pad), -1, dtype=torch.long, device=device)
     boxes = torch.zeros(batch, pad, 4, device=device)
     gt_index = torch.full((batch, pad), -1, dtype=torch.long, device=device)
@@ -139,12 +138,10 @@ def contrastive_denoising_queries(
         boxes[image_r, slot] = noisy_boxes
         gt_index[image_r, slot] = local_r
         positive[image_r, slot] = ~negative
-    filled = labels >= 0
-    content = torch.zeros(batch, pad, d, device=device, dtype=label_embedding.weight.dtype)
-    reference = torch.zeros(batch, pad, 4, device=device)
-    # every slot computed, the unfilled ones kept at 0 (no host read of which are filled)
-    content = torch.where(filled[..., None], label_embedding(labels.clamp(min=0)).to(content.dtype), content)
-    reference = torch.where(filled[..., None], inverse_sigmoid(boxes, eps=1e-3), reference)  # DINO's eps
+    filled = (labels >= 0)[..., None]
+    # every slot computed, the unfilled ones 0 (no host read of which are filled)
+    content = torch.where(filled, label_embedding(labels.clamp(min=0)), 0.0)
+    reference = torch.where(filled, inverse_sigmoid(boxes, eps=1e-3), 0.0)  # DINO's eps
     return DenoisingQueries(
         content=content,
         reference=reference,
@@ -162,16 +159,12 @@ def contrastive_denoising_queries(
 def denoising_indices(queries: DenoisingQueries) -> list[tuple[Tensor, Tensor]]:
     """Per image, (positive slot indices, the GT each reconstructs): the fixed pairs of the denoising
     loss, group by group (the reference's `dn_pos_idx`)."""
-    out = []
-    device = queries.positive.device
-    for b in range(queries.positive.shape[0]):
-        if queries.counts:  # the positive slots are 2g * max_gt + j, j < the image's count: known on the host
-            n, step = queries.counts[b], 2 * queries.max_gt
-            slots = small_tensor([g * step + j for g in range(queries.groups) for j in range(n)], device, torch.long)
-            out.append((slots, small_tensor([j for _ in range(queries.groups) for j in range(n)], device, torch.long)))
-        else:
-            slots = torch.nonzero(queries.positive[b]).flatten()
-            out.append((slots, queries.gt_index[b, slots]))
+    out, device, step = [], queries.positive.device, 2 * queries.max_gt
+    for n in queries.counts:  # the positive slots are 2g * max_gt + j, j < the image's count: known on the host
+        slots = [g * step + j for g in range(queries.groups) for j in range(n)]
+        out.append(
+            (small_tensor(slots, device, torch.long), small_tensor(list(range(n)) * queries.groups, device, torch.long))
+        )
     return out
 
 

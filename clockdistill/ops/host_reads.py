@@ -15,6 +15,9 @@ import traceback
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+# reads in the matchers of their own host copy of the costs (after the one `.cpu()`): no device sync
+HOST_COPY_READS = ("numpy", "_local_scalar_dense")
+MATCHERS = ("losses/matcher.py", "distill/distiller.py")
 READ_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive", "unique_dim"}
 PYTHON_READS = ("cpu", "tolist", "numpy")
 
@@ -37,6 +40,16 @@ class HostReads(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.by_source.values())
+
+    @staticmethod
+    def of_host_copy(where: str) -> bool:
+        """Whether a 'file:line op' entry reads a matcher's host copy of its costs (no device sync)."""
+        return where.endswith(HOST_COPY_READS) and where.startswith(MATCHERS)
+
+    @property
+    def device_reads(self) -> int:
+        """The reads of device values: every entry but the matchers' reads of their host copy."""
+        return sum(n for where, n in self.by_source.items() if not self.of_host_copy(where))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name.split("::")[-1]

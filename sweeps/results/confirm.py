@@ -101,8 +101,12 @@ class Setting:
     name: str
     runs: dict[int, Trial] = field(default_factory=dict)  # seed -> its confirmation run
     val: dict[int, float] = field(default_factory=dict)  # seed -> best validation objective
-    test: dict[int, float] = field(default_factory=dict)  # seed -> test AP (filled by measure_test)
-    test_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> every test metric
+    test_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> test figures (measure_test)
+
+    @property
+    def test(self) -> dict[int, float]:
+        """seed -> test AP."""
+        return {seed: m["AP"] for seed, m in self.test_metrics.items()}
 
     @property
     def mean_val(self) -> float:
@@ -183,7 +187,6 @@ def measure_test(client, confirmation: Confirmation, device) -> bool:
     runs = [(s, seed, t) for s in confirmation.settings.values() for seed, t in s.runs.items()]
     for setting, seed, trial in runs:
         setting.test_metrics[seed] = trial_test_metrics(client, trial, annotations, ground_truth, device)
-        setting.test[seed] = setting.test_metrics[seed]["AP"]
     return True
 
 

@@ -21,17 +21,16 @@ from sweeps.tune.spec import SweepSpec, spec_from_json, spec_to_json
 log = logging.getLogger(__name__)
 
 
-def needs_latency(spec: SweepSpec) -> bool:
-    from clockdistill.metrics import LATENCY
-
-    return any(o.metric == LATENCY for o in spec.objective_list)
+def _wants_caches(cfg) -> bool:
+    return cfg.data.decoded_cache or cfg.distill.teacher_cache != "off"
 
 
 def needs_node_caches(spec: SweepSpec) -> bool:
     from sweeps.tune.trial import trial_config
 
-    cfg = trial_config(spec, {}, Path(tempfile.gettempdir()) / "clockdistill-prebuild")
-    return cfg.data.decoded_cache or cfg.distill.teacher_cache != "off" or needs_latency(spec)
+    return _wants_caches(trial_config(spec, {}, Path(tempfile.gettempdir()) / "clockdistill-prebuild")) or (
+        spec.needs_latency
+    )
 
 
 def _build(spec_json: str) -> dict:
@@ -47,10 +46,10 @@ def _build(spec_json: str) -> dict:
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     cfg = trial_config(spec, {}, Path(tempfile.gettempdir()) / "clockdistill-prebuild")
     done: dict = {}
-    if needs_latency(spec):  # first, while nothing else runs on the node
+    if spec.needs_latency:  # first, while nothing else runs on the node
         model = build_detector(cfg.model, cfg.model.num_classes)
         done["latency_ms"], _ = node_latency_ms(model, cfg, select_device(cfg.train.device), "before the sweep, alone")
-    if cfg.data.decoded_cache or cfg.distill.teacher_cache != "off":
+    if _wants_caches(cfg):
         done["teacher_cache"] = _build_caches(cfg)
     return {"seconds": time.perf_counter() - t0, **done}
 

@@ -49,6 +49,7 @@ from clockdistill.config.dotted import parse_yaml, set_dotted
 from clockdistill.config.layers import SECTIONS, resolve_config
 from clockdistill.config.sections import Config
 from clockdistill.errors import ConfigError, UserError
+from clockdistill.metrics import LATENCY
 from sweeps.tracking.schema import DEFAULT_OBJECTIVE, OBJECTIVE_METRICS, VARIANT_KEY
 
 
@@ -240,6 +241,11 @@ class SweepSpec(_Strict):
     @property
     def objective_list(self) -> list[Objective]:
         return list(self.objectives) if self.objectives else [self.objective or Objective()]
+
+    @property
+    def needs_latency(self) -> bool:
+        """Whether an objective is the student's latency (measured per node before the trials)."""
+        return any(o.metric == LATENCY for o in self.objective_list)
 
     @property
     def primary(self) -> Objective:

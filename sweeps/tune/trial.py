@@ -189,9 +189,9 @@ def run_trial(
     if checkpoint is not None:
         restore_checkpoint(checkpoint, work)
         log.info("trial %s resumes from %s", trial_name, checkpoint.path)
-    props = student_properties(cfg, any(o.metric == LATENCY for o in spec.objective_list))
+    props = student_properties(cfg, spec.needs_latency)
     reporter = EpochReporter(spec, props, started, send, trial_params(cfg, params.get(VARIANT_KEY)))
-    limit_gpu_memory(spec.resources.gpu if spec.resources.workers == 1 else 1.0)
+    limit_gpu_memory(spec.resources.gpu)  # a fractional share only without workers (spec validation)
     try:
         run_distillation(
             cfg,

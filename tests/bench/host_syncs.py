@@ -29,11 +29,6 @@ PAIRS = [
     ("deformable-detr-tiny-student", "detrdistill"),
     ("dab-detr-tiny-student", "vanilla_kd"),
 ]
-HOST_COPY = ("numpy", "_local_scalar_dense")  # in the matchers: reads of the cost's host copy
-
-
-def _host_copy(where: str) -> bool:
-    return where.endswith(HOST_COPY) and ("matcher" in where or "distiller" in where)
 
 
 def main() -> None:
@@ -57,10 +52,9 @@ def main() -> None:
         with HostReads() as reads:
             terms, weights = task.losses(images, mask, targets)
             sum(weights[k] * v for k, v in terms.items() if k in weights).backward()
-        device = sum(n for k, n in reads.by_source.items() if not _host_copy(k))
-        print(f"{preset} / {method}: {device} device reads per step ({reads.total} with host-copy reads)")
+        print(f"{preset} / {method}: {reads.device_reads} device reads per step ({reads.total} with host-copy reads)")
         for where, n in reads.by_source.most_common():
-            copy = " (host copy)" if _host_copy(where) else ""
+            copy = " (host copy)" if reads.of_host_copy(where) else ""
             print(f"  {n:4d}  {where}{copy}")
 
 
