@@ -14,6 +14,12 @@ Presets named after a paper detector are that detector as its reference implemen
                                                          x0.25 / x0.125, d 64, trainable BatchNorm), for
                                                          tests, the demo and CPU benchmarks
 
+Real-time DETRs, as their reference implementations build them:
+
+    rtdetr-r{18,34,50,101}, rtdetrv2-r{18,34,50,101}[-dsp]   RT-DETR, RT-DETRv2 (models/rtdetr.py)
+    dfine-{n,s,m,l,x}                                      D-FINE on HGNetV2 B0 / B0 / B2 / B4 / B5
+                                                           (models/dfine.py)
+
 `hybrid-*` are this project's own DETR (models/hybrid.py), which trains fast from scratch.
 `student_preset_for` gives the student a teacher preset is usually distilled into.
 """
@@ -156,10 +162,35 @@ for _size in ("teacher", "student"):
         _RTDETR, **{k: v for k, v in _TINY[_size].items() if k != "enc_layers"}, enc_layers=1, expansion=0.5,
         depth_mult=1 / 3, dn_number=12,
     )  # fmt: skip
+# D-FINE (Peterande/D-FINE, configs/dfine): HGNetV2 backbones (B0 / B2 with learnable affine blocks, their
+# BatchNorm trained; B4 / B5 frozen, the stem too), RT-DETR's encoder with D-FINE's blocks, 300 queries,
+# 100 denoising queries, decoder points [3, 6, 3] per level, 32 bins; N reads two levels (strides 16, 32)
+_DFINE = dict(
+    _RTDETR, arch="dfine", backbone_width=1.0, level_points=[3, 6, 3], reg_max=32, reg_scale=4.0, expansion=1.0,
+    depth_mult=1.0,
+)  # fmt: skip
+PRESETS["dfine-n"] = dict(
+    _DFINE, hgnet="B0", use_lab=True, num_levels=2, level_points=[6, 6], d_model=128, ffn_dim=512, encoder_ffn_dim=512,
+    expansion=0.34, depth_mult=0.5, dec_layers=3,
+)  # fmt: skip
+PRESETS["dfine-s"] = dict(_DFINE, hgnet="B0", use_lab=True, expansion=0.5, depth_mult=0.34, dec_layers=3)
+PRESETS["dfine-m"] = dict(_DFINE, hgnet="B2", use_lab=True, depth_mult=0.67, dec_layers=4)
+PRESETS["dfine-l"] = dict(_DFINE, hgnet="B4", backbone_norm="frozen", backbone_frozen_stages=1, dec_layers=6)
+PRESETS["dfine-x"] = dict(
+    _DFINE, hgnet="B5", backbone_norm="frozen", backbone_frozen_stages=1, encoder_dim=384, encoder_ffn_dim=2048,
+    dec_layers=6, reg_scale=8.0,
+)  # fmt: skip
+# tiny: B0 at the tiny sizes' width (1/4 teacher, 1/8 student) and decoder, one RepVGG block per CSP layer,
+# 4 points per level and a denoising budget of 12 queries per box of the batch's fullest image
+for _size in ("teacher", "student"):
+    PRESETS[f"dfine-tiny-{_size}"] = dict(
+        _DFINE, **{k: v for k, v in _TINY[_size].items() if k not in ("enc_layers", "backbone_depth")}, enc_layers=1,
+        hgnet="B0", use_lab=True, expansion=0.5, depth_mult=1 / 3, dn_number=12, level_points=[],
+    )  # fmt: skip
 # loss settings a preset brings (a config's own loss keys win): DINO's published class weight is 1; RT-DETR's
 # classification loss is varifocal at weight 1
 PRESET_LOSS: dict[str, dict[str, Any]] = {name: {"cls": 1.0} for name in PRESETS if name.startswith("dino-")}
-PRESET_LOSS.update({name: {"cls": 1.0, "cls_loss": "vfl"} for name in PRESETS if name.startswith("rtdetr")})
+PRESET_LOSS.update({name: {"cls": 1.0, "cls_loss": "vfl"} for name in PRESETS if name.startswith(("rtdetr", "dfine"))})
 
 _HYBRID = dict(arch="hybrid", backbone_norm="batch", backbone_frozen_stages=0, dilation=False, n_points=4)
 PRESETS["hybrid-teacher"] = dict(
@@ -185,6 +216,8 @@ for _name in PRESETS:
     for _big, _small in (("r101", "r50"), ("r50", "r18")):
         if f"-{_big}" in _name:
             _STUDENTS[_name] = _name.replace(f"-{_big}", f"-{_small}")
+for _big, _small in (("x", "l"), ("l", "m"), ("m", "s"), ("s", "n")):  # D-FINE: one size down
+    _STUDENTS[f"dfine-{_big}"] = f"dfine-{_small}"
 
 
 def preset_fields(name: str) -> dict[str, Any]:

@@ -102,11 +102,19 @@ class ModelConfig:
     level_points: list[int] = field(default_factory=list)
     offset_scale: float = 0.5
     cross_attn_method: str = "default"
+    # dfine: D-FINE (models/dfine.py) on HGNetV2 `hgnet` (B0-B6; backbone_width scales its channels), its
+    # learnable affine blocks (`use_lab`: the B0 / B1 sizes), and Fine-grained Distribution Refinement's
+    # reg_max + 1 bins per edge under a weighting function of curvature `reg_scale`; it shares RT-DETR's
+    # encoder_dim ... depth_mult and RT-DETRv2's level_points, offset_scale and cross_attn_method
+    hgnet: str = "B0"
+    use_lab: bool = False
+    reg_max: int = 32
+    reg_scale: float = 4.0
     frozen_bn: bool = False  # trainable BatchNorm uses and keeps its running statistics in training (students
     #                          initialised from a teacher, and data-parallel runs without SyncBatchNorm)
 
     def __post_init__(self):
-        _check_choice("model.arch", self.arch, ("deformable", "dab", "dino", "hybrid", "rtdetr"))
+        _check_choice("model.arch", self.arch, ("deformable", "dab", "dino", "hybrid", "rtdetr", "dfine"))
         _check_choice("model.backbone_depth", self.backbone_depth, (18, 34, 50, 101))
         _check_choice("model.backbone_norm", self.backbone_norm, ("frozen", "batch"))
         _check_choice("model.backbone_frozen_stages", self.backbone_frozen_stages, (0, 1))
@@ -124,9 +132,10 @@ class ModelConfig:
         _check_range("model.dn_box_noise", self.dn_box_noise, low=0.0)
         _check_range("model.dn_label_noise", self.dn_label_noise, low=0.0, high=1.0)
         _check_range("model.dn_labelbook", self.dn_labelbook, low=0)
-        if self.dn_number and self.arch not in ("dino", "rtdetr"):
+        if self.dn_number and self.arch not in ("dino", "rtdetr", "dfine"):
             raise ConfigError(
-                f"model.dn_number: denoising queries are DINO's and RT-DETR's (arch dino, rtdetr), not {self.arch}'s; "
+                f"model.dn_number: denoising queries are DINO's, RT-DETR's and D-FINE's (arch dino, rtdetr, dfine), "
+                f"not {self.arch}'s; "
                 "set 0"
             )
         self._check_rtdetr_fields()
@@ -161,7 +170,9 @@ class ModelConfig:
                 f"model.level_points: expected {self.num_levels} point counts >= 1 (one per level), "
                 f"got {list(self.level_points)}"
             )
-        if self.rtdetr_version == 1 and (self.level_points or self.cross_attn_method != "default"):
+        if self.arch == "dfine":
+            self._check_dfine_fields()
+        elif self.rtdetr_version == 1 and (self.level_points or self.cross_attn_method != "default"):
             raise ConfigError(
                 "model.level_points / cross_attn_method: RT-DETRv2's options (set model.rtdetr_version=2)"
             )
@@ -170,6 +181,15 @@ class ModelConfig:
             _check_range(f"model.{name}", getattr(self, name), low=0)
         _check_range("model.expansion", self.expansion, low=0.0625)
         _check_range("model.depth_mult", self.depth_mult, low=0.0)
+
+    def _check_dfine_fields(self) -> None:
+        from clockdistill.models.hgnetv2 import VARIANTS
+
+        _check_choice("model.hgnet", self.hgnet, tuple(VARIANTS))
+        _check_choice("model.num_levels", self.num_levels, (2, 3))  # HGNetV2 stages 2-3 (the N size) or 1-3
+        if self.reg_max < 4 or self.reg_max % 2:
+            raise ConfigError(f"model.reg_max: expected an even number of bins >= 4, got {self.reg_max}")
+        _check_range("model.reg_scale", self.reg_scale, low=1e-6)
 
 
 @dataclass(frozen=True)
@@ -185,6 +205,9 @@ class LossConfig:
     # query its box's IoU with the GT (RT-DETR; vfl_alpha weighs the negatives, focal_gamma their focus)
     cls_loss: str = "focal"
     vfl_alpha: float = 0.75
+    # D-FINE (arch dfine): fine-grained localisation and decoupled distillation focal terms (losses/fdr.py)
+    fgl: float = 0.15
+    ddf: float = 1.5
     match_cost_class: float = 2.0
     match_cost_bbox: float = 5.0
     match_cost_giou: float = 2.0

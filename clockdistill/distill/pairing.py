@@ -49,11 +49,14 @@ def check_memory_geometry(t, s) -> None:
 
 
 def memory_strides(m) -> list[int]:
-    """Input pixels per token of each memory level of a detector config: RT-DETR 8, 16, 32; DAB-DETR its
-    one level (32, or 16 dilated); the multi-scale families their backbone maps (C3-C5, from C2 with
-    backbone_levels 4, C5 at 16 when dilated), then one stride-2 level after another."""
+    """Input pixels per token of each memory level of a detector config: RT-DETR 8, 16, 32; D-FINE the
+    same, or 16, 32 (its N size's two levels); DAB-DETR its one level (32, or 16 dilated); the
+    multi-scale families their backbone maps (C3-C5, from C2 with backbone_levels 4, C5 at 16 when
+    dilated), then one stride-2 level after another."""
     if m.arch == "rtdetr":
         return [8, 16, 32][: m.num_levels]
+    if m.arch == "dfine":
+        return [8, 16, 32][3 - m.num_levels :]
     if m.arch == "dab":
         return [16 if m.dilation else 32]
     maps = ([4] if m.backbone_levels == 4 else []) + ([8, 16, 16] if m.dilation else [8, 16, 32])

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from clockdistill.distill.queries import TargetQueryBuilder
-from clockdistill.models.common import Memory, Queries, decoder_layers
+from clockdistill.models.common import Memory, Queries, decoder_layers, split_queries
 
 
 class StudentPass(nn.Module):
@@ -71,18 +71,15 @@ class StudentPass(nn.Module):
         attn_mask[:, Q:, Q:] = extra["self_attn_mask"]
         own_pos = own.position if own.position is not None else torch.zeros_like(content)
         position = torch.cat([own_pos, extra["position"].to(own_pos.dtype)], 1)
-        layers = decoder_layers(
-            self.student.decode(
-                mem_s,
-                torch.cat([content, extra["content"].to(content.dtype)], 1),
-                torch.cat([reference, extra["reference"].to(reference.dtype)], 1),
-                position,
-                attn_mask,
-            )
+        out = self.student.decode(
+            mem_s,
+            torch.cat([content, extra["content"].to(content.dtype)], 1),
+            torch.cat([reference, extra["reference"].to(reference.dtype)], 1),
+            position,
+            attn_mask,
         )
-        own_layers = [{k: v[:, :Q] for k, v in layer.items()} for layer in layers]
-        target = [{k: v[:, Q:] for k, v in layer.items()} for layer in layers]
-        return {**own_layers[-1], "aux_outputs": own_layers[:-1]}, target
+        own_out, target = split_queries(out, Q)
+        return own_out, decoder_layers(target)
 
 
 def target_queries(model: nn.Module, builder: TargetQueryBuilder, qs) -> dict[str, Tensor]:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from clockdistill.config.sections import LossConfig
 from clockdistill.distributed import global_mean
+from clockdistill.losses.fdr import LocalLosses, union_matching
 from clockdistill.losses.matcher import HungarianMatcher
 from clockdistill.ops.boxes import box_cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou
 from clockdistill.ops.host import to_device_async
@@ -70,30 +71,26 @@ class SetCriterion(nn.Module):
         targets: list[dict[str, Tensor]],
         num_boxes: float,
         indices: list[tuple[Tensor, Tensor]] | None = None,
+        box_pairs: tuple[tuple[Tensor, Tensor, Tensor], float] | None = None,
     ) -> dict[str, Tensor]:
         """The three terms for one decoder layer's predictions, each normalised by the box count;
         queries paired with targets by Hungarian matching, or by the given `indices` (per image:
-        query indices, target indices), as for denoising queries. Unpaired queries are no-object."""
+        query indices, target indices), as for denoising queries. Unpaired queries are no-object.
+        `box_pairs` ((batch, query, target) index vectors, their count): the box terms on these pairs
+        instead (D-FINE's union matching)."""
         logits = outputs["pred_logits"].float()  # (B, Q, C)
         boxes = outputs["pred_boxes"].float()  # (B, Q, 4)
         device = logits.device
         if indices is None:
             indices = self.matcher(outputs, targets)
-        # the pairs as three index vectors, moved to the device in one asynchronous copy each when they
-        # are on the host (the matcher's); the targets indexed as one concatenation
-        offsets = [0]
-        for t in targets[:-1]:
-            offsets.append(offsets[-1] + len(t["labels"]))
-        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-        src_idx = torch.cat([src for src, _ in indices])
-        tgt_idx = torch.cat([tgt + off for (_, tgt), off in zip(indices, offsets)])
-        batch_idx, src_idx, tgt_idx = (to_device_async(x, device) for x in (batch_idx, src_idx, tgt_idx))
+        batch_idx, src_idx, tgt_idx = pair_vectors(indices, targets, device)
         target_classes = torch.zeros_like(logits)
-        matched_labels = torch.cat([t["labels"] for t in targets]).to(device)[tgt_idx]
+        all_labels = torch.cat([t["labels"] for t in targets]).to(device)
+        all_boxes = torch.cat([t["boxes"] for t in targets]).to(device).float()
+        matched_labels = all_labels[tgt_idx]
         target_classes[batch_idx, src_idx, matched_labels] = 1.0
-        src_boxes = boxes[batch_idx, src_idx]
-        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device).float()[tgt_idx]
-        src_xyxy, tgt_xyxy = box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)
+        src_xyxy = box_cxcywh_to_xyxy(boxes[batch_idx, src_idx])
+        tgt_xyxy = box_cxcywh_to_xyxy(all_boxes[tgt_idx])
         if self.cls_loss == "vfl":
             score = torch.zeros_like(logits)
             score[batch_idx, src_idx, matched_labels] = elementwise_box_iou(src_xyxy, tgt_xyxy).detach()
@@ -101,9 +98,13 @@ class SetCriterion(nn.Module):
         else:
             cls = sigmoid_focal_loss(logits, target_classes, self.focal_alpha, self.focal_gamma)
         loss_cls = cls.sum() / num_boxes
-        loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
-        giou = elementwise_generalized_box_iou(src_xyxy, tgt_xyxy)
-        loss_giou = (1 - giou).sum() / num_boxes
+        box_num = num_boxes
+        if box_pairs is not None:
+            (batch_idx, src_idx, tgt_idx), box_num = box_pairs
+        src_boxes, tgt_boxes = boxes[batch_idx, src_idx], all_boxes[tgt_idx]
+        loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / box_num
+        giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes))
+        loss_giou = (1 - giou).sum() / box_num
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
     def denoising_losses(
@@ -112,14 +113,24 @@ class SetCriterion(nn.Module):
         targets: list[dict[str, Tensor]],
         indices: list[tuple[Tensor, Tensor]],
         num_boxes: float,
+        local: LocalLosses | None = None,
     ) -> dict[str, Tensor]:
         """`*_dn` (last layer) and `*_dn_<i>` (earlier layers) terms of the denoising queries' outputs:
-        positives reconstruct their GT, negatives and padding are no-object (DINO)."""
+        positives reconstruct their GT, negatives and padding are no-object (DINO); D-FINE's
+        localisation terms on them and its pre-box head's terms (`*_dn_pre`) with `local`."""
         losses = {f"{k}_dn": v for k, v in self.layer_losses(outputs, targets, num_boxes, indices).items()}
-        if self.aux_loss:
-            for i, aux in enumerate(outputs.get("aux_outputs", [])):
-                terms = self.layer_losses(aux, targets, num_boxes, indices)
-                losses.update({f"{k}_dn_{i}": v for k, v in terms.items()})
+        aux = outputs.get("aux_outputs", []) if self.aux_loss else []
+        for i, layer in enumerate(aux):
+            terms = self.layer_losses(layer, targets, num_boxes, indices)
+            losses.update({f"{k}_dn_{i}": v for k, v in terms.items()})
+        if local is not None:
+            if "pre_outputs" in outputs:
+                terms = self.layer_losses(outputs["pre_outputs"], targets, num_boxes, indices)
+                losses.update({f"{k}_dn_pre": v for k, v in terms.items()})
+            pairs = pair_vectors(indices, targets, outputs["pred_logits"].device)
+            groups = local.group([*aux, outputs], targets, pairs, num_boxes, denoising=True)
+            for suffix, terms in zip([*(f"_{i}" for i in range(len(aux))), ""], groups):
+                losses.update({f"{k}_dn{suffix}": v for k, v in terms.items()})
         return losses
 
     def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -133,32 +144,70 @@ class SetCriterion(nn.Module):
             sets.append(("_enc", outputs["enc_outputs"], agnostic))
         if "interm_outputs" in outputs:  # DINO's selected proposals: matched with their real labels
             sets.append(("_interm", outputs["interm_outputs"], targets))
+        local = None
+        if "pred_corners" in outputs:  # D-FINE: its pre-box head supervised, box terms on the union matching
+            local = LocalLosses(outputs["fdr_up"], outputs["fdr_reg_scale"], outputs["pred_corners"].shape[-1] // 4 - 1)
+            sets.append(("_pre", outputs["pre_outputs"], targets))
         matched = self.matcher.match_many([(o, t) for _, o, t in sets])
+        box_pairs = None
+        if local is not None:
+            union = union_matching(matched)
+            count = max(global_mean(float(sum(len(r) for r, _ in union))), 1.0)
+            box_pairs = (pair_vectors(union, targets, outputs["pred_logits"].device), count)
         losses = {}
         for (suffix, o, t), indices in zip(sets, matched):
-            losses.update({f"{k}{suffix}": v for k, v in self.layer_losses(o, t, num_boxes, indices).items()})
+            terms = self.layer_losses(o, t, num_boxes, indices, box_pairs)
+            losses.update({f"{k}{suffix}": v for k, v in terms.items()})
+        if local is not None:
+            aux = outputs.get("aux_outputs", []) if self.aux_loss else []
+            groups = local.group([*aux, outputs], targets, box_pairs[0], box_pairs[1], denoising=False)
+            for suffix, terms in zip([*(f"_{i}" for i in range(len(aux))), ""], groups):
+                losses.update({f"{k}{suffix}": v for k, v in terms.items()})
         if "dn" in outputs:  # denoising queries: fixed pairs, normalised by the box count x groups
             dn = outputs["dn"]
-            losses.update(self.denoising_losses(dn["outputs"], targets, dn["indices"], num_boxes * dn["groups"]))
+            losses.update(self.denoising_losses(dn["outputs"], targets, dn["indices"], num_boxes * dn["groups"], local))
         return losses
 
 
+def pair_vectors(indices: list[tuple[Tensor, Tensor]], targets: list[dict], device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image (query, target) pairs -> (batch, query, target-in-the-concatenation) index vectors on
+    `device`, moved in one asynchronous copy each when on the host (the matcher's)."""
+    offsets = [0]
+    for t in targets[:-1]:
+        offsets.append(offsets[-1] + len(t["labels"]))
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    src_idx = torch.cat([src for src, _ in indices])
+    tgt_idx = torch.cat([tgt + off for (_, tgt), off in zip(indices, offsets)])
+    return tuple(to_device_async(x, device) for x in (batch_idx, src_idx, tgt_idx))
+
+
 def detection_weights(
-    cfg: LossConfig, num_aux: int, proposals: bool = False, denoising: bool = False, interm: bool = False
+    cfg: LossConfig,
+    num_aux: int,
+    proposals: bool = False,
+    denoising: bool = False,
+    interm: bool = False,
+    fdr: bool = False,
 ) -> dict[str, float]:
     """Weight of every term the criterion returns: aux layers included, a two-stage Deformable DETR's
     proposal terms (`*_enc`) when `proposals`, denoising terms (`*_dn`, `*_dn_<i>`) when `denoising`,
-    DINO's selected proposals (`*_interm`) when `interm`."""
+    DINO's selected proposals (`*_interm`) when `interm`, D-FINE's FGL and DDF terms and its pre-box
+    head's (`*_pre`) when `fdr`."""
     base = {"loss_cls": cfg.cls, "loss_bbox": cfg.bbox, "loss_giou": cfg.giou}
-    weights = dict(base)
-    if cfg.aux_loss:
-        for i in range(num_aux):
-            weights.update({f"{k}_{i}": w for k, w in base.items()})
+    layer = {**base, "loss_fgl": cfg.fgl} if fdr else base
+    earlier = {**layer, "loss_ddf": cfg.ddf} if fdr else base
+    weights = dict(layer)
+    aux = range(num_aux) if cfg.aux_loss else ()
+    for i in aux:
+        weights.update({f"{k}_{i}": w for k, w in earlier.items()})
+    if fdr:
+        weights.update({f"{k}_pre": w for k, w in base.items()})
     if denoising:
-        weights.update({f"{k}_dn": w for k, w in base.items()})
-        if cfg.aux_loss:
-            for i in range(num_aux):
-                weights.update({f"{k}_dn_{i}": w for k, w in base.items()})
+        weights.update({f"{k}_dn": w for k, w in layer.items()})
+        for i in aux:
+            weights.update({f"{k}_dn_{i}": w for k, w in earlier.items()})
+        if fdr:
+            weights.update({f"{k}_dn_pre": w for k, w in base.items()})
     if proposals:
         weights.update({f"{k}_enc": w for k, w in base.items()})
     if interm:
@@ -168,13 +217,14 @@ def detection_weights(
 
 def model_detection_weights(cfg: LossConfig, model_cfg) -> dict[str, float]:
     """`detection_weights` for a detector's config."""
-    selects = model_cfg.arch in ("dino", "rtdetr")  # query selection supervised with the real labels, denoising
+    selects = model_cfg.arch in ("dino", "rtdetr", "dfine")  # query selection supervised with the real labels
     return detection_weights(
         cfg,
         model_cfg.dec_layers - 1,
         model_cfg.two_stage,
         denoising=selects and model_cfg.dn_number > 0,
         interm=selects,
+        fdr=model_cfg.arch == "dfine",
     )
 
 

@@ -10,11 +10,19 @@ from clockdistill.config.sections import ModelConfig
 from clockdistill.models.common import Detector
 from clockdistill.models.dab_detr import DABDETR
 from clockdistill.models.deformable_detr import DeformableDETR
+from clockdistill.models.dfine import DFINE
 from clockdistill.models.dino import DINO
 from clockdistill.models.hybrid import HybridDETR
 from clockdistill.models.rtdetr import RTDETR
 
-ARCHS = {"deformable": DeformableDETR, "dab": DABDETR, "dino": DINO, "hybrid": HybridDETR, "rtdetr": RTDETR}
+ARCHS = {
+    "deformable": DeformableDETR,
+    "dab": DABDETR,
+    "dino": DINO,
+    "hybrid": HybridDETR,
+    "rtdetr": RTDETR,
+    "dfine": DFINE,
+}
 
 
 def build_detector(cfg: ModelConfig, num_classes: int) -> Detector:

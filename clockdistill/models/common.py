@@ -188,7 +188,7 @@ class Detector(nn.Module):
         return out
 
 
-LAYER_KEYS = ("pred_logits", "pred_boxes", "hidden")
+LAYER_KEYS = ("pred_logits", "pred_boxes", "hidden", "pred_corners", "ref_points")  # (the last two: D-FINE's)
 
 
 def layer_outputs(logits: list[Tensor], boxes: list[Tensor], hidden: list[Tensor]) -> dict[str, Any]:
@@ -201,3 +201,18 @@ def layer_outputs(logits: list[Tensor], boxes: list[Tensor], hidden: list[Tensor
 def decoder_layers(out: dict[str, Any]) -> list[dict[str, Tensor]]:
     """A decode output's per-layer dicts, first to last."""
     return [*out["aux_outputs"], {k: out[k] for k in LAYER_KEYS if k in out}]
+
+
+def split_queries(out: dict[str, Any], n: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A decode output over two query sets, the first `n` queries then the rest -> a decode output of
+    each: per-layer keys and per-query side outputs (dict values: D-FINE's `pre_outputs`) cut along
+    the query axis, other keys (tensors not per query) in both."""
+    layers = decoder_layers(out)
+    parts = []
+    for cut in (slice(None, n), slice(n, None)):
+        own = [{k: v[:, cut] for k, v in layer.items()} for layer in layers]
+        part = {k: v for k, v in out.items() if k not in (*LAYER_KEYS, "aux_outputs")}
+        part.update({k: {kk: vv[:, cut] for kk, vv in v.items()} for k, v in part.items() if isinstance(v, dict)})
+        part.update(own[-1], aux_outputs=own[:-1])
+        parts.append(part)
+    return parts[0], parts[1]

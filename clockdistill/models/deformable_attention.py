@@ -69,10 +69,10 @@ def reset_deformable_attention(m: nn.Module, n_heads: int, points: list[int]) ->
         m.sampling_offsets.bias.copy_(grid.flatten())
     nn.init.constant_(m.attention_weights.weight, 0.0)
     nn.init.constant_(m.attention_weights.bias, 0.0)
-    nn.init.xavier_uniform_(m.value_proj.weight)
-    nn.init.constant_(m.value_proj.bias, 0.0)
-    nn.init.xavier_uniform_(m.output_proj.weight)
-    nn.init.constant_(m.output_proj.bias, 0.0)
+    for proj in (getattr(m, "value_proj", None), getattr(m, "output_proj", None)):  # (D-FINE's has neither)
+        if proj is not None:
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.constant_(proj.bias, 0.0)
 
 
 class MSDeformAttn(nn.Module):

@@ -205,19 +205,10 @@ class ContrastiveDenoising:
     def split_denoising(self, out: dict, dn: DenoisingQueries | None) -> dict:
         """The decode output of denoising + matching queries -> the matching queries' output, with
         the denoising queries' under `dn` ({outputs, indices, groups}) for the criterion."""
-        from clockdistill.models.common import LAYER_KEYS, decoder_layers
+        from clockdistill.models.common import split_queries
 
         if dn is None:
             return out
-        P = dn.pad_size
-        layers = decoder_layers(out)
-        own = [{k: v[:, P:] for k, v in layer.items()} for layer in layers]
-        noised = [{k: v[:, :P] for k, v in layer.items()} for layer in layers]
-        result = {k: v for k, v in out.items() if k not in (*LAYER_KEYS, "aux_outputs")}
-        result.update(own[-1], aux_outputs=own[:-1])
-        result["dn"] = {
-            "outputs": {**noised[-1], "aux_outputs": noised[:-1]},
-            "indices": denoising_indices(dn),
-            "groups": dn.groups,
-        }
+        noised, result = split_queries(out, dn.pad_size)
+        result["dn"] = {"outputs": noised, "indices": denoising_indices(dn), "groups": dn.groups}
         return result

@@ -24,10 +24,12 @@ def activation(name: str | None) -> nn.Module:
 class ConvNormLayer(nn.Module):
     """conv (no bias) + BatchNorm + activation: `conv`, `norm` as the reference names them."""
 
-    def __init__(self, ch_in: int, ch_out: int, kernel: int, stride: int, act: str | None = None, padding=None):
+    def __init__(
+        self, ch_in: int, ch_out: int, kernel: int, stride: int, act: str | None = None, padding=None, groups=1
+    ):
         super().__init__()
         pad = (kernel - 1) // 2 if padding is None else padding
-        self.conv = nn.Conv2d(ch_in, ch_out, kernel, stride, padding=pad, bias=False)
+        self.conv = nn.Conv2d(ch_in, ch_out, kernel, stride, padding=pad, groups=groups, bias=False)
         self.norm = nn.BatchNorm2d(ch_out)
         self.act = activation(act)
 

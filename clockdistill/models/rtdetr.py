@@ -116,19 +116,34 @@ def sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0, device=Non
 
 
 class HybridEncoder(nn.Module):
+    """RT-DETR's hybrid encoder; D-FINE's (models/dfine.py) overrides the four block factories."""
+
     def __init__(self, in_channels: list[int], d: int, nheads: int, ffn: int, dropout: float, layers: int, cfg):
         super().__init__()
-        act, depth = "silu", round(3 * cfg.depth_mult)
         self.d, self.num_layers = d, layers
-        self.input_proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, d, kernel_size=1, bias=False), nn.BatchNorm2d(d)) for c in in_channels
-        )
+        self.input_proj = nn.ModuleList(self.input_projection(c, d) for c in in_channels)
         self.encoder = nn.ModuleList([LayerStack(AIFILayer(d, nheads, ffn, dropout) for _ in range(layers))])
         n = len(in_channels)
-        self.lateral_convs = nn.ModuleList(ConvNormLayer(d, d, 1, 1, act=act) for _ in range(n - 1))
-        self.fpn_blocks = nn.ModuleList(CSPRepLayer(2 * d, d, depth, cfg.expansion, act) for _ in range(n - 1))
-        self.downsample_convs = nn.ModuleList(ConvNormLayer(d, d, 3, 2, act=act) for _ in range(n - 1))
-        self.pan_blocks = nn.ModuleList(CSPRepLayer(2 * d, d, depth, cfg.expansion, act) for _ in range(n - 1))
+        self.lateral_convs = nn.ModuleList(self.lateral(d) for _ in range(n - 1))
+        self.fpn_blocks = nn.ModuleList(self.fusion(d, cfg) for _ in range(n - 1))
+        self.downsample_convs = nn.ModuleList(self.downsample(d) for _ in range(n - 1))
+        self.pan_blocks = nn.ModuleList(self.fusion(d, cfg) for _ in range(n - 1))
+
+    @staticmethod
+    def input_projection(c: int, d: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(c, d, kernel_size=1, bias=False), nn.BatchNorm2d(d))
+
+    @staticmethod
+    def lateral(d: int) -> nn.Module:
+        return ConvNormLayer(d, d, 1, 1, act="silu")
+
+    @staticmethod
+    def fusion(d: int, cfg) -> nn.Module:
+        return CSPRepLayer(2 * d, d, round(3 * cfg.depth_mult), cfg.expansion, "silu")
+
+    @staticmethod
+    def downsample(d: int) -> nn.Module:
+        return ConvNormLayer(d, d, 3, 2, act="silu")
 
     def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Backbone maps -> (the fused maps, the projected maps the encoder started from)."""
@@ -162,16 +177,20 @@ class MSDeformAttnV2(nn.Module):
     """RT-DETRv2's deformable cross-attention (rtdetrv2_decoder.py): `points` sampling points per level
     (one count each, or a list), offsets scaled by 1 / points x the box size x `offset_scale`, and
     `method` discrete: the value at the nearest cell instead of bilinear sampling (the offsets then take
-    no gradient, as the reference's). Names as the reference's, `num_points_scale` included."""
+    no gradient, as the reference's). Names as the reference's, `num_points_scale` included.
+    `projections` off: no value and output projections (D-FINE's decoder samples the memory itself)."""
 
-    def __init__(self, d: int, n_levels: int, n_heads: int, points: list[int], method: str, offset_scale: float):
+    def __init__(
+        self, d: int, n_levels: int, n_heads: int, points: list[int], method: str, offset_scale: float, projections=True
+    ):
         super().__init__()
         self.d_model, self.n_heads, self.points = d, n_heads, list(points)
-        self.method, self.offset_scale = method, offset_scale
+        self.method, self.offset_scale, self.projections = method, offset_scale, projections
         total = sum(self.points)
         self.sampling_offsets = nn.Linear(d, n_heads * total * 2)
         self.attention_weights = nn.Linear(d, n_heads * total)
-        self.value_proj, self.output_proj = nn.Linear(d, d), nn.Linear(d, d)
+        if projections:
+            self.value_proj, self.output_proj = nn.Linear(d, d), nn.Linear(d, d)
         scale = [1 / n for n in self.points for _ in range(n)]
         self.register_buffer("num_points_scale", torch.tensor(scale, dtype=torch.float32))
         self._reset_parameters()
@@ -186,7 +205,7 @@ class MSDeformAttnV2(nn.Module):
         """query (B, Q, D); boxes (B, Q, 4) cxcywh in [0, 1]; value_input (B, N, D). Returns (B, Q, D)."""
         B, Q, _ = query.shape
         H, T, Dh = self.n_heads, sum(self.points), self.d_model // self.n_heads
-        value = self.value_proj(value_input).view(B, -1, H, Dh)
+        value = (self.value_proj(value_input) if self.projections else value_input).view(B, -1, H, Dh)
         offsets = self.sampling_offsets(query).view(B, Q, H, T, 2)
         weights = self.attention_weights(query).view(B, Q, H, T).softmax(-1)
         dtype = sample_dtype(value, offsets, boxes)  # locations and sampling in fp32 at least (see deformable_sample)
@@ -208,7 +227,8 @@ class MSDeformAttnV2(nn.Module):
                 sampled.append(F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
         attn = weights.permute(0, 2, 1, 3).reshape(B * H, 1, Q, T)
         out = (torch.cat(sampled, -1) * attn).sum(-1).view(B, H * Dh, Q).transpose(1, 2)
-        return self.output_proj(out.to(value_input.dtype))
+        out = out.to(value_input.dtype)
+        return self.output_proj(out) if self.projections else out
 
 
 class DecoderLayer(nn.Module):

@@ -85,9 +85,13 @@ def from_hf_config(config: dict[str, Any], source: str) -> tuple[str, dict[str, 
                 offset_scale=float(config.get("decoder_offset_scale", 0.5)),
                 cross_attn_method=config.get("decoder_method", "default"),
             )
+    elif kind == "d_fine":
+        return "dfine", _hf_dfine(config, source)
     else:
         raise _fail(
-            source, f"model_type {kind!r} is not understood (expected deformable_detr, dab-detr, rt_detr or rt_detr_v2)"
+            source,
+            f"model_type {kind!r} is not understood "
+            "(expected deformable_detr, dab-detr, rt_detr, rt_detr_v2 or d_fine)",
         )
     fields.update(_hf_backbone(config, source))
     return fields["arch"], fields
@@ -140,6 +144,109 @@ def _hf_rtdetr(config: dict[str, Any], source: str) -> dict[str, Any]:
         dn_label_noise=float(config.get("label_noise_ratio", 0.5)),
         dn_box_noise=float(config.get("box_noise_scale", 1.0)),
     )
+
+
+# transformers' DFineConfig values this import builds as the reference's published models have them
+_DFINE_FIXED = (
+    ("positional_encoding_temperature", 10000),
+    ("encoder_activation_function", "gelu"),
+    ("activation_function", "silu"),
+    ("decoder_activation_function", "relu"),
+    ("normalize_before", False),
+    ("learn_initial_query", False),
+    ("with_box_refine", True),
+    ("layer_scale", 1),
+    ("top_prob_values", 4),
+    ("lqe_hidden_dim", 64),
+    ("lqe_layers", 2),
+)
+
+
+def _hf_dfine(config: dict[str, Any], source: str) -> dict[str, Any]:
+    for key, want in _DFINE_FIXED:
+        if config.get(key, want) != want:
+            raise _fail(source, f"{key} is {config.get(key)!r}; the D-FINE reference (and this import) uses {want!r}")
+    layers = config["decoder_layers"]
+    if config.get("eval_idx", -1) not in (-1, layers - 1):
+        raise _fail(source, f"eval_idx is {config.get('eval_idx')}; this import builds the last layer's (-1)")
+    levels = config.get("num_feature_levels", 3)
+    strides = [8, 16, 32][3 - levels :] if levels in (2, 3) else None
+    if strides is None or list(config.get("feat_strides", strides)) != strides:
+        raise _fail(source, f"feat_strides {config.get('feat_strides')}: expected [8, 16, 32] or [16, 32] (N)")
+    if list(config.get("encode_proj_layers", [levels - 1])) != [levels - 1]:
+        raise _fail(source, f"encode_proj_layers is {config.get('encode_proj_layers')}; AIFI runs on the last level")
+    if config.get("encoder_attention_heads") != config.get("decoder_attention_heads"):
+        raise _fail(source, "encoder_attention_heads and decoder_attention_heads differ; this import uses one count")
+    enc_dim = config["encoder_hidden_dim"]
+    if list(config.get("decoder_in_channels", [enc_dim] * levels)) != [enc_dim] * levels:
+        raise _fail(source, f"decoder_in_channels {config.get('decoder_in_channels')} are not the encoder's {enc_dim}")
+    points = config.get("decoder_n_points", 4)
+    points = list(points) if isinstance(points, (list, tuple)) else [int(points)] * levels
+    return dict(
+        arch="dfine",
+        d_model=config["d_model"],
+        nheads=config["decoder_attention_heads"],
+        enc_layers=config.get("encoder_layers", 1),
+        dec_layers=layers,
+        ffn_dim=config["decoder_ffn_dim"],
+        encoder_dim=enc_dim,
+        encoder_ffn_dim=config["encoder_ffn_dim"],
+        expansion=float(config.get("hidden_expansion", 1.0)),
+        depth_mult=float(config.get("depth_mult", 1.0)),
+        dropout=float(config.get("dropout", 0.0)),
+        num_queries=config["num_queries"],
+        num_levels=levels,
+        level_points=points,
+        offset_scale=float(config.get("decoder_offset_scale", 0.5)),
+        cross_attn_method=config.get("decoder_method", "default"),
+        reg_max=int(config.get("max_num_bins", 32)),
+        reg_scale=float(config.get("reg_scale", 4.0)),
+        dn_number=config.get("num_denoising", 100),
+        dn_label_noise=float(config.get("label_noise_ratio", 0.5)),
+        dn_box_noise=float(config.get("box_noise_scale", 1.0)),
+        **_hf_hgnet(config.get("backbone_config") or {}, levels, source),
+    )
+
+
+def _hf_hgnet(bb: dict[str, Any], levels: int, source: str) -> dict[str, Any]:
+    """HGNetV2 name and width of a transformers HGNetV2Config: its stem and stage lists must be one of
+    the reference's variants at one width (nothing else is built)."""
+    from clockdistill.models.hgnetv2 import VARIANTS, variant
+
+    if bb.get("model_type", "hgnet_v2") != "hgnet_v2":
+        raise _fail(source, f"backbone {bb.get('model_type')!r} is not understood (D-FINE: hgnet_v2)")
+    for key, want in (("hidden_act", "relu"), ("stem_strides", [2, 1, 1, 2, 1]), ("stage_downsample_strides", [2] * 4)):
+        value = bb.get(key, want)
+        if (list(value) if isinstance(value, (list, tuple)) else value) != want:
+            raise _fail(source, f"backbone_config.{key} is {value!r}; HGNetV2 uses {want!r}")
+    stem = list(bb.get("stem_channels", []))
+    got = [tuple(bb.get(k, [])) for k in ("stage_in_channels", "stage_mid_channels", "stage_out_channels")]
+    layout = [
+        tuple(bb.get(k, []))
+        for k in (
+            "stage_num_blocks",
+            "stage_downsample",
+            "stage_light_block",
+            "stage_kernel_size",
+            "stage_numb_of_layers",
+        )
+    ]
+    for name in VARIANTS:
+        width = stem[2] / VARIANTS[name][0][1] if len(stem) == 3 else 0
+        (mid, out), stages = variant(name, width) if width > 0 else ((0, 0), [])
+        if (
+            [3, mid, out] == stem
+            and got == [tuple(s[i] for s in stages) for i in range(3)]
+            and layout == [tuple(s[i] for s in stages) for i in range(3, 8)]
+        ):
+            break
+    else:
+        raise _fail(source, "backbone_config: an HGNetV2 that is none of B0-B6 at one width")
+    outs = list(bb.get("out_features") or [])
+    want = ["stage2", "stage3", "stage4"][3 - levels :]
+    if outs != want:
+        raise _fail(source, f"backbone_config.out_features is {outs}; {levels} levels read {want}")
+    return dict(hgnet=name, backbone_width=width, use_lab=bool(bb.get("use_learnable_affine_block", False)))
 
 
 def _hf_backbone(config: dict[str, Any], source: str) -> dict[str, Any]:

@@ -71,6 +71,9 @@ def _preset_for(fields: dict[str, Any]) -> str:
     if fields["arch"] == "rtdetr":
         family = "rtdetrv2" if fields.get("rtdetr_version") == 2 else "rtdetr"
         return f"{family}-r{depth}" if f"{family}-r{depth}" in PRESETS else f"{family}-r50"
+    if fields["arch"] == "dfine":  # by the backbone: B0 N (two levels) or S, B2 M, B4 L, B5 X
+        size = {"B0": "n" if fields.get("num_levels") == 2 else "s", "B2": "m", "B4": "l", "B5": "x"}
+        return f"dfine-{size.get(fields.get('hgnet', 'B4'), 'l')}"
     if fields["arch"] == "dab":
         name = f"dab-detr-r{depth}{'-dc5' if fields.get('dilation') else ''}"
     else:
@@ -101,8 +104,8 @@ def import_checkpoint(
     else:
         given = apply_overrides({}, overrides).get("model") or {}
         arch, fields = from_tensors(state, source, given if isinstance(given, dict) else {})
-    if arch == "rtdetr":  # the published R18 / R34 train their backbone's BatchNorm, R50 / R101 freeze it
-        preset = PRESETS.get(f"rtdetr-r{fields.get('backbone_depth', 50)}", {})
+    if arch in ("rtdetr", "dfine"):  # R18 / R34 and D-FINE N-M train their backbone's BatchNorm, the rest freeze it
+        preset = PRESETS.get(_preset_for(fields), {})
         fields.setdefault("backbone_norm", preset.get("backbone_norm", "frozen"))
         fields.setdefault("backbone_frozen_stages", preset.get("backbone_frozen_stages", 1))
         fields["backbone_weights"] = ""

@@ -3,10 +3,11 @@
     original      fundamentalvision/Deformable-DETR and IDEA-Research/DAB-DETR `.pth` files: the
                   model's state dict under `model` (and the training arguments under `args`)
     huggingface   a `save_pretrained` directory of transformers' DeformableDetrForObjectDetection,
-                  DabDetrForObjectDetection or RTDetrForObjectDetection (config.json +
-                  model.safetensors): the published SenseTime/deformable-detr*, IDEA-Research/dab-detr-*
-                  and PekingU/rtdetr_r*vd* checkpoints; the backbone in timm's (torchvision) names or
-                  Hugging Face's ResNet names (RT-DETR: its ResNet-vd port, renamed to PResNet's)
+                  DabDetrForObjectDetection, RTDetr(V2)ForObjectDetection or DFineForObjectDetection
+                  (config.json + model.safetensors): the published SenseTime/deformable-detr*,
+                  IDEA-Research/dab-detr-*, PekingU/rtdetr_* and ustc-community/dfine-* checkpoints; the
+                  backbone in timm's (torchvision) names or Hugging Face's ResNet names (RT-DETR: its
+                  ResNet-vd port, renamed to PResNet's; D-FINE: its HGNetV2 port, renamed to HGNetv2's)
 
 Our parameter names follow the original repositories' (without `transformer.` and
 `backbone.0.body.`), so the original layout renames by prefix; Hugging Face's port renamed most
@@ -109,6 +110,51 @@ _HF_RTDETR = [  # transformers' RTDetrForObjectDetection (after "model.", as sav
     (r"^(denoising_class_embed|enc_output|enc_score_head|enc_bbox_head)\.", r"decoder.\1."),
 ]
 
+_FUSE = r"^encoder\.(fpn_blocks|pan_blocks)\.(\d+)\."
+_HF_DFINE = [  # transformers' DFineForObjectDetection (after "model.") -> the reference's
+    (r"^encoder_input_proj\.(\d+)\.0\.", r"encoder.input_proj.\1.conv."),
+    (r"^encoder_input_proj\.(\d+)\.1\.", r"encoder.input_proj.\1.norm."),
+    (_ENC + r"self_attn\.(?:o|out)_proj\.", r"encoder.encoder.\1.layers.\2.self_attn.out_proj."),
+    (_ENC + r"self_attn\.([qkv])_proj\.", r"encoder.encoder.\1.layers.\2.self_attn.\3_proj."),
+    (_ENC + r"self_attn_layer_norm\.", r"encoder.encoder.\1.layers.\2.norm1."),
+    (_ENC + r"(?:mlp\.layers\.0|fc1)\.", r"encoder.encoder.\1.layers.\2.linear1."),
+    (_ENC + r"(?:mlp\.layers\.1|fc2)\.", r"encoder.encoder.\1.layers.\2.linear2."),
+    (_ENC + r"final_layer_norm\.", r"encoder.encoder.\1.layers.\2.norm2."),
+    (r"^encoder\.lateral_convs\.", "encoder.lateral_convs."),
+    (_FUSE + r"conv1\.", r"encoder.\1.\2.cv1."),
+    (_FUSE + r"csp_rep1\.", r"encoder.\1.\2.cv2.0."),
+    (_FUSE + r"conv2\.", r"encoder.\1.\2.cv2.1."),
+    (_FUSE + r"csp_rep2\.", r"encoder.\1.\2.cv3.0."),
+    (_FUSE + r"conv3\.", r"encoder.\1.\2.cv3.1."),
+    (_FUSE + r"conv4\.", r"encoder.\1.\2.cv4."),
+    (r"^encoder\.downsample_convs\.(\d+)\.conv([12])\.", r"encoder.downsample_convs.\1.0.cv\2."),
+    (r"^decoder_input_proj\.(\d+)\.0\.", r"decoder.input_proj.\1.conv."),
+    (r"^decoder_input_proj\.(\d+)\.1\.", r"decoder.input_proj.\1.norm."),
+    (_DEC + r"self_attn\.(?:o|out)_proj\.", r"decoder.decoder.layers.\1.self_attn.out_proj."),
+    (_DEC + r"self_attn\.([qkv])_proj\.", r"decoder.decoder.layers.\1.self_attn.\2_proj."),
+    (_DEC + r"self_attn_layer_norm\.", r"decoder.decoder.layers.\1.norm1."),
+    (_DEC + r"encoder_attn\.", r"decoder.decoder.layers.\1.cross_attn."),
+    (_DEC + r"gateway\.", r"decoder.decoder.layers.\1.gateway."),
+    (_DEC + r"(?:mlp\.layers\.0|fc1)\.", r"decoder.decoder.layers.\1.linear1."),
+    (_DEC + r"(?:mlp\.layers\.1|fc2)\.", r"decoder.decoder.layers.\1.linear2."),
+    (_DEC + r"final_layer_norm\.", r"decoder.decoder.layers.\1.norm3."),
+    (r"^decoder\.lqe_layers\.", "decoder.decoder.lqe_layers."),
+    (r"^decoder\.(query_pos_head|pre_bbox_head)\.", r"decoder.\1."),
+    (r"^decoder\.(up|reg_scale)$", r"decoder.\1"),
+    (r"^decoder\.class_embed\.", "decoder.dec_score_head."),
+    (r"^decoder\.bbox_embed\.", "decoder.dec_bbox_head."),
+    (r"^enc_output\.0\.", "decoder.enc_output.proj."),
+    (r"^enc_output\.1\.", "decoder.enc_output.norm."),
+    (r"^(denoising_class_embed|enc_score_head|enc_bbox_head)\.", r"decoder.\1."),
+]
+
+
+def _hf_hgnet_name(rest: str) -> str:
+    """transformers' HGNetV2Backbone (after "model.backbone.model.") -> the reference's HGNetv2."""
+    name = re.sub(r"^embedder\.", "stem.", re.sub(r"^encoder\.stages\.", "stages.", rest))
+    return "backbone." + name.replace(".convolution.", ".conv.").replace(".normalization.", ".bn.")
+
+
 _HF_PRESNET = [  # transformers' RTDetrResNet (after "model.backbone.model.") -> the reference's PResNet
     (r"^embedder\.embedder\.0\.", "conv1.conv1_1."),
     (r"^embedder\.embedder\.1\.", "conv1.conv1_2."),
@@ -164,7 +210,7 @@ def rename(state: dict[str, Tensor], layout: str, arch: str, shared_heads: bool,
     out: dict[str, Tensor] = {}
     origin: dict[str, str] = {}
     unknown: list[str] = []
-    rules = {"deformable": _HF_DEFORMABLE, "rtdetr": _HF_RTDETR}.get(arch, _HF_DAB)  # (RT-DETRv2: rtdetr too)
+    rules = {"deformable": _HF_DEFORMABLE, "rtdetr": _HF_RTDETR, "dfine": _HF_DFINE}.get(arch, _HF_DAB)  # (v2: rtdetr)
     for key, value in state.items():
         if key.endswith("num_batches_tracked"):
             continue
@@ -180,8 +226,9 @@ def rename(state: dict[str, Tensor], layout: str, arch: str, shared_heads: bool,
 
 
 def _our_name(key: str, layout: str, rules: list[tuple[str, str]]) -> str | None:
-    if layout == "huggingface" and key.startswith("model.backbone.model."):  # RT-DETR's ResNet-vd
-        return _hf_presnet_name(key[len("model.backbone.model.") :])
+    if layout == "huggingface" and key.startswith("model.backbone.model."):  # RT-DETR's ResNet-vd, D-FINE's HGNetV2
+        rest = key[len("model.backbone.model.") :]
+        return _hf_hgnet_name(rest) if rules is _HF_DFINE else _hf_presnet_name(rest)
     if key.startswith(("backbone.", "model.backbone.")):
         return _backbone_name(key)
     if layout == "original":
@@ -189,7 +236,9 @@ def _our_name(key: str, layout: str, rules: list[tuple[str, str]]) -> str | None
         if re.match(r"decoder\.(bbox_embed|class_embed)\.", name):
             name = "decoder_copy." + name[len("decoder.") :]
         return name
-    if rules is _HF_RTDETR and key.startswith(("class_embed.", "bbox_embed.")):  # ties of the decoder's heads
+    if rules in (_HF_RTDETR, _HF_DFINE) and key.startswith(
+        ("class_embed.", "bbox_embed.")
+    ):  # the decoder's heads' ties
         head = "dec_score_head." if key.startswith("class_embed.") else "dec_bbox_head."
         return "decoder_copy.decoder." + head + key.split(".", 1)[1]
     if key.startswith(("class_embed.", "bbox_embed.", "bbox_predictor.")):
