@@ -23,47 +23,13 @@ transformers = pytest.importorskip("transformers", reason="the oracle is transfo
 
 def _oracle(levels: int, lab: bool, method: str):
     """A tiny transformers DFine: HGNetV2 B0 at 1/4 width, `levels` memory levels (3: S-M-L-X, 2: N)."""
-    from transformers import DFineConfig, DFineForObjectDetection, HGNetV2Config
+    from transformers import DFineForObjectDetection
 
-    (mid, out), stages = variant("B0", 0.25)
-    column = lambda i: [s[i] for s in stages]  # noqa: E731
-    backbone = HGNetV2Config(
-        stem_channels=[3, mid, out],
-        stage_in_channels=column(0),
-        stage_mid_channels=column(1),
-        stage_out_channels=column(2),
-        stage_num_blocks=column(3),
-        stage_downsample=column(4),
-        stage_light_block=column(5),
-        stage_kernel_size=column(6),
-        stage_numb_of_layers=column(7),
-        hidden_sizes=column(2),
-        depths=column(3),
-        use_learnable_affine_block=lab,
-        out_features=["stage2", "stage3", "stage4"][3 - levels :],
-    )
-    cfg = DFineConfig(
-        backbone_config=backbone,
-        encoder_hidden_dim=32,
-        encoder_in_channels=column(2)[4 - levels :],
-        feat_strides=[8, 16, 32][3 - levels :],
-        num_feature_levels=levels,
-        encode_proj_layers=[levels - 1],
-        decoder_in_channels=[32] * levels,
-        encoder_ffn_dim=48,
-        encoder_attention_heads=4,
-        hidden_expansion=0.5,
-        depth_mult=0.34,
-        d_model=32,
-        decoder_ffn_dim=64,
-        decoder_attention_heads=4,
-        decoder_layers=3,
-        decoder_n_points=[3, 6, 3][:levels],
-        decoder_method=method,
-        num_queries=20,
-        num_denoising=10,
-        num_labels=3,
-    )
+    tiny = dict(hgnet="B0", backbone_width=0.25, use_lab=lab, num_levels=levels, level_points=[3, 6, 3][:levels])
+    tiny.update(d_model=32, ffn_dim=64, encoder_ffn_dim=48, nheads=4, dec_layers=3, num_queries=20, dn_number=10)
+    m = resolve_config({"model": {"preset": "dfine-s", **tiny, "expansion": 0.5, "depth_mult": 0.34}}).model
+    cfg = _hf_config(m, 3)
+    cfg.decoder_method = method
     torch.manual_seed(0)
     model = DFineForObjectDetection(cfg).eval()
     with torch.no_grad():
@@ -123,14 +89,72 @@ def test_dfine_matches_transformers_after_import(levels, lab, method, tmp_path):
         torch.testing.assert_close(layer["ref_points"], theirs.initial_reference_points[:, i], atol=1e-4, rtol=0)
 
 
+def _hf_config(m, num_labels: int):
+    """transformers' DFineConfig of one of our D-FINE model configs (its HGNetV2 from our variant table)."""
+    from transformers import DFineConfig, HGNetV2Config
+
+    (mid, out), stages = variant(m.hgnet, m.backbone_width)
+    column = lambda i: [s[i] for s in stages]  # noqa: E731
+    levels, enc = m.num_levels, m.encoder_dim or m.d_model
+    backbone = HGNetV2Config(
+        stem_channels=[3, mid, out],
+        stage_in_channels=column(0),
+        stage_mid_channels=column(1),
+        stage_out_channels=column(2),
+        stage_num_blocks=column(3),
+        stage_downsample=column(4),
+        stage_light_block=column(5),
+        stage_kernel_size=column(6),
+        stage_numb_of_layers=column(7),
+        hidden_sizes=column(2),
+        depths=column(3),
+        use_learnable_affine_block=m.use_lab,
+        out_features=["stage2", "stage3", "stage4"][3 - levels :],
+    )
+    return DFineConfig(
+        backbone_config=backbone,
+        encoder_hidden_dim=enc,
+        encoder_in_channels=column(2)[4 - levels :],
+        feat_strides=[8, 16, 32][3 - levels :],
+        num_feature_levels=levels,
+        encode_proj_layers=[levels - 1],
+        decoder_in_channels=[enc] * levels,
+        encoder_ffn_dim=m.encoder_ffn_dim or m.ffn_dim,
+        encoder_attention_heads=m.nheads,
+        hidden_expansion=m.expansion,
+        depth_mult=m.depth_mult,
+        d_model=m.d_model,
+        decoder_ffn_dim=m.ffn_dim,
+        decoder_attention_heads=m.nheads,
+        decoder_layers=m.dec_layers,
+        decoder_n_points=list(m.level_points) or [m.n_points] * levels,
+        num_queries=m.num_queries,
+        num_denoising=m.dn_number,
+        num_labels=num_labels,
+        reg_scale=m.reg_scale,
+    )
+
+
 def test_presets_have_the_published_sizes():
-    """Parameter counts of the published D-FINE models (80 classes): N 4M, S 10M, M 19M, L 31M, X 62M
-    (measured: 3.78, 10.32, 19.59, 31.24, 62.62)."""
+    """Every published size holds exactly as many weights as transformers' port builds from the same
+    settings (BatchNorm statistics aside), and about the published parameter counts (80 classes): N 4M,
+    S 10M, M 19M, L 31M, X 62M (measured: 3.78, 10.32, 19.59, 31.24, 62.62)."""
+    from transformers import DFineForObjectDetection
+
     published = {"dfine-n": 4e6, "dfine-s": 10e6, "dfine-m": 19e6, "dfine-l": 31e6, "dfine-x": 62e6}
+    counted = lambda state: sum(v.numel() for k, v in state.items() if not k.endswith(_STATS))  # noqa: E731
     for preset, count in published.items():
-        model = build_detector(resolve_config({"model": {"preset": preset}}).model, 80)
+        cfg = resolve_config({"model": {"preset": preset}}).model
+        model = build_detector(cfg, 80)
         n = sum(p.numel() for p in model.parameters())
         assert abs(n - count) / count < 0.06, (preset, n)
+        theirs = DFineForObjectDetection(_hf_config(cfg, 80)).state_dict()  # (its heads' tied copies left out)
+        assert counted(model.state_dict()) == counted(
+            {k: v for k, v in theirs.items() if not k.startswith(("class_embed", "bbox_embed"))}
+        ), preset
+
+
+_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def test_edge_targets_invert_the_box_decoding():
