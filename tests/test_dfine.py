@@ -269,3 +269,42 @@ def test_the_dfine_student_exports_to_torchscript_and_onnx(tmp_path):
         assert max_abs_difference((eager["pred_logits"], eager["pred_boxes"]), tuple(scripted(*example))) < 1e-5
     if onnx_available():
         assert to_onnx(model, example, tmp_path / "student.onnx") < 1e-4
+
+
+def test_an_original_dfine_checkpoint_imports(tmp_path):
+    """A checkpoint of Peterande/D-FINE's trainer ({"ema": {"module": state}}) under the reference's names,
+    whose key/shape manifest the parity benchmark recorded from the reference's own model
+    (tests/bench/parity_dfine.py), imports with every size read off the tensors, the query count and
+    sampling method asked for in one line, and gives our model's outputs exactly."""
+    import json
+    from pathlib import Path
+
+    from clockdistill.errors import UserError
+
+    manifest = json.loads((Path(__file__).parent / "data" / "dfine_reference_keys.json").read_text())
+    cfg = resolve_config({"model": {"preset": manifest["preset"], **manifest["model"]}})
+    torch.manual_seed(0)
+    ours = build_detector(cfg.model, 3).eval()
+    with torch.no_grad():
+        for name, t in ours.state_dict().items():
+            if t.is_floating_point() and not name.endswith(("num_points_scale", "decoder.up", "reg_scale")):
+                t.add_(torch.randn_like(t) * 0.05)
+    state = dict(ours.state_dict())
+    state.update({f"decoder.decoder.{k}": state[f"decoder.{k}"].clone() for k in ("up", "reg_scale")})
+    assert {k: list(v.shape) for k, v in state.items()} == manifest["keys"]
+    state.update({"decoder.anchors": torch.zeros(1, 8400, 4), "decoder.valid_mask": torch.ones(1, 8400, 1)})
+    torch.save({"ema": {"module": state, "updates": 100}, "last_epoch": 3}, tmp_path / "dfine.pth")
+    with pytest.raises(UserError, match=r"model\.num_queries, model\.cross_attn_method; give them with --set"):
+        import_checkpoint(tmp_path / "dfine.pth", tmp_path / "refused")
+    sets = ["model.num_queries=20", "model.cross_attn_method=default"]
+    meta = import_checkpoint(tmp_path / "dfine.pth", tmp_path / "ck", overrides=sets)
+    m = meta["config"]["model"]
+    want = dict(hgnet="B0", backbone_width=1.0, use_lab=True, num_levels=3, level_points=[3, 6, 3], nheads=4)
+    want.update(d_model=64, ffn_dim=128, encoder_ffn_dim=128, dec_layers=3, reg_max=32, reg_scale=4.0)
+    assert {k: m[k] for k in want} == want and m["preset"] == "dfine-s"
+    loaded, _ = load_detector(tmp_path / "ck")
+    loaded.eval()
+    images, mask = torch.randn(2, 3, 128, 128), torch.zeros(2, 128, 128, dtype=torch.bool)
+    with torch.no_grad():
+        a, b = ours(images, mask), loaded(images, mask)
+    assert torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["pred_boxes"], b["pred_boxes"])

@@ -211,7 +211,6 @@ def _hf_dfine(config: dict[str, Any], source: str) -> dict[str, Any]:
 def _hf_hgnet(bb: dict[str, Any], levels: int, source: str) -> dict[str, Any]:
     """HGNetV2 name and width of a transformers HGNetV2Config: its stem and stage lists must be one of
     the reference's variants at one width (nothing else is built)."""
-    from clockdistill.models.hgnetv2 import VARIANTS, variant
 
     if bb.get("model_type", "hgnet_v2") != "hgnet_v2":
         raise _fail(source, f"backbone {bb.get('model_type')!r} is not understood (D-FINE: hgnet_v2)")
@@ -219,11 +218,12 @@ def _hf_hgnet(bb: dict[str, Any], levels: int, source: str) -> dict[str, Any]:
         value = bb.get(key, want)
         if (list(value) if isinstance(value, (list, tuple)) else value) != want:
             raise _fail(source, f"backbone_config.{key} is {value!r}; HGNetV2 uses {want!r}")
-    stem = list(bb.get("stem_channels", []))
-    got = [tuple(bb.get(k, [])) for k in ("stage_in_channels", "stage_mid_channels", "stage_out_channels")]
-    layout = [
+    stages = [
         tuple(bb.get(k, []))
         for k in (
+            "stage_in_channels",
+            "stage_mid_channels",
+            "stage_out_channels",
             "stage_num_blocks",
             "stage_downsample",
             "stage_light_block",
@@ -231,22 +231,98 @@ def _hf_hgnet(bb: dict[str, Any], levels: int, source: str) -> dict[str, Any]:
             "stage_numb_of_layers",
         )
     ]
-    for name in VARIANTS:
-        width = stem[2] / VARIANTS[name][0][1] if len(stem) == 3 else 0
-        (mid, out), stages = variant(name, width) if width > 0 else ((0, 0), [])
-        if (
-            [3, mid, out] == stem
-            and got == [tuple(s[i] for s in stages) for i in range(3)]
-            and layout == [tuple(s[i] for s in stages) for i in range(3, 8)]
-        ):
-            break
-    else:
-        raise _fail(source, "backbone_config: an HGNetV2 that is none of B0-B6 at one width")
+    name, width = _match_hgnet(list(bb.get("stem_channels", [])), [tuple(s) for s in zip(*stages)], source)
     outs = list(bb.get("out_features") or [])
     want = ["stage2", "stage3", "stage4"][3 - levels :]
     if outs != want:
         raise _fail(source, f"backbone_config.out_features is {outs}; {levels} levels read {want}")
     return dict(hgnet=name, backbone_width=width, use_lab=bool(bb.get("use_learnable_affine_block", False)))
+
+
+def _match_hgnet(stem: list[int], stages: list[tuple], source: str) -> tuple[str, float]:
+    """(variant, width) of an HGNetV2 given as its stem channels [3, mid, out] and per stage (in, mid,
+    out, blocks, downsample, light, kernel, layers): one of the reference's variants at one width, or
+    a refusal (nothing else is built)."""
+    from clockdistill.models.hgnetv2 import VARIANTS, variant
+
+    for name, ((_, out), _) in VARIANTS.items():
+        width = stem[2] / out if len(stem) == 3 else 0.0
+        if width > 0 and ([3, *variant(name, width)[0]], variant(name, width)[1]) == (stem, stages):
+            return name, width
+    raise _fail(source, "the backbone is an HGNetV2 that is none of B0-B6 at one width")
+
+
+def dfine_from_tensors(state: dict[str, Tensor], source: str, given: dict[str, Any]) -> dict[str, Any]:
+    """A D-FINE of Peterande/D-FINE's layout read off its names and shapes: every size but what no
+    tensor holds, the query count and the sampling method (`given`, or one line naming them); training
+    settings (denoising, BatchNorm) keep the preset's."""
+    keys = set(state)
+
+    def count(pattern: str) -> int:
+        return len({m.group(1) for k in keys if (m := re.match(pattern, k))})
+
+    def shape(key: str, dim: int = 0) -> int:
+        return state[key].shape[dim]
+
+    stem = [3, shape("backbone.stem.stem1.conv.weight"), shape("backbone.stem.stem4.conv.weight")]
+    stages = []
+    for i in range(count(r"backbone\.stages\.(\d+)\.")):
+        first = f"backbone.stages.{i}.blocks.0"
+        light = f"{first}.layers.0.conv1.conv.weight" in keys
+        conv = f"{first}.layers.0.conv2.conv.weight" if light else f"{first}.layers.0.conv.weight"
+        stages.append(
+            (
+                shape(f"{first}.layers.0.conv1.conv.weight", 1) if light else shape(conv, 1),
+                shape(conv),
+                shape(f"{first}.aggregation.1.conv.weight"),
+                count(rf"backbone\.stages\.{i}\.blocks\.(\d+)\."),
+                f"backbone.stages.{i}.downsample.conv.weight" in keys,
+                light,
+                state[conv].shape[-1],
+                count(rf"backbone\.stages\.{i}\.blocks\.0\.layers\.(\d+)\."),
+            )
+        )
+    name, width = _match_hgnet(stem, stages, source)
+    levels = count(r"encoder\.input_proj\.(\d+)\.")
+    scale = state["decoder.decoder.layers.0.cross_attn.num_points_scale"].tolist()
+    points = []
+    while scale:  # 1 / n, n times, per level
+        n = round(1 / scale[0])
+        points.append(n)
+        scale = scale[n:]
+    d = shape("decoder.enc_output.proj.weight")
+    enc = shape("encoder.input_proj.0.conv.weight")
+    c4, blocks = (
+        shape("encoder.fpn_blocks.0.cv2.1.conv.weight"),
+        count(r"encoder\.fpn_blocks\.0\.cv2\.0\.bottlenecks\.(\d+)\."),
+    )
+    fields = dict(
+        arch="dfine",
+        hgnet=name,
+        backbone_width=width,
+        use_lab="backbone.stem.stem1.lab.scale" in keys,
+        num_levels=levels,
+        encoder_dim=enc,
+        encoder_ffn_dim=shape("encoder.encoder.0.layers.0.linear1.weight"),
+        enc_layers=count(r"encoder\.encoder\.0\.layers\.(\d+)\."),
+        expansion=(2 * c4 + 1) / enc,  # round(expansion x width // 2) = c4
+        depth_mult=blocks / 3,  # round(3 x depth_mult) = blocks
+        d_model=d,
+        ffn_dim=shape("decoder.decoder.layers.0.linear1.weight"),
+        dec_layers=count(r"decoder\.decoder\.layers\.(\d+)\."),
+        level_points=points,
+        nheads=shape("decoder.decoder.layers.0.cross_attn.attention_weights.weight") // sum(points),
+        reg_max=shape("decoder.dec_bbox_head.0.layers.2.weight") // 4 - 1,
+        reg_scale=float(state["decoder.reg_scale"].reshape(-1)[0]),
+    )
+    missing = [f"model.{k}" for k in ("num_queries", "cross_attn_method") if k not in given]
+    if missing:
+        raise _fail(
+            source,
+            f"the checkpoint holds no config, and its tensors do not tell {', '.join(missing)}; give them with "
+            "--set (the published D-FINE: model.num_queries=300, model.cross_attn_method=default)",
+        )
+    return dict(fields, num_queries=given["num_queries"], cross_attn_method=given["cross_attn_method"])
 
 
 def _hf_backbone(config: dict[str, Any], source: str) -> dict[str, Any]:

@@ -23,7 +23,8 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 def read_checkpoint(path: str | Path, field: str = "checkpoint") -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(state dict, everything else the file holds): a safetensors file, a torch pickle (the state
     dict itself, or under `model` / `state_dict` as the reference repositories save it), or a
-    Hugging Face model directory (its model.safetensors, and config.json as `config`)."""
+    Hugging Face model directory (its model.safetensors, and config.json as `config`). A trainer's
+    checkpoint with an EMA copy (`{"ema": {"module": state}}`) gives the EMA weights."""
     path = Path(path)
     if path.is_dir():
         return _read_model_directory(path, field)
@@ -40,6 +41,10 @@ def read_checkpoint(path: str | Path, field: str = "checkpoint") -> tuple[dict[s
         )
     obj = _load_pickle(path, field)
     if isinstance(obj, dict):
+        ema = obj.get("ema")
+        if isinstance(ema, dict) and isinstance(ema.get("module"), dict) and _is_state(ema["module"]):
+            # RT-DETR's and D-FINE's trainers: the EMA weights, the ones they evaluate and publish
+            return ema["module"], {k: v for k, v in obj.items() if k not in ("ema", "model")}
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), dict) and _is_state(obj[key]):
                 return obj[key], {k: v for k, v in obj.items() if k != key}

@@ -29,7 +29,13 @@ from clockdistill.data.coco_names import COCO_ID_NAMES
 from clockdistill.data.index import load_index
 from clockdistill.errors import UserError
 from clockdistill.models.build import build_detector
-from clockdistill.weights.architecture import from_args, from_hf_config, from_tensors, resnet_from_tensors
+from clockdistill.weights.architecture import (
+    dfine_from_tensors,
+    from_args,
+    from_hf_config,
+    from_tensors,
+    resnet_from_tensors,
+)
 from clockdistill.weights.classes import class_head_keys, class_mapping, read_class_map, remap_rows
 from clockdistill.weights.files import read_checkpoint
 from clockdistill.weights.layouts import Renamed, rename
@@ -44,13 +50,18 @@ def detect_layout(state: dict[str, Tensor], extras: dict[str, Any], source: str)
         return "huggingface"
     if any(k.startswith(("transformer.", "backbone.0.body.")) for k in state):
         return "original"
+    if (
+        "decoder.decoder.layers.0.cross_attn.num_points_scale" in state
+        and "decoder.pre_bbox_head.layers.0.weight" in state
+    ):
+        return "original"  # Peterande/D-FINE's model (its names are ours)
     if any(k.startswith("model.") for k in state):
         raise UserError(
             f"{source}: looks like a Hugging Face model without its config.json; import the model directory"
         )
     raise UserError(
-        f"{source}: layout not understood (known: a Hugging Face model directory of DeformableDetr or "
-        "DabDetr, an original Deformable-DETR / DAB-DETR / DINO .pth checkpoint)"
+        f"{source}: layout not understood (known: a Hugging Face model directory of DeformableDetr, DabDetr, "
+        "RTDetr(V2) or DFine, an original Deformable-DETR / DAB-DETR / DINO / D-FINE .pth checkpoint)"
     )
 
 
@@ -103,7 +114,11 @@ def import_checkpoint(
         fields.update(resnet_from_tensors(trunk, source))  # the weights say the width (args only the depth)
     else:
         given = apply_overrides({}, overrides).get("model") or {}
-        arch, fields = from_tensors(state, source, given if isinstance(given, dict) else {})
+        given = given if isinstance(given, dict) else {}
+        if "decoder.pre_bbox_head.layers.0.weight" in state:
+            arch, fields = "dfine", dfine_from_tensors(state, source, given)
+        else:
+            arch, fields = from_tensors(state, source, given)
     if arch in ("rtdetr", "dfine"):  # R18 / R34 and D-FINE N-M train their backbone's BatchNorm, the rest freeze it
         preset = PRESETS.get(_preset_for(fields), {})
         fields.setdefault("backbone_norm", preset.get("backbone_norm", "frozen"))

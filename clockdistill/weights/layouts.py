@@ -212,7 +212,7 @@ def rename(state: dict[str, Tensor], layout: str, arch: str, shared_heads: bool,
     unknown: list[str] = []
     rules = {"deformable": _HF_DEFORMABLE, "rtdetr": _HF_RTDETR, "dfine": _HF_DFINE}.get(arch, _HF_DAB)  # (v2: rtdetr)
     for key, value in state.items():
-        if key.endswith("num_batches_tracked"):
+        if key.endswith("num_batches_tracked") or (arch == "dfine" and key in _DFINE_ORIGINAL_EXTRAS[2:]):
             continue
         name = _our_name(key, layout, rules)
         if name is None:
@@ -225,7 +225,18 @@ def rename(state: dict[str, Tensor], layout: str, arch: str, shared_heads: bool,
     return Renamed(_share_heads(out, origin) if shared_heads else out, unknown, origin)
 
 
+# what the reference's D-FINE holds besides its weights: a second name for `up` and `reg_scale` (checked equal,
+# dropped), and the anchors of its fixed evaluation size (rebuilt for every input here)
+_DFINE_ORIGINAL_EXTRAS = ("decoder.decoder.up", "decoder.decoder.reg_scale", "decoder.anchors", "decoder.valid_mask")
+
+
 def _our_name(key: str, layout: str, rules: list[tuple[str, str]]) -> str | None:
+    if layout == "original" and rules is _HF_DFINE:  # Peterande/D-FINE's names are ours
+        return (
+            "decoder_copy." + key.replace("decoder.decoder.", "decoder.", 1)
+            if key in _DFINE_ORIGINAL_EXTRAS[:2]
+            else key
+        )
     if layout == "huggingface" and key.startswith("model.backbone.model."):  # RT-DETR's ResNet-vd, D-FINE's HGNetV2
         rest = key[len("model.backbone.model.") :]
         return _hf_hgnet_name(rest) if rules is _HF_DFINE else _hf_presnet_name(rest)

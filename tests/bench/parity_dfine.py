@@ -1,0 +1,204 @@
+"""Benchmark: our D-FINE (model and loss) against the original repository's own code, on the CPU.
+
+    git clone https://github.com/Peterande/D-FINE /src/D-FINE
+    python tests/bench/parity_dfine.py --dfine /src/D-FINE [--manifest tests/data/dfine_reference_keys.json]
+
+The tests compare our D-FINE with transformers' port (tests/test_dfine.py); transformers' port of the
+loss differs from the reference (no union matching, no pre-box term, another DDF normaliser), so the
+loss is compared here only, against the code the published checkpoints were trained with. Our model
+at a small size on the full-width HGNetV2 B0 (the reference builds only its named variants), every
+tensor perturbed, is loaded into the reference model with strict=True (our parameter names are the
+reference's; the reference holds `up` and `reg_scale` twice, and both copies get ours), and both run
+on a 2-image batch: every decoder layer's logits, boxes and edge distributions, the pre-box head's
+and the selected proposals' outputs (training mode, BatchNorm in evaluation, no denoising queries:
+the reference draws them at random). Then the reference's DFINECriterion (its HungarianMatcher, VFL,
+boxes and local losses at the published weights) on the reference's outputs against our criterion on
+ours: every term, and the weighted total.
+
+`--manifest FILE` writes the reference's state-dict key/shape manifest at this size (the import test
+checks the original-layout import against it).
+
+How the original runs here: only its model and loss modules are imported (src/nn/backbone/hgnetv2.py,
+src/zoo/dfine/*), with stand-ins for its registry decorator, its distributed helpers and
+torchvision's box_area (a CUDA build on PyPI; not a dependency of this project). The original code is
+imported from the given directory and never copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from clockdistill.config.layers import resolve_config
+from clockdistill.losses.criterion import SetCriterion, model_detection_weights
+from clockdistill.models.build import build_detector
+
+SMALL = dict(  # on top of the preset dfine-s: its B0 backbone at full width, a small encoder and decoder
+    d_model=64, nheads=4, ffn_dim=128, encoder_ffn_dim=128, dec_layers=3, num_queries=20, dn_number=10,
+    expansion=0.5, depth_mult=0.34, level_points=[3, 6, 3],
+)  # fmt: skip
+SIZE = 128
+
+
+def _package(name: str, path: Path | None = None, **attrs) -> types.ModuleType:
+    module = types.ModuleType(name)
+    if path is not None:
+        module.__path__ = [str(path)]
+    module.__dict__.update(attrs)
+    sys.modules[name] = module
+    return module
+
+
+def load_reference(root: Path):
+    """The reference's modules, imported from `root` without its package __init__ files."""
+    src = root / "src"
+    _package("src", src)
+    _package("src.core", src / "core", register=lambda *a, **k: lambda cls: cls)
+    _package("src.misc", src / "misc")
+    _package("src.misc.dist_utils", get_world_size=lambda: 1, is_dist_available_and_initialized=lambda: False)
+    _package("src.nn", src / "nn")
+    _package("src.nn.backbone", src / "nn" / "backbone")
+    _package("src.zoo", src / "zoo")
+    _package("src.zoo.dfine", src / "zoo" / "dfine")
+    tv = _package("torchvision", Path("."))
+    _package("torchvision.ops", Path("."))
+    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
+    _package("torchvision.ops.boxes", box_area=area)
+    tv.ops = sys.modules["torchvision.ops"]
+    names = ("decoder", "hybrid_encoder", "criterion", "matcher", "dfine")
+    mods = {
+        n: importlib.import_module(f"src.zoo.dfine.{'dfine_' + n if n in ('decoder', 'criterion') else n}")
+        for n in names
+    }
+    mods["hgnetv2"] = importlib.import_module("src.nn.backbone.hgnetv2")
+    return mods
+
+
+def build_reference(mods, m, num_classes: int):
+    backbone = mods["hgnetv2"].HGNetv2(
+        "B0", use_lab=m.use_lab, return_idx=[1, 2, 3], freeze_at=-1, freeze_norm=False, pretrained=False
+    )
+    encoder = mods["hybrid_encoder"].HybridEncoder(
+        in_channels=[256, 512, 1024], hidden_dim=m.d_model, nhead=m.nheads, dim_feedforward=m.encoder_ffn_dim,
+        expansion=m.expansion, depth_mult=m.depth_mult,
+    )  # fmt: skip
+    decoder = mods["decoder"].DFINETransformer(
+        num_classes=num_classes, hidden_dim=m.d_model, num_queries=m.num_queries, feat_channels=[m.d_model] * 3,
+        feat_strides=[8, 16, 32], num_levels=3, num_points=list(m.level_points), nhead=m.nheads,
+        num_layers=m.dec_layers, dim_feedforward=m.ffn_dim, num_denoising=m.dn_number, reg_max=m.reg_max,
+        reg_scale=m.reg_scale,
+    )  # fmt: skip
+    return mods["dfine"].DFINE(backbone, encoder, decoder)
+
+
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("running_var"):
+                t.copy_(torch.rand_like(t) + 0.5)
+            elif name.endswith(("num_points_scale", "decoder.up", "reg_scale")) or not t.is_floating_point():
+                continue
+            else:
+                t.add_(torch.randn_like(t) * (0.1 if t.dim() == 1 else 0.05))
+    return model
+
+
+def reference_state(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Ours under the reference's names: the same names, `up` and `reg_scale` also under the FDR decoder."""
+    state = dict(ours)
+    for name in ("up", "reg_scale"):
+        state[f"decoder.decoder.{name}"] = ours[f"decoder.{name}"]
+    return {k: v for k, v in state.items() if k in theirs or not k.endswith("num_batches_tracked")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dfine", type=Path, required=True, help="a clone of Peterande/D-FINE")
+    parser.add_argument("--manifest", type=Path, help="write the reference's key/shape manifest here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    mods = load_reference(args.dfine)
+    cfg = resolve_config({"model": {"preset": "dfine-s", **SMALL}})
+    ours = perturbed(build_detector(cfg.model, 3)).eval()
+    ref = build_reference(mods, cfg.model, 3)
+    theirs_keys = ref.state_dict()
+    missing, unexpected = ref.load_state_dict(reference_state(ours.state_dict(), theirs_keys), strict=True)
+    print(f"strict load into the reference: {len(theirs_keys)} entries, missing {missing}, unexpected {unexpected}")
+    if args.manifest:
+        manifest = {k: list(v.shape) for k, v in theirs_keys.items()}
+        args.manifest.write_text(json.dumps({"preset": "dfine-s", "model": SMALL, "keys": manifest}, indent=0))
+        print(f"manifest: {len(manifest)} keys -> {args.manifest}")
+    ref.train()
+    ref.decoder.num_denoising = 0  # the reference draws its denoising queries at random
+    for module in ref.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    ours.train()
+    ours.cfg = cfg.model.__class__(**{**cfg.model.__dict__, "dn_number": 0})
+    for module in ours.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, SIZE, SIZE)
+    mask = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
+    targets = [
+        {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+    ]
+    theirs = ref(images, targets=targets)
+    out = ours(images, mask, targets=targets)
+
+    def diff(a, b) -> float:
+        return float((a - b).detach().abs().max())
+
+    print(f"{'output':<28} {'max |ours - reference|':>24}")
+    rows = [
+        ("selected proposals logits", out["interm_outputs"]["pred_logits"], theirs["enc_aux_outputs"][0]["pred_logits"])
+    ]
+    rows.append(
+        ("selected proposals boxes", out["interm_outputs"]["pred_boxes"], theirs["enc_aux_outputs"][0]["pred_boxes"])
+    )
+    rows += [("pre-box head logits", out["pre_outputs"]["pred_logits"], theirs["pre_outputs"]["pred_logits"])]
+    rows += [("pre-box head boxes", out["pre_outputs"]["pred_boxes"], theirs["pre_outputs"]["pred_boxes"])]
+    for i, (a, b) in enumerate(zip([*out["aux_outputs"], out], [*theirs["aux_outputs"], theirs])):
+        for key in ("pred_logits", "pred_boxes", "pred_corners", "ref_points"):
+            rows.append((f"layer {i} {key}", a[key], b[key]))
+    for name, a, b in rows:
+        print(f"{name:<28} {diff(a, b):>24.3g}")
+
+    m = cfg.model
+    matcher = mods["matcher"].HungarianMatcher({"cost_class": 2, "cost_bbox": 5, "cost_giou": 2}, True, 0.25, 2.0)
+    weights = {"loss_vfl": 1, "loss_bbox": 5, "loss_giou": 2, "loss_fgl": 0.15, "loss_ddf": 1.5}
+    criterion = mods["criterion"].DFINECriterion(
+        matcher, weights, ["vfl", "boxes", "local"], alpha=0.75, gamma=2.0, num_classes=3, reg_max=m.reg_max
+    )
+    ref_losses = {k: float(v) for k, v in criterion(theirs, targets).items()}
+    our_weights = model_detection_weights(cfg.loss, m)
+    our_losses = {k: float(v) * our_weights[k] for k, v in SetCriterion.from_config(cfg.loss, 3)(out, targets).items()}
+
+    def ours_name(name: str) -> str:  # the reference's term names -> ours
+        base, _, suffix = name.partition("_aux_") if "_aux_" in name else (name, "", "")
+        base = base.replace("loss_vfl", "loss_cls")
+        if suffix:
+            return f"{base}_{suffix}"
+        return base.replace("_enc_0", "_interm")
+
+    print(f"\n{'loss term (reference name)':<28} {'reference':>12} {'ours':>12}")
+    worst = 0.0
+    for name in sorted(ref_losses):
+        mine = our_losses.get(ours_name(name), 0.0)  # (the reference's last-layer DDF is 0; ours omits it)
+        worst = max(worst, abs(mine - ref_losses[name]))
+        print(f"{name:<28} {ref_losses[name]:>12.6f} {mine:>12.6f}")
+    print(
+        f"total: reference {sum(ref_losses.values()):.6f}, ours {sum(our_losses.values()):.6f}; worst term {worst:.3g}"
+    )
+
+
+if __name__ == "__main__":
+    main()
