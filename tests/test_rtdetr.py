@@ -236,3 +236,45 @@ def test_a_deformable_teacher_distils_into_an_rtdetr_student_over_the_shared_str
         ConfigError, match=r"^model: the teacher's memory levels \(strides \[16\], dab\) .* share no stride"
     ):
         memory_pairing(SimpleNamespace(arch="dab", dilation=True), SimpleNamespace(arch="rtdetr", num_levels=1))
+
+
+@pytest.mark.parametrize("version", ["rtdetr", "rtdetrv2"])
+def test_an_original_rtdetr_checkpoint_imports(version, tmp_path):
+    """A checkpoint of lyuwenyu/RT-DETR's trainers ({"ema": {"module": state}}) under the reference's
+    names, whose key/shape manifests the parity benchmark recorded from the reference's own models
+    (tests/bench/parity_rtdetr.py: rtdetr_pytorch, rtdetrv2_pytorch), imports with every size read off
+    the tensors and what they cannot tell asked for in one line, and gives our model's outputs exactly."""
+    import json
+    from pathlib import Path
+
+    from clockdistill.errors import UserError
+    from clockdistill.weights.layouts import original_names
+
+    manifest = json.loads((Path(__file__).parent / "data" / f"{version}_reference_keys.json").read_text())
+    cfg = resolve_config({"model": manifest["model"]})
+    torch.manual_seed(0)
+    ours = build_detector(cfg.model, 3).eval()
+    with torch.no_grad():
+        for name, t in ours.state_dict().items():
+            if t.is_floating_point() and not name.endswith("num_points_scale"):
+                t.add_(torch.randn_like(t) * 0.05)
+    state = original_names(ours.state_dict(), "rtdetr", cfg.model.rtdetr_version)
+    assert {k: list(v.shape) for k, v in state.items()} == manifest["keys"]
+    state.update({"decoder.anchors": torch.zeros(1, 8400, 4), "decoder.valid_mask": torch.ones(1, 8400, 1)})
+    torch.save({"ema": {"module": state, "updates": 100}, "last_epoch": 3}, tmp_path / "rtdetr.pth")
+    asked = "model.cross_attn_method, model.num_queries" if version == "rtdetrv2" else "model.nheads or model.n_points"
+    with pytest.raises(UserError, match=asked):
+        import_checkpoint(tmp_path / "rtdetr.pth", tmp_path / "refused")
+    sets = ["model.num_queries=20"] + (
+        ["model.cross_attn_method=default"] if version == "rtdetrv2" else ["model.nheads=4"]
+    )
+    meta = import_checkpoint(tmp_path / "rtdetr.pth", tmp_path / "ck", overrides=sets)
+    m = meta["config"]["model"]
+    want = dict(backbone_depth=18, backbone_width=1.0, d_model=64, nheads=4, ffn_dim=128, dec_layers=3, expansion=0.5)
+    assert {k: m[k] for k in want} == want and m["preset"] == f"{version}-r18" and m["num_queries"] == 20
+    loaded, _ = load_detector(tmp_path / "ck")
+    loaded.eval()
+    images, mask = torch.randn(2, 3, 128, 128), torch.zeros(2, 128, 128, dtype=torch.bool)
+    with torch.no_grad():
+        a, b = ours(images, mask), loaded(images, mask)
+    assert torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["pred_boxes"], b["pred_boxes"])

@@ -305,8 +305,8 @@ def dfine_from_tensors(state: dict[str, Tensor], source: str, given: dict[str, A
         encoder_dim=enc,
         encoder_ffn_dim=shape("encoder.encoder.0.layers.0.linear1.weight"),
         enc_layers=count(r"encoder\.encoder\.0\.layers\.(\d+)\."),
-        expansion=(2 * c4 + 1) / enc,  # round(expansion x width // 2) = c4
-        depth_mult=blocks / 3,  # round(3 x depth_mult) = blocks
+        expansion=_fitting((2 * c4 / enc, (2 * c4 + 1) / enc), lambda e: round(e * enc // 2) == c4),
+        depth_mult=_fitting((0.34, 0.5, 0.67, 1.0, blocks / 3), lambda m: round(3 * m) == blocks),
         d_model=d,
         ffn_dim=shape("decoder.decoder.layers.0.linear1.weight"),
         dec_layers=count(r"decoder\.decoder\.layers\.(\d+)\."),
@@ -323,6 +323,68 @@ def dfine_from_tensors(state: dict[str, Tensor], source: str, given: dict[str, A
             "--set (the published D-FINE: model.num_queries=300, model.cross_attn_method=default)",
         )
     return dict(fields, num_queries=given["num_queries"], cross_attn_method=given["cross_attn_method"])
+
+
+def _fitting(candidates, builds) -> float:
+    """The first of `candidates` (the published values first) that builds the tensors' block or channel
+    count (`builds(value)`): a setting read back from what it builds."""
+    return next(c for c in candidates if builds(c))
+
+
+def rtdetr_from_tensors(state: dict[str, Tensor], source: str, given: dict[str, Any]) -> dict[str, Any]:
+    """An RT-DETR (rtdetr_pytorch) or RT-DETRv2 (rtdetrv2_pytorch: its attention's `num_points_scale`)
+    read off its names and shapes (v2's under ours: `rename` first); what no tensor holds from `given`
+    or one line naming it: the query count, v1's heads or points (the offsets hold their product),
+    v2's sampling method. Training settings (denoising, BatchNorm) keep the preset's."""
+    keys, missing = set(state), []
+
+    def count(pattern: str) -> int:
+        return len({m.group(1) for k in keys if (m := re.match(pattern, k))})
+
+    def shape(key: str, dim: int = 0) -> int:
+        return state[key].shape[dim]
+
+    blocks = tuple(count(rf"backbone\.res_layers\.{i}\.blocks\.(\d+)\.") for i in range(4))
+    kind = "bottleneck" if "backbone.res_layers.0.blocks.0.branch2c.conv.weight" in keys else "basic"
+    depth = _RESNET_DEPTHS.get((kind, blocks))
+    if depth is None:
+        raise _fail(source, f"a {kind} ResNet-vd with {list(blocks)} blocks is not R18/34/50/101")
+    enc, levels = shape("encoder.input_proj.0.0.weight"), count(r"decoder\.input_proj\.(\d+)\.")
+    h = shape("encoder.fpn_blocks.0.conv1.conv.weight")  # int(width x expansion)
+    fields = dict(
+        arch="rtdetr",
+        backbone_depth=depth,
+        backbone_width=shape("backbone.conv1.conv1_3.conv.weight") / 64,
+        encoder_dim=enc,
+        encoder_ffn_dim=shape("encoder.encoder.0.layers.0.linear1.weight"),
+        enc_layers=count(r"encoder\.encoder\.0\.layers\.(\d+)\."),
+        expansion=_fitting((h / enc, (h + 0.5) / enc), lambda e: int(enc * e) == h),
+        depth_mult=count(r"encoder\.fpn_blocks\.0\.bottlenecks\.(\d+)\.") / 3,  # round(3 x depth_mult) = blocks
+        d_model=shape("decoder.input_proj.0.conv.weight"),
+        ffn_dim=shape("decoder.decoder.layers.0.linear1.weight"),
+        dec_layers=count(r"decoder\.decoder\.layers\.(\d+)\."),
+        num_levels=levels,
+    )
+    attn = "decoder.decoder.layers.0.cross_attn."
+    if f"{attn}num_points_scale" in keys:  # v2: the points of every level are in its scale buffer
+        scale, points = state[f"{attn}num_points_scale"].tolist(), []
+        while scale:
+            points.append(round(1 / scale[0]))
+            scale = scale[points[-1] :]
+        fields.update(
+            rtdetr_version=2, level_points=points, nheads=shape(f"{attn}attention_weights.weight") // sum(points)
+        )
+        _take(given, "cross_attn_method", missing, fields)
+    else:
+        fields.update(_heads_and_points(shape(f"{attn}attention_weights.weight") // levels, given, missing, source))
+    _take(given, "num_queries", missing, fields)
+    if missing:
+        raise _fail(
+            source,
+            f"the checkpoint holds no config, and its tensors do not tell {', '.join(missing)}; give them with --set "
+            "(the published RT-DETR: model.num_queries=300, model.nheads=8; v2: model.cross_attn_method=default)",
+        )
+    return fields
 
 
 def _hf_backbone(config: dict[str, Any], source: str) -> dict[str, Any]:

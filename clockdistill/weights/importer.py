@@ -35,6 +35,7 @@ from clockdistill.weights.architecture import (
     from_hf_config,
     from_tensors,
     resnet_from_tensors,
+    rtdetr_from_tensors,
 )
 from clockdistill.weights.classes import class_head_keys, class_mapping, read_class_map, remap_rows
 from clockdistill.weights.files import read_checkpoint
@@ -51,10 +52,10 @@ def detect_layout(state: dict[str, Tensor], extras: dict[str, Any], source: str)
     if any(k.startswith(("transformer.", "backbone.0.body.")) for k in state):
         return "original"
     if (
-        "decoder.decoder.layers.0.cross_attn.num_points_scale" in state
-        and "decoder.pre_bbox_head.layers.0.weight" in state
+        "decoder.decoder.layers.0.cross_attn.attention_weights.weight" in state
+        and "decoder.enc_score_head.weight" in state
     ):
-        return "original"  # Peterande/D-FINE's model (its names are ours)
+        return "original"  # lyuwenyu/RT-DETR's and Peterande/D-FINE's models (their names are ours, near enough)
     if any(k.startswith("model.") for k in state):
         raise UserError(
             f"{source}: looks like a Hugging Face model without its config.json; import the model directory"
@@ -93,6 +94,25 @@ def _preset_for(fields: dict[str, Any]) -> str:
     return name if name in PRESETS else ("dab-detr-r50" if fields["arch"] == "dab" else "deformable-detr-r50")
 
 
+def _architecture(state, extras, layout: str, source: str, overrides: list[str]) -> tuple[str, dict[str, Any]]:
+    """(arch, model fields): from a Hugging Face config, an original checkpoint's training args, or its
+    tensors (what they cannot tell from `--set`)."""
+    if layout == "huggingface":
+        return from_hf_config(extras["config"], source)
+    if extras.get("args") is not None and hasattr(extras["args"], "hidden_dim"):
+        arch, fields = from_args(extras["args"], source)
+        trunk = {k[len("backbone.0.body.") :]: v for k, v in state.items() if k.startswith("backbone.0.body.")}
+        fields.update(resnet_from_tensors(trunk, source))  # the weights say the width (args only the depth)
+        return arch, fields
+    given = apply_overrides({}, overrides).get("model") or {}
+    given = given if isinstance(given, dict) else {}
+    if "decoder.pre_bbox_head.layers.0.weight" in state:
+        return "dfine", dfine_from_tensors(state, source, given)
+    if "decoder.enc_score_head.weight" in state:  # (v2's few names -> ours first)
+        return "rtdetr", rtdetr_from_tensors(rename(state, "original", "rtdetr", False).state, source, given)
+    return from_tensors(state, source, given)
+
+
 def import_checkpoint(
     source: str | Path,
     out: str | Path,
@@ -106,19 +126,7 @@ def import_checkpoint(
     source, overrides = str(source), list(overrides or [])
     state, extras = read_checkpoint(source, "SOURCE")
     layout = detect_layout(state, extras, source)
-    if layout == "huggingface":
-        arch, fields = from_hf_config(extras["config"], source)
-    elif extras.get("args") is not None and hasattr(extras["args"], "hidden_dim"):
-        arch, fields = from_args(extras["args"], source)
-        trunk = {k[len("backbone.0.body.") :]: v for k, v in state.items() if k.startswith("backbone.0.body.")}
-        fields.update(resnet_from_tensors(trunk, source))  # the weights say the width (args only the depth)
-    else:
-        given = apply_overrides({}, overrides).get("model") or {}
-        given = given if isinstance(given, dict) else {}
-        if "decoder.pre_bbox_head.layers.0.weight" in state:
-            arch, fields = "dfine", dfine_from_tensors(state, source, given)
-        else:
-            arch, fields = from_tensors(state, source, given)
+    arch, fields = _architecture(state, extras, layout, source, overrides)
     if arch in ("rtdetr", "dfine"):  # R18 / R34 and D-FINE N-M train their backbone's BatchNorm, the rest freeze it
         preset = PRESETS.get(_preset_for(fields), {})
         fields.setdefault("backbone_norm", preset.get("backbone_norm", "frozen"))

@@ -212,7 +212,7 @@ def rename(state: dict[str, Tensor], layout: str, arch: str, shared_heads: bool,
     unknown: list[str] = []
     rules = {"deformable": _HF_DEFORMABLE, "rtdetr": _HF_RTDETR, "dfine": _HF_DFINE}.get(arch, _HF_DAB)  # (v2: rtdetr)
     for key, value in state.items():
-        if key.endswith("num_batches_tracked") or (arch == "dfine" and key in _DFINE_ORIGINAL_EXTRAS[2:]):
+        if key.endswith("num_batches_tracked") or (layout == "original" and key in _ANCHORS):
             continue
         name = _our_name(key, layout, rules)
         if name is None:
@@ -227,15 +227,18 @@ def rename(state: dict[str, Tensor], layout: str, arch: str, shared_heads: bool,
 
 # what the reference's D-FINE holds besides its weights: a second name for `up` and `reg_scale` (checked equal,
 # dropped), and the anchors of its fixed evaluation size (rebuilt for every input here)
-_DFINE_ORIGINAL_EXTRAS = ("decoder.decoder.up", "decoder.decoder.reg_scale", "decoder.anchors", "decoder.valid_mask")
+_DFINE_ORIGINAL_EXTRAS = ("decoder.decoder.up", "decoder.decoder.reg_scale")
+_ANCHORS = ("decoder.anchors", "decoder.valid_mask")  # RT-DETR's and D-FINE's at their fixed evaluation size
 
 
 def _our_name(key: str, layout: str, rules: list[tuple[str, str]]) -> str | None:
+    if layout == "original" and rules is _HF_RTDETR:  # lyuwenyu/RT-DETR's names are ours, but v2's few
+        for pattern, repl in _OURS_FROM_RTDETRV2:
+            key = re.sub(pattern, repl, key)
+        return key
     if layout == "original" and rules is _HF_DFINE:  # Peterande/D-FINE's names are ours
         return (
-            "decoder_copy." + key.replace("decoder.decoder.", "decoder.", 1)
-            if key in _DFINE_ORIGINAL_EXTRAS[:2]
-            else key
+            "decoder_copy." + key.replace("decoder.decoder.", "decoder.", 1) if key in _DFINE_ORIGINAL_EXTRAS else key
         )
     if layout == "huggingface" and key.startswith("model.backbone.model."):  # RT-DETR's ResNet-vd, D-FINE's HGNetV2
         rest = key[len("model.backbone.model.") :]
@@ -318,4 +321,35 @@ def _share_heads(state: dict[str, Tensor], origin: dict[str, str]) -> dict[str, 
             )
         out.setdefault(shared, value)
         origin.setdefault(shared, origin[key])
+    return out
+
+
+# our names -> the original repositories' where they differ: RT-DETRv2 (rtdetrv2_pytorch) names its encoder's
+# input projections and its query-selection projection (v1: positions)
+_ORIGINAL_RTDETRV2 = [
+    (r"^encoder\.input_proj\.(\d+)\.0\.", r"encoder.input_proj.\1.conv."),
+    (r"^encoder\.input_proj\.(\d+)\.1\.", r"encoder.input_proj.\1.norm."),
+    (r"^decoder\.enc_output\.0\.", "decoder.enc_output.proj."),
+    (r"^decoder\.enc_output\.1\.", "decoder.enc_output.norm."),
+]
+
+
+_OURS_FROM_RTDETRV2 = [
+    (r"^encoder\.input_proj\.(\d+)\.conv\.", r"encoder.input_proj.\1.0."),
+    (r"^encoder\.input_proj\.(\d+)\.norm\.", r"encoder.input_proj.\1.1."),
+    (r"^decoder\.enc_output\.proj\.", "decoder.enc_output.0."),
+    (r"^decoder\.enc_output\.norm\.", "decoder.enc_output.1."),
+]
+
+
+def original_names(state: dict[str, Tensor], arch: str, rtdetr_version: int = 1) -> dict[str, Tensor]:
+    """Our RT-DETR / D-FINE state dict under the original repository's names (what its trainer saves,
+    less the copies and anchors `rename` drops on the way in)."""
+    if arch != "rtdetr" or rtdetr_version != 2:
+        return dict(state)
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in _ORIGINAL_RTDETRV2:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
     return out

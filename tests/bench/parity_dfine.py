@@ -19,21 +19,22 @@ ours: every term, and the weighted total.
 checks the original-layout import against it).
 
 How the original runs here: only its model and loss modules are imported (src/nn/backbone/hgnetv2.py,
-src/zoo/dfine/*), with stand-ins for its registry decorator, its distributed helpers and
-torchvision's box_area (a CUDA build on PyPI; not a dependency of this project). The original code is
-imported from the given directory and never copied.
+src/zoo/dfine/*; tests/bench/reference_code.py). The original code is imported from the given
+directory and never copied.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
-import types
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench: the reference loader
+
+from reference_code import load  # noqa: E402
 
 from clockdistill.config.layers import resolve_config
 from clockdistill.losses.criterion import SetCriterion, model_detection_weights
@@ -46,38 +47,14 @@ SMALL = dict(  # on top of the preset dfine-s: its B0 backbone at full width, a 
 SIZE = 128
 
 
-def _package(name: str, path: Path | None = None, **attrs) -> types.ModuleType:
-    module = types.ModuleType(name)
-    if path is not None:
-        module.__path__ = [str(path)]
-    module.__dict__.update(attrs)
-    sys.modules[name] = module
-    return module
-
-
-def load_reference(root: Path):
-    """The reference's modules, imported from `root` without its package __init__ files."""
-    src = root / "src"
-    _package("src", src)
-    _package("src.core", src / "core", register=lambda *a, **k: lambda cls: cls)
-    _package("src.misc", src / "misc")
-    _package("src.misc.dist_utils", get_world_size=lambda: 1, is_dist_available_and_initialized=lambda: False)
-    _package("src.nn", src / "nn")
-    _package("src.nn.backbone", src / "nn" / "backbone")
-    _package("src.zoo", src / "zoo")
-    _package("src.zoo.dfine", src / "zoo" / "dfine")
-    tv = _package("torchvision", Path("."))
-    _package("torchvision.ops", Path("."))
-    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
-    _package("torchvision.ops.boxes", box_area=area)
-    tv.ops = sys.modules["torchvision.ops"]
-    names = ("decoder", "hybrid_encoder", "criterion", "matcher", "dfine")
-    mods = {
-        n: importlib.import_module(f"src.zoo.dfine.{'dfine_' + n if n in ('decoder', 'criterion') else n}")
-        for n in names
-    }
-    mods["hgnetv2"] = importlib.import_module("src.nn.backbone.hgnetv2")
-    return mods
+def load_reference(root: Path) -> dict:
+    mods = load(
+        root / "src",
+        [f"zoo.dfine.{n}" for n in ("dfine_decoder", "hybrid_encoder", "dfine_criterion", "matcher", "dfine")]
+        + ["nn.backbone.hgnetv2"],
+    )
+    short = {"dfine_decoder": "decoder", "dfine_criterion": "criterion"}
+    return {short.get(k.split(".")[-1], k.split(".")[-1]): v for k, v in mods.items()}
 
 
 def build_reference(mods, m, num_classes: int):
