@@ -98,3 +98,28 @@ def test_a_checkpoint_in_the_old_form_with_its_backbone_file_named_still_loads(p
     loaded, _ = load_detector(tmp_path / "ck")
     with torch.no_grad():
         assert torch.equal(model(*_images())["pred_logits"], loaded(*_images())["pred_logits"])
+
+
+@pytest.mark.parametrize("preset", ["rtdetr-tiny-student", "dfine-tiny-student"])
+def test_the_real_time_detectors_start_from_their_references_imagenet_backbone_files(preset, tmp_path):
+    """RT-DETR's ResNet-vd and D-FINE's HGNetV2 load the files their references start from: the
+    backbone's own state dict under the reference's names (ours; tests/bench/parity_*.py load ours into
+    the references strictly); a file of the other backbone is refused in one line."""
+    from clockdistill.errors import UserError
+    from clockdistill.weights.start import apply_starting_weights
+
+    torch.manual_seed(0)
+    source = build_detector(resolve_config({"model": {"preset": preset}}).model, 3).backbone
+    with torch.no_grad():
+        for t in source.state_dict().values():
+            if t.is_floating_point():
+                t.add_(torch.randn_like(t))
+    torch.save(source.state_dict(), tmp_path / "imagenet.pth")
+    cfg = resolve_config({"model": {"preset": preset, "backbone_weights": str(tmp_path / "imagenet.pth")}})
+    model = build_detector(cfg.model, 3)
+    apply_starting_weights(model, cfg, [])
+    for name, value in source.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[name], value), name
+    other = "dfine-tiny-student" if preset.startswith("rtdetr") else "rtdetr-tiny-student"
+    with pytest.raises(UserError, match="is not this backbone"):
+        apply_starting_weights(build_detector(resolve_config({"model": {"preset": other}}).model, 3), cfg, [])

@@ -3,9 +3,11 @@
 A backbone comes as a torchvision-layout state dict (`resnet50-*.pth` from torchvision's model zoo,
 or a safetensors file with the same names) or a Hugging Face `microsoft/resnet-*` directory
 (config.json + model.safetensors). Hugging Face's ResNet names are rewritten to torchvision's,
-which are ours (models/resnet.py). A clockdistill checkpoint directory gives its detector's
-backbone (the `backbone.*` tensors): a trained detector's ResNet for another detector of the same
-depth and width.
+which are ours (models/resnet.py). RT-DETR's ResNet-vd and D-FINE's HGNetV2 come as the files their
+references load (`ResNet18_vd_pretrained_from_paddle.pth`, `PPHGNetV2_B0_stage1.pth`: the
+backbone's own state dict, whose names are ours). A clockdistill checkpoint directory gives its
+detector's backbone (the `backbone.*` tensors): a trained detector's backbone for another detector
+of the same depth and width.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def hf_resnet_to_torchvision(key: str) -> str | None:
 def trunk_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The ResNet trunk's tensors under torchvision names, from any of the layouts above (classifier
     heads, pooler, BatchNorm counters and a detector's other parts dropped)."""
-    if any(k.startswith("backbone.conv1.") for k in state):  # a whole detector: its backbone
+    if any(k.startswith("backbone.") for k in state):  # a whole detector: its backbone
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     hf = any(k.startswith(("embedder.", "encoder.stages.", "resnet.embedder.")) for k in state)
     out = {}
@@ -53,7 +55,7 @@ def trunk_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def load_backbone_weights(backbone: nn.Module, source: str | Path) -> int:
-    """Copy an ImageNet ResNet into `backbone` (every trunk tensor must fit); returns the count."""
+    """Copy an ImageNet backbone into `backbone` (every tensor must fit); returns the count."""
     source = Path(source)
     state = trunk_state(read_state_dict(source, "model.backbone_weights"))
     own = backbone.state_dict()
@@ -61,7 +63,7 @@ def load_backbone_weights(backbone: nn.Module, source: str | Path) -> int:
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or extra:
         raise UserError(
-            f"model.backbone_weights: {source} is not this ResNet: {len(missing)} tensor(s) missing "
+            f"model.backbone_weights: {source} is not this backbone: {len(missing)} tensor(s) missing "
             f"(first: {', '.join(missing[:3]) or '-'}), {len(extra)} left over (first: {', '.join(extra[:3]) or '-'})"
         )
     for name, value in state.items():
