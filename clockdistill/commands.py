@@ -249,7 +249,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     device = select_device(args.device)
     model, meta = load_detector(args.checkpoint, device)
     data = resolve_config(meta["config"]).data
-    dataset = CocoDetection(args.data, args.split, DetectionTransform(data.max_size, train=False))
+    dataset = CocoDetection(args.data, args.split, DetectionTransform.for_data(data, train=False))
     if dataset.class_names != meta["class_names"]:
         raise UserError(
             f"--data {args.data}: classes {dataset.class_names} differ from the checkpoint's {meta['class_names']}"

@@ -93,10 +93,8 @@ def build_datasets(cfg: Config) -> tuple[CocoDetection, CocoDetection]:
     if not cfg.data.root:
         raise UserError("data.root: no data set given (set data.root=DIR, a COCO-format directory)")
     d = cfg.data
-    train = CocoDetection(
-        d.root, d.train_split, DetectionTransform(d.max_size, True, d.train_sizes, d.hflip), cfg.train.seed
-    )
-    val = CocoDetection(d.root, d.val_split, DetectionTransform(d.max_size, False))
+    train = CocoDetection(d.root, d.train_split, DetectionTransform.for_data(d, True), cfg.train.seed)
+    val = CocoDetection(d.root, d.val_split, DetectionTransform.for_data(d, False))
     if d.decoded_cache:  # a file another trial is decoding is not waited for (see set_epoch)
         for ds in (train, val):
             ds.use_decoded_cache(d.cache_dir, cfg.train.progress, wait=False)

@@ -228,7 +228,10 @@ def evaluate_checkpoint(checkpoint: Path, data: Path) -> dict[str, float]:
     from clockdistill.engine import evaluate
 
     model, meta = load_detector(checkpoint, "cpu")
-    dataset = CocoDetection(str(data), "val", DetectionTransform(meta["config"]["data"]["max_size"], train=False))
+    d = meta["config"]["data"]
+    dataset = CocoDetection(
+        str(data), "val", DetectionTransform(d["max_size"], False, square=d.get("resize") == "square")
+    )
     return evaluate(model, dataset, torch.device("cpu"), batch_size=16)
 
 

@@ -1,9 +1,11 @@
 import hashlib
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from clockdistill.data.coco import parse_coco
 from clockdistill.data.dataset import CocoDetection
@@ -103,6 +105,38 @@ def test_flip_mirrors_boxes(synth_data):
     flipped, ft = tf(ds.load_image(i), {**target}, random.Random(0))
     assert np.allclose(ft["boxes"][:, 0], 1 - target["boxes"][:, 0])
     assert np.allclose(flipped.flip(-1), image, atol=1e-5)
+
+
+def test_the_square_recipe_stretches_images_and_scales_each_training_batch(tmp_path):
+    """data.resize square (RT-DETR's and D-FINE's recipe, their presets' default): a 200 x 100 image
+    becomes 64 x 64 with its relative boxes unchanged and no padding; a training batch is interpolated
+    to its first sample's drawn size; the decoded cache keeps square images in their own file; the
+    detection of the whole image maps back to the original image's box."""
+    from clockdistill.config.layers import resolve_config
+    from clockdistill.data.transforms import collate
+    from clockdistill.evaluation.coco import postprocess
+
+    img = [{"id": 3, "file_name": "a.png", "width": 200, "height": 100}]
+    write_coco(tmp_path, "val", img, [{"id": 1, "image_id": 3, "category_id": 1, "bbox": [20, 10, 40, 20]}])
+    data = resolve_config({"model": {"preset": "rtdetr-tiny-student"}, "data": {"max_size": 64}}).data
+    assert data.resize == "square" and data.canvas == (64, 64)
+    ds = CocoDetection(tmp_path, "val", DetectionTransform.for_data(data, train=False))
+    image, target = ds[0]
+    assert image.shape == (3, 64, 64) and target["boxes"][0].tolist() == pytest.approx([0.2, 0.2, 0.2, 0.2])
+    images, mask, targets = collate([ds[0], ds[0]])
+    assert images.shape == (2, 3, 64, 64) and not mask.any()
+    out = {"pred_logits": torch.full((1, 1, 1), 5.0), "pred_boxes": target["boxes"][None, :1]}
+    assert postprocess(out, target["orig_size"][None])[0]["boxes"][0].tolist() == pytest.approx([20, 10, 60, 30])
+    train = CocoDetection(tmp_path, "val", DetectionTransform(64, True, [32, 48], hflip=0.5, square=True))
+    scales = set()
+    for epoch in range(6):
+        train.set_epoch(epoch)
+        images, mask, targets = collate([train[0], train[0]])
+        scales.add(images.shape[-1])
+        assert images.shape[-2] == images.shape[-1] == targets[0]["batch_scale"] and not mask.any()
+    assert scales == {32, 48}
+    paths = [Path(p).name for p in ds.use_decoded_cache(str(tmp_path / "cache"), progress=False)]
+    assert len(paths) == 1 and "-64-square-" in paths[0] and ds[0][0].shape == (3, 64, 64)
 
 
 # --- bad input: one clear error naming the file or field -------------------------------------

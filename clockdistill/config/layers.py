@@ -33,7 +33,7 @@ import yaml
 
 from clockdistill.checkpoint_meta import read_meta
 from clockdistill.config.dotted import apply_overrides, build_dataclass, parse_yaml, set_dotted
-from clockdistill.config.presets import preset_fields, preset_loss_fields, student_preset_for
+from clockdistill.config.presets import preset_data_fields, preset_fields, preset_loss_fields, student_preset_for
 from clockdistill.config.sections import Config, ModelConfig
 from clockdistill.errors import ConfigError
 
@@ -133,7 +133,7 @@ def _architecture_layer(raw: dict[str, Any], start_model: dict[str, Any]) -> dic
         start_model = {}  # the user chose the architecture
     preset = model.get("preset", start_model.get("preset", ModelConfig.preset))
     raw["model"] = {**preset_fields(preset), **start_model, **model, "preset": preset}
-    loss_defaults = preset_loss_fields(preset)
-    if loss_defaults:
-        raw["loss"] = {**loss_defaults, **raw["loss"]}
+    for section, defaults in (("loss", preset_loss_fields(preset)), ("data", preset_data_fields(preset))):
+        if defaults:
+            raw[section] = {**defaults, **raw[section]}
     return raw

@@ -187,6 +187,8 @@ for _size in ("teacher", "student"):
         _DFINE, **{k: v for k, v in _TINY[_size].items() if k not in ("enc_layers", "backbone_depth")}, enc_layers=1,
         hgnet="B0", use_lab=True, expansion=0.5, depth_mult=1 / 3, dn_number=12, level_points=[],
     )  # fmt: skip
+# data settings a preset brings (a config's own data keys win): RT-DETR's and D-FINE's fixed square inputs
+PRESET_DATA: dict[str, dict[str, Any]] = {n: {"resize": "square"} for n in PRESETS if n.startswith(("rtdetr", "dfine"))}
 # loss settings a preset brings (a config's own loss keys win): DINO's published class weight is 1; RT-DETR's
 # classification loss is varifocal at weight 1
 PRESET_LOSS: dict[str, dict[str, Any]] = {name: {"cls": 1.0} for name in PRESETS if name.startswith("dino-")}
@@ -229,6 +231,11 @@ def preset_fields(name: str) -> dict[str, Any]:
 def preset_loss_fields(name: str) -> dict[str, Any]:
     """The loss settings that come with a preset (empty for most)."""
     return dict(PRESET_LOSS.get(name, {}))
+
+
+def preset_data_fields(name: str) -> dict[str, Any]:
+    """The data settings that come with a preset (empty for most)."""
+    return dict(PRESET_DATA.get(name, {}))
 
 
 def student_preset_for(teacher_preset: str) -> str:

@@ -28,6 +28,9 @@ class DataConfig:
     hflip: float = 0.5  # probability of a horizontal flip in training
     num_workers: int = 0
     pad_to: str = "batch"  # batch: pad to the batch's largest image | max_size: a fixed max_size x max_size canvas
+    # longest: the longest side at max_size (train_sizes), aspect kept, padded batches | square: every image
+    # stretched to max_size x max_size, each training batch scaled to one of train_sizes (RT-DETR, D-FINE)
+    resize: str = "longest"
     decoded_cache: bool = False  # read resized images from a node-local Arrow file per split and size (built once)
     cache_dir: str = ""  # node-local cache directory ("" = $CLOCKDISTILL_CACHE_DIR or ~/.cache/clockdistill)
 
@@ -39,18 +42,19 @@ class DataConfig:
                     "(best-student reports on it)"
                 )
         _check_choice("data.pad_to", self.pad_to, ("batch", "max_size"))
+        _check_choice("data.resize", self.resize, ("longest", "square"))
         _check_range("data.max_size", self.max_size, low=16)
         _check_range("data.hflip", self.hflip, low=0.0, high=1.0)
         _check_range("data.num_workers", self.num_workers, low=0)
         for i, size in enumerate(self.train_sizes):
-            _check_range(
-                f"data.train_sizes[{i}]", size, low=16, high=self.max_size if self.pad_to == "max_size" else None
-            )
+            fixed = self.pad_to == "max_size" and self.resize == "longest"  # (square batches are scaled, not padded)
+            _check_range(f"data.train_sizes[{i}]", size, low=16, high=self.max_size if fixed else None)
 
     @property
     def canvas(self) -> tuple[int, int] | None:
-        """The fixed (H, W) every batch is padded to, or None (pad to the batch's largest image)."""
-        return (self.max_size, self.max_size) if self.pad_to == "max_size" else None
+        """The fixed (H, W) every batch is padded to (the square recipe's images all are), or None (pad to
+        the batch's largest image)."""
+        return (self.max_size, self.max_size) if self.pad_to == "max_size" or self.resize == "square" else None
 
 
 @dataclass(frozen=True)

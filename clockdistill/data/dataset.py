@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from clockdistill.data.decoded import DecodedImages
 from clockdistill.data.index import AnnotationIndex, load_index
-from clockdistill.data.transforms import DetectionTransform, resize_longest
+from clockdistill.data.transforms import DetectionTransform
 from clockdistill.errors import DataError
 from clockdistill.ops.boxes import box_xyxy_to_cxcywh
 
@@ -71,8 +71,11 @@ class CocoDetection(Dataset):
         building them first where missing. With `wait` False a file another process is building is
         not waited for: images are decoded from their files until an epoch starts after it is done.
         Returns the paths."""
-        for size in self.transform.sizes:
-            got = DecodedImages.open_or_build(self.index, size, self.load_image, cache_dir, progress, wait)
+        t = self.transform
+        for size in t.sizes:
+            got = DecodedImages.open_or_build(
+                self.index, size, self.load_image, cache_dir, progress, wait, t.resize, t.tag
+            )
             if isinstance(got, Path):
                 self._pending[size] = got
             else:
@@ -90,11 +93,11 @@ class CocoDetection(Dataset):
         self._decoded = {size: DecodedImages(path, self.index) for size, path in paths.items()}
 
     def resized_image(self, i: int, size: int):
-        """Image i resized to longest side `size`: from the decoded cache when in use, else decoded
+        """Image i resized by the transform to `size`: from the decoded cache when in use, else decoded
         from its file (PIL)."""
         if size in self._decoded:
             return self._decoded[size][i]
-        return resize_longest(self.load_image(i), size)
+        return self.transform.resize(self.load_image(i), size)
 
     def target(self, i: int) -> dict:
         w, h = float(self.index.widths[i]), float(self.index.heights[i])
@@ -114,7 +117,9 @@ class CocoDetection(Dataset):
     def __getitem__(self, i: int):
         rng = random.Random(hash((self.seed, self.epoch, i)))
         size, view = self.transform.choose(rng)
-        return self.transform.apply(self.resized_image(i, size), self.target(i), view)
+        return self.transform.sample(
+            self.resized_image(i, self.transform.stored_size(size)), self.target(i), view, size
+        )
 
     def view_item(self, i: int, view: int, size: int | None = None):
         """Sample i at a chosen view (0 plain, 1 flipped) and longest side (default: the first)."""

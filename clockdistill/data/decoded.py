@@ -34,13 +34,15 @@ SCHEMA = pa.schema([("image_id", pa.int64()), ("height", pa.int32()), ("width", 
 FORMAT = 1
 
 
-def decoded_path(index: AnnotationIndex, size: int, cache_dir: str = "") -> Path:
+def decoded_path(index: AnnotationIndex, size: int, cache_dir: str = "", tag: str = "") -> Path:
+    """The file of a split's images at `size`; `tag` names a resize other than the longest side's."""
     stats = []
     for name in index.file_names:
         st = os.stat(index.image_dir / name)
         stats.append((name, st.st_size, st.st_mtime_ns))
-    key = content_key({"format": FORMAT, "annotations": index.source_sha256, "size": size, "files": stats})
-    return cache_root(cache_dir) / "decoded" / f"{index.ann_path.stem}-{size}-{key}.arrow"
+    fields = {"format": FORMAT, "annotations": index.source_sha256, "size": size, "files": stats}
+    key = content_key({**fields, "resize": tag} if tag else fields)
+    return cache_root(cache_dir) / "decoded" / f"{index.ann_path.stem}-{size}{tag and '-' + tag}-{key}.arrow"
 
 
 class DecodedImages:
@@ -72,11 +74,13 @@ class DecodedImages:
         cache_dir: str = "",
         progress: bool = True,
         wait: bool = True,
+        resize=resize_longest,
+        tag: str = "",
     ) -> "DecodedImages | Path":
         """Map the split's decoded file at `size`, decoding every image with `load_image(i)` (a PIL
         image) first if no process on this node has. With `wait` False and another process building
         it, returns the file's path instead (to be opened once it exists)."""
-        path = decoded_path(index, size, cache_dir)
+        path = decoded_path(index, size, cache_dir, tag)
 
         def write(tmp: Path) -> None:
             writer = BatchWriter(tmp, SCHEMA)
@@ -85,7 +89,7 @@ class DecodedImages:
             for i in tqdm(
                 range(len(index)), desc=f"decode {index.ann_path.stem} @{size}", unit="img", disable=not progress
             ):
-                arr = np.asarray(resize_longest(load_image(i), size), dtype=np.uint8)
+                arr = np.asarray(resize(load_image(i), size), dtype=np.uint8)
                 for name, value in (
                     ("image_id", int(index.image_ids[i])),
                     ("height", arr.shape[0]),

@@ -97,10 +97,16 @@ def cache_blockers(cfg: Config) -> list[str]:
             "distill.method: detrdistill's feature and query-prior parts read the teacher's encoder input, "
             "query embeddings and queries, which the cache does not hold"
         )
-    if cfg.data.pad_to != "max_size":
+    square = cfg.data.resize == "square"
+    if cfg.data.pad_to != "max_size" and not square:
         reasons.append(
             "data.pad_to: 'batch' pads to each batch's largest image, so an image's teacher features depend on its "
             "batch; set data.pad_to=max_size"
+        )
+    if square and set(cfg.data.train_sizes) - {cfg.data.max_size}:
+        reasons.append(
+            "data.train_sizes: the square recipe scales each training batch to one of them after loading, and the "
+            "cache holds max_size views only; set data.train_sizes=[] for a cached run"
         )
     if dc.uses_target_queries and (dc.logit.label_noise > 0 or dc.logit.box_noise > 0):
         reasons.append("distill.logit.label_noise/box_noise: noisy queries change the teacher's input every step")

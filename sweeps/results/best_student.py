@@ -157,7 +157,7 @@ def verify_checkpoint(
         )
     cfg = resolve_config(meta["config"])
     model, _ = load_detector(checkpoint, device)
-    dataset = CocoDetection(cfg.data.root, cfg.data.val_split, DetectionTransform(cfg.data.max_size, train=False))
+    dataset = CocoDetection(cfg.data.root, cfg.data.val_split, DetectionTransform.for_data(cfg.data, train=False))
     metrics = evaluate(
         model, dataset, device, cfg.train.batch_size * 2, cfg.train.amp, canvas=cfg.data.canvas,
         num_workers=cfg.data.num_workers,

@@ -38,7 +38,7 @@ def _test_batch(cfg, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     from clockdistill.data.dataset import CocoDetection
     from clockdistill.data.transforms import DetectionTransform, collate
 
-    dataset = CocoDetection(cfg.data.root, cfg.data.val_split, DetectionTransform(cfg.data.max_size, train=False))
+    dataset = CocoDetection(cfg.data.root, cfg.data.val_split, DetectionTransform.for_data(cfg.data, train=False))
     images, mask, _ = collate([dataset[i] for i in range(min(n, len(dataset)))])
     return pad_to(images, mask, cfg.data.max_size)
 

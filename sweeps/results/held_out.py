@@ -50,7 +50,7 @@ def test_predictions(checkpoint: Path, data_root: str | Path, device: torch.devi
     input size, padding and precision, as it was evaluated during training."""
     model, meta = load_detector(checkpoint, device)
     cfg = resolve_config(meta["config"])
-    dataset = CocoDetection(data_root, TEST_SPLIT, DetectionTransform(cfg.data.max_size, train=False))
+    dataset = CocoDetection(data_root, TEST_SPLIT, DetectionTransform.for_data(cfg.data, train=False))
     # in the precision it trained and was selected in (train.amp)
     return predict(
         model, dataset, device, cfg.train.batch_size * 2, cfg.train.amp, canvas=cfg.data.canvas,

@@ -168,7 +168,7 @@ def samples(client, best: Trial, sweep: Sweep, path: Path, n: int = 4) -> Path:
         student, meta = load_detector(checkpoint, "cpu")
     teacher, _ = load_detector(sweep.spec["teacher"], "cpu")
     cfg = resolve_config(meta["config"])
-    dataset = CocoDetection(cfg.data.root, cfg.data.val_split, DetectionTransform(cfg.data.max_size, train=False))
+    dataset = CocoDetection(cfg.data.root, cfg.data.val_split, DetectionTransform.for_data(cfg.data, train=False))
     indices = list(range(min(n, len(dataset))))
     names = dataset.class_names
     predicted = [_detections(m, dataset, indices) for m in (teacher, student)]
