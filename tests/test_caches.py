@@ -360,3 +360,39 @@ def test_the_teacher_cache_equals_the_live_teacher_on_the_faithful_detectors(syn
             a, b = live[k].item(), cached[k].item()
             rtol, atol = (2e-3, 1e-5) if k.startswith("kd_mem") else (1e-4, 1e-6)
             assert abs(a - b) <= rtol * abs(a) + atol, (preset, method, k, a, b)
+
+
+def test_the_teacher_cache_equals_the_live_teacher_across_architectures(tiny_teacher, tmp_path):
+    """The hybrid teacher's cached memory (its own grid at the run's square canvas), paired by stride
+    with the D-FINE student's levels like the live teacher's, and its cached target-aware outputs give
+    the live losses."""
+    cfg = resolve_config(
+        distill=True,
+        config={
+            "model": {"preset": "dfine-tiny-student"},  # (its preset brings the square recipe)
+            "data": {"hflip": 0.5, "cache_dir": str(tmp_path / "cache")},
+            "train": {"device": "cpu", "progress": False, "batch_size": 4},
+            "distill": {"teacher_cache": "on", "method": "clockdistill"},
+        },
+        teacher=tiny_teacher,
+    )
+    assert cfg.model.arch == "dfine" and cfg.data.resize == "square" and cfg.data.canvas == (128, 128)
+    train_ds, _ = build_datasets(cfg)
+    teacher = FrozenTeacher.load(tiny_teacher)
+    distiller = build_distiller(cfg, teacher, train_ds.num_classes, torch.device("cpu"))
+    assert distiller.pairing is not None
+    cache = prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu"))
+    assert cache is not None
+    images, mask, targets = next(iter(_loader(train_ds, cfg, 0)))
+    distiller.cache = None
+    torch.manual_seed(0)
+    live, _ = distiller.losses(images, mask, targets)
+    distiller.cache = cache
+    torch.manual_seed(0)
+    cached, _ = distiller.losses(images, mask, targets)
+    kd = [k for k in live if k.startswith("kd_")]
+    assert any(k.startswith("kd_mem") for k in kd) and any(live[k].item() > 1e-3 for k in kd)
+    for k in kd:
+        a, b = live[k].item(), cached[k].item()
+        rtol, atol = (2e-3, 1e-5) if k.startswith("kd_mem") else (1e-4, 1e-6)
+        assert abs(a - b) <= rtol * abs(a) + atol, (k, a, b)

@@ -86,12 +86,6 @@ def cache_blockers(cfg: Config) -> list[str]:
     dc, reasons = cfg.distill, []
     if not METHODS[dc.method].uses_teacher:
         reasons.append(f"distill.method: {dc.method} runs no teacher")
-    teacher_arch = _teacher_arch(dc.teacher)
-    if teacher_arch and teacher_arch != cfg.model.arch and METHODS[dc.method].uses_teacher:
-        reasons.append(
-            f"the teacher ({teacher_arch}) and the student ({cfg.model.arch}) are two architectures: the cache "
-            "holds the teacher's own token grid, paired by stride only live"
-        )
     if METHODS[dc.method].detrdistill and (dc.detrdistill.feature or dc.detrdistill.query_prior):
         reasons.append(
             "distill.method: detrdistill's feature and query-prior parts read the teacher's encoder input, "
@@ -111,15 +105,6 @@ def cache_blockers(cfg: Config) -> list[str]:
     if dc.uses_target_queries and (dc.logit.label_noise > 0 or dc.logit.box_noise > 0):
         reasons.append("distill.logit.label_noise/box_noise: noisy queries change the teacher's input every step")
     return reasons
-
-
-def _teacher_arch(path: str) -> str | None:
-    from clockdistill.checkpoint_meta import read_meta
-
-    try:
-        return read_meta(path)["config"]["model"]["arch"] if path else None
-    except Exception:  # noqa: BLE001 - no readable teacher here: other checks say so
-        return None
 
 
 def needed_parts(cfg: Config) -> list[str]:

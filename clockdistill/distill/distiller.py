@@ -86,6 +86,7 @@ class Distiller:
             check_memory_geometry(teacher.cfg, student.cfg)
         # token for token (one architecture), or the levels of equal stride (across architectures)
         self.pairing = memory_pairing(teacher.cfg, student.cfg) if self.uses_memory else None
+        self._shapes: dict[tuple[int, int], list[tuple[int, int]]] = {}  # the teacher's levels per input size
         dt, ds = teacher.cfg.d_model, student.cfg.d_model
         if self.uses_prior:
             check_query_prior(teacher.cfg, student.cfg)
@@ -210,11 +211,13 @@ class Distiller:
         """The teacher tokens the memory terms compare with: memory (+ pos), live or cached."""
         if mem_t is None:
             t = self.cache.memory(targets, mem_s.memory.device)
-            if t.shape[1] != mem_s.memory.shape[1]:
+            want = mem_s.memory.shape[1]  # one architecture: the student's tokens; two: the teacher's own grid
+            if self.pairing is not None:
+                want = sum(h * w for h, w in self._teacher_shapes(tuple(targets[0]["size"].tolist()), t.device))
+            if t.shape[1] != want:
                 raise ConfigError(
-                    f"distill.teacher_cache: the cached teacher memory has {t.shape[1]} tokens per image, the "
-                    "student's "
-                    f"{mem_s.memory.shape[1]} (a different canvas or levels; delete {self.cache.path})"
+                    f"distill.teacher_cache: the cached teacher memory has {t.shape[1]} tokens per image, "
+                    f"{want} expected (a different canvas or levels; delete {self.cache.path})"
                 )
             return t
         if self.pairing is None and mem_t.spatial_shapes != mem_s.spatial_shapes:
@@ -240,17 +243,26 @@ class Distiller:
         (self.pairing; distill.memory.levels then counts the shared levels)."""
         mc = self.dcfg.memory
         shapes, padding, extents = mem_s.spatial_shapes, mem_s.padding_mask, None
-        if self.pairing is not None:
-            if mem_t is None:
-                raise ConfigError(
-                    "distill.teacher_cache: a pair of two architectures reads the live teacher (set it off)"
-                )
-            t, s, shapes, padding, extents = self.pairing.select(t, mem_t.spatial_shapes, s, shapes, mask)
+        if self.pairing is not None:  # (cached: the teacher's level grids at this canvas, from one probe)
+            shapes_t = mem_t.spatial_shapes if mem_t is not None else self._teacher_shapes(image_hw, t.device)
+            t, s, shapes, padding, extents = self.pairing.select(t, shapes_t, s, shapes, mask)
         levels = level_token_mask(shapes, mc.levels, t.device)
         if self.caps.memory == "plain":
             return {"kd_fitnet": fitnet_term(t, s, padding, levels)}
         m, sc = memory_masks(targets, image_hw, shapes, padding, mc.mask, mc.gaussian_grow, mc.scale_norm, extents)
         return memory_terms(t, s, m, sc, levels, mc.channel_reduce, mc.normalize)
+
+    def _teacher_shapes(self, image_hw: tuple[int, int], device) -> list[tuple[int, int]]:
+        """The teacher's memory levels for an (unpadded) input of `image_hw`, read once per size from an
+        encoding of a blank image (a cached run's teacher is otherwise never run)."""
+        if image_hw not in self._shapes:
+            with torch.no_grad():
+                probe = self.teacher.encode(
+                    torch.zeros(1, 3, *image_hw, device=device),
+                    torch.zeros(1, *image_hw, dtype=torch.bool, device=device),
+                )
+            self._shapes[image_hw] = list(probe.spatial_shapes)
+        return self._shapes[image_hw]
 
     def _target_query_terms(
         self, mem_t: Memory | None, qs, layers_s: list[dict] | None, targets: list[dict], out_s: dict
