@@ -4,6 +4,7 @@ import json
 import shutil
 import socket
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from conftest import run_cli, tune_results
+from sweeps.results.held_out import WINNER
 from sweeps.tracking import schema as S
 
 pytestmark = pytest.mark.slow
@@ -147,6 +149,27 @@ def test_registered_with_alias_champion_and_a_second_run_adds_no_version(tiny_sw
     images = torch.zeros(1, 3, 128, 128)
     logits, _ = loaded(images, torch.zeros(1, 128, 128, dtype=torch.bool))
     assert logits.shape[:2] == (1, json.loads((tmp_path / "again" / "config.json").read_text())["model"]["num_queries"])
+    # the move is recorded on the version: who, when, from which sweep and trial, with which test AP
+    tags = client.get_model_version("hybrid-tiny-student", champion.version).tags
+    trial_run = client.get_run(champion.run_id)  # (the student is logged on its trial's run)
+    assert trial_run.data.tags[S.TRIAL_ID_TAG] == manifest["trial_id"]
+    assert tags["checkpoint_sha256"] == trial_run.data.tags[S.BEST_CHECKPOINT_SHA_TAG]
+    assert (tags["champion.sweep"], tags["champion.trial"]) == ("tiny", manifest["trial_id"])
+    assert tags["champion.set_by"] and tags["champion.previous_version"] == str(champion.version)
+    set_at = datetime.fromisoformat(tags["champion.set_at"])
+    assert timedelta(0) <= datetime.now(timezone.utc) - set_at < timedelta(hours=1)
+    report = json.loads((tmp_path / "again" / "export.json").read_text())["test"]
+    assert tags["champion.test_AP"] == (f"{report['models'][WINNER]['AP']:.6f}" if report else "not measured")
+    # a version whose checkpoint digest is not the trial's recorded one: the alias is not moved
+    client.set_model_version_tag("hybrid-tiny-student", champion.version, "checkpoint_sha256", "0" * 64)
+    try:
+        proc = _best_student(tiny_sweep, tmp_path / "tampered")
+        assert proc.returncode != 0 and "refusing to point champion at it" in proc.stderr.strip().splitlines()[-1]
+        assert client.get_model_version_by_alias("hybrid-tiny-student", "champion").version == champion.version
+    finally:
+        client.set_model_version_tag(
+            "hybrid-tiny-student", champion.version, "checkpoint_sha256", tags["checkpoint_sha256"]
+        )
 
 
 def test_confirmation_retrains_the_top_settings_on_new_seeds_and_resumes(tiny_sweep, exported, tmp_path):

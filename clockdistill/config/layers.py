@@ -9,8 +9,8 @@ winning over the ones above it:
                        from the teacher's (hybrid-tiny-teacher -> hybrid-tiny-student); else the
                        default preset
     3. teacher         distilling: the teacher checkpoint's data section (same data set, sizes and
-                       splits), its class count and train.output_dir runs/distill, for keys the
-                       layers below leave out
+                       splits; not its input recipe, data.resize, which is the student's), its class
+                       count and train.output_dir runs/distill, for keys the layers below leave out
     4. config          a YAML file's sections, or a dict of them (a sweep spec's `config` with the
                        spec's own data, student and epochs)
     5. variant         a sweep trial's variant: a named bundle of dotted keys
@@ -113,7 +113,8 @@ def _teacher_layer(raw: dict[str, Any]) -> dict[str, Any]:
         )
     meta = read_meta(path)
     for key, value in meta["config"]["data"].items():
-        raw["data"].setdefault(key, value)
+        if key != "resize":  # the input recipe is the student's (its preset's): the teacher sees the student's batches
+            raw["data"].setdefault(key, value)
     raw["model"].setdefault("num_classes", len(meta["class_names"]))
     raw["train"].setdefault("output_dir", "runs/distill")
     return {"preset": student_preset_for(meta["config"]["model"]["preset"])}

@@ -257,6 +257,7 @@ def best_student(
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, source = fetch_checkpoint(client, choice.trial, Path(tmp) / "checkpoint")
         metrics, meta = verify_checkpoint(client, choice.trial, checkpoint, select_device(device), tolerance)
+        checkpoint_sha = file_digest(checkpoint / "model.safetensors")
         alone = (
             confirmation.alone_for(choice.trial)
             if confirmation
@@ -271,7 +272,7 @@ def best_student(
         (out / "export.json").write_text(json.dumps(manifest, indent=1))
     if register:
         figures = run_metrics(held_out) if held_out else None
-        manifest["registered"] = register_student(client, sweep, choice.trial, out, manifest, figures)
+        manifest["registered"] = register_student(client, sweep, choice.trial, out, manifest, figures, checkpoint_sha)
         (out / "export.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
