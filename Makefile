@@ -7,6 +7,8 @@ DEMO   := demo-run
 SPEC   ?= sweeps/configs/demo.yaml
 MLFLOW_PORT ?= 5000
 MLFLOW_DB ?= $(CURDIR)/mlflow.db
+# the tracking server's accounts (admin, sweep, readers; written with random passwords when missing)
+MLFLOW_ACCOUNTS ?= $(HOME)/.config/clockdistill/mlflow-accounts.yaml
 SWEEP  ?=
 
 .PHONY: demo demo-teacher demo-student study ablation test test-fast lint bench best-student report sweep mlflow-ui venv clean
@@ -72,7 +74,8 @@ sweep: $(STAMP)
 
 # The MLflow UI on 127.0.0.1 against the project's default store (sqlite mlflow.db).
 mlflow-ui: $(STAMP)
-	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+	$(VENV)/bin/clockdistill mlflow-server --accounts $(MLFLOW_ACCOUNTS) --new --backend-store-uri sqlite:///$(MLFLOW_DB) \
+		--state $(dir $(MLFLOW_DB))mlflow-auth --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 # The best finished trial of the latest sweep (or SWEEP=name): verified, exported to
 # artifacts/best-student/, registered in MLflow with the alias champion.

@@ -61,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # MLflow's 401 / 403: one line naming the account (sweeps/tracking/accounts.py)
+        from sweeps.tracking.accounts import refusal
+
+        message = refusal(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

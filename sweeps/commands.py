@@ -224,7 +224,55 @@ def _study_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _accounts_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--accounts", required=True, help="the accounts YAML file (admin, sweep, readers; chmod 600)")
+    p.add_argument("--tracking-uri", required=True, help="the running authenticated server, e.g. http://mlflow:5000")
+
+
+def _accounts(args: argparse.Namespace) -> int:
+    from sweeps.tracking.accounts import create_accounts, load_accounts
+
+    accounts = load_accounts(args.accounts)
+    created = create_accounts(args.tracking_uri, accounts)
+    print(f"{args.tracking_uri}: created {', '.join(created) or 'no account'} (the others existed)")
+    return 0
+
+
+def _server_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--accounts", required=True, help="the accounts YAML file (admin, sweep, readers; chmod 600)")
+    p.add_argument("--new", action="store_true", help="write the accounts file with random passwords if it is missing")
+    p.add_argument("--backend-store-uri", default="sqlite:///mlflow.db", help="runs and models (default: %(default)s)")
+    p.add_argument("--state", default="mlflow-auth", help="the auth config and user database (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+
+
+def _server(args: argparse.Namespace) -> int:
+    from sweeps.tracking.server import serve_with_accounts
+
+    return serve_with_accounts(args.accounts, args.new, args.backend_store_uri, Path(args.state), args.host, args.port)
+
+
 COMMANDS = (
+    Command(
+        "mlflow-server",
+        "an MLflow tracking server with accounts: admin, the sweep account, read-only users (make mlflow-ui)",
+        _server_arguments,
+        _server,
+        "Run MLflow's server with its basic-auth app: every resource READ by default, users in --state, the admin's "
+        "first password and the accounts from the --accounts file (written with random passwords by --new when "
+        "missing), the sweep account and the readers created once the server is up. Clients authenticate with "
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD; no password is written anywhere else.",
+        "example: clockdistill mlflow-server --accounts ~/.config/clockdistill/mlflow-accounts.yaml --new",
+    ),
+    Command(
+        "accounts",
+        "create the sweep account and the read-only users on a running authenticated MLflow server",
+        _accounts_arguments,
+        _accounts,
+        "As the accounts file's admin, create its sweep account and readers on the server (existing users are left "
+        "as they are): for the cluster's server (cluster/mlflow), whose admin the server creates on its first start.",
+    ),
     Command(
         "sweep",
         "run (or resume) a Ray Tune sweep over distillation settings",

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -30,12 +31,14 @@ def chromium():
 
 
 @pytest.fixture(scope="module")
-def mlflow_ui(tiny_sweep):
-    """`make mlflow-ui` on the tiny sweep's SQLite store, on a free port; yields its base URL."""
+def mlflow_ui(tiny_sweep, tmp_path_factory):
+    """`make mlflow-ui` on the tiny sweep's SQLite store, on a free port, with a new accounts file;
+    yields its base URL and the accounts file."""
     port = free_port()
     db = tiny_sweep["tracking_uri"][len("sqlite:///") :]
+    accounts = tmp_path_factory.mktemp("mlflow-ui") / "accounts.yaml"
     proc = subprocess.Popen(
-        ["make", "-s", "mlflow-ui", f"MLFLOW_DB={db}", f"MLFLOW_PORT={port}"],
+        ["make", "-s", "mlflow-ui", f"MLFLOW_DB={db}", f"MLFLOW_PORT={port}", f"MLFLOW_ACCOUNTS={accounts}"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -52,7 +55,7 @@ def mlflow_ui(tiny_sweep):
                 os.killpg(proc.pid, signal.SIGKILL)
                 pytest.fail(f"make mlflow-ui did not come up: {proc.stdout.read().decode()[-2000:]}")
             time.sleep(0.5)
-    yield url
+    yield url, accounts
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=30)
@@ -61,7 +64,17 @@ def mlflow_ui(tiny_sweep):
 
 
 def test_mlflow_ui_shows_the_trials_and_the_report(tiny_sweep, mlflow_ui, chromium, tmp_path):
+    """A read-only account of the server's accounts file browses the sweep (MLflow asks every request
+    for an account: the browser sends the reader's credentials)."""
+    import base64
+
+    import yaml
     from mlflow.tracking import MlflowClient
+
+    mlflow_ui, accounts = mlflow_ui
+    reader = yaml.safe_load(accounts.read_text())["readers"][0]
+    with pytest.raises(urllib.error.HTTPError, match="401"):  # no account: refused
+        urllib.request.urlopen(f"{mlflow_ui}/ajax-api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
 
     proc = run_cli("report", "--tracking-uri", tiny_sweep["tracking_uri"], "--out", str(tmp_path / "report"))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -74,6 +87,9 @@ def test_mlflow_ui_shows_the_trials_and_the_report(tiny_sweep, mlflow_ui, chromi
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser = Browser(chromium, tmp_path / "profile")
     try:
+        token = base64.b64encode(f"{reader['username']}:{reader['password']}".encode()).decode()
+        browser.call("Network.enable")
+        browser.call("Network.setExtraHTTPHeaders", headers={"Authorization": f"Basic {token}"})
         browser.goto(f"{mlflow_ui}/#/experiments/{exp.experiment_id}/runs")
         browser.wait_for_text("tiny", "matching runs")
         # trial runs are nested under the sweep's run: open it
