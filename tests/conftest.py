@@ -276,3 +276,35 @@ def tiny_sweep(tmp_path_factory):
         "data": data,
         "stdout": proc.stdout,
     }
+
+
+def fit_one_batch(preset: str, steps: int = 60):
+    """`steps` AdamW steps (lr 1e-3) of a fresh `preset` detector on one fixed 2-image batch, its training
+    queries (denoising) included; returns (the weighted loss of every step, the last step's terms, the
+    config). Seed 0; one thread per test worker (OMP_NUM_THREADS)."""
+    import torch
+
+    from clockdistill.config.layers import resolve_config
+    from clockdistill.losses.criterion import SetCriterion, model_detection_weights, weighted_sum
+    from clockdistill.models.build import build_detector
+
+    torch.manual_seed(0)
+    cfg = resolve_config({"model": {"preset": preset}})
+    model = build_detector(cfg.model, 3).train()
+    criterion = SetCriterion.from_config(cfg.loss, 3)
+    weights = model_detection_weights(cfg.loss, cfg.model)
+    images, mask = torch.randn(2, 3, 128, 128), torch.zeros(2, 128, 128, dtype=torch.bool)
+    targets = [
+        {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+    ]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    history, losses = [], {}
+    for _ in range(steps):
+        losses = criterion(model(images, mask, targets=targets), targets)
+        total = weighted_sum(losses, weights)
+        history.append(float(total.detach()))
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    return history, losses, cfg

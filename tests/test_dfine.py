@@ -5,7 +5,7 @@ near-identical tokens, whose query selection then ties), saved as a Hugging Face
 with `clockdistill import`, then the encoder's maps, the selected proposals, the pre-box head and every
 decoder layer's logits, boxes, edge distributions and reference boxes compared on a 2-image batch;
 the localisation losses' pieces checked against the decoding they invert; training, distillation and
-export of the tiny presets."""
+export of the tiny presets (the export test: tests/test_rtdetr.py)."""
 
 from __future__ import annotations
 
@@ -199,29 +199,13 @@ def test_training_fits_a_batch_with_every_dfine_term():
     """The tiny preset trains: varifocal, L1 and GIoU on every layer, the pre-box head and the selected
     proposals, FGL on every layer and DDF on the earlier ones (the denoising queries' too), at the
     published weights; the loss of one batch falls."""
-    from clockdistill.losses.criterion import SetCriterion, model_detection_weights, weighted_sum
+    from clockdistill.losses.criterion import model_detection_weights
+    from conftest import fit_one_batch
 
-    torch.manual_seed(0)  # (one thread per test worker: conftest's OMP_NUM_THREADS)
-    cfg = resolve_config({"model": {"preset": "dfine-tiny-student"}})
+    history, losses, cfg = fit_one_batch("dfine-tiny-student")
     assert (cfg.loss.cls_loss, cfg.loss.cls, cfg.loss.bbox, cfg.loss.giou) == ("vfl", 1.0, 5.0, 2.0)
     assert (cfg.loss.fgl, cfg.loss.ddf) == (0.15, 1.5)
-    model = build_detector(cfg.model, 3).train()
-    criterion = SetCriterion.from_config(cfg.loss, 3)
     weights = model_detection_weights(cfg.loss, cfg.model)
-    images, mask = torch.randn(2, 3, 128, 128), torch.zeros(2, 128, 128, dtype=torch.bool)
-    targets = [
-        {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
-        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
-    ]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    history = []
-    for _ in range(60):
-        losses = criterion(model(images, mask, targets=targets), targets)
-        total = weighted_sum(losses, weights)
-        history.append(float(total.detach()))
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
     assert set(losses) == set(weights)
     assert {"loss_fgl", "loss_ddf_0", "loss_fgl_dn_1", "loss_ddf_dn_1", "loss_cls_pre", "loss_giou_dn_pre"} <= set(
         losses
@@ -253,22 +237,6 @@ def test_cli_distills_the_dfine_teacher_into_the_dfine_student(synth_data, tmp_p
     assert summary["method"] == "clockdistill" and 0 <= summary["best_AP"] <= 1
     meta = json.loads((tmp_path / "run" / "best" / "meta.json").read_text())
     assert meta["config"]["model"]["preset"] == "dfine-tiny-student" and meta["config"]["loss"]["cls_loss"] == "vfl"
-
-
-def test_the_dfine_student_exports_to_torchscript_and_onnx(tmp_path):
-    """TorchScript equal to eager, ONNX within 1e-4 of it (onnxruntime, when the onnx extra is installed)."""
-    from clockdistill.exporters import max_abs_difference, onnx_available, to_onnx, to_torchscript
-
-    torch.manual_seed(0)
-    cfg = resolve_config({"model": {"preset": "dfine-tiny-student"}, "data": {"max_size": 128}})
-    model = build_detector(cfg.model, 3).eval()
-    example = (torch.randn(2, 3, 128, 128), torch.zeros(2, 128, 128, dtype=torch.bool))
-    scripted = to_torchscript(model, example, 128)
-    with torch.no_grad():
-        eager = model(*example)
-        assert max_abs_difference((eager["pred_logits"], eager["pred_boxes"]), tuple(scripted(*example))) < 1e-5
-    if onnx_available():
-        assert to_onnx(model, example, tmp_path / "student.onnx") < 1e-4
 
 
 def test_an_original_dfine_checkpoint_imports(tmp_path):

@@ -112,29 +112,10 @@ def test_presets_have_the_published_sizes():
 def test_training_steps_with_denoising_and_varifocal_loss_fit_a_batch():
     """The tiny preset trains: denoising queries and the selected proposals are supervised (varifocal
     classification, L1, GIoU at the published weights), and the loss of one batch falls."""
-    from clockdistill.losses.criterion import SetCriterion, model_detection_weights, weighted_sum
+    from conftest import fit_one_batch
 
-    torch.manual_seed(0)  # (one thread per test worker: conftest's OMP_NUM_THREADS)
-    cfg = resolve_config({"model": {"preset": "rtdetr-tiny-student"}})
+    history, losses, cfg = fit_one_batch("rtdetr-tiny-student")
     assert (cfg.loss.cls_loss, cfg.loss.cls, cfg.loss.bbox, cfg.loss.giou) == ("vfl", 1.0, 5.0, 2.0)
-    model = build_detector(cfg.model, 3).train()
-    criterion = SetCriterion.from_config(cfg.loss, 3)
-    weights = model_detection_weights(cfg.loss, cfg.model)
-    images, mask = torch.randn(2, 3, 128, 128), torch.zeros(2, 128, 128, dtype=torch.bool)
-    targets = [
-        {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
-        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
-    ]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    history = []
-    for _ in range(60):
-        out = model(images, mask, targets=targets)
-        losses = criterion(out, targets)
-        total = weighted_sum(losses, weights)
-        history.append(float(total.detach()))
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
     assert {"loss_cls_dn", "loss_cls_interm", "loss_giou_1"} <= set(losses)
     # measured over seeds 0-4 (one thread): the last five steps' lowest loss is 0.33-0.41 of the first
     assert min(history[-5:]) < 0.6 * history[0], history
@@ -164,13 +145,14 @@ def test_cli_distills_an_rtdetr_teacher_into_the_rtdetr_student(method, synth_da
     assert meta["config"]["model"]["preset"] == "rtdetr-tiny-student" and meta["config"]["loss"]["cls_loss"] == "vfl"
 
 
-def test_the_rtdetr_student_exports_to_torchscript_and_onnx(tmp_path):
+@pytest.mark.parametrize("preset", ["rtdetr-tiny-student", "dfine-tiny-student"])
+def test_the_real_time_students_export_to_torchscript_and_onnx(preset, tmp_path):
     """The deployment forms best-student writes: TorchScript equal to eager, ONNX within 1e-4 of it
     (onnxruntime, when the onnx extra is installed)."""
     from clockdistill.exporters import max_abs_difference, onnx_available, to_onnx, to_torchscript
 
     torch.manual_seed(0)
-    cfg = resolve_config({"model": {"preset": "rtdetr-tiny-student"}, "data": {"max_size": 128}})
+    cfg = resolve_config({"model": {"preset": preset}, "data": {"max_size": 128}})
     model = build_detector(cfg.model, 3).eval()
     example = (torch.randn(2, 3, 128, 128), torch.zeros(2, 128, 128, dtype=torch.bool))
     scripted = to_torchscript(model, example, 128)

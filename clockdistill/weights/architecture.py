@@ -113,10 +113,7 @@ _RTDETR_FIXED = (
 
 
 def _hf_rtdetr(config: dict[str, Any], source: str) -> dict[str, Any]:
-    for key, want in _RTDETR_FIXED:
-        got = config.get(key, want)
-        if (list(got) if isinstance(got, (list, tuple)) else got) != want:
-            raise _fail(source, f"{key} is {got!r}; the RT-DETR reference (and this import) uses {want!r}")
+    _refuse_other(config, _RTDETR_FIXED, source, "RT-DETR")
     if config.get("encoder_attention_heads") != config.get("decoder_attention_heads"):
         raise _fail(source, "encoder_attention_heads and decoder_attention_heads differ; this import uses one count")
     enc_dim = config["encoder_hidden_dim"]
@@ -146,15 +143,10 @@ def _hf_rtdetr(config: dict[str, Any], source: str) -> dict[str, Any]:
     )
 
 
-# transformers' DFineConfig values this import builds as the reference's published models have them
+# transformers' DFineConfig values this import builds as the reference's published models have them: RT-DETR's
+# (but the levels, read from the config) and D-FINE's own
 _DFINE_FIXED = (
-    ("positional_encoding_temperature", 10000),
-    ("encoder_activation_function", "gelu"),
-    ("activation_function", "silu"),
-    ("decoder_activation_function", "relu"),
-    ("normalize_before", False),
-    ("learn_initial_query", False),
-    ("with_box_refine", True),
+    *_RTDETR_FIXED[3:],
     ("layer_scale", 1),
     ("top_prob_values", 4),
     ("lqe_hidden_dim", 64),
@@ -162,10 +154,16 @@ _DFINE_FIXED = (
 )
 
 
+def _refuse_other(config: dict[str, Any], fixed, source: str, family: str) -> None:
+    """One line naming the first config value this import does not build as the reference does."""
+    for key, want in fixed:
+        got = config.get(key, want)
+        if (list(got) if isinstance(got, (list, tuple)) else got) != want:
+            raise _fail(source, f"{key} is {got!r}; the {family} reference (and this import) uses {want!r}")
+
+
 def _hf_dfine(config: dict[str, Any], source: str) -> dict[str, Any]:
-    for key, want in _DFINE_FIXED:
-        if config.get(key, want) != want:
-            raise _fail(source, f"{key} is {config.get(key)!r}; the D-FINE reference (and this import) uses {want!r}")
+    _refuse_other(config, _DFINE_FIXED, source, "D-FINE")
     layers = config["decoder_layers"]
     if config.get("eval_idx", -1) not in (-1, layers - 1):
         raise _fail(source, f"eval_idx is {config.get('eval_idx')}; this import builds the last layer's (-1)")

@@ -84,26 +84,39 @@ _HF_DAB = [
 
 _ENC = r"^encoder\.(?:aifi|encoder)\.(\d+)\.layers\.(\d+)\."  # transformers names AIFI `aifi` in memory
 _DEC = r"^decoder\.layers\.(\d+)\."
-_HF_RTDETR = [  # transformers' RTDetrForObjectDetection (after "model.", as saved or in memory) -> the reference's
-    (r"^encoder_input_proj\.(\d+)\.", r"encoder.input_proj.\1."),
+_FC1, _FC2 = r"(?:mlp\.layers\.0|(?:mlp\.)?fc1)\.", r"(?:mlp\.layers\.1|(?:mlp\.)?fc2)\."  # (as saved or in memory)
+_AIFI = [  # the hybrid encoder's transformer layer (RT-DETR, D-FINE)
     (_ENC + r"self_attn\.(?:o|out)_proj\.", r"encoder.encoder.\1.layers.\2.self_attn.out_proj."),
     (_ENC + r"self_attn\.([qkv])_proj\.", r"encoder.encoder.\1.layers.\2.self_attn.\3_proj."),
     (_ENC + r"self_attn_layer_norm\.", r"encoder.encoder.\1.layers.\2.norm1."),
-    (_ENC + r"(?:mlp\.)?fc1\.", r"encoder.encoder.\1.layers.\2.linear1."),
-    (_ENC + r"(?:mlp\.)?fc2\.", r"encoder.encoder.\1.layers.\2.linear2."),
+    (_ENC + _FC1, r"encoder.encoder.\1.layers.\2.linear1."),
+    (_ENC + _FC2, r"encoder.encoder.\1.layers.\2.linear2."),
     (_ENC + r"final_layer_norm\.", r"encoder.encoder.\1.layers.\2.norm2."),
-    (r"^encoder\.(lateral_convs|fpn_blocks|downsample_convs|pan_blocks)\.", r"encoder.\1."),
+]
+_DECODER_INPUT = [
     (r"^decoder_input_proj\.(\d+)\.0\.", r"decoder.input_proj.\1.conv."),
     (r"^decoder_input_proj\.(\d+)\.1\.", r"decoder.input_proj.\1.norm."),
+]
+_DECODER_SELF_ATTN = [
     (_DEC + r"self_attn\.(?:o|out)_proj\.", r"decoder.decoder.layers.\1.self_attn.out_proj."),
     (_DEC + r"self_attn\.([qkv])_proj\.", r"decoder.decoder.layers.\1.self_attn.\2_proj."),
     (_DEC + r"self_attn_layer_norm\.", r"decoder.decoder.layers.\1.norm1."),
+]
+_DECODER_FFN = [
+    (_DEC + _FC1, r"decoder.decoder.layers.\1.linear1."),
+    (_DEC + _FC2, r"decoder.decoder.layers.\1.linear2."),
+    (_DEC + r"final_layer_norm\.", r"decoder.decoder.layers.\1.norm3."),
+]
+_HF_RTDETR = [  # transformers' RTDetrForObjectDetection (after "model.", as saved or in memory) -> the reference's
+    (r"^encoder_input_proj\.(\d+)\.", r"encoder.input_proj.\1."),
+    *_AIFI,
+    (r"^encoder\.(lateral_convs|fpn_blocks|downsample_convs|pan_blocks)\.", r"encoder.\1."),
+    *_DECODER_INPUT,
+    *_DECODER_SELF_ATTN,
     (_DEC + r"encoder_attn\.n_points_scale$", r"decoder.decoder.layers.\1.cross_attn.num_points_scale"),  # v2
     (_DEC + r"encoder_attn\.", r"decoder.decoder.layers.\1.cross_attn."),
     (_DEC + r"encoder_attn_layer_norm\.", r"decoder.decoder.layers.\1.norm2."),
-    (_DEC + r"(?:mlp\.)?fc1\.", r"decoder.decoder.layers.\1.linear1."),
-    (_DEC + r"(?:mlp\.)?fc2\.", r"decoder.decoder.layers.\1.linear2."),
-    (_DEC + r"final_layer_norm\.", r"decoder.decoder.layers.\1.norm3."),
+    *_DECODER_FFN,
     (r"^decoder\.query_pos_head\.", "decoder.query_pos_head."),
     (r"^decoder\.class_embed\.", "decoder.dec_score_head."),
     (r"^decoder\.bbox_embed\.", "decoder.dec_bbox_head."),
@@ -114,12 +127,7 @@ _FUSE = r"^encoder\.(fpn_blocks|pan_blocks)\.(\d+)\."
 _HF_DFINE = [  # transformers' DFineForObjectDetection (after "model.") -> the reference's
     (r"^encoder_input_proj\.(\d+)\.0\.", r"encoder.input_proj.\1.conv."),
     (r"^encoder_input_proj\.(\d+)\.1\.", r"encoder.input_proj.\1.norm."),
-    (_ENC + r"self_attn\.(?:o|out)_proj\.", r"encoder.encoder.\1.layers.\2.self_attn.out_proj."),
-    (_ENC + r"self_attn\.([qkv])_proj\.", r"encoder.encoder.\1.layers.\2.self_attn.\3_proj."),
-    (_ENC + r"self_attn_layer_norm\.", r"encoder.encoder.\1.layers.\2.norm1."),
-    (_ENC + r"(?:mlp\.layers\.0|fc1)\.", r"encoder.encoder.\1.layers.\2.linear1."),
-    (_ENC + r"(?:mlp\.layers\.1|fc2)\.", r"encoder.encoder.\1.layers.\2.linear2."),
-    (_ENC + r"final_layer_norm\.", r"encoder.encoder.\1.layers.\2.norm2."),
+    *_AIFI,
     (r"^encoder\.lateral_convs\.", "encoder.lateral_convs."),
     (_FUSE + r"conv1\.", r"encoder.\1.\2.cv1."),
     (_FUSE + r"csp_rep1\.", r"encoder.\1.\2.cv2.0."),
@@ -128,16 +136,11 @@ _HF_DFINE = [  # transformers' DFineForObjectDetection (after "model.") -> the r
     (_FUSE + r"conv3\.", r"encoder.\1.\2.cv3.1."),
     (_FUSE + r"conv4\.", r"encoder.\1.\2.cv4."),
     (r"^encoder\.downsample_convs\.(\d+)\.conv([12])\.", r"encoder.downsample_convs.\1.0.cv\2."),
-    (r"^decoder_input_proj\.(\d+)\.0\.", r"decoder.input_proj.\1.conv."),
-    (r"^decoder_input_proj\.(\d+)\.1\.", r"decoder.input_proj.\1.norm."),
-    (_DEC + r"self_attn\.(?:o|out)_proj\.", r"decoder.decoder.layers.\1.self_attn.out_proj."),
-    (_DEC + r"self_attn\.([qkv])_proj\.", r"decoder.decoder.layers.\1.self_attn.\2_proj."),
-    (_DEC + r"self_attn_layer_norm\.", r"decoder.decoder.layers.\1.norm1."),
+    *_DECODER_INPUT,
+    *_DECODER_SELF_ATTN,
     (_DEC + r"encoder_attn\.", r"decoder.decoder.layers.\1.cross_attn."),
     (_DEC + r"gateway\.", r"decoder.decoder.layers.\1.gateway."),
-    (_DEC + r"(?:mlp\.layers\.0|fc1)\.", r"decoder.decoder.layers.\1.linear1."),
-    (_DEC + r"(?:mlp\.layers\.1|fc2)\.", r"decoder.decoder.layers.\1.linear2."),
-    (_DEC + r"final_layer_norm\.", r"decoder.decoder.layers.\1.norm3."),
+    *_DECODER_FFN,
     (r"^decoder\.lqe_layers\.", "decoder.decoder.lqe_layers."),
     (r"^decoder\.(query_pos_head|pre_bbox_head)\.", r"decoder.\1."),
     (r"^decoder\.(up|reg_scale)$", r"decoder.\1"),

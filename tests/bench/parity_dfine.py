@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench: the reference loader
 
-from reference_code import load  # noqa: E402
+from reference_code import load, perturbed, run_both  # noqa: E402
 
 from clockdistill.config.layers import resolve_config
 from clockdistill.losses.criterion import SetCriterion, model_detection_weights
@@ -74,18 +74,6 @@ def build_reference(mods, m, num_classes: int):
     return mods["dfine"].DFINE(backbone, encoder, decoder)
 
 
-def perturbed(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith("running_var"):
-                t.copy_(torch.rand_like(t) + 0.5)
-            elif name.endswith(("num_points_scale", "decoder.up", "reg_scale")) or not t.is_floating_point():
-                continue
-            else:
-                t.add_(torch.randn_like(t) * (0.1 if t.dim() == 1 else 0.05))
-    return model
-
-
 def reference_state(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Ours under the reference's names: the same names, `up` and `reg_scale` also under the FDR decoder."""
     state = dict(ours)
@@ -111,25 +99,7 @@ def main() -> None:
         manifest = {k: list(v.shape) for k, v in theirs_keys.items()}
         args.manifest.write_text(json.dumps({"preset": "dfine-s", "model": SMALL, "keys": manifest}, indent=0))
         print(f"manifest: {len(manifest)} keys -> {args.manifest}")
-    ref.train()
-    ref.decoder.num_denoising = 0  # the reference draws its denoising queries at random
-    for module in ref.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.eval()
-    ours.train()
-    ours.cfg = cfg.model.__class__(**{**cfg.model.__dict__, "dn_number": 0})
-    for module in ours.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.eval()
-    torch.manual_seed(1)
-    images = torch.randn(2, 3, SIZE, SIZE)
-    mask = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
-    targets = [
-        {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
-        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
-    ]
-    theirs = ref(images, targets=targets)
-    out = ours(images, mask, targets=targets)
+    theirs, out, targets = run_both(ref, ours, cfg, SIZE)
 
     def diff(a, b) -> float:
         return float((a - b).detach().abs().max())

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench: the reference loader
 
-from reference_code import load  # noqa: E402
+from reference_code import load, perturbed, run_both  # noqa: E402
 
 from clockdistill.config.layers import resolve_config  # noqa: E402
 from clockdistill.losses.criterion import SetCriterion, model_detection_weights  # noqa: E402
@@ -74,25 +74,6 @@ def build_reference(mods: dict, version: str, m, num_classes: int):
     return mods["zoo.rtdetr.rtdetr"].RTDETR(backbone, encoder, decoder)
 
 
-def perturbed(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith("running_var"):
-                t.copy_(torch.rand_like(t) + 0.5)
-            elif name.endswith("num_points_scale") or not t.is_floating_point():
-                continue
-            else:
-                t.add_(torch.randn_like(t) * (0.1 if t.dim() == 1 else 0.05))
-    return model
-
-
-def no_batch_statistics(model: torch.nn.Module) -> None:
-    model.train()
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.eval()
-
-
 def compare(version: str, root: Path, manifest_dir: Path | None) -> None:
     folder, decoder, fields = VERSIONS[version]
     names = ["nn.backbone.presnet", "zoo.rtdetr.hybrid_encoder", f"zoo.rtdetr.{decoder}", "zoo.rtdetr.matcher"]
@@ -115,19 +96,7 @@ def compare(version: str, root: Path, manifest_dir: Path | None) -> None:
         keys = {k: list(v.shape) for k, v in theirs_state.items()}
         path.write_text(json.dumps({"model": {**fields, **SMALL}, "keys": keys}, indent=0))
         print(f"manifest: {len(keys)} keys -> {path}")
-    ref.decoder.num_denoising = 0  # the reference draws its denoising queries at random
-    ours.cfg = cfg.model.__class__(**{**cfg.model.__dict__, "dn_number": 0})
-    no_batch_statistics(ref)
-    no_batch_statistics(ours)
-    torch.manual_seed(1)
-    images = torch.randn(2, 3, SIZE, SIZE)
-    mask = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
-    targets = [
-        {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
-        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
-    ]
-    theirs = ref(images, targets=targets)
-    out = ours(images, mask, targets=targets)
+    theirs, out, targets = run_both(ref, ours, cfg, SIZE)
     layers_t = [*theirs["aux_outputs"][: cfg.model.dec_layers - 1], theirs]
     enc_t = theirs["enc_aux_outputs"][0] if "enc_aux_outputs" in theirs else theirs["aux_outputs"][-1]
     rows = [

@@ -12,6 +12,8 @@ import sys
 import types
 from pathlib import Path
 
+import torch
+
 
 def _module(name: str, path: Path | None = None, **attrs) -> types.ModuleType:
     module = types.ModuleType(name)
@@ -42,3 +44,42 @@ def load(src: Path, modules: list[str]) -> dict[str, types.ModuleType]:
     tv.ops = _module("torchvision.ops", Path("."))
     _module("torchvision.ops.boxes", box_area=lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
     return {m: importlib.import_module(f"src.{m}") for m in modules}
+
+
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """Every tensor away from its initial value (zero-initialised layers would hide a mapping error),
+    BatchNorm variances positive; constants (points scales, D-FINE's up and reg_scale) kept."""
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("running_var"):
+                t.copy_(torch.rand_like(t) + 0.5)
+            elif name.endswith(("num_points_scale", "decoder.up", "reg_scale")) or not t.is_floating_point():
+                continue
+            else:
+                t.add_(torch.randn_like(t) * (0.1 if t.dim() == 1 else 0.05))
+    return model
+
+
+def no_batch_statistics(model: torch.nn.Module) -> None:
+    """Training mode (every layer's outputs) with BatchNorm reading its running statistics."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def run_both(ref: torch.nn.Module, ours: torch.nn.Module, cfg, size: int = 128):
+    """Both models on one seeded 2-image batch with three boxes, in training mode with BatchNorm in
+    evaluation and no denoising queries (the reference draws them at random): (theirs, ours, targets)."""
+    ref.decoder.num_denoising = 0
+    ours.cfg = cfg.model.__class__(**{**cfg.model.__dict__, "dn_number": 0})
+    no_batch_statistics(ref)
+    no_batch_statistics(ours)
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, size, size)
+    mask = torch.zeros(2, size, size, dtype=torch.bool)
+    targets = [
+        {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+    ]
+    return ref(images, targets=targets), ours(images, mask, targets=targets), targets
