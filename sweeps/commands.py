@@ -243,8 +243,8 @@ def _server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new", action="store_true", help="write the accounts file with random passwords if it is missing")
     p.add_argument("--backend-store-uri", default="sqlite:///mlflow.db", help="runs and models (default: %(default)s)")
     p.add_argument("--state", default="mlflow-auth", help="the auth config and user database (default: %(default)s)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=5000, help="port (default: %(default)s)")
 
 
 def _server(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +42,9 @@ def server(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail("the server did not come up: " + "".join(output)[-2000:])
         output.append(line)
+    rest: list[str] = []
+    drain = threading.Thread(target=lambda: rest.append(proc.stdout.read()), daemon=True)  # (a full pipe stalls it)
+    drain.start()
     yield {
         "url": f"http://127.0.0.1:{port}",
         "accounts": yaml.safe_load(accounts.read_text()),
@@ -52,7 +56,8 @@ def server(tmp_path_factory):
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-    (work / "server-output.txt").write_text("".join(output) + proc.stdout.read())
+    drain.join(timeout=30)
+    (work / "server-output.txt").write_text("".join(output + rest))
 
 
 def _client(server, monkeypatch, who: str | None):

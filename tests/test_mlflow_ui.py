@@ -5,6 +5,7 @@ Screenshots are kept in test-artifacts/ (or $TEST_ARTIFACTS_DIR)."""
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -45,16 +46,15 @@ def mlflow_ui(tiny_sweep, tmp_path_factory):
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300  # generous: a busy 2-core machine starts it slowly
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail(f"make mlflow-ui did not come up: {proc.stdout.read().decode()[-2000:]}")
-            time.sleep(0.5)
+    # up once it says so: after /health answers it still creates the accounts
+    output, deadline = [], time.monotonic() + 300  # generous: a busy 2-core machine starts it slowly
+    while not any(line.startswith(b"MLflow at") for line in output):
+        line = proc.stdout.readline()
+        if not line and (proc.poll() is not None or time.monotonic() > deadline):
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"make mlflow-ui did not come up: {b''.join(output).decode()[-2000:]}")
+        output.append(line)
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # (a full pipe would stall the server)
     yield url, accounts
     os.killpg(proc.pid, signal.SIGTERM)
     try:
