@@ -253,7 +253,30 @@ def _server(args: argparse.Namespace) -> int:
     return serve_with_accounts(args.accounts, args.new, args.backend_store_uri, Path(args.state), args.host, args.port)
 
 
+def _check_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="the sweep's spec YAML file (its storage_path and mlflow settings are read)")
+    p.add_argument("--name", help="sweep name (default: the spec's name)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: the spec's, else MLFLOW_TRACKING_URI)")
+
+
+def _check(args: argparse.Namespace) -> int:
+    from sweeps.results.invariants import check_invariants, print_invariants
+
+    invariants = check_invariants(args.spec, args.name, args.tracking_uri)
+    print_invariants(invariants)
+    return 0 if all(i.held for i in invariants) else 1
+
+
 COMMANDS = (
+    Command(
+        "check",
+        "the invariants a finished sweep must hold, from Tune's storage and MLflow (exit 1 when one breaks)",
+        _check_arguments,
+        _check,
+        "Check a sweep after the fact, whatever happened to it: every trial finished, was stopped by the scheduler "
+        "or failed with its reason (within max_failures); MLflow holds one run per trial and every reported epoch "
+        "exactly once with Tune's value; no metric went backwards in step; Tune's best trial is best-student's pick.",
+    ),
     Command(
         "mlflow-server",
         "an MLflow tracking server with accounts: admin, the sweep account, read-only users (make mlflow-ui)",

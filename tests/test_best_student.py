@@ -336,3 +336,32 @@ def test_choice_rules_single_and_multi_objective():
     assert choose_trial(multi, trials, prefer="latency_ms").trial.trial_id == "fast"
     with pytest.raises(UserError, match="--prefer: expected one of"):
         choose_trial(multi, trials, prefer="params")
+
+
+def test_the_invariant_checker_holds_on_the_sweep_and_names_what_breaks(tiny_sweep, tmp_path):
+    """`clockdistill check` on the tiny sweep: every invariant held; on a copy of its store with one
+    epoch logged twice, one logged out of order and a run of no Tune trial, those three break."""
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.results.invariants import check_invariants
+
+    proc = run_cli("check", str(tiny_sweep["spec"]), "--tracking-uri", tiny_sweep["tracking_uri"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.stdout.count(" held ") == 5 and "BROKEN" not in proc.stdout
+    db = tmp_path / "copy.db"
+    shutil.copy(tiny_sweep["tracking_uri"][len("sqlite:///") :], db)
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("tiny")
+    run = client.search_runs([exp.experiment_id], S.trial_filter("tiny"))[0]
+    last = max(m.step for m in client.get_metric_history(run.info.run_id, "AP"))
+    client.log_metric(run.info.run_id, "AP", 0.5, step=last)  # the last epoch again, after it
+    client.log_metric(run.info.run_id, "AP", 0.5, step=0)  # and a step below it
+    parent = client.search_runs([exp.experiment_id], S.sweep_filter("tiny"))[0]
+    stray = client.create_run(exp.experiment_id, tags={**run.data.tags, S.TRIAL_ID_TAG: "ffff0000"})
+    client.set_terminated(stray.info.run_id)
+    assert parent.info.run_id != stray.info.run_id
+    held = {i.name: i for i in check_invariants(str(tiny_sweep["spec"]), tracking_uri=f"sqlite:///{db}")}
+    assert {n for n, i in held.items() if not i.held} == {"one run per trial", "epochs once", "steps forward"}
+    assert (
+        "ffff0000" in held["one run per trial"].detail and run.data.tags[S.TRIAL_ID_TAG] in held["epochs once"].detail
+    )
