@@ -173,10 +173,20 @@ def _build_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_student_arguments(p: argparse.ArgumentParser) -> None:
+    _build_arguments("student", "demo-student-build")(p)
+    p.add_argument(
+        "--preset",
+        default="hybrid-tiny-student",
+        help="the student preset (default: the demo's, %(default)s; e.g. rtdetr-tiny-student for a real-time "
+        "student's starting weights)",
+    )
+
+
 def _build_student(args: argparse.Namespace) -> int:
     from sweeps.demo import build_student
 
-    build_student(Path(args.out), Path(args.workdir), args.threads)
+    build_student(Path(args.out), Path(args.workdir), args.threads, args.preset)
     return 0
 
 
@@ -365,7 +375,7 @@ COMMANDS = (
     Command(
         "demo build-student",
         "pretrain the demo students' starting weights by their recipe (make demo-student; about 9 min)",
-        _build_arguments("student", "demo-student-build"),
+        _build_student_arguments,
         _build_student,
         "Train hybrid-tiny-student alone by the recipe in sweeps/assets/demo-student/recipe.json (15 epochs of 2000 "
         "synthetic images of seed 1, none of the demo's; one thread) and write it as the demo's trials start from "

@@ -123,9 +123,9 @@ def build_study_teacher(workdir: Path, threads: int = 1) -> tuple[Path, float]:
     return best, fit(cfg).best_ap
 
 
-def build_student(out: Path, workdir: Path, threads: int = 1) -> dict[str, Any]:
-    """Pretrain the demo students' starting weights by their recipe (STUDENT_DATA, STUDENT_EPOCHS) and
-    write them to `out`. What `make demo-student` runs."""
+def build_student(out: Path, workdir: Path, threads: int = 1, preset: str = STUDENT_PRESET) -> dict[str, Any]:
+    """Pretrain a student preset's starting weights by the demo students' recipe (STUDENT_DATA,
+    STUDENT_EPOCHS) and write them to `out`. What `make demo-student` runs (for the demo's preset)."""
     import torch
 
     from clockdistill.engine import fit
@@ -133,10 +133,12 @@ def build_student(out: Path, workdir: Path, threads: int = 1) -> dict[str, Any]:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     data = ensure_synthetic(workdir / "data", STUDENT_DATA["train"], STUDENT_DATA["val"], STUDENT_DATA["seed"], test=0)
-    fit(demo_config("demo-student", data, STUDENT_PRESET, STUDENT_EPOCHS, workdir / "student", False))
+    fit(demo_config("demo-student", data, preset, STUDENT_EPOCHS, workdir / "student", False))
+    own = preset == STUDENT_PRESET
+    command = f"clockdistill demo build-student{'' if own else ' --preset ' + preset} --out {out}"
     recipe = {
-        "command": "make demo-student  (clockdistill demo build-student --out sweeps/assets/demo-student)",
-        "preset": STUDENT_PRESET,
+        "command": f"make demo-student  ({command})" if own else command,
+        "preset": preset,
         "data": {"synthetic": STUDENT_DATA},
         "train": {**TRAIN, "epochs": STUDENT_EPOCHS},
     }
