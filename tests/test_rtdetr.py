@@ -260,3 +260,19 @@ def test_an_original_rtdetr_checkpoint_imports(version, tmp_path):
     with torch.no_grad():
         a, b = ours(images, mask), loaded(images, mask)
     assert torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["pred_boxes"], b["pred_boxes"])
+
+
+def test_the_shipped_real_time_student_is_what_its_recipe_names():
+    """sweeps/assets/rtdetr-student (the cross-architecture study's starting weights: rtdetr-tiny-student
+    alone by the demo students' recipe) is the file its recipe's sha256 names and loads as its preset."""
+    import json
+    from pathlib import Path
+
+    from sweeps.demo import check_shipped
+
+    shipped = Path(__file__).resolve().parents[1] / "sweeps" / "assets" / "rtdetr-student"
+    recipe = json.loads((shipped / "recipe.json").read_text())
+    assert recipe["preset"] == "rtdetr-tiny-student"
+    assert check_shipped(shipped, recipe["preset"], recipe["command"]) == shipped
+    model, meta = load_detector(shipped)
+    assert meta["config"]["model"]["arch"] == "rtdetr" and meta["config"]["data"]["resize"] == "square"
