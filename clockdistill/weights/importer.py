@@ -29,17 +29,11 @@ from clockdistill.data.coco_names import COCO_ID_NAMES
 from clockdistill.data.index import load_index
 from clockdistill.errors import UserError
 from clockdistill.models.build import build_detector
-from clockdistill.weights.architecture import (
-    dfine_from_tensors,
-    from_args,
-    from_hf_config,
-    from_tensors,
-    resnet_from_tensors,
-    rtdetr_from_tensors,
-)
+from clockdistill.weights.architecture import from_args, from_hf_config, from_tensors, resnet_from_tensors
 from clockdistill.weights.classes import class_head_keys, class_mapping, read_class_map, remap_rows
 from clockdistill.weights.files import read_checkpoint
 from clockdistill.weights.layouts import Renamed, rename
+from clockdistill.weights.realtime_architecture import dfine_from_tensors, rtdetr_from_tensors
 
 log = logging.getLogger(__name__)
 
