@@ -282,7 +282,7 @@ def train_loader(train_ds: CocoDetection, cfg: Config, device: torch.device, gen
     return DataLoader(
         train_ds,
         batch_sampler=sampler,
-        collate_fn=functools.partial(collate, pad_to=cfg.data.canvas),
+        collate_fn=functools.partial(collate, pad_to=cfg.data.canvas, multiple=cfg.data.pad_multiple),
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
     )

@@ -20,9 +20,14 @@ from clockdistill.engine import build_datasets
 from clockdistill.errors import ConfigError, DataError
 from sweeps.tracking import schema as S
 
+# the two row layouts: a fixed canvas, and batches padded to their largest image (rows keyed by the image
+# alone: the teacher padding-invariant, batches padded to a multiple of its largest stride, 32)
+CANVAS = {"pad_to": "max_size"}
+PER_IMAGE = {"pad_to": "batch", "pad_multiple": 32}
 
-def _cfg(teacher, cache_dir, **distill):
-    data = {"pad_to": "max_size", "train_sizes": [96, 128], "hflip": 0.5, "cache_dir": str(cache_dir)}
+
+def _cfg(teacher, cache_dir, data_keys=CANVAS, **distill):
+    data = {**data_keys, "train_sizes": [96, 128], "hflip": 0.5, "cache_dir": str(cache_dir)}
     return resolve_config(
         distill=True,
         config={
@@ -38,7 +43,11 @@ def _loader(ds, cfg, epoch):
     ds.set_epoch(epoch)
     g = torch.Generator().manual_seed(epoch)
     return DataLoader(
-        ds, batch_size=4, shuffle=True, generator=g, collate_fn=lambda b: collate(b, pad_to=cfg.data.canvas)
+        ds,
+        batch_size=4,
+        shuffle=True,
+        generator=g,
+        collate_fn=lambda b: collate(b, pad_to=cfg.data.canvas, multiple=cfg.data.pad_multiple),
     )
 
 
@@ -52,17 +61,20 @@ def _loader(ds, cfg, epoch):
     ],
     ids=["clockdistill", "with_pos", "vanilla_kd", "fitnet"],
 )
-def test_losses_with_the_teacher_cache_equal_the_live_teacher(tiny_teacher, tmp_path, distill):
-    cfg = _cfg(tiny_teacher, tmp_path / "cache", **distill)
+@pytest.mark.parametrize("layout", [CANVAS, PER_IMAGE], ids=["canvas", "per_image"])
+def test_losses_with_the_teacher_cache_equal_the_live_teacher(tiny_teacher, tmp_path, distill, layout):
+    cfg = _cfg(tiny_teacher, tmp_path / "cache", layout, **distill)
     train_ds, _ = build_datasets(cfg)
     teacher = FrozenTeacher.load(tiny_teacher)
     distiller = build_distiller(cfg, teacher, train_ds.num_classes, torch.device("cpu"))
     cache = prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu"))
     assert cache is not None and cache.path.is_file()
-    views = set()
+    assert cache.layout == ("image" if layout is PER_IMAGE else "canvas")
+    views, canvases = set(), set()
     for epoch in range(2):  # two epochs: both flips and both sizes turn up
         for images, mask, targets in _loader(train_ds, cfg, epoch):
             views |= {(int(max(t["size"].tolist())), t["view"]) for t in targets}
+            canvases.add(tuple(images.shape[-2:]))
             distiller.cache = None
             live, _ = distiller.losses(images, mask, targets)
             distiller.cache = cache
@@ -76,6 +88,8 @@ def test_losses_with_the_teacher_cache_equal_the_live_teacher(tiny_teacher, tmp_
                 assert abs(a - b) <= rtol * abs(a) + atol, (k, a, b)
     assert views == {(96, 0), (96, 1), (128, 0), (128, 1)}
     assert any(live[k].item() > 1e-3 for k in kd)  # the terms compared are not all zero
+    if layout is PER_IMAGE:  # batches of mixed sizes, padded to several canvases
+        assert len(canvases) > 1
 
 
 def test_cached_memory_is_the_teacher_memory_of_that_view(tiny_teacher, tmp_path):
@@ -104,8 +118,8 @@ def test_cache_size_is_reported_before_building_and_a_limit_falls_back(tiny_teac
     cache = prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu"))
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher cache:"))
     assert "building" in line and f"{len(train_ds) * 4} entries" in line
-    size_text = line.split(": ")[2].split(",")[0]  # e.g. "1.2 MB"
-    number, unit = size_text.split()
+    size_text = line.split(": ")[2].split(",")[0]  # e.g. "1.2 MB (30.1 KB per image and view)"
+    number, unit = size_text.split()[:2]
     on_disk = cache.path.stat().st_size
     predicted = float(number) * {"KB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
     assert 0.9 * on_disk <= predicted <= on_disk  # the payload, the file adds only offsets and ids
@@ -114,10 +128,15 @@ def test_cache_size_is_reported_before_building_and_a_limit_falls_back(tiny_teac
 def test_cache_modes_say_why_the_live_teacher_is_used(tiny_teacher, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     cfg = _cfg(tiny_teacher, tmp_path / "cache")
-    cfg = cfg.updated({"data.pad_to": "batch"})
+    cfg = cfg.updated({"data.pad_to": "batch", "distill.teacher_padding": "reference"})
     train_ds, _ = build_datasets(cfg)
+    with pytest.raises(ConfigError, match=r"^distill.teacher_cache: on, but distill.teacher_padding: 'reference'"):
+        prepare_teacher_cache(cfg, FrozenTeacher.load(tiny_teacher, padding="reference"), train_ds, torch.device("cpu"))
+    cfg = cfg.updated({"distill.teacher_padding": "invariant"})
     teacher = FrozenTeacher.load(tiny_teacher)
-    with pytest.raises(ConfigError, match=r"^distill.teacher_cache: on, but data.pad_to: 'batch'"):
+    with pytest.raises(
+        ConfigError, match=r"^distill.teacher_cache: on, but data.pad_multiple: 1 .* set data.pad_multiple=32$"
+    ):
         prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu"))
     cfg = cfg.updated({"distill.teacher_cache": "auto", "data.pad_to": "max_size", "distill.logit.label_noise": 0.3})
     assert prepare_teacher_cache(cfg, teacher, train_ds, torch.device("cpu")) is None

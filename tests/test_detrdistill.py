@@ -31,10 +31,10 @@ def _batch():
     return images, mask, targets
 
 
-def _distiller(student="hybrid-tiny-student", teacher=None, **parts):
+def _distiller(student="hybrid-tiny-student", teacher=None, padding="invariant", **parts):
     torch.manual_seed(0)
     tcfg = resolve_config({"model": {"preset": student.replace("student", "teacher")}})
-    teacher = teacher or FrozenTeacher(build_detector(tcfg.model, 4))
+    teacher = teacher or FrozenTeacher(build_detector(tcfg.model, 4), padding=padding)
     cfg = resolve_config({"model": {"preset": student}, "distill": {"method": "detrdistill", "detrdistill": parts}})
     return Distiller(teacher, build_detector(cfg.model, 4), cfg)
 
@@ -112,7 +112,8 @@ def test_query_prior_of_an_identical_student_is_the_teachers_own_detection_loss(
     teacher's assignment is then the Hungarian matching of those outputs, so every kd_qp term equals
     the teacher's own detection term of that layer."""
     images, mask, targets = _batch()
-    d = _distiller(student.replace("student", "teacher"), logits=False, feature=False)
+    # the reference's numbers on this padded batch, as the student computes them
+    d = _distiller(student.replace("student", "teacher"), padding="reference", logits=False, feature=False)
     d.model.load_state_dict(d.teacher.detector.state_dict())
     d.model.eval()
     terms, _ = d.losses(images, mask, targets)

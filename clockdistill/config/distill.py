@@ -128,6 +128,10 @@ class DistillConfig:
     # allows it, else the live teacher, saying why) | on (an error when it cannot be used)
     teacher_cache: str = "off"
     teacher_cache_max_gb: float = 20.0  # larger caches fall back to the live teacher
+    # invariant: the teacher gives each image of a padded batch its outputs alone (models/invariance.py;
+    # what a cache keyed by image needs) | reference: the original code's numbers, which depend on the
+    # batch's padding. The same on unpadded batches.
+    teacher_padding: str = "invariant"
     memory: MemoryDistillConfig = field(default_factory=MemoryDistillConfig)
     logit: LogitDistillConfig = field(default_factory=LogitDistillConfig)
     detrdistill: DetrDistillConfig = field(default_factory=DetrDistillConfig)
@@ -142,6 +146,7 @@ class DistillConfig:
             )
         _check_choice("distill.teacher_cache", self.teacher_cache, ("off", "auto", "on"))
         _check_range("distill.teacher_cache_max_gb", self.teacher_cache_max_gb, low=0.0)
+        _check_choice("distill.teacher_padding", self.teacher_padding, ("invariant", "reference"))
 
     @property
     def uses_memory(self) -> bool:

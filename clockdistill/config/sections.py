@@ -28,6 +28,10 @@ class DataConfig:
     hflip: float = 0.5  # probability of a horizontal flip in training
     num_workers: int = 0
     pad_to: str = "batch"  # batch: pad to the batch's largest image | max_size: a fixed max_size x max_size canvas
+    # pad_to batch: the canvas's sides rounded up to a multiple of this (1: the reference's exact batch
+    # maximum). A teacher cache keyed by image needs the teacher's largest stride (64 for 4 levels): then
+    # every level's padding mask marks exactly each image's own grid
+    pad_multiple: int = 1
     # longest: the longest side at max_size (train_sizes), aspect kept, padded batches | square: every image
     # stretched to max_size x max_size, each training batch scaled to one of train_sizes (RT-DETR, D-FINE)
     resize: str = "longest"
@@ -46,6 +50,7 @@ class DataConfig:
         _check_range("data.max_size", self.max_size, low=16)
         _check_range("data.hflip", self.hflip, low=0.0, high=1.0)
         _check_range("data.num_workers", self.num_workers, low=0)
+        _check_range("data.pad_multiple", self.pad_multiple, low=1)
         for i, size in enumerate(self.train_sizes):
             fixed = self.pad_to == "max_size" and self.resize == "longest"  # (square batches are scaled, not padded)
             _check_range(f"data.train_sizes[{i}]", size, low=16, high=self.max_size if fixed else None)

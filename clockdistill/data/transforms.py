@@ -24,11 +24,15 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
-def resize_longest(image: Image.Image, size: int) -> Image.Image:
-    w, h = image.size
+def longest_side_dims(w: int, h: int, size: int) -> tuple[int, int]:
+    """(width, height) of a w x h image resized to longest side `size`, aspect kept."""
     scale = size / max(w, h)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return image if new == (w, h) else image.resize(new, Image.BILINEAR)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def resize_longest(image: Image.Image, size: int) -> Image.Image:
+    new = longest_side_dims(*image.size, size)
+    return image if new == image.size else image.resize(new, Image.BILINEAR)
 
 
 def resize_square(image: Image.Image, size: int) -> Image.Image:
@@ -117,12 +121,13 @@ class DetectionTransform:
 
 
 def collate(
-    batch: list[tuple[Tensor, dict]], pad_to: tuple[int, int] | None = None
+    batch: list[tuple[Tensor, dict]], pad_to: tuple[int, int] | None = None, multiple: int = 1
 ) -> tuple[Tensor, Tensor, list[dict]]:
-    """Pad images to the batch's largest size (or to the fixed canvas `pad_to` = (H, W), so that an
-    image's features do not depend on the other images of its batch). Returns images (B, 3, H, W),
-    mask (B, H, W) True on padding, and the list of targets. A square recipe's training batch is
-    interpolated to its first sample's `batch_scale` (bilinear; boxes are relative, so unchanged)."""
+    """Pad images to the batch's largest size rounded up to a `multiple` (or to the fixed canvas
+    `pad_to` = (H, W), so that an image's features do not depend on the other images of its batch).
+    Returns images (B, 3, H, W), mask (B, H, W) True on padding, and the list of targets. A square
+    recipe's training batch is interpolated to its first sample's `batch_scale` (bilinear; boxes are
+    relative, so unchanged)."""
     images, targets = zip(*batch)
     scale = targets[0].get("batch_scale")
     if scale is not None:
@@ -130,8 +135,8 @@ def collate(
         size = torch.tensor([scale, scale])
         targets = [{**t, "size": size} for t in targets]
         return stacked, torch.zeros(len(targets), scale, scale, dtype=torch.bool), targets
-    H = max(im.shape[1] for im in images)
-    W = max(im.shape[2] for im in images)
+    H = -(-max(im.shape[1] for im in images) // multiple) * multiple
+    W = -(-max(im.shape[2] for im in images) // multiple) * multiple
     if pad_to is not None:
         if H > pad_to[0] or W > pad_to[1]:
             raise ValueError(f"an image of {H}x{W} does not fit the fixed canvas {pad_to[0]}x{pad_to[1]}")

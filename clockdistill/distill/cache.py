@@ -15,9 +15,19 @@ teacher sits within fp16's rounding step (2.4e-4 of the image) of the teacher's 
 would make the box terms measure rounding instead of the student.
 
 in one Arrow file per teacher and setting, built once per node and read memory-mapped by every
-trial on it (`arrowcache`). It needs a fixed canvas (`data.pad_to: max_size`, or an image's features
-would depend on its batch companions) and no random query noise; its size is computed and logged
-before it is built, and a cache over `distill.teacher_cache_max_gb` is not built (live teacher).
+trial on it (`arrowcache`). Its rows are laid out one of two ways:
+
+    canvas    a fixed canvas (`data.pad_to: max_size`, or the square recipe): each row the whole
+              canvas's tokens, read as they are
+    image     batches padded to their largest image (`data.pad_to: batch`, any aspect ratio): each row
+              the image's own level grids (its `grid` column: rows and columns per level), placed
+              into each batch's padded layout when read. This needs a teacher whose outputs for an
+              image do not depend on its batch's padding (`distill.teacher_padding: invariant`, the
+              families with a padding mask, models/invariance.py) and batches padded to a multiple of
+              its largest stride (`data.pad_multiple`), so that its level masks mark each image's grid
+
+It needs no random query noise; its size is computed and logged before it is built, and a cache over
+`distill.teacher_cache_max_gb` is not built (live teacher).
 """
 
 from __future__ import annotations
@@ -48,25 +58,27 @@ from clockdistill.config.methods import METHODS
 from clockdistill.config.sections import Config
 from clockdistill.data.dataset import CocoDetection
 from clockdistill.data.index import file_digest
-from clockdistill.data.transforms import collate
+from clockdistill.data.transforms import collate, longest_side_dims
 from clockdistill.distill.queries import TargetQueryBuilder
 from clockdistill.errors import ConfigError
 from clockdistill.models.common import decoder_layers
+from clockdistill.models.invariance import pad_multiple_for
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 SCHEMA = pa.schema(
     [
         ("image_id", pa.int64()),
         ("size", pa.int32()),
         ("view", pa.int8()),
+        ("grid", pa.binary()),
         ("memory", pa.binary()),
         ("queries", pa.binary()),
         ("default", pa.binary()),
     ]
 )
-DTYPES = {"memory": np.float16, "queries": np.float32, "default": np.float32}
+DTYPES = {"grid": np.int32, "memory": np.float16, "queries": np.float32, "default": np.float32}
 PAD_BOX = (0.5, 0.5, 0.1, 0.1)  # what padded query slots hold (never used: zero weight, but finite)
 
 
@@ -79,10 +91,18 @@ class CachePlan:
     views: list[tuple[int, int]]  # (longest side, flip)
     rows: int
     bytes: int
+    layout: str = "canvas"  # canvas | image (module docstring)
+    strides: tuple[int, ...] = ()  # the teacher's level strides (image layout)
 
 
-def cache_blockers(cfg: Config) -> list[str]:
-    """Why this run cannot read teacher outputs from a cache (empty: it can)."""
+def image_layout(cfg: Config) -> bool:
+    """Whether the run's batches are padded to their largest image (rows keyed by the image alone)."""
+    return cfg.data.canvas is None
+
+
+def cache_blockers(cfg: Config, teacher=None) -> list[str]:
+    """Why this run cannot read teacher outputs from a cache (empty: it can). `teacher` (the
+    FrozenTeacher) when known: whether it can serve batches padded to their largest image."""
     dc, reasons = cfg.distill, []
     if not METHODS[dc.method].uses_teacher:
         reasons.append(f"distill.method: {dc.method} runs no teacher")
@@ -92,11 +112,23 @@ def cache_blockers(cfg: Config) -> list[str]:
             "query embeddings and queries, which the cache does not hold"
         )
     square = cfg.data.resize == "square"
-    if cfg.data.pad_to != "max_size" and not square:
-        reasons.append(
-            "data.pad_to: 'batch' pads to each batch's largest image, so an image's teacher features depend on its "
-            "batch; set data.pad_to=max_size"
-        )
+    if image_layout(cfg):
+        if dc.teacher_padding != "invariant":
+            reasons.append(
+                "distill.teacher_padding: 'reference' makes an image's teacher outputs depend on its batch's padding "
+                "(data.pad_to: batch); set distill.teacher_padding=invariant or data.pad_to=max_size"
+            )
+        elif teacher is not None and not teacher.padding_invariant:
+            reasons.append(
+                f"model.arch: the teacher's {teacher.cfg.arch} encoder has no padding mask, so its outputs depend on "
+                "the batch's padding (data.pad_to: batch); set data.pad_to=max_size"
+            )
+        elif teacher is not None and cfg.data.pad_multiple % pad_multiple_for(teacher.detector):
+            m = pad_multiple_for(teacher.detector)
+            reasons.append(
+                f"data.pad_multiple: {cfg.data.pad_multiple} is not a multiple of the teacher's largest stride {m}, "
+                f"so its level masks do not mark each image's own grid; set data.pad_multiple={m}"
+            )
     if square and set(cfg.data.train_sizes) - {cfg.data.max_size}:
         reasons.append(
             "data.train_sizes: the square recipe scales each training batch to one of them after loading, and the "
@@ -120,12 +152,14 @@ class TeacherCache:
         self.path, self.parts = path, meta["parts"].split(",")
         self.layers, self.num_classes = int(meta["layers"]), int(meta["num_classes"])
         self.d_model, self.tokens = int(meta["d_model"]), int(meta["tokens"])
+        self.layout = meta.get("layout", "canvas")
+        columns = self.parts + (["grid"] if self.layout == "image" else [])
         self.groups, self.random_queries = int(meta["groups"]), int(meta["random_queries"])
         keys = zip(
             table["image_id"].to_numpy().tolist(), table["size"].to_numpy().tolist(), table["view"].to_numpy().tolist()
         )
         self.rows = {key: row for row, key in enumerate(keys)}
-        self.columns = {part: BinaryRows(table[part], DTYPES[part]) for part in self.parts}
+        self.columns = {part: BinaryRows(table[part], DTYPES[part]) for part in columns}
 
     def get(self) -> "TeacherCache":
         return self
@@ -145,9 +179,27 @@ class TeacherCache:
         arr = np.stack([self.columns[part][r].reshape(shape) for r in rows])  # a copy: the map stays read-only
         return torch.from_numpy(arr).to(device, non_blocking=True).float()
 
-    def memory(self, targets: list[dict], device: torch.device) -> Tensor:
-        """(B, N, D) teacher memory (or memory + pos) of the batch."""
-        return self._stack("memory", self._rows(targets), (self.tokens, self.d_model), device)
+    def memory(self, targets: list[dict], device: torch.device, shapes: list[tuple[int, int]] | None = None) -> Tensor:
+        """(B, N, D) teacher memory (or memory + pos) of the batch. Image layout: each image's grids
+        placed at the top left of the batch's level `shapes` (the teacher's at the batch's canvas), zero
+        on the padding (which no term reads)."""
+        rows = self._rows(targets)
+        if self.layout == "canvas":
+            return self._stack("memory", rows, (self.tokens, self.d_model), device)
+        if shapes is None:
+            raise ValueError("an image-layout teacher cache needs the batch's level shapes")
+        out = np.zeros((len(rows), sum(h * w for h, w in shapes), self.d_model), dtype=np.float32)
+        for b, row in enumerate(rows):
+            grid = self.columns["grid"][row].reshape(-1, 2)
+            mem = self.columns["memory"][row].reshape(-1, self.d_model)
+            start = read = 0
+            for (H, W), (h, w) in zip(shapes, grid.tolist()):
+                if h > H or w > W:
+                    raise ValueError(f"cached level grid {h}x{w} does not fit the batch's {H}x{W}")
+                level = out[b, start : start + H * W].reshape(H, W, self.d_model)
+                level[:h, :w] = mem[read : read + h * w].reshape(h, w, self.d_model)
+                start, read = start + H * W, read + h * w
+        return torch.from_numpy(out).to(device, non_blocking=True)
 
     def default_layers(self, targets: list[dict], device: torch.device) -> list[dict[str, Tensor]]:
         """The teacher's predictions on its own queries, per decoder layer (first to last)."""
@@ -195,26 +247,29 @@ class PendingTeacherCache:
 
 
 def plan_cache(cfg: Config, teacher, dataset: CocoDetection, device: torch.device) -> CachePlan:
-    """Views, parts, file path and exact size of the run's cache (nothing computed but one small
-    teacher pass that reads the memory's token count)."""
+    """Views, parts, layout, file path and exact size of the run's cache (nothing computed but one
+    small teacher pass that reads the memory's levels)."""
     dc, tcfg = cfg.distill, teacher.cfg
     parts = needed_parts(cfg)
     views = [(size, flip) for size in dataset.transform.sizes for flip in dataset.transform.views]
-    canvas = cfg.data.canvas
+    layout = "image" if image_layout(cfg) else "canvas"
+    probe_hw = cfg.data.canvas or (4 * pad_multiple_for(teacher.detector),) * 2
     with torch.no_grad():
         probe = teacher.encode(
-            torch.zeros(1, 3, *canvas, device=device), torch.zeros(1, *canvas, dtype=torch.bool, device=device)
+            torch.zeros(1, 3, *probe_hw, device=device), torch.zeros(1, *probe_hw, dtype=torch.bool, device=device)
         )
-    tokens, layers, C, Q = probe.memory.shape[1], tcfg.dec_layers, teacher.num_classes, tcfg.num_queries
+    strides = tuple(probe_hw[0] // h for h, _ in probe.spatial_shapes)
+    layers, C, Q = tcfg.dec_layers, teacher.num_classes, tcfg.num_queries
     n_gt = np.array([int((~dataset.index.annotations(i)[2]).sum()) for i in range(len(dataset))])
     G, R = dc.logit.groups, dc.logit.random_queries
-    per_image = np.zeros(len(dataset), dtype=np.int64)
+    per_row = np.zeros((len(views), len(dataset)), dtype=np.int64)
     if "memory" in parts:
-        per_image += tokens * tcfg.d_model * 2
+        for v, (size, _) in enumerate(views):
+            per_row[v] += _tokens(dataset, size, strides, layout, probe.memory.shape[1]) * tcfg.d_model * 2
     if "queries" in parts:
-        per_image += layers * (G * n_gt + R) * (C + 4) * 4
+        per_row += layers * (G * n_gt + R) * (C + 4) * 4
     if "default" in parts:
-        per_image += layers * Q * (C + 4) * 4
+        per_row += layers * Q * (C + 4) * 4
     weights = file_digest(Path(dc.teacher) / "model.safetensors")
     precision = "bf16" if device.type == "cuda" and cfg.train.amp else "fp32"
     key = content_key(
@@ -222,7 +277,9 @@ def plan_cache(cfg: Config, teacher, dataset: CocoDetection, device: torch.devic
             "format": FORMAT,
             "teacher": weights,
             "annotations": dataset.index.source_sha256,
-            "canvas": canvas,
+            "layout": layout,
+            "canvas": cfg.data.canvas,
+            "teacher_padding": dc.teacher_padding,
             "views": views,
             "parts": parts,
             "with_pos": dc.memory.with_pos,
@@ -233,7 +290,25 @@ def plan_cache(cfg: Config, teacher, dataset: CocoDetection, device: torch.devic
         }
     )
     path = cache_root(cfg.data.cache_dir) / "teacher" / f"{weights[:12]}-{key}.arrow"
-    return CachePlan(path, parts, views, len(dataset) * len(views), int(per_image.sum()) * len(views))
+    return CachePlan(path, parts, views, len(dataset) * len(views), int(per_row.sum()), layout, strides)
+
+
+def _tokens(dataset: CocoDetection, size: int, strides: tuple[int, ...], layout: str, canvas_tokens: int) -> np.ndarray:
+    """Memory tokens of every image at one view size: the canvas's, or (image layout) the image's own
+    level grids, ceil(side / stride) each way."""
+    if layout == "canvas":
+        return np.full(len(dataset), canvas_tokens, dtype=np.int64)
+    index = dataset.index
+    dims = np.array([longest_side_dims(int(w), int(h), size) for w, h in zip(index.widths, index.heights)])
+    w, h = dims[:, 0:1], dims[:, 1:2]
+    s = np.array(strides)[None]
+    return ((-(-h // s)) * (-(-w // s))).sum(1)
+
+
+def image_grids(sizes: list[tuple[int, int]], strides: tuple[int, ...]) -> list[list[tuple[int, int]]]:
+    """Each image's own level grids (rows, columns) from its (h, w): ceil(side / stride), a stride-2
+    convolution's arithmetic at every level."""
+    return [[(-(-h // s), -(-w // s)) for s in strides] for h, w in sizes]
 
 
 @torch.no_grad()
@@ -258,13 +333,15 @@ def write_cache(
         "groups": str(dc.logit.groups),
         "random_queries": str(dc.logit.random_queries),
         "tokens": "0",
+        "layout": plan.layout,
     }
     writer = None
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.amp)
     bar = tqdm(total=plan.rows, desc="teacher cache", unit="img", disable=not progress)
     for size, flip in plan.views:
         for idx in chunked(range(len(dataset)), batch_size):
-            images, mask, targets = collate([dataset.view_item(i, flip, size) for i in idx], pad_to=cfg.data.canvas)
+            items = [dataset.view_item(i, flip, size) for i in idx]
+            images, mask, targets = collate(items, pad_to=cfg.data.canvas, multiple=cfg.data.pad_multiple)
             images, mask = images.to(device), mask.to(device)
             targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
             with amp:
@@ -273,14 +350,22 @@ def write_cache(
                 "image_id": [t["image_id"] for t in targets],
                 "size": [size] * len(idx),
                 "view": [flip] * len(idx),
+                "grid": [b""] * len(idx),
                 "memory": [b""] * len(idx),
                 "queries": [b""] * len(idx),
                 "default": [b""] * len(idx),
             }
             if "memory" in plan.parts:
                 t = mem.memory + mem.pos if dc.memory.with_pos else mem.memory
-                cols["memory"] = [_bytes(x, torch.float16) for x in t]
-                meta["tokens"] = str(t.shape[1])
+                if plan.layout == "canvas":
+                    cols["memory"] = [_bytes(x, torch.float16) for x in t]
+                    meta["tokens"] = str(t.shape[1])
+                else:
+                    grids = image_grids([tuple(tg["size"].tolist()) for tg in targets], plan.strides)
+                    cols["grid"] = [np.asarray(g, dtype=np.int32).tobytes() for g in grids]
+                    cols["memory"] = [
+                        _bytes(own_tokens(x, mem.spatial_shapes, g), torch.float16) for x, g in zip(t, grids)
+                    ]
             if "queries" in plan.parts:
                 qs = builder.sample(targets, device)
                 with amp:
@@ -311,6 +396,15 @@ def write_cache(
     writer.close()
 
 
+def own_tokens(tokens: Tensor, shapes: list[tuple[int, int]], grid: list[tuple[int, int]]) -> Tensor:
+    """One image's (N, D) tokens of a padded batch cut to its own level grids (top left of each)."""
+    out, start = [], 0
+    for (H, W), (h, w) in zip(shapes, grid):
+        out.append(tokens[start : start + H * W].view(H, W, -1)[:h, :w].reshape(h * w, -1))
+        start += H * W
+    return torch.cat(out)
+
+
 def _bytes(x: Tensor, dtype: torch.dtype) -> bytes:
     return x.detach().to("cpu", dtype).contiguous().numpy().tobytes()
 
@@ -325,7 +419,7 @@ def prepare_teacher_cache(
     mode = cfg.distill.teacher_cache
     if mode == "off":
         return None
-    blockers = cache_blockers(cfg)
+    blockers = cache_blockers(cfg, teacher)
     if blockers:
         if mode == "on":
             raise ConfigError(f"distill.teacher_cache: on, but {blockers[0]}")
@@ -334,7 +428,10 @@ def prepare_teacher_cache(
     plan = plan_cache(cfg, teacher, dataset, device)
     limit = cfg.distill.teacher_cache_max_gb * 1e9
     parts = "+".join(plan.parts)
-    where = f"{plan.rows} entries ({len(dataset)} images x {len(plan.views)} views), {parts}: {human_bytes(plan.bytes)}"
+    where = (
+        f"{plan.rows} entries ({len(dataset)} images x {len(plan.views)} views), {parts}, {plan.layout} layout: "
+        f"{human_bytes(plan.bytes)} ({human_bytes(plan.bytes / max(plan.rows, 1))} per image and view)"
+    )
     if plan.bytes > limit:
         log.warning(
             "teacher cache would need %s > distill.teacher_cache_max_gb=%g; using the live teacher",

@@ -164,7 +164,7 @@ class Distiller:
         if self.uses_memory:
             terms.update(
                 self._memory_terms(
-                    self._teacher_memory(mem_t, mem_s, targets),
+                    self._teacher_memory(mem_t, mem_s, targets, tuple(images.shape[-2:])),
                     tokens_s,
                     mem_s,
                     targets,
@@ -207,13 +207,16 @@ class Distiller:
 
     # -- the terms -------------------------------------------------------------------------------
 
-    def _teacher_memory(self, mem_t: Memory | None, mem_s: Memory, targets: list[dict]) -> Tensor:
+    def _teacher_memory(
+        self, mem_t: Memory | None, mem_s: Memory, targets: list[dict], image_hw: tuple[int, int]
+    ) -> Tensor:
         """The teacher tokens the memory terms compare with: memory (+ pos), live or cached."""
         if mem_t is None:
-            t = self.cache.memory(targets, mem_s.memory.device)
-            want = mem_s.memory.shape[1]  # one architecture: the student's tokens; two: the teacher's own grid
-            if self.pairing is not None:
-                want = sum(h * w for h, w in self._teacher_shapes(tuple(targets[0]["size"].tolist()), t.device))
+            # one architecture: the student's levels; two: the teacher's own at this canvas
+            device = mem_s.memory.device
+            shapes = mem_s.spatial_shapes if self.pairing is None else self._teacher_shapes(image_hw, device)
+            t = self.cache.memory(targets, device, shapes)
+            want = sum(h * w for h, w in shapes)
             if t.shape[1] != want:
                 raise ConfigError(
                     f"distill.teacher_cache: the cached teacher memory has {t.shape[1]} tokens per image, "

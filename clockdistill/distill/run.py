@@ -48,7 +48,7 @@ def run_distillation(
     AP/AP50/... and every loss term (unweighted), plus `loss_det`, `loss_kd_mem`, `loss_kd_logit`
     (the weighted parts) and `teacher_AP`; returning True stops the run."""
     device = select_device(cfg.train.device)
-    teacher = FrozenTeacher.load(cfg.distill.teacher, device)
+    teacher = FrozenTeacher.load(cfg.distill.teacher, device, cfg.distill.teacher_padding)
     train_ds, val_ds = datasets or build_datasets(cfg)
     if train_ds.class_names != teacher.meta["class_names"]:
         raise DataError(

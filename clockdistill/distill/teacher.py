@@ -10,22 +10,36 @@ from torch import Tensor, nn
 
 from clockdistill.checkpoint import load_detector
 from clockdistill.models.common import Memory
+from clockdistill.models.invariance import INVARIANT_ARCHS, PaddingInvariance
 
 
 class FrozenTeacher(nn.Module):
     """Wraps a trained detector. `requires_grad_(False)` on every weight, every call under no-grad,
-    and `.train()` from a parent leaves it in eval mode (BatchNorm statistics and dropout frozen)."""
+    and `.train()` from a parent leaves it in eval mode (BatchNorm statistics and dropout frozen).
+    `padding` invariant: each image of a padded batch gets its outputs alone (models/invariance.py;
+    the families with a padding mask), reference: the original code's batch-dependent numbers."""
 
-    def __init__(self, detector: nn.Module, meta: dict[str, Any] | None = None):
+    def __init__(self, detector: nn.Module, meta: dict[str, Any] | None = None, padding: str = "invariant"):
         super().__init__()
         self.detector = detector.requires_grad_(False)
         self.meta = meta or {}
+        # (the families without a padding mask are never padded by their recipe: nothing to do there)
+        invariant = padding == "invariant" and detector.cfg.arch in INVARIANT_ARCHS
+        self.invariance = PaddingInvariance(detector) if invariant else None
         super().train(False)
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> "FrozenTeacher":
+    def load(
+        cls, checkpoint: str | Path, device: str | torch.device = "cpu", padding: str = "invariant"
+    ) -> "FrozenTeacher":
         model, meta = load_detector(checkpoint, device)
-        return cls(model, meta)
+        return cls(model, meta, padding)
+
+    @property
+    def padding_invariant(self) -> bool:
+        """Whether an image's outputs are its own whatever its batch's padding (a cache keyed by image
+        needs it; RT-DETR and D-FINE have no padding mask and are never padded by their recipe)."""
+        return self.invariance is not None
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
         return super().train(False)
@@ -46,7 +60,10 @@ class FrozenTeacher(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: Tensor, mask: Tensor) -> Memory:
-        return self.detector.encode(images, mask)
+        if self.invariance is None:
+            return self.detector.encode(images, mask)
+        with self.invariance.batch(mask):
+            return self.detector.encode(images, mask)
 
     @torch.no_grad()
     def decode(self, mem: Memory, **queries: Tensor) -> dict[str, Any]:
@@ -54,7 +71,10 @@ class FrozenTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor, mask: Tensor, extra_queries: dict[str, Tensor] | None = None) -> dict[str, Any]:
-        return self.detector(images, mask, extra_queries)
+        if self.invariance is None:
+            return self.detector(images, mask, extra_queries)
+        with self.invariance.batch(mask):
+            return self.detector(images, mask, extra_queries)
 
     @torch.no_grad()
     def predict_default(self, mem: Memory) -> dict[str, Any]:

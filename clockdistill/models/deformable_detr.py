@@ -32,6 +32,7 @@ from clockdistill.models.common import (
 )
 from clockdistill.models.common import self_attention_masks as _sa_masks
 from clockdistill.models.deformable_attention import MSDeformAttn
+from clockdistill.models.invariance import masked_topk_scores
 from clockdistill.models.position import sine_box_encoding, sine_grid_encoding
 from clockdistill.models.resnet import ResNet
 from clockdistill.ops.boxes import inverse_sigmoid
@@ -94,6 +95,8 @@ class DeformableEncoderDetector(Detector):
     coarser levels strided convolutions of the last map), the deformable encoder with its level
     embedding, and the two-stage proposals. `pos_temperature` and `pos_offset` are the encoder's
     sine position encoding (Deformable DETR: 10000 and 0.5; DINO: 20 and 0)."""
+
+    padding_invariant = False  # the proposal top-k ignores padded tokens (models/invariance.py)
 
     pos_temperature, pos_offset = 10000.0, 0.5
 
@@ -251,7 +254,7 @@ class DeformableDETR(DeformableEncoderDetector):
         enc_logits = self.class_embed[L](output_memory)
         enc_coords = self.bbox_embed[L](output_memory) + proposals
         k = min(self.cfg.num_queries, enc_logits.shape[1])
-        topk = torch.topk(enc_logits[..., 0], k, dim=1)[1]
+        topk = torch.topk(masked_topk_scores(enc_logits[..., 0], mem.padding_mask, self), k, dim=1)[1]
         coords = torch.gather(enc_coords, 1, topk.unsqueeze(-1).repeat(1, 1, 4)).detach()
         pos_content = self.pos_trans_norm(self.pos_trans(sine_box_encoding(coords.sigmoid(), d // 2)))
         query_pos, content = pos_content.split(d, dim=2)

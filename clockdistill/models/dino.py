@@ -38,6 +38,7 @@ from clockdistill.models.common import MLP, Memory, Queries, layer_outputs
 from clockdistill.models.common import self_attention_masks as _sa_masks
 from clockdistill.models.deformable_detr import FOCAL_PRIOR, DecoderLayer, DeformableEncoderDetector
 from clockdistill.models.denoising import ContrastiveDenoising
+from clockdistill.models.invariance import masked_topk_scores
 from clockdistill.models.position import sine_box_encoding
 from clockdistill.ops.boxes import inverse_sigmoid
 
@@ -46,6 +47,8 @@ INV_SIGMOID_EPS = 1e-3  # DINO's util.misc.inverse_sigmoid
 
 class DinoDecoder(nn.Module):
     """Layers `layers.{i}`, the final `norm` and `ref_point_head`, as the reference names them."""
+
+    padding_invariant = False  # positional queries from image-relative boxes (models/invariance.py)
 
     def __init__(self, d: int, ffn: int, dropout: float, n_levels: int, nheads: int, n_points: int, num_layers: int):
         super().__init__()
@@ -72,11 +75,13 @@ class DinoDecoder(nn.Module):
         normed output (B, Q, D) and the references [reference, refined box of layer 0, ..., of the
         last layer], the refined boxes with their gradient."""
         ratios = mem.valid_ratios.repeat(1, 1, 2)[:, None]  # (B, 1, L, 4)
+        # the positional query: from boxes relative to the canvas (the reference), or to the image
+        pos_ratio = torch.ones_like(ratios[:, :, 0]) if self.padding_invariant else ratios[:, :, 0]
         out, ref = content, reference
         hidden, refs = [], [reference]
         for layer, head in zip(self.layers, box_heads):
             ref_input = ref[:, :, None] * ratios
-            query_pos = self.ref_point_head(sine_box_encoding(ref_input[:, :, 0], self.d_model // 2, order="yxwh"))
+            query_pos = self.ref_point_head(sine_box_encoding(ref * pos_ratio, self.d_model // 2, order="yxwh"))
             if position is not None:
                 query_pos = query_pos + position
             out = layer(out, query_pos, ref_input, mem, attn_mask, key_padding)
@@ -131,7 +136,7 @@ class DINO(ContrastiveDenoising, DeformableEncoderDetector):
         enc_logits = self.enc_out_class_embed(output_memory)
         enc_coords = self.enc_out_bbox_embed(output_memory) + proposals  # logit space
         k = min(self.cfg.num_queries, enc_logits.shape[1])
-        topk = torch.topk(enc_logits.max(-1)[0], k, dim=1)[1]
+        topk = torch.topk(masked_topk_scores(enc_logits.max(-1)[0], mem.padding_mask, self), k, dim=1)[1]
         coords = torch.gather(enc_coords, 1, topk.unsqueeze(-1).expand(-1, -1, 4))
         logits = torch.gather(enc_logits, 1, topk.unsqueeze(-1).expand(-1, -1, enc_logits.shape[-1]))
         content = self.tgt_embed.weight[:k][None].expand(B, -1, -1)

@@ -67,7 +67,8 @@ def _build_caches(cfg) -> str:
         for ds in (train, val):
             ds.use_decoded_cache(cfg.data.cache_dir, progress=False, wait=True)
     device = select_device(cfg.train.device)
-    cache = prepare_teacher_cache(cfg, FrozenTeacher.load(cfg.distill.teacher, device), train, device, wait=True)
+    teacher = FrozenTeacher.load(cfg.distill.teacher, device, cfg.distill.teacher_padding)
+    cache = prepare_teacher_cache(cfg, teacher, train, device, wait=True)
     return str(cache.path) if cache is not None else ""
 
 
