@@ -128,6 +128,13 @@ class DistillConfig:
     # allows it, else the live teacher, saying why) | on (an error when it cannot be used)
     teacher_cache: str = "off"
     teacher_cache_max_gb: float = 20.0  # larger caches fall back to the live teacher
+    # full: every memory token of every view | sampled: the tokens of the GT boxes grown by
+    # teacher_cache_region_grow in full and teacher_cache_background others per image and view, reweighted
+    # so that the background term's expectation is exact (distill/compact.py)
+    teacher_cache_memory: str = "full"
+    teacher_cache_background: int = 512
+    teacher_cache_region_grow: float = 3.0  # >= distill.memory.gaussian_grow of every trial that reads it
+    teacher_cache_dtype: str = "fp16"  # fp16 | int8 (per-channel scales per image and view)
     # invariant: the teacher gives each image of a padded batch its outputs alone (models/invariance.py;
     # what a cache keyed by image needs) | reference: the original code's numbers, which depend on the
     # batch's padding. The same on unpadded batches.
@@ -147,6 +154,12 @@ class DistillConfig:
         _check_choice("distill.teacher_cache", self.teacher_cache, ("off", "auto", "on"))
         _check_range("distill.teacher_cache_max_gb", self.teacher_cache_max_gb, low=0.0)
         _check_choice("distill.teacher_padding", self.teacher_padding, ("invariant", "reference"))
+        _check_choice("distill.teacher_cache_memory", self.teacher_cache_memory, ("full", "sampled"))
+        _check_range("distill.teacher_cache_background", self.teacher_cache_background, low=1)
+        _check_range("distill.teacher_cache_region_grow", self.teacher_cache_region_grow, low=1.0)
+        _check_choice("distill.teacher_cache_dtype", self.teacher_cache_dtype, ("fp16", "int8"))
+        if self.teacher_cache_dtype == "int8" and self.teacher_cache_memory != "sampled":
+            raise ConfigError("distill.teacher_cache_dtype: int8 needs distill.teacher_cache_memory=sampled")
 
     @property
     def uses_memory(self) -> bool:

@@ -33,6 +33,7 @@ It needs no random query noise; its size is computed and logged before it is bui
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ from clockdistill.config.sections import Config
 from clockdistill.data.dataset import CocoDetection
 from clockdistill.data.index import file_digest
 from clockdistill.data.transforms import collate, longest_side_dims
+from clockdistill.distill.compact import background_sample, dequantize, place_rows, quantize, region_mask
 from clockdistill.distill.queries import TargetQueryBuilder
 from clockdistill.errors import ConfigError
 from clockdistill.models.common import decoder_layers
@@ -73,12 +75,23 @@ SCHEMA = pa.schema(
         ("size", pa.int32()),
         ("view", pa.int8()),
         ("grid", pa.binary()),
+        ("tokens", pa.binary()),
+        ("weights", pa.binary()),
+        ("scales", pa.binary()),
         ("memory", pa.binary()),
         ("queries", pa.binary()),
         ("default", pa.binary()),
     ]
 )
-DTYPES = {"grid": np.int32, "memory": np.float16, "queries": np.float32, "default": np.float32}
+DTYPES = {
+    "grid": np.int32,
+    "tokens": np.int32,
+    "weights": np.float32,
+    "scales": np.float32,
+    "memory": np.float16,
+    "queries": np.float32,
+    "default": np.float32,
+}
 PAD_BOX = (0.5, 0.5, 0.1, 0.1)  # what padded query slots hold (never used: zero weight, but finite)
 
 
@@ -93,6 +106,8 @@ class CachePlan:
     bytes: int
     layout: str = "canvas"  # canvas | image (module docstring)
     strides: tuple[int, ...] = ()  # the teacher's level strides (image layout)
+    memory: str = "full"  # full | sampled (distill/compact.py)
+    estimated: bool = False  # the size estimated from a sample of the images (sampled memory)
 
 
 def image_layout(cfg: Config) -> bool:
@@ -134,6 +149,15 @@ def cache_blockers(cfg: Config, teacher=None) -> list[str]:
             "data.train_sizes: the square recipe scales each training batch to one of them after loading, and the "
             "cache holds max_size views only; set data.train_sizes=[] for a cached run"
         )
+    if (
+        dc.teacher_cache_memory == "sampled"
+        and dc.memory.mask == "gaussian"
+        and dc.memory.gaussian_grow > dc.teacher_cache_region_grow
+    ):
+        reasons.append(
+            f"distill.memory.gaussian_grow: {dc.memory.gaussian_grow:g} reaches beyond the region a sampled cache "
+            f"stores in full (distill.teacher_cache_region_grow={dc.teacher_cache_region_grow:g}); raise that"
+        )
     if dc.uses_target_queries and (dc.logit.label_noise > 0 or dc.logit.box_noise > 0):
         reasons.append("distill.logit.label_noise/box_noise: noisy queries change the teacher's input every step")
     return reasons
@@ -153,13 +177,19 @@ class TeacherCache:
         self.layers, self.num_classes = int(meta["layers"]), int(meta["num_classes"])
         self.d_model, self.tokens = int(meta["d_model"]), int(meta["tokens"])
         self.layout = meta.get("layout", "canvas")
+        self.sampled = meta.get("memory", "full") == "sampled"
         columns = self.parts + (["grid"] if self.layout == "image" else [])
+        if self.sampled:
+            columns += ["tokens", "weights", "scales"]
+        dtypes = {**DTYPES, "memory": np.int8 if meta.get("dtype") == "int8" else np.float16}
         self.groups, self.random_queries = int(meta["groups"]), int(meta["random_queries"])
+        shapes = meta.get("canvas_shapes", "")
+        self.canvas_shapes = [tuple(int(v) for v in hw.split("x")) for hw in shapes.split(",") if hw]
         keys = zip(
             table["image_id"].to_numpy().tolist(), table["size"].to_numpy().tolist(), table["view"].to_numpy().tolist()
         )
         self.rows = {key: row for row, key in enumerate(keys)}
-        self.columns = {part: BinaryRows(table[part], DTYPES[part]) for part in columns}
+        self.columns = {part: BinaryRows(table[part], dtypes[part]) for part in columns}
 
     def get(self) -> "TeacherCache":
         return self
@@ -180,26 +210,42 @@ class TeacherCache:
         return torch.from_numpy(arr).to(device, non_blocking=True).float()
 
     def memory(self, targets: list[dict], device: torch.device, shapes: list[tuple[int, int]] | None = None) -> Tensor:
-        """(B, N, D) teacher memory (or memory + pos) of the batch. Image layout: each image's grids
-        placed at the top left of the batch's level `shapes` (the teacher's at the batch's canvas), zero
-        on the padding (which no term reads)."""
+        """(B, N, D) teacher memory (or memory + pos) of the batch (`read_memory` without weights)."""
+        return self.read_memory(targets, device, shapes)[0]
+
+    def read_memory(
+        self, targets: list[dict], device: torch.device, shapes: list[tuple[int, int]] | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """(B, N, D) teacher memory (or memory + pos) of the batch, and the (B, N) token weights of a
+        sampled cache (None: every token, weight 1). Image layout: each image's grids placed at the
+        top left of the batch's level `shapes` (the teacher's at the batch's canvas), zero on the
+        padding (which no term reads)."""
         rows = self._rows(targets)
-        if self.layout == "canvas":
-            return self._stack("memory", rows, (self.tokens, self.d_model), device)
+        if self.layout == "canvas" and not self.sampled:
+            return self._stack("memory", rows, (self.tokens, self.d_model), device), None
         if shapes is None:
-            raise ValueError("an image-layout teacher cache needs the batch's level shapes")
-        out = np.zeros((len(rows), sum(h * w for h, w in shapes), self.d_model), dtype=np.float32)
-        for b, row in enumerate(rows):
-            grid = self.columns["grid"][row].reshape(-1, 2)
-            mem = self.columns["memory"][row].reshape(-1, self.d_model)
-            start = read = 0
-            for (H, W), (h, w) in zip(shapes, grid.tolist()):
-                if h > H or w > W:
-                    raise ValueError(f"cached level grid {h}x{w} does not fit the batch's {H}x{W}")
-                level = out[b, start : start + H * W].reshape(H, W, self.d_model)
-                level[:h, :w] = mem[read : read + h * w].reshape(h, w, self.d_model)
-                start, read = start + H * W, read + h * w
-        return torch.from_numpy(out).to(device, non_blocking=True)
+            if self.layout == "image":
+                raise ValueError("an image-layout teacher cache needs the batch's level shapes")
+            shapes = self.canvas_shapes
+        own = [self._row_tokens(row) for row in rows]
+        for *_, grid in own:
+            if grid is not None and any(h > H or w > W for (h, w), (H, W) in zip(grid, shapes)):
+                raise ValueError(f"cached level grids {grid} do not fit the batch's {shapes}")
+        mem, weight = place_rows(own, shapes, self.d_model)
+        return mem.to(device, non_blocking=True), (weight.to(device, non_blocking=True) if self.sampled else None)
+
+    def _row_tokens(self, row: int):
+        """A row's (token indices, weights, values (K, D) float32, own grid or None)."""
+        grid = None
+        if self.layout == "image":
+            grid = [tuple(g) for g in self.columns["grid"][row].reshape(-1, 2).tolist()]
+        values = self.columns["memory"][row]
+        if not self.sampled:  # every token of the image's own grid
+            n = sum(h * w for h, w in grid)
+            return np.arange(n), np.ones(n, dtype=np.float32), values.reshape(n, -1), grid
+        scales = self.columns["scales"][row]
+        values = dequantize(values, scales if len(scales) else None, self.d_model)
+        return self.columns["tokens"][row], self.columns["weights"][row], values, grid
 
     def default_layers(self, targets: list[dict], device: torch.device) -> list[dict[str, Tensor]]:
         """The teacher's predictions on its own queries, per decoder layer (first to last)."""
@@ -258,12 +304,16 @@ def plan_cache(cfg: Config, teacher, dataset: CocoDetection, device: torch.devic
         probe = teacher.encode(
             torch.zeros(1, 3, *probe_hw, device=device), torch.zeros(1, *probe_hw, dtype=torch.bool, device=device)
         )
-    strides = tuple(probe_hw[0] // h for h, _ in probe.spatial_shapes)
+    strides = tuple(2 ** round(math.log2(probe_hw[0] / h)) for h, _ in probe.spatial_shapes)
+    memory = dc.teacher_cache_memory if "memory" in parts else "full"
     layers, C, Q = tcfg.dec_layers, teacher.num_classes, tcfg.num_queries
     n_gt = np.array([int((~dataset.index.annotations(i)[2]).sum()) for i in range(len(dataset))])
     G, R = dc.logit.groups, dc.logit.random_queries
     per_row = np.zeros((len(views), len(dataset)), dtype=np.int64)
-    if "memory" in parts:
+    if memory == "sampled":
+        for v, (size, flip) in enumerate(views):
+            per_row[v] += _sampled_bytes(dataset, size, flip, strides, dc, tcfg.d_model)
+    elif "memory" in parts:
         for v, (size, _) in enumerate(views):
             per_row[v] += _tokens(dataset, size, strides, layout, probe.memory.shape[1]) * tcfg.d_model * 2
     if "queries" in parts:
@@ -287,10 +337,48 @@ def plan_cache(cfg: Config, teacher, dataset: CocoDetection, device: torch.devic
             "random_queries": R,
             "embedding_seed": dc.logit.embedding_seed,
             "precision": precision,
+            "memory": memory,
+            **(
+                {
+                    "background": dc.teacher_cache_background,
+                    "region_grow": dc.teacher_cache_region_grow,
+                    "dtype": dc.teacher_cache_dtype,
+                }
+                if memory == "sampled"
+                else {}
+            ),
         }
     )
     path = cache_root(cfg.data.cache_dir) / "teacher" / f"{weights[:12]}-{key}.arrow"
-    return CachePlan(path, parts, views, len(dataset) * len(views), int(per_row.sum()), layout, strides)
+    rows = len(dataset) * len(views)
+    return CachePlan(path, parts, views, rows, int(per_row.sum()), layout, strides, memory, memory == "sampled")
+
+
+SIZE_SAMPLE = 256  # images a sampled cache's size is estimated from (evenly spaced over the split)
+
+
+def _sampled_bytes(dataset: CocoDetection, size: int, flip: int, strides: tuple[int, ...], dc, d: int) -> np.ndarray:
+    """Every image's estimated bytes of sampled memory at one view: (region tokens + background sample)
+    x (D values + index + weight), plus int8's scales; the region counted on the image's own grid for
+    SIZE_SAMPLE images, their mean used for every image."""
+    index, per_value = dataset.index, 1 if dc.teacher_cache_dtype == "int8" else 2
+    picks = np.unique(np.linspace(0, len(dataset) - 1, min(SIZE_SAMPLE, len(dataset))).astype(int))
+    stored = []
+    for i in picks:
+        w, h = longest_side_dims(int(index.widths[i]), int(index.heights[i]), size)
+        boxes, _, crowd = index.annotations(i)
+        xyxy = torch.from_numpy(boxes[~crowd]).float() / torch.tensor([index.widths[i], index.heights[i]] * 2)
+        if flip:
+            xyxy = torch.stack([1 - xyxy[:, 2], xyxy[:, 1], 1 - xyxy[:, 0], xyxy[:, 3]], 1)
+        cxcywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1)
+        (grid,) = image_grids([(h, w)], strides)
+        region = region_mask(
+            {"boxes": cxcywh, "size": torch.tensor([h, w])}, grid, strides, dc.teacher_cache_region_grow
+        )
+        n, r = sum(a * b for a, b in grid), int(region.sum())
+        stored.append(r + min(n - r, dc.teacher_cache_background + len(grid)))
+    scales = d * 4 if dc.teacher_cache_dtype == "int8" else 0
+    return np.full(len(dataset), int(np.mean(stored) * (d * per_value + 8)) + scales, dtype=np.int64)
 
 
 def _tokens(dataset: CocoDetection, size: int, strides: tuple[int, ...], layout: str, canvas_tokens: int) -> np.ndarray:
@@ -334,6 +422,8 @@ def write_cache(
         "random_queries": str(dc.logit.random_queries),
         "tokens": "0",
         "layout": plan.layout,
+        "memory": plan.memory,
+        "dtype": cfg.distill.teacher_cache_dtype if plan.memory == "sampled" else "fp16",
     }
     writer = None
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.amp)
@@ -351,21 +441,18 @@ def write_cache(
                 "size": [size] * len(idx),
                 "view": [flip] * len(idx),
                 "grid": [b""] * len(idx),
+                "tokens": [b""] * len(idx),
+                "weights": [b""] * len(idx),
+                "scales": [b""] * len(idx),
                 "memory": [b""] * len(idx),
                 "queries": [b""] * len(idx),
                 "default": [b""] * len(idx),
             }
             if "memory" in plan.parts:
                 t = mem.memory + mem.pos if dc.memory.with_pos else mem.memory
-                if plan.layout == "canvas":
-                    cols["memory"] = [_bytes(x, torch.float16) for x in t]
-                    meta["tokens"] = str(t.shape[1])
-                else:
-                    grids = image_grids([tuple(tg["size"].tolist()) for tg in targets], plan.strides)
-                    cols["grid"] = [np.asarray(g, dtype=np.int32).tobytes() for g in grids]
-                    cols["memory"] = [
-                        _bytes(own_tokens(x, mem.spatial_shapes, g), torch.float16) for x, g in zip(t, grids)
-                    ]
+                cols.update(_memory_columns(plan, cfg, t, mem, targets, tuple(images.shape[-2:]), size, flip))
+                meta["tokens"] = str(t.shape[1])
+                meta["canvas_shapes"] = ",".join(f"{h}x{w}" for h, w in mem.spatial_shapes)
             if "queries" in plan.parts:
                 qs = builder.sample(targets, device)
                 with amp:
@@ -394,6 +481,40 @@ def write_cache(
     if writer is None:
         writer = BatchWriter(tmp, SCHEMA.with_metadata(meta))
     writer.close()
+
+
+def _memory_columns(plan: CachePlan, cfg: Config, t: Tensor, mem, targets: list[dict], canvas_hw, size: int, flip: int):
+    """The memory columns of a batch's rows: every token (canvas layout: the canvas's; image layout:
+    the image's own grids), or (sampled) the stored tokens, their weights and values (distill/compact.py)."""
+    dc, n = cfg.distill, len(targets)
+    cols: dict[str, list[bytes]] = {}
+    grids: list = [None] * n
+    if plan.layout == "image":
+        grids = image_grids([tuple(tg["size"].tolist()) for tg in targets], plan.strides)
+        cols["grid"] = [np.asarray(g, dtype=np.int32).tobytes() for g in grids]
+        rows = [own_tokens(x, mem.spatial_shapes, g) for x, g in zip(t, grids)]
+    else:
+        rows = list(t)
+    if plan.memory == "full":
+        cols["memory"] = [_bytes(x, torch.float16) for x in rows]
+        return cols
+    cols.update(tokens=[], weights=[], scales=[], memory=[])
+    for b, (x, tg, grid) in enumerate(zip(rows, targets, grids)):
+        if grid is None:  # the canvas's levels and this row's padding, as the live run has them
+            pad = mem.padding_mask[b]
+            region = region_mask(tg, mem.spatial_shapes, plan.strides, dc.teacher_cache_region_grow, canvas_hw, pad)
+            grid, valid = mem.spatial_shapes, ~pad
+        else:
+            region = region_mask(tg, grid, plan.strides, dc.teacher_cache_region_grow)
+            valid = torch.ones_like(region)
+        key = (int(tg["image_id"]), size, flip)
+        idx, w = background_sample(region.cpu().numpy(), valid.cpu().numpy(), grid, dc.teacher_cache_background, key)
+        values, scales = quantize(x[torch.from_numpy(idx).long().to(x.device)], dc.teacher_cache_dtype)
+        cols["tokens"].append(idx.tobytes())
+        cols["weights"].append(w.tobytes())
+        cols["memory"].append(values)
+        cols["scales"].append(scales)
+    return cols
 
 
 def own_tokens(tokens: Tensor, shapes: list[tuple[int, int]], grid: list[tuple[int, int]]) -> Tensor:
@@ -430,7 +551,9 @@ def prepare_teacher_cache(
     parts = "+".join(plan.parts)
     where = (
         f"{plan.rows} entries ({len(dataset)} images x {len(plan.views)} views), {parts}, {plan.layout} layout: "
-        f"{human_bytes(plan.bytes)} ({human_bytes(plan.bytes / max(plan.rows, 1))} per image and view)"
+        f"{'about ' if plan.estimated else ''}{human_bytes(plan.bytes)} "
+        f"({human_bytes(plan.bytes / max(plan.rows, 1))} per image and view"
+        f"{', memory sampled' if plan.memory == 'sampled' else ''})"
     )
     if plan.bytes > limit:
         log.warning(

@@ -164,7 +164,7 @@ class Distiller:
         if self.uses_memory:
             terms.update(
                 self._memory_terms(
-                    self._teacher_memory(mem_t, mem_s, targets, tuple(images.shape[-2:])),
+                    *self._teacher_memory(mem_t, mem_s, targets, tuple(images.shape[-2:])),
                     tokens_s,
                     mem_s,
                     targets,
@@ -209,30 +209,32 @@ class Distiller:
 
     def _teacher_memory(
         self, mem_t: Memory | None, mem_s: Memory, targets: list[dict], image_hw: tuple[int, int]
-    ) -> Tensor:
-        """The teacher tokens the memory terms compare with: memory (+ pos), live or cached."""
+    ) -> tuple[Tensor, Tensor | None]:
+        """The teacher tokens the memory terms compare with: memory (+ pos), live or cached, and a
+        sampled cache's token weights (None: every token counts once)."""
         if mem_t is None:
             # one architecture: the student's levels; two: the teacher's own at this canvas
             device = mem_s.memory.device
             shapes = mem_s.spatial_shapes if self.pairing is None else self._teacher_shapes(image_hw, device)
-            t = self.cache.memory(targets, device, shapes)
+            t, weight = self.cache.read_memory(targets, device, shapes)
             want = sum(h * w for h, w in shapes)
             if t.shape[1] != want:
                 raise ConfigError(
                     f"distill.teacher_cache: the cached teacher memory has {t.shape[1]} tokens per image, "
                     f"{want} expected (a different canvas or levels; delete {self.cache.path})"
                 )
-            return t
+            return t, weight
         if self.pairing is None and mem_t.spatial_shapes != mem_s.spatial_shapes:
             raise ConfigError(
                 f"model: the student's memory levels {mem_s.spatial_shapes} do not line up with the teacher's "
                 f"{mem_t.spatial_shapes} (use the same num_levels and dilation)"
             )
-        return mem_t.memory + mem_t.pos if self.dcfg.memory.with_pos else mem_t.memory
+        return (mem_t.memory + mem_t.pos if self.dcfg.memory.with_pos else mem_t.memory), None
 
     def _memory_terms(
         self,
         t: Tensor,
+        weight: Tensor | None,
         s: Tensor,
         mem_s: Memory,
         targets: list[dict],
@@ -243,17 +245,22 @@ class Distiller:
         """Teacher tokens `t` against the student's `s` (memory, + pos, adapted). One architecture: the
         two share their geometry (same levels and canvas), so the student's padding mask and level
         shapes serve both. Across architectures: the levels of equal stride, on their common grid
-        (self.pairing; distill.memory.levels then counts the shared levels)."""
+        (self.pairing; distill.memory.levels then counts the shared levels). `weight` (B, N): a sampled
+        cache's token weights (distill/compact.py), carried through the pairing as one more channel."""
         mc = self.dcfg.memory
         shapes, padding, extents = mem_s.spatial_shapes, mem_s.padding_mask, None
         if self.pairing is not None:  # (cached: the teacher's level grids at this canvas, from one probe)
             shapes_t = mem_t.spatial_shapes if mem_t is not None else self._teacher_shapes(image_hw, t.device)
+            if weight is not None:
+                t = torch.cat([t, weight[..., None]], -1)
             t, s, shapes, padding, extents = self.pairing.select(t, shapes_t, s, shapes, mask)
+            if weight is not None:
+                t, weight = t[..., :-1], t[..., -1]
         levels = level_token_mask(shapes, mc.levels, t.device)
         if self.caps.memory == "plain":
-            return {"kd_fitnet": fitnet_term(t, s, padding, levels)}
+            return {"kd_fitnet": fitnet_term(t, s, padding, levels, weight)}
         m, sc = memory_masks(targets, image_hw, shapes, padding, mc.mask, mc.gaussian_grow, mc.scale_norm, extents)
-        return memory_terms(t, s, m, sc, levels, mc.channel_reduce, mc.normalize)
+        return memory_terms(t, s, m, sc, levels, mc.channel_reduce, mc.normalize, weight)
 
     def _teacher_shapes(self, image_hw: tuple[int, int], device) -> list[tuple[int, int]]:
         """The teacher's memory levels for an (unpadded) input of `image_hw`, read once per size from an

@@ -62,14 +62,20 @@ def memory_terms(
     token_mask: Tensor | None = None,
     reduce: str = "sum",
     normalize: str = "none",
+    token_weight: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """kd_mem_fg = (1/B) sum M S ||t-s||^2 and kd_mem_bg = (1/B) sum (1-M) S ||t-s||^2.
 
     teacher, student (B, N, C) memories (student already adapted to the teacher's width); m, s (B, N)
     masks (zero on padded tokens); token_mask (N,) keeps only some levels; `normalize` channel or
-    teacher replaces ||t-s||^2 by its scale-free form (normalized_squared_error; `reduce` then unused).
+    teacher replaces ||t-s||^2 by its scale-free form (normalized_squared_error; `reduce` then unused);
+    token_weight (B, N) a sampled cache's weights (distill/compact.py: zero on the tokens it lacks).
     """
     valid = (s > 0).float()  # padded tokens have S = 0; (1 - M) must not bring them back
+    if token_mask is not None:
+        token_mask = token_mask.float() if token_weight is None else token_weight * token_mask
+    elif token_weight is not None:
+        token_mask = token_weight
     if normalize == "none":
         d2 = squared_error(teacher, student, reduce)
     else:
@@ -81,11 +87,20 @@ def memory_terms(
     return {"kd_mem_fg": (m * s * d2).sum() / B, "kd_mem_bg": ((1 - m) * valid * s * d2).sum() / B}
 
 
-def fitnet_term(teacher: Tensor, student: Tensor, padding_mask: Tensor, token_mask: Tensor | None = None) -> Tensor:
-    """Mean over unpadded tokens and channels of (t - s)^2."""
+def fitnet_term(
+    teacher: Tensor,
+    student: Tensor,
+    padding_mask: Tensor,
+    token_mask: Tensor | None = None,
+    token_weight: Tensor | None = None,
+) -> Tensor:
+    """Mean over unpadded tokens and channels of (t - s)^2 (token_weight: a sampled cache's weights,
+    whose sum over an image is its token count)."""
     keep = (~padding_mask).float()
     if token_mask is not None:
         keep = keep * token_mask
+    if token_weight is not None:
+        keep = keep * token_weight
     d2 = squared_error(teacher, student, "mean")
     return (d2 * keep).sum() / global_mean(keep.sum()).clamp(min=1)
 
