@@ -133,7 +133,9 @@ class DistillConfig:
     # so that the background term's expectation is exact (distill/compact.py)
     teacher_cache_memory: str = "full"
     teacher_cache_background: int = 512
-    teacher_cache_region_grow: float = 3.0  # >= distill.memory.gaussian_grow of every trial that reads it
+    # the stored region's growth: 0 = the run's own mask's (1 for box masks, gaussian_grow for Gaussian
+    # ones); a sweep that searches gaussian_grow sets it to the largest, so that every trial reads one cache
+    teacher_cache_region_grow: float = 0.0
     teacher_cache_dtype: str = "fp16"  # fp16 | int8 (per-channel scales per image and view)
     # invariant: the teacher gives each image of a padded batch its outputs alone (models/invariance.py;
     # what a cache keyed by image needs) | reference: the original code's numbers, which depend on the
@@ -156,10 +158,18 @@ class DistillConfig:
         _check_choice("distill.teacher_padding", self.teacher_padding, ("invariant", "reference"))
         _check_choice("distill.teacher_cache_memory", self.teacher_cache_memory, ("full", "sampled"))
         _check_range("distill.teacher_cache_background", self.teacher_cache_background, low=1)
-        _check_range("distill.teacher_cache_region_grow", self.teacher_cache_region_grow, low=1.0)
+        if self.teacher_cache_region_grow != 0:
+            _check_range("distill.teacher_cache_region_grow", self.teacher_cache_region_grow, low=1.0)
         _check_choice("distill.teacher_cache_dtype", self.teacher_cache_dtype, ("fp16", "int8"))
         if self.teacher_cache_dtype == "int8" and self.teacher_cache_memory != "sampled":
             raise ConfigError("distill.teacher_cache_dtype: int8 needs distill.teacher_cache_memory=sampled")
+
+    @property
+    def cache_region_grow(self) -> float:
+        """The growth of the boxes whose tokens a sampled cache stores in full (teacher_cache_region_grow)."""
+        if self.teacher_cache_region_grow:
+            return self.teacher_cache_region_grow
+        return self.memory.gaussian_grow if self.memory.mask == "gaussian" else 1.0
 
     @property
     def uses_memory(self) -> bool:

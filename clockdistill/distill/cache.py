@@ -152,11 +152,11 @@ def cache_blockers(cfg: Config, teacher=None) -> list[str]:
     if (
         dc.teacher_cache_memory == "sampled"
         and dc.memory.mask == "gaussian"
-        and dc.memory.gaussian_grow > dc.teacher_cache_region_grow
+        and dc.memory.gaussian_grow > dc.cache_region_grow
     ):
         reasons.append(
             f"distill.memory.gaussian_grow: {dc.memory.gaussian_grow:g} reaches beyond the region a sampled cache "
-            f"stores in full (distill.teacher_cache_region_grow={dc.teacher_cache_region_grow:g}); raise that"
+            f"stores in full (distill.teacher_cache_region_grow={dc.cache_region_grow:g}); raise that"
         )
     if dc.uses_target_queries and (dc.logit.label_noise > 0 or dc.logit.box_noise > 0):
         reasons.append("distill.logit.label_noise/box_noise: noisy queries change the teacher's input every step")
@@ -341,7 +341,7 @@ def plan_cache(cfg: Config, teacher, dataset: CocoDetection, device: torch.devic
             **(
                 {
                     "background": dc.teacher_cache_background,
-                    "region_grow": dc.teacher_cache_region_grow,
+                    "region_grow": dc.cache_region_grow,
                     "dtype": dc.teacher_cache_dtype,
                 }
                 if memory == "sampled"
@@ -372,9 +372,7 @@ def _sampled_bytes(dataset: CocoDetection, size: int, flip: int, strides: tuple[
             xyxy = torch.stack([1 - xyxy[:, 2], xyxy[:, 1], 1 - xyxy[:, 0], xyxy[:, 3]], 1)
         cxcywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1)
         (grid,) = image_grids([(h, w)], strides)
-        region = region_mask(
-            {"boxes": cxcywh, "size": torch.tensor([h, w])}, grid, strides, dc.teacher_cache_region_grow
-        )
+        region = region_mask({"boxes": cxcywh, "size": torch.tensor([h, w])}, grid, strides, dc.cache_region_grow)
         n, r = sum(a * b for a, b in grid), int(region.sum())
         stored.append(r + min(n - r, dc.teacher_cache_background + len(grid)))
     scales = d * 4 if dc.teacher_cache_dtype == "int8" else 0
@@ -502,10 +500,10 @@ def _memory_columns(plan: CachePlan, cfg: Config, t: Tensor, mem, targets: list[
     for b, (x, tg, grid) in enumerate(zip(rows, targets, grids)):
         if grid is None:  # the canvas's levels and this row's padding, as the live run has them
             pad = mem.padding_mask[b]
-            region = region_mask(tg, mem.spatial_shapes, plan.strides, dc.teacher_cache_region_grow, canvas_hw, pad)
+            region = region_mask(tg, mem.spatial_shapes, plan.strides, dc.cache_region_grow, canvas_hw, pad)
             grid, valid = mem.spatial_shapes, ~pad
         else:
-            region = region_mask(tg, grid, plan.strides, dc.teacher_cache_region_grow)
+            region = region_mask(tg, grid, plan.strides, dc.cache_region_grow)
             valid = torch.ones_like(region)
         key = (int(tg["image_id"]), size, flip)
         idx, w = background_sample(region.cpu().numpy(), valid.cpu().numpy(), grid, dc.teacher_cache_background, key)

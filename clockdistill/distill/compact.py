@@ -4,8 +4,9 @@ The memory terms weight each token by the location mask M and the scale mask S (
 every token inside a ground-truth box (grown, Gaussian fall-off) counts with its own weight, and the
 background as a whole counts as the mean over its tokens, per level. So a row keeps
 
-    region      every token of the boxes grown by `teacher_cache_region_grow` (a superset of M > 0 for
-                any box mask and any Gaussian mask up to that growth), in full;
+    region      every token of the boxes grown by `teacher_cache_region_grow` (default: the run's own
+                mask's growth, 1 for box masks; a superset of M > 0 for any box mask and any Gaussian
+                mask up to that growth), in full;
     background  a fixed random sample of the other valid tokens, `teacher_cache_background` per image
                 and view split over the levels by their size (at least one each), each weighted by
                 (that level's background tokens) / (its sampled ones);

@@ -2,6 +2,7 @@
 
     python tests/bench/step_cost.py [--device cpu|cuda] [--teacher hybrid-tiny-teacher --student hybrid-tiny-student]
                                     [--batch 8] [--size 128] [--repeats 10]
+                                    [--layout canvas|image] [--memory full|sampled] [--dtype fp16|int8]
 
 Every variant runs the full step (forward, losses, backward, optimizer step) on the same batch; the
 variants are interleaved round-robin and each reports its median, so machine noise hits all alike.
@@ -9,7 +10,9 @@ Ratios are to the plain student step (method none). The teacher forward and the 
 passes are also timed on their own. "+cache" variants read the teacher's outputs from the teacher
 cache (built first, memory-mapped, as a sweep's trials read it): their limit is 1.0 plus the
 student's extra decoder pass. On CUDA the steps run in bf16 autocast. Batches use the fixed
-max_size canvas the cache needs, for every variant.
+max_size canvas (--layout canvas) or the batch's largest image rounded to the teacher's largest
+stride (--layout image: the cache keyed by image), for every variant; --memory sampled reads the
+compact cache (the boxes' tokens and 512 background tokens per image, fp16 or int8).
 """
 
 from __future__ import annotations
@@ -42,9 +45,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128, help="longest image side")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--data", default=None, help="COCO-format data set (default: a small synthetic one in a temp dir)")
+    ap.add_argument("--layout", choices=("canvas", "image"), default="canvas", help="the cache's row layout")
+    ap.add_argument("--memory", choices=("full", "sampled"), default="full", help="the cached memory")
+    ap.add_argument("--dtype", choices=("fp16", "int8"), default="fp16", help="sampled memory's values")
     args = ap.parse_args()
+    data_keys = {"pad_to": "max_size"} if args.layout == "canvas" else {"pad_to": "batch", "pad_multiple": 64}
     device = torch.device(args.device)
-    ds, images, mask, targets = fixed_batch(args.data, args.batch, args.size, device, prefix="step-cost-")
+    multiple = 64 if args.layout == "image" else 0
+    ds, images, mask, targets = fixed_batch(args.data, args.batch, args.size, device, "step-cost-", multiple)
     amp = device.type == "cuda"
 
     torch.manual_seed(0)
@@ -59,8 +67,14 @@ def main() -> None:
             {
                 "model": {"preset": args.student},
                 "train": {"progress": False},
-                "data": {"max_size": args.size, "pad_to": "max_size", "cache_dir": str(work / "cache")},
-                "distill": {"method": name, "teacher": str(work / "teacher"), "teacher_cache": "on"},
+                "data": {"max_size": args.size, **data_keys, "cache_dir": str(work / "cache")},
+                "distill": {
+                    "method": name,
+                    "teacher": str(work / "teacher"),
+                    "teacher_cache": "on",
+                    "teacher_cache_memory": args.memory,
+                    "teacher_cache_dtype": args.dtype,
+                },
             }
         )
         torch.manual_seed(0)

@@ -41,13 +41,15 @@ def training_step(task, optimizer, images, mask, targets, bf16: bool) -> None:
     optimizer.step()
 
 
-def fixed_batch(data: str | None, batch: int, size: int, device, prefix: str = "bench-"):
+def fixed_batch(data: str | None, batch: int, size: int, device, prefix: str = "bench-", multiple: int = 0):
     """(dataset, images, mask, targets): `batch` training images of `data` (default: a small
-    synthetic set in a temp dir) resized and padded to size x size, on `device`."""
+    synthetic set in a temp dir) resized and padded to size x size (or, with `multiple`, to the
+    batch's largest image rounded up to it), on `device`."""
     if data is None:
         data = str(write_synthetic(tempfile.mkdtemp(prefix=prefix), batch, 1, seed=0, progress=False))
     ds = CocoDetection(data, "train", DetectionTransform(size, train=False))
-    images, mask, targets = collate([ds[i % len(ds)] for i in range(batch)], pad_to=(size, size))
+    items = [ds[i % len(ds)] for i in range(batch)]
+    images, mask, targets = collate(items, pad_to=None if multiple else (size, size), multiple=max(multiple, 1))
     targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
     return ds, images.to(device), mask.to(device), targets
 
