@@ -11,7 +11,7 @@ MLFLOW_DB ?= $(CURDIR)/mlflow.db
 MLFLOW_ACCOUNTS ?= $(HOME)/.config/clockdistill/mlflow-accounts.yaml
 SWEEP  ?=
 
-.PHONY: demo demo-teacher demo-student study ablation test test-fast lint bench best-student report sweep mlflow-ui venv clean
+.PHONY: demo demo-teacher demo-student study study-rtdetr ablation test test-fast lint bench best-student report sweep mlflow-ui venv clean
 
 venv: $(STAMP)
 
@@ -55,6 +55,13 @@ demo-student: $(STAMP)
 study: $(STAMP)
 	$(VENV)/bin/clockdistill demo study-setup --workdir study-run
 	$(VENV)/bin/clockdistill study sweeps/configs/study.yaml
+
+# The same study across architectures (sweeps/configs/study-rtdetr.yaml): the ablation's hybrid teacher
+# into the tiny RT-DETR student from its own pretrained weights, learning rates searched for every method.
+study-rtdetr: $(STAMP)
+	$(VENV)/bin/clockdistill demo study-setup --workdir study-run
+	$(VENV)/bin/clockdistill demo study-teacher --workdir ablation-run
+	$(VENV)/bin/clockdistill study sweeps/configs/study-rtdetr.yaml
 
 # The method's ablation grid (sweeps/configs/ablation.yaml): its teacher (the shipped demo teacher trained
 # on, 14 min on one thread here), 9 methods x 5 seeds at fixed settings two at a time (70 min on 2 cores
