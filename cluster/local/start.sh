@@ -15,7 +15,9 @@ state="$(mkdir -p "${1:-.local-cluster}" && cd "${1:-.local-cluster}" && pwd)"
 bin="$(dirname "$(command -v ray || echo "$here/../../.venv/bin/ray")")"
 ray="$bin/ray"
 [ -x "$ray" ] || { echo "error: ray CLI not found (make venv, or activate .venv)" >&2; exit 2; }
-free_port() { "$bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# shared with start-node.sh: free_port, start_worker
+# shellcheck source=cluster/local/node.sh
+. "$here/node.sh"
 failed() {  # the node's log tail goes to stderr: a CI run's state dir is gone by the time anyone looks
   echo "error: ray start of $1 failed (log: $state/$1.log); its last lines:" >&2
   tail -n 25 "$state/$1.log" >&2
@@ -47,18 +49,6 @@ echo "$head_temp" > "$state/temp_dirs"
   --resources '{"sweep_driver": 2}' --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" \
   --disable-usage-stats > "$state/head.log" 2>&1 || failed head
 
-start_worker() {  # start_worker NAME: one worker node; its log in $state/NAME.log
-  # Every node on one machine needs its own agent and metrics ports, and its own temp dir: in a
-  # shared one, a node unpacking a job's working_dir replaces the very directory another node's
-  # processes (the job driver's cwd) run in. Short paths: Unix sockets live there.
-  temp="$(mktemp -d "/tmp/cdray-$1-XXXXXX")"
-  echo "$temp" >> "$state/temp_dirs"
-  "$ray" start --address "127.0.0.1:$head_port" --node-ip-address 127.0.0.1 --num-cpus "${WORKER_CPUS:-1}" --num-gpus 0 \
-    --temp-dir "$temp" \
-    --resources "{\"$1\": 1}" --dashboard-agent-listen-port "$(free_port)" --dashboard-agent-grpc-port "$(free_port)" \
-    --runtime-env-agent-port "$(free_port)" --metrics-export-port "$(free_port)" \
-    --disable-usage-stats > "$state/$1.log" 2>&1
-}
 # The workers start one after the other (side by side saved about 3 s, and one such start failed in
 # CI). A failed start is tried once more with fresh ports and a fresh temp dir: a free port picked
 # here can be taken by another process before the node binds it.
