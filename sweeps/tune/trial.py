@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from clockdistill.checkpoint import damage
 from clockdistill.checkpoint_meta import read_meta
 from clockdistill.config.layers import resolve_config
 from clockdistill.config.sections import Config
@@ -162,10 +163,48 @@ class EpochReporter:
         return row
 
 
-def restore_checkpoint(checkpoint, work: Path) -> None:
-    """A reported checkpoint (retry, restore, PBT exploit) into `work/last`, where `fit` resumes."""
+def restore_checkpoint(checkpoint, work: Path) -> bool:
+    """A reported checkpoint (retry, restore, PBT exploit) into `work/last`, where `fit` resumes. A
+    damaged one (a file cut short on the storage: checkpoint.damage) is never loaded: the trial's
+    other kept checkpoints in the same directory are tried, newest first, and without an intact one
+    the trial starts over (epochs redone, nothing lost). Returns whether one was restored."""
+    candidates = [checkpoint, *_sibling_checkpoints(checkpoint)]
+    for candidate in candidates:
+        shutil.rmtree(work / "last", ignore_errors=True)
+        try:
+            candidate.to_directory(str(work / "last"))
+        except Exception as exc:  # noqa: BLE001 - a storage read error is one more kind of damage
+            log.warning("checkpoint %s cannot be read (%s)", candidate.path, exc)
+            continue
+        broken = damage(work / "last")
+        if broken is None:
+            if candidate is not checkpoint:
+                log.warning("resuming from the earlier checkpoint %s instead", candidate.path)
+            return True
+        log.warning("checkpoint %s is damaged (%s); not loading it", candidate.path, broken)
     shutil.rmtree(work / "last", ignore_errors=True)
-    checkpoint.to_directory(str(work / "last"))
+    log.warning("no intact checkpoint of this trial: it starts over")
+    return False
+
+
+def _sibling_checkpoints(checkpoint) -> list:
+    """The trial's other checkpoints (`checkpoint_<n>` beside `checkpoint`), newest first."""
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    fs = getattr(checkpoint, "filesystem", None)
+    parent, name = os.path.split(str(checkpoint.path).rstrip("/"))
+    if fs is None or not name.startswith("checkpoint_"):
+        return []
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(parent))
+    except OSError:
+        return []
+    names = sorted(
+        (i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
+        reverse=True,
+    )
+    return [tune.Checkpoint(path=f"{parent}/{n}", filesystem=fs) for n in names if n != name]
 
 
 def run_trial(
@@ -186,8 +225,7 @@ def run_trial(
     a checkpoint directory (the ranks of a data-parallel trial other than 0)."""
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     cfg = trial_config(spec, params, work)
-    if checkpoint is not None:
-        restore_checkpoint(checkpoint, work)
+    if checkpoint is not None and restore_checkpoint(checkpoint, work):
         log.info("trial %s resumes from %s", trial_name, checkpoint.path)
     props = student_properties(cfg, spec.needs_latency)
     reporter = EpochReporter(spec, props, started, send, trial_params(cfg, params.get(VARIANT_KEY)))
