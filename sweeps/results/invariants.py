@@ -49,6 +49,30 @@ def _trial_errors(spec) -> dict[str, str]:
     return errors
 
 
+def _trials_ended(tune: dict, errors: dict[str, str], runs: list) -> Invariant:
+    """Every trial finished its budget, was stopped by the scheduler, or failed with its reason."""
+    # a trial with an error file failed at least once; it failed for good unless it then finished its
+    # budget or its run ended without error (retried, then stopped by the scheduler)
+    ran_ok = {t.trial_id for t in runs if t.status == "FINISHED"}
+    finished_ids = {t for t, (_, rows) in tune.items() if rows[-1].get("completed_full_budget") == 1}
+    errored = {t: errors[d] for t, (d, _) in tune.items() if d in errors}
+    failed = {t: r for t, r in errored.items() if t not in finished_ids and t not in ran_ok}
+    recovered = len(errored) - len(failed)
+    unexplained = [t for t, (d, rows) in tune.items() if t not in failed and not rows]
+    silent = [t for t, reason in failed.items() if not reason]  # (a trial fails for good after max_failures retries)
+    finished = len(finished_ids)
+    return Invariant(
+        "trials ended",
+        not (unexplained or silent),
+        f"{len(tune)} trials: {finished} finished their budget, {len(tune) - finished - len(failed)} stopped "
+        f"early, {len(failed)} failed"
+        + (f" ({', '.join(f'{t}: {r[:80]}' for t, r in failed.items())})" if failed else "")
+        + (f"; {recovered} recovered after a failure (retried from a checkpoint)" if recovered else "")
+        + (f"; without results: {unexplained}" if unexplained else "")
+        + (f"; failed without a reason: {silent}" if silent else ""),
+    )
+
+
 def check_invariants(spec_path: str, name: str | None = None, tracking_uri: str | None = None) -> list[Invariant]:
     from mlflow.tracking import MlflowClient
 
@@ -66,21 +90,7 @@ def check_invariants(spec_path: str, name: str | None = None, tracking_uri: str 
     metric, best_key = spec.primary.metric, S.best_key(spec.primary.metric)
     out = []
 
-    failed = {t: errors[d] for t, (d, _) in tune.items() if d in errors}
-    unexplained = [t for t, (d, rows) in tune.items() if t not in failed and not rows]
-    silent = [t for t, reason in failed.items() if not reason]  # (a trial fails for good after max_failures retries)
-    finished = sum(rows[-1].get("completed_full_budget") == 1 for _, rows in tune.values())
-    out.append(
-        Invariant(
-            "trials ended",
-            not (unexplained or silent),
-            f"{len(tune)} trials: {finished} finished their budget, {len(tune) - finished - len(failed)} stopped "
-            f"early, {len(failed)} failed"
-            + (f" ({', '.join(f'{t}: {r[:80]}' for t, r in failed.items())})" if failed else "")
-            + (f"; without results: {unexplained}" if unexplained else "")
-            + (f"; failed without a reason: {silent}" if silent else ""),
-        )
-    )
+    out.append(_trials_ended(tune, errors, runs))
 
     per_trial: dict[str, list[Any]] = {}
     for run in runs:

@@ -63,8 +63,13 @@ def check_storage(storage: str, timeout_s: float = 120.0) -> int:
     write = ray.remote(num_cpus=0, max_retries=0)(_write_probe)
     read = ray.remote(num_cpus=0, max_retries=0)(_read_probes)
 
+    def alive(node: str) -> bool:
+        return any(n["NodeID"] == node and n.get("Alive") for n in ray.nodes())
+
     def failures(task, args_of) -> dict[str, str]:
-        """Run task(*args_of(node)) on every node; {node: error} of those that failed."""
+        """Run task(*args_of(node)) on every node; {node: error} of those that failed. A node that
+        died meanwhile (a machine lost while a sweep starts or resumes) leaves the check, with a
+        warning: the sweep runs on the nodes there are."""
         refs = {
             node: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
                 *args_of(node)
@@ -72,17 +77,30 @@ def check_storage(storage: str, timeout_s: float = 120.0) -> int:
             for node in ids
         }
         _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-        if pending:
-            late = [node for node, ref in refs.items() if ref in pending]
+        late = [node for node, ref in refs.items() if ref in pending and alive(node)]
+        if late:
             raise SpecError(
                 f"storage_path: node(s) {', '.join(where[n] for n in late)} did not answer the storage check "
                 f"within {timeout_s:.0f} s"
             )
-        return {node: error for node, error in ((n, ray.get(r)) for n, r in refs.items()) if error}
+        errors = {}
+        for node, ref in refs.items():
+            try:
+                error = ray.get(ref, timeout=0) if ref not in pending else None
+            except ray.exceptions.RayError:
+                if alive(node):
+                    raise
+                error = None
+            if not alive(node):
+                log.warning("storage check: node %s died during the check; going on without it", where[node])
+                ids.remove(node)
+            elif error:
+                errors[node] = error
+        return errors
 
     failed = failures(write, lambda node: (storage, run, node))
     if not failed:
-        failed = failures(read, lambda node: (storage, run, ids))
+        failed = failures(read, lambda node: (storage, run, list(ids)))
     try:
         fs, root = storage_filesystem(storage)
         fs.delete_dir(f"{root.rstrip('/')}/{PROBE_DIR}/{run}")

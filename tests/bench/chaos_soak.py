@@ -87,7 +87,7 @@ class Soak:
         from sweeps.demo import SHIPPED_STUDENT, install_teacher
 
         self.work.mkdir(parents=True, exist_ok=True)
-        data = ensure_synthetic(self.work / "data", 400, 100, 0, progress=False)
+        data = ensure_synthetic(self.work / "data", 400, 100, 0, progress=False, test=100)
         teacher = install_teacher(self.work / "teacher" / "best", data)
         self.storage.mkdir(exist_ok=True)
         if os.geteuid() == 0:
@@ -282,19 +282,22 @@ class Soak:
         return rows
 
     def cluster_state(self) -> dict:
-        import ray
-        from ray.util.state import list_actors, list_placement_groups
-
+        """Ray actors alive, placement groups left and sweep driver processes, once the sweep ended
+        (a process of its own: Ray reads the token settings when it is imported)."""
         head = (self.cluster / "head_port").read_text().strip()
-        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.cluster / "token"))
-        ray.init(address=f"127.0.0.1:{head}", logging_level="ERROR")
-        try:
-            actors = list_actors(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
-            groups = list_placement_groups(filters=[("state", "=", "CREATED")], raise_on_missing_output=False)
-        finally:
-            ray.shutdown()
+        probe = (
+            "import json, ray\n"
+            "from ray.util.state import list_actors, list_placement_groups\n"
+            f"ray.init(address='127.0.0.1:{head}', logging_level='ERROR')\n"
+            "a = list_actors(filters=[('state', '=', 'ALIVE')], raise_on_missing_output=False)\n"
+            "g = list_placement_groups(filters=[('state', '=', 'CREATED')], raise_on_missing_output=False)\n"
+            "print(json.dumps({'actors_alive': len(a), 'placement_groups': len(g)}))\n"
+        )
+        env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.cluster / "token"))
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+        state = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-300:]}
         drivers = subprocess.run(["pgrep", "-f", "clockdistill sweep"], capture_output=True, text=True).stdout.split()
-        return {"actors_alive": len(actors), "placement_groups": len(groups), "sweep_drivers": len(drivers)}
+        return {**state, "sweep_drivers": len(drivers)}
 
     def cleanup(self) -> None:
         self.run(LOCAL / "stop.sh", self.cluster, check=False)
@@ -335,6 +338,15 @@ def main() -> None:
 
         invariants = check_invariants(spec, None, soak.tracking)
         print_invariants(invariants)
+        # the champion: best-student re-evaluates the chosen trial's checkpoint (refused when its AP
+        # differs from the logged one by more than 0.002 or its digest from the recorded one), registers it
+        best = subprocess.run(
+            [str(BIN / "clockdistill"), "best-student", "--sweep", "soak", "--out", str(soak.work / "best-student"),
+             "--tracking-uri", soak.tracking, "--device", "cpu"],
+            capture_output=True, text=True, timeout=1800, env=clean_env(),
+        )  # fmt: skip
+        champion = best.returncode == 0
+        soak.say(f"best-student: exit {best.returncode}; {(best.stdout + best.stderr).strip().splitlines()[-1:]}")
         state = soak.cluster_state()
         rows = soak.table(soak.epoch_reports())
         print(f"\n{'t (s)':>7} {'fault':<24} {'what':<58} {'recovery (s)':>12} {'epochs twice':>12}")
@@ -345,8 +357,9 @@ def main() -> None:
             )
         held = sum(i.held for i in invariants)
         print(
-            f"\n{len(rows)} faults in {wall:.0f} s; invariants held {held}/{len(invariants)}; left running: "
-            f"{state['actors_alive']} actors, {state['placement_groups']} placement groups, "
+            f"\n{len(rows)} faults in {wall:.0f} s; invariants held {held}/{len(invariants)}; the champion "
+            f"{'loads and reproduces its logged AP' if champion else 'FAILED best-student'}; left running: "
+            f"{state.get('actors_alive', '?')} actors, {state.get('placement_groups', '?')} placement groups, "
             f"{state['sweep_drivers']} sweep drivers"
         )
         (soak.work / "soak.json").write_text(
@@ -358,6 +371,7 @@ def main() -> None:
                     "faults": rows,
                     "invariants": [{"name": i.name, "held": i.held, "detail": i.detail} for i in invariants],
                     "cluster": state,
+                    "champion": champion,
                 },
                 indent=1,
             )
