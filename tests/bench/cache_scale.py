@@ -41,7 +41,7 @@ import torch
 
 from clockdistill.config.layers import resolve_config
 from clockdistill.data.transforms import longest_side_dims
-from clockdistill.distill.cache import image_grids
+from clockdistill.distill.cache_plan import image_grids
 from clockdistill.distill.compact import background_sample, dequantize, quantize, region_mask
 from clockdistill.distill.losses import memory_terms
 from clockdistill.distill.masks import memory_masks
