@@ -29,7 +29,10 @@ retried from a checkpoint; the 5 invariants held; best-student re-evaluated and 
 champion. Recovery (fault's end to the next epoch reported) 1.4-69.5 s; one epoch reported twice in
 the whole run. Found on the way: a node lost while the resubmitted driver checked its storage ended
 that driver (fixed: sweeps/tune/preflight.py), and a trial retried after a failure and then finished
-counted as failed (fixed: sweeps/results/invariants.py).
+counted as failed (fixed: sweeps/results/invariants.py). Run 2 (seed 1, nothing else running): 12
+faults in 526 s; 21 trials: 9 finished, 11 stopped early, 1 failed for good (four node deaths under it,
+its retries used up: within max_failures, with its reason), 5 retried; the 5 invariants held; the
+champion reproduced; left running: 0 actors, 0 placement groups, 0 sweep drivers.
 """
 
 from __future__ import annotations
