@@ -53,7 +53,7 @@ def _state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
 def damage(directory: str | Path) -> str | None:
     """Why the checkpoint in `directory` cannot be loaded (None: it is whole): meta.json missing or not
     JSON, or a tensor file whose header does not parse or whose data is shorter than the header says
-    (a file cut short, as a power cut leaves it)."""
+    (a file cut short, as a power cut leaves it: safetensors refuses to open it)."""
     from safetensors import safe_open
 
     directory = Path(directory)
@@ -62,15 +62,9 @@ def damage(directory: str | Path) -> str | None:
     except (OSError, ValueError) as exc:
         return f"meta.json: {exc}"
     for f in sorted(directory.glob("*.safetensors")):
-        try:
-            with safe_open(str(f), framework="pt") as handle:
-                keys = list(handle.keys())
-            if keys:  # the header's offsets against the file's size
-                header = int.from_bytes(f.open("rb").read(8), "little")
-                meta = json.loads(f.open("rb").read(8 + header)[8:])
-                end = max(v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__")
-                if f.stat().st_size < 8 + header + end:
-                    return f"{f.name}: {f.stat().st_size} bytes, the header needs {8 + header + end}"
+        try:  # opening checks the header and that the data covers every tensor it names
+            with safe_open(str(f), framework="pt"):
+                pass
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
             return f"{f.name}: {exc}"
     return None

@@ -63,8 +63,8 @@ def check_storage(storage: str, timeout_s: float = 120.0) -> int:
     write = ray.remote(num_cpus=0, max_retries=0)(_write_probe)
     read = ray.remote(num_cpus=0, max_retries=0)(_read_probes)
 
-    def alive(node: str) -> bool:
-        return any(n["NodeID"] == node and n.get("Alive") for n in ray.nodes())
+    def alive_nodes() -> set[str]:
+        return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
 
     def failures(task, args_of) -> dict[str, str]:
         """Run task(*args_of(node)) on every node; {node: error} of those that failed. A node that
@@ -77,7 +77,8 @@ def check_storage(storage: str, timeout_s: float = 120.0) -> int:
             for node in ids
         }
         _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-        late = [node for node, ref in refs.items() if ref in pending and alive(node)]
+        alive = alive_nodes()  # one look at the cluster for the whole check, not one per node
+        late = [node for node, ref in refs.items() if ref in pending and node in alive]
         if late:
             raise SpecError(
                 f"storage_path: node(s) {', '.join(where[n] for n in late)} did not answer the storage check "
@@ -88,10 +89,11 @@ def check_storage(storage: str, timeout_s: float = 120.0) -> int:
             try:
                 error = ray.get(ref, timeout=0) if ref not in pending else None
             except ray.exceptions.RayError:
-                if alive(node):
+                if node in alive_nodes():  # a live node's task failed: a real error
                     raise
+                alive.discard(node)
                 error = None
-            if not alive(node):
+            if node not in alive:
                 log.warning("storage check: node %s died during the check; going on without it", where[node])
                 ids.remove(node)
             elif error:
