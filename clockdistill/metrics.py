@@ -49,6 +49,9 @@ LOSS_PARTS = (LOSS_DET, LOSS_KD_MEM, LOSS_KD_LOGIT)
 KD_PREFIX = "kd_"  # every distillation term; these prefixes are memory terms, the other kd_ terms logit terms
 MEMORY_TERM_PREFIXES = ("kd_mem", "kd_fitnet", "kd_feat")
 TEACHER_AP = "teacher_AP"
+# with a teacher exchange (distill/exchange.py): the fraction of the epoch's teacher outputs that
+# another run on the same batch computed
+TEACHER_SHARED = "teacher_shared"
 # a sweep trial adds (sweeps/tune/trial.py): the student's properties an objective can trade AP
 # against, and the trial's own clock
 PARAMS = "params"

@@ -141,6 +141,9 @@ class DistillConfig:
     # what a cache keyed by image needs) | reference: the original code's numbers, which depend on the
     # batch's padding. The same on unpadded batches.
     teacher_padding: str = "invariant"
+    # off | node: in a sweep, the trials on one node that train on the same batch at the same time run
+    # the teacher once between them (distill/exchange.py; for data sets no cache holds: COCO)
+    teacher_share: str = "off"
     memory: MemoryDistillConfig = field(default_factory=MemoryDistillConfig)
     logit: LogitDistillConfig = field(default_factory=LogitDistillConfig)
     detrdistill: DetrDistillConfig = field(default_factory=DetrDistillConfig)
@@ -156,6 +159,7 @@ class DistillConfig:
         _check_choice("distill.teacher_cache", self.teacher_cache, ("off", "auto", "on"))
         _check_range("distill.teacher_cache_max_gb", self.teacher_cache_max_gb, low=0.0)
         _check_choice("distill.teacher_padding", self.teacher_padding, ("invariant", "reference"))
+        _check_choice("distill.teacher_share", self.teacher_share, ("off", "node"))
         _check_choice("distill.teacher_cache_memory", self.teacher_cache_memory, ("full", "sampled"))
         _check_range("distill.teacher_cache_background", self.teacher_cache_background, low=1)
         if self.teacher_cache_region_grow != 0:

@@ -17,6 +17,7 @@ method's distillation terms, all unweighted, and the weights that combine them:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from clockdistill.config.methods import METHODS
 from clockdistill.config.sections import Config
+from clockdistill.distill.exchange import TeacherExchange, batch_key, digest
 from clockdistill.distill.losses import feature_term, fitnet_term, logit_terms, memory_terms
 from clockdistill.distill.masks import level_token_mask, memory_masks
 from clockdistill.distill.pairing import check_memory_geometry, check_query_prior, memory_pairing
@@ -34,7 +36,7 @@ from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.distributed import global_mean, is_distributed, may_leave_parameters_unused, wrap_ddp
 from clockdistill.errors import ConfigError, TrainingDiverged
 from clockdistill.losses.criterion import SetCriterion, model_detection_weights
-from clockdistill.metrics import LOSS_PARTS, TEACHER_AP, loss_part
+from clockdistill.metrics import LOSS_PARTS, TEACHER_AP, TEACHER_SHARED, loss_part
 from clockdistill.models.common import Memory, Queries, decoder_layers
 from clockdistill.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 from clockdistill.ops.host import small_tensor
@@ -104,6 +106,12 @@ class Distiller:
         self.cache = (
             None  # a TeacherCache (teacher outputs read, not computed) or a PendingTeacherCache (see distill/cache.py)
         )
+        # teacher outputs shared with the runs training on the same batch (distill/exchange.py): the
+        # exchange, this step's batch name, and this epoch's count of outputs (computed, taken)
+        self.exchange: TeacherExchange | None = None
+        self._batch = ""
+        self._shared_counts = [0, 0]
+        self._teacher_id = f"{dc.teacher}|{dc.teacher_padding}|amp={cfg.train.amp}"
         tokens = ("memory+pos" if dc.memory.with_pos else "memory") if self.uses_memory else None
         tokens = "features" if self.uses_feature else tokens
         self.student_pass: nn.Module = StudentPass(
@@ -147,20 +155,27 @@ class Distiller:
     def losses(self, images: Tensor, mask: Tensor, targets: list[dict]) -> tuple[dict[str, Tensor], dict[str, float]]:
         # min 1 slot under DDP: a rank with no object in its share must run the same collectives as the others
         qs = self.queries.sample(targets, images.device, min_slots=int(is_distributed())) if self.uses_queries else None
-        mem_t = prior = None
+        self._batch = batch_key(images, mask, targets) if self.exchange is not None and self.caps.uses_teacher else ""
+        cache = None
+        if self.caps.uses_teacher and self.cache is not None:
+            cache = self.cache.get()  # None while another process builds it
+            if cache is not None and cache is not self.cache:
+                self.cache = cache
+        # with an exchange: this run computes the batch's teacher memory before its student when it is
+        # the one to (its peers run their students meanwhile and take the memory after)
+        mem_t = self._claimed_memory(images, mask) if self.caps.uses_teacher and cache is None else None
+        prior = None
         if self.uses_prior:  # the teacher's own queries, for the student to decode (DETRDistill)
-            mem_t = self.teacher.encode(images, mask)
+            if mem_t is None:
+                mem_t = self._shared_memory(images, mask)
             with torch.no_grad():
                 prior = self.teacher.detector.default_queries(mem_t)
         mem_s, tokens_s, out_s, target_s, prior_s = self.student_pass(images, mask, qs, targets=targets, prior=prior)
         terms = dict(self.criterion(out_s, targets))
         if not self.caps.uses_teacher:
             return terms, self.weights
-        cache = self.cache.get() if self.cache is not None else None  # None while another process builds it
-        if cache is not None and cache is not self.cache:
-            self.cache = cache
         if mem_t is None and cache is None:
-            mem_t = self.teacher.encode(images, mask)
+            mem_t = self._shared_memory(images, mask)
         if self.uses_memory:
             terms.update(
                 self._memory_terms(
@@ -185,9 +200,9 @@ class Distiller:
         if mem_t is None:
             layers_t = self.cache.default_layers(targets, images.device)
         elif prior is not None:
-            layers_t = decoder_layers(self.teacher.decode(mem_t, **_decode_args(prior)))
+            layers_t = decoder_layers(self._shared("prior", lambda: self.teacher.decode(mem_t, **_decode_args(prior))))
         else:
-            layers_t = decoder_layers(self.teacher.predict_default(mem_t))
+            layers_t = decoder_layers(self._shared("default", lambda: self.teacher.predict_default(mem_t)))
         terms: dict[str, Tensor] = {}
         if self.uses_matching:
             terms.update(self._matched_terms(layers_t, out_s))
@@ -262,6 +277,51 @@ class Distiller:
         m, sc = memory_masks(targets, image_hw, shapes, padding, mc.mask, mc.gaussian_grow, mc.scale_norm, extents)
         return memory_terms(t, s, m, sc, levels, mc.channel_reduce, mc.normalize, weight)
 
+    def _claimed_memory(self, images: Tensor, mask: Tensor) -> Memory | None:
+        """The batch's teacher memory when this run claims it from the exchange (computed and
+        published now), else None (no exchange, or a peer computes it)."""
+        if self.exchange is None:
+            return None
+        key = self._key(self._memory_part)
+        if not self.exchange.claim(key):
+            return None
+        return self._computed(key, lambda: self._encode(images, mask))
+
+    def _shared_memory(self, images: Tensor, mask: Tensor) -> Memory:
+        return self._shared(self._memory_part, lambda: self._encode(images, mask))
+
+    @property
+    def _memory_part(self) -> str:
+        return "memory+features" if self.uses_feature else "memory"
+
+    def _encode(self, images: Tensor, mask: Tensor) -> Memory:
+        """The teacher's memory; shared with peers without the encoder's input tokens, which only
+        DETRDistill's feature term reads (a third less to move)."""
+        mem = self.teacher.encode(images, mask)
+        return mem if self.uses_feature or self.exchange is None else dataclasses.replace(mem, features=None)
+
+    def _shared(self, part: str, compute, detail: str = ""):
+        """`compute()` (a teacher output of this step's batch), or the same output a peer on the same
+        batch computed (distill/exchange.py); counted for the epoch's teacher_shared."""
+        if self.exchange is None:
+            return compute()
+        key = self._key(part, detail)
+        if not self.exchange.claim(key):
+            value = self.exchange.wait(key)
+            if value is not None:
+                self._shared_counts[1] += 1
+                return value
+        return self._computed(key, compute)
+
+    def _computed(self, key: str, compute):
+        value = compute()
+        self.exchange.publish(key, value)
+        self._shared_counts[0] += 1
+        return value
+
+    def _key(self, part: str, detail: str = "") -> str:
+        return f"{part}|{self._teacher_id}|{self._batch}|{detail}"
+
     def _teacher_shapes(self, image_hw: tuple[int, int], device) -> list[tuple[int, int]]:
         """The teacher's memory levels for an (unpadded) input of `image_hw`, read once per size from an
         encoding of a blank image (a cached run's teacher is otherwise never run)."""
@@ -284,9 +344,9 @@ class Distiller:
             n_gt = max((len(t["labels"]) for t in targets), default=0)
             layers_t = self.cache.query_layers(targets, n_gt, qs.labels.device, qs.size)
         else:
-            layers_t = decoder_layers(
-                self.teacher.decode(mem_t, **target_queries(self.teacher.detector, self.queries, qs))
-            )
+            inputs = target_queries(self.teacher.detector, self.queries, qs)
+            detail = digest(*inputs.values()) if self.exchange is not None else ""
+            layers_t = decoder_layers(self._shared("queries", lambda: self.teacher.decode(mem_t, **inputs), detail))
         return self._pair_terms([(e_s, layers_t[e_t], layers_s[e_s]) for e_s, e_t in self.pairs], qs.valid)
 
     def _matched_terms(self, layers_t: list[dict], out_s: dict) -> dict[str, Tensor]:
@@ -433,6 +493,10 @@ class Distiller:
                 groups[loss_part(k)] += w * metrics[k]
         if self.teacher.best_ap is not None:
             groups[TEACHER_AP] = self.teacher.best_ap
+        if self.exchange is not None:  # the part of the epoch's teacher outputs another run computed
+            computed, taken = self._shared_counts
+            groups[TEACHER_SHARED] = taken / max(computed + taken, 1)
+            self._shared_counts = [0, 0]
         return groups
 
 

@@ -18,6 +18,7 @@ from clockdistill.config.sections import Config
 from clockdistill.data.dataset import CocoDetection
 from clockdistill.distill.cache import prepare_teacher_cache
 from clockdistill.distill.distiller import Distiller
+from clockdistill.distill.exchange import TeacherExchange
 from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.engine import EpochCallback, FitResult, build_datasets, fit, select_device
 from clockdistill.errors import DataError
@@ -42,11 +43,15 @@ def build_distiller(cfg: Config, teacher: FrozenTeacher, num_classes: int, devic
 
 
 def run_distillation(
-    cfg: Config, on_epoch_end: EpochCallback | None = None, datasets: tuple[CocoDetection, CocoDetection] | None = None
+    cfg: Config,
+    on_epoch_end: EpochCallback | None = None,
+    datasets: tuple[CocoDetection, CocoDetection] | None = None,
+    exchange: TeacherExchange | None = None,
 ) -> DistillResult:
     """Train one student with one distillation setting; `on_epoch_end(epoch, metrics, ckpt_dir)` gets
     AP/AP50/... and every loss term (unweighted), plus `loss_det`, `loss_kd_mem`, `loss_kd_logit`
-    (the weighted parts) and `teacher_AP`; returning True stops the run."""
+    (the weighted parts) and `teacher_AP`; returning True stops the run. `exchange`: teacher outputs
+    shared with other runs on the same batches (distill/exchange.py; a sweep's trials)."""
     device = select_device(cfg.train.device)
     teacher = FrozenTeacher.load(cfg.distill.teacher, device, cfg.distill.teacher_padding)
     train_ds, val_ds = datasets or build_datasets(cfg)
@@ -57,6 +62,12 @@ def run_distillation(
         )
     distiller = build_distiller(cfg, teacher, train_ds.num_classes, device)
     distiller.cache = prepare_teacher_cache(cfg, teacher, train_ds, device, wait=False)
+    distiller.exchange = exchange
+    if exchange is None and cfg.distill.teacher_share != "off":
+        log.info(
+            "distill.teacher_share: %s shares the teacher between a sweep's trials; this run has it alone",
+            cfg.distill.teacher_share,
+        )
     formula = distiller.formula()
     print(formula, flush=True)
     result = fit(cfg, distiller, on_epoch_end, (train_ds, val_ds))

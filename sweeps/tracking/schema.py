@@ -60,7 +60,7 @@ CONFIG_KEY = "trial_config"  # in a trial's first result: its full config, flatt
 
 # Per-epoch metrics written to MLflow: every name a run emits (metrics.py), each loss term (loss_*,
 # kd_*) and best_<objective>; everything else a trial reports stays in Tune's results.
-_LOGGED = (*M.EVALUATED_METRICS, M.EPOCH, M.LR, M.TEACHER_AP, *M.STUDENT_PROPERTIES, *M.TIMINGS)
+_LOGGED = (*M.EVALUATED_METRICS, M.EPOCH, M.LR, M.TEACHER_AP, M.TEACHER_SHARED, *M.STUDENT_PROPERTIES, *M.TIMINGS)
 METRIC_ALLOW = re.compile(r"^(" + "|".join(map(re.escape, _LOGGED)) + r"|loss.*|kd_.*|best_.*)$")
 
 

@@ -89,6 +89,7 @@ def run_spec(spec: SweepSpec, verbose: bool = False) -> dict[str, Any]:
 
     if needs_node_caches(spec):  # decoded images and teacher outputs once per node, not in the first trials
         prebuild_node_caches(spec)
+    hub = _teacher_exchange(spec)  # noqa: F841 (held: the hub lives as long as this driver holds it)
     tracker = SweepTracker(tracking_uri, spec.mlflow.experiment, spec.name, spec.confirms)
     tracker.start_parent(spec_to_dict(spec), search_space_summary(spec), _teacher_ap(spec))
 
@@ -148,6 +149,21 @@ def run_spec(spec: SweepSpec, verbose: bool = False) -> dict[str, Any]:
             tracker.end_parent(status, summary)
         except Exception as exc:  # noqa: BLE001
             log.warning("mlflow: could not close the sweep run: %s", exc)
+
+
+def _teacher_exchange(spec: SweepSpec):
+    """The sweep's teacher exchange (distill.teacher_share: node; sweeps/tune/exchange.py), or None."""
+    import tempfile
+
+    from sweeps.tune.trial import trial_config
+
+    cfg = trial_config(spec, {}, Path(tempfile.gettempdir()) / "clockdistill-exchange")
+    if cfg.distill.teacher_share != "node":
+        return None
+    from sweeps.tune.exchange import start_hub
+
+    log.info("teacher exchange: trials on one node that train on the same batch run the teacher once")
+    return start_hub(spec.name)
 
 
 def finalize(spec: SweepSpec, tracker: SweepTracker, results) -> dict[str, Any]:

@@ -31,6 +31,7 @@ import torch
 from clockdistill.checkpoint import damage
 from clockdistill.checkpoint_meta import read_meta
 from clockdistill.config.layers import resolve_config
+from clockdistill.config.methods import METHODS
 from clockdistill.config.sections import Config
 from clockdistill.distill.run import run_distillation
 from clockdistill.engine import select_device
@@ -230,10 +231,16 @@ def run_trial(
     props = student_properties(cfg, spec.needs_latency)
     reporter = EpochReporter(spec, props, started, send, trial_params(cfg, params.get(VARIANT_KEY)))
     limit_gpu_memory(spec.resources.gpu)  # a fractional share only without workers (spec validation)
+    exchange = None
+    if cfg.distill.teacher_share == "node" and METHODS[cfg.distill.method].uses_teacher:
+        from sweeps.tune.exchange import RayExchange
+
+        exchange = RayExchange.connect(spec.name, select_device(cfg.train.device))
     try:
         run_distillation(
             cfg,
             on_epoch_end=lambda epoch, metrics, ckpt: reporter(epoch, metrics, ckpt if reports_checkpoints else None),
+            exchange=exchange,
         )
     except TrainingDiverged as exc:
         log.error("trial %s diverged: %s", trial_name, exc)
