@@ -10,7 +10,14 @@ from torch.utils.data import DataLoader
 
 from clockdistill.config.layers import resolve_config
 from clockdistill.data.transforms import collate
-from clockdistill.distill.exchange import LocalExchange, batch_key, to_device, to_host
+from clockdistill.distill.exchange import (
+    COMPUTE_AND_PUBLISH,
+    LocalExchange,
+    SharedOutputs,
+    batch_key,
+    to_device,
+    to_host,
+)
 from clockdistill.distill.run import build_distiller
 from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.engine import build_datasets
@@ -127,17 +134,6 @@ def test_trials_on_ray_share_the_teacher_and_every_fault_falls_back_to_their_own
     ray = pytest.importorskip("ray")
     from sweeps.tune.exchange import RayExchange, start_hub
 
-    def _share(exchange, key, compute):
-        """What the Distiller does with an exchange: compute and publish when it claims the key, else wait
-        for the peer's output (computing its own when none comes)."""
-        if not exchange.claim(key):
-            value = exchange.wait(key)
-            if value is not None:
-                return value
-        value = compute()
-        exchange.publish(key, value)
-        return value
-
     # (defined here: Ray's workers cannot import this file) a teacher output of 256 KB, over what Ray inlines
     def _value(seed: int) -> dict:
         g = torch.Generator().manual_seed(seed)
@@ -162,22 +158,30 @@ def test_trials_on_ray_share_the_teacher_and_every_fault_falls_back_to_their_own
 
             ex = _Exchange.connect("t", "cpu")
             ex.wait_s = wait_s
-            return _share(ex, key, compute), bool(ran)
+            return SharedOutputs(ex, "teacher").get(key, compute), bool(ran)
 
         hub = start_hub("t")
-        # two processes on one batch: one computes, the other takes its outputs (the same tensors)
-        first, second = ray.get([participant.remote("k1", 0.0, 1, 30.0), participant.remote("k1", 0.2, 2, 30.0)])
+
+        def both(key):  # two processes on one batch, the second asking 0.2 s after the first
+            return ray.get([participant.remote(key, 0.0, 1, 30.0), participant.remote(key, 0.2, 2, 30.0)])
+
+        # nobody on the node has waited for a peer yet: the first computes without publishing, the
+        # second, finding nothing, computes its own (and so turns publishing on)
+        first, second = both("k1")
+        assert first[1] and second[1]
+        # now one computes and publishes, the other takes its outputs (the same tensors)
+        first, second = both("k2")
         assert first[1] != second[1]
-        assert torch.equal(first[0]["memory"], second[0]["memory"]) and torch.equal(
-            first[0]["boxes"][0], second[0]["boxes"][0]
-        )
+        assert torch.equal(first[0]["memory"], second[0]["memory"])
+        assert torch.equal(first[0]["boxes"][0], second[0]["boxes"][0])
         # the peer that claimed a key died before publishing: the waiter computes after wait_s
-        assert RayExchange(hub, "cpu").claim("k2")  # claimed, never published
+        k3 = SharedOutputs(None, "teacher").key("k3")
+        assert RayExchange(hub, "cpu").claim([k3]) == [COMPUTE_AND_PUBLISH]  # and never published
         t0 = time.perf_counter()
-        value, ran = ray.get(participant.remote("k2", 0.0, 3, 0.5))
+        value, ran = ray.get(participant.remote("k3", 0.0, 3, 0.5))
         assert ran and time.perf_counter() - t0 >= 0.5 and torch.equal(value["memory"], _value(3)["memory"])
         stats = ray.get(hub.stats.remote())
-        assert stats["computed"] == 2 and stats["taken"] == 1 and stats["timed_out"] == 1
+        assert stats["computed"] == 3 and stats["taken"] == 1 and stats["timed_out"] == 1
         # the hub is gone: the trial computes from then on, and says so once
         ex = RayExchange(hub, "cpu")
         ray.kill(hub)
@@ -188,6 +192,7 @@ def test_trials_on_ray_share_the_teacher_and_every_fault_falls_back_to_their_own
                 time.sleep(0.1)
             except ray.exceptions.RayActorError:
                 break
-        assert torch.equal(_share(ex, "k4", lambda: _value(5))["memory"], _value(5)["memory"]) and ex.hub is None
+        value = SharedOutputs(ex, "teacher").get("k4", lambda: _value(5))
+        assert torch.equal(value["memory"], _value(5)["memory"]) and ex.hub is None
     finally:
         ray.shutdown()

@@ -1,5 +1,6 @@
 """A grid sweep on an in-process local Ray: a diverging trial ends FAILED with its reason, the other
-finishes, and the sweep itself succeeds."""
+finishes, and the sweep itself succeeds (its two trials sharing the teacher through the sweep's
+exchange)."""
 
 import pytest
 
@@ -16,7 +17,7 @@ def test_a_diverging_trial_fails_alone_and_the_sweep_goes_on(tiny_teacher, tmp_p
     spec = tmp_path / "grid.yaml"
     spec.write_text(
         f"name: grid\nteacher: {tiny_teacher}\nepochs: 1\nconfig:\n  train: "
-        f"{{batch_size: 8, clip_max_norm: 0.0, warmup_iters: 0}}\n"
+        f"{{batch_size: 8, clip_max_norm: 0.0, warmup_iters: 0}}\n  distill: {{teacher_share: node}}\n"
         "search_space:\n  train.lr: {grid: [4.0e-4, 1.0e+8]}\n"
         "search: {algorithm: grid}\nscheduler: {type: none}\nnum_samples: 1\nmax_concurrent_trials: 2\nmax_failures: "
         "2\n"
@@ -36,5 +37,9 @@ def test_a_diverging_trial_fails_alone_and_the_sweep_goes_on(tiny_teacher, tmp_p
     assert "t02 failed after 0/1 epoch(s): " in proc.stdout or "t02 failed after 1/1 epoch(s): " in proc.stdout
     # --verbose: Ray's own console output too (its experiment table), besides the sweep's lines
     assert "Configuration for experiment" in proc.stdout and "t01 started   lr=4.0e-4" in proc.stdout
+    # the exchange ran: the driver started it and said what it saved, the trial logged its share
+    assert "teacher exchange: trials on one node" in proc.stdout and "teacher outputs computed" in proc.stdout
+    shared = client.get_metric_history(good.info.run_id, "teacher_shared")
+    assert len(shared) == 1 and 0.0 <= shared[0].value <= 1.0
     # Not retried: a divergence is deterministic (one trial directory, one attempt).
     assert len(list((tmp_path / "storage" / "grid").glob("train_trial_*"))) == 2

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from clockdistill.config.methods import METHODS
 from clockdistill.config.sections import Config
-from clockdistill.distill.exchange import TeacherExchange, batch_key, digest
+from clockdistill.distill.exchange import SharedOutputs, TeacherExchange, digest
 from clockdistill.distill.losses import feature_term, fitnet_term, logit_terms, memory_terms
 from clockdistill.distill.masks import level_token_mask, memory_masks
 from clockdistill.distill.pairing import check_memory_geometry, check_query_prior, memory_pairing
@@ -106,17 +106,22 @@ class Distiller:
         self.cache = (
             None  # a TeacherCache (teacher outputs read, not computed) or a PendingTeacherCache (see distill/cache.py)
         )
-        # teacher outputs shared with the runs training on the same batch (distill/exchange.py): the
-        # exchange, this step's batch name, and this epoch's count of outputs (computed, taken)
-        self.exchange: TeacherExchange | None = None
-        self._batch = ""
-        self._shared_counts = [0, 0]
+        # teacher outputs shared with the runs training on the same batch (distill/exchange.py)
+        self.shared: SharedOutputs | None = None
         self._teacher_id = f"{dc.teacher}|{dc.teacher_padding}|amp={cfg.train.amp}"
         tokens = ("memory+pos" if dc.memory.with_pos else "memory") if self.uses_memory else None
         tokens = "features" if self.uses_feature else tokens
         self.student_pass: nn.Module = StudentPass(
             student, self.queries, self.adapter, tokens
         )  # DDP-wrapped in data-parallel runs
+
+    @property
+    def exchange(self) -> TeacherExchange | None:
+        return self.shared.exchange if self.shared is not None else None
+
+    @exchange.setter
+    def exchange(self, exchange: TeacherExchange | None) -> None:
+        self.shared = SharedOutputs(exchange, self._teacher_id) if exchange is not None else None
 
     @property
     def fuse_decoder(self) -> bool:
@@ -155,15 +160,8 @@ class Distiller:
     def losses(self, images: Tensor, mask: Tensor, targets: list[dict]) -> tuple[dict[str, Tensor], dict[str, float]]:
         # min 1 slot under DDP: a rank with no object in its share must run the same collectives as the others
         qs = self.queries.sample(targets, images.device, min_slots=int(is_distributed())) if self.uses_queries else None
-        self._batch = batch_key(images, mask, targets) if self.exchange is not None and self.caps.uses_teacher else ""
-        cache = None
-        if self.caps.uses_teacher and self.cache is not None:
-            cache = self.cache.get()  # None while another process builds it
-            if cache is not None and cache is not self.cache:
-                self.cache = cache
-        # with an exchange: this run computes the batch's teacher memory before its student when it is
-        # the one to (its peers run their students meanwhile and take the memory after)
-        mem_t = self._claimed_memory(images, mask) if self.caps.uses_teacher and cache is None else None
+        cache = self._cache_now() if self.caps.uses_teacher else None
+        mem_t, tq_inputs = self._begin_shared_step(images, mask, targets, qs, cache)
         prior = None
         if self.uses_prior:  # the teacher's own queries, for the student to decode (DETRDistill)
             if mem_t is None:
@@ -189,7 +187,7 @@ class Distiller:
                 )
             )
         if self.uses_queries:
-            terms.update(self._target_query_terms(mem_t, qs, target_s, targets, out_s))
+            terms.update(self._target_query_terms(mem_t, qs, target_s, targets, out_s, tq_inputs))
         if self.uses_matching or self.uses_feature or self.uses_prior:
             terms.update(self._teacher_prediction_terms(mem_t, prior, targets, images, tokens_s, mem_s, out_s, prior_s))
         return terms, self.weights
@@ -277,16 +275,6 @@ class Distiller:
         m, sc = memory_masks(targets, image_hw, shapes, padding, mc.mask, mc.gaussian_grow, mc.scale_norm, extents)
         return memory_terms(t, s, m, sc, levels, mc.channel_reduce, mc.normalize, weight)
 
-    def _claimed_memory(self, images: Tensor, mask: Tensor) -> Memory | None:
-        """The batch's teacher memory when this run claims it from the exchange (computed and
-        published now), else None (no exchange, or a peer computes it)."""
-        if self.exchange is None:
-            return None
-        key = self._key(self._memory_part)
-        if not self.exchange.claim(key):
-            return None
-        return self._computed(key, lambda: self._encode(images, mask))
-
     def _shared_memory(self, images: Tensor, mask: Tensor) -> Memory:
         return self._shared(self._memory_part, lambda: self._encode(images, mask))
 
@@ -298,29 +286,62 @@ class Distiller:
         """The teacher's memory; shared with peers without the encoder's input tokens, which only
         DETRDistill's feature term reads (a third less to move)."""
         mem = self.teacher.encode(images, mask)
-        return mem if self.uses_feature or self.exchange is None else dataclasses.replace(mem, features=None)
+        return mem if self.uses_feature or self.shared is None else dataclasses.replace(mem, features=None)
+
+    def _cache_now(self):
+        """The teacher cache, or None (none, or another process still builds it)."""
+        cache = self.cache.get() if self.cache is not None else None
+        if cache is not None and cache is not self.cache:
+            self.cache = cache
+        return cache
+
+    def _begin_shared_step(self, images, mask, targets, qs, cache) -> tuple[Memory | None, dict | None]:
+        """With an exchange: one claim for every teacher output of the batch and, when the memory is
+        this run's to compute, every output it claimed now, before its student: its peers run their
+        students meanwhile and find them published (had it decoded after its student, they would wait
+        for its student too). Returns (that memory or None, the target-aware queries' teacher inputs
+        or None)."""
+        if self.shared is None or not self.caps.uses_teacher:
+            return None, None
+        tq_inputs = None
+        if cache is None and self.uses_queries and qs.size:
+            tq_inputs = target_queries(self.teacher.detector, self.queries, qs)
+        parts = self._shared_parts(cache, tq_inputs)
+        self.shared.begin(images, mask, targets, parts)
+        if cache is not None or not self.shared.is_mine(self._memory_part):
+            return None, tq_inputs
+        mem_t = self._shared_memory(images, mask)
+        early = {
+            "queries": lambda: self.teacher.decode(mem_t, **tq_inputs),
+            "default": lambda: self.teacher.predict_default(mem_t),
+        }
+        for part, detail in parts:
+            if part in early and self.shared.is_mine(part, detail):
+                self.shared.get(part, early[part], detail, keep=True)
+        return mem_t, tq_inputs
 
     def _shared(self, part: str, compute, detail: str = ""):
         """`compute()` (a teacher output of this step's batch), or the same output a peer on the same
-        batch computed (distill/exchange.py); counted for the epoch's teacher_shared."""
-        if self.exchange is None:
-            return compute()
-        key = self._key(part, detail)
-        if not self.exchange.claim(key):
-            value = self.exchange.wait(key)
-            if value is not None:
-                self._shared_counts[1] += 1
-                return value
-        return self._computed(key, compute)
+        batch computed (distill/exchange.py)."""
+        return compute() if self.shared is None else self.shared.get(part, compute, detail)
 
-    def _computed(self, key: str, compute):
-        value = compute()
-        self.exchange.publish(key, value)
-        self._shared_counts[0] += 1
-        return value
+    @staticmethod
+    def _queries_detail(inputs: dict) -> str:
+        return digest(*inputs.values())
 
-    def _key(self, part: str, detail: str = "") -> str:
-        return f"{part}|{self._teacher_id}|{self._batch}|{detail}"
+    def _shared_parts(self, cache, tq_inputs) -> list[tuple[str, str]]:
+        """The teacher outputs this step reads, as (part, detail) exchange names: a cached run only
+        the memory DETRDistill's query prior needs."""
+        if cache is not None:
+            return [(self._memory_part, "")] if self.uses_prior else []
+        parts = [(self._memory_part, "")]
+        if tq_inputs is not None:
+            parts.append(("queries", self._queries_detail(tq_inputs)))
+        if self.uses_prior:
+            parts.append(("prior", ""))
+        elif self.uses_matching or self.uses_feature:
+            parts.append(("default", ""))
+        return parts
 
     def _teacher_shapes(self, image_hw: tuple[int, int], device) -> list[tuple[int, int]]:
         """The teacher's memory levels for an (unpadded) input of `image_hw`, read once per size from an
@@ -335,7 +356,7 @@ class Distiller:
         return self._shapes[image_hw]
 
     def _target_query_terms(
-        self, mem_t: Memory | None, qs, layers_s: list[dict] | None, targets: list[dict], out_s: dict
+        self, mem_t: Memory | None, qs, layers_s: list[dict] | None, targets: list[dict], out_s: dict, inputs=None
     ) -> dict[str, Tensor]:
         if qs.size == 0:  # no GT in the batch and no random queries: zero terms that still touch the graph
             zero = out_s["pred_logits"].sum() * 0
@@ -344,8 +365,8 @@ class Distiller:
             n_gt = max((len(t["labels"]) for t in targets), default=0)
             layers_t = self.cache.query_layers(targets, n_gt, qs.labels.device, qs.size)
         else:
-            inputs = target_queries(self.teacher.detector, self.queries, qs)
-            detail = digest(*inputs.values()) if self.exchange is not None else ""
+            inputs = inputs if inputs is not None else target_queries(self.teacher.detector, self.queries, qs)
+            detail = self._queries_detail(inputs) if self.shared is not None else ""
             layers_t = decoder_layers(self._shared("queries", lambda: self.teacher.decode(mem_t, **inputs), detail))
         return self._pair_terms([(e_s, layers_t[e_t], layers_s[e_s]) for e_s, e_t in self.pairs], qs.valid)
 
@@ -493,10 +514,8 @@ class Distiller:
                 groups[loss_part(k)] += w * metrics[k]
         if self.teacher.best_ap is not None:
             groups[TEACHER_AP] = self.teacher.best_ap
-        if self.exchange is not None:  # the part of the epoch's teacher outputs another run computed
-            computed, taken = self._shared_counts
-            groups[TEACHER_SHARED] = taken / max(computed + taken, 1)
-            self._shared_counts = [0, 0]
+        if self.shared is not None:  # the part of the epoch's teacher outputs another run computed
+            groups[TEACHER_SHARED] = self.shared.share_taken()
         return groups
 
 

@@ -7,15 +7,16 @@ cannot hold even one view of it in 200 GB), one of them runs the teacher and the
 outputs: each pays 1/K of the teacher's forward, and nothing is stored beyond a few recent batches.
 
 A `TeacherExchange` hands out each key once: the run that claims it computes the output and publishes
-it, the others wait for it. A run claims the batch's memory as its step starts and, when it is the
-one, runs the teacher before its student; the others run their students meanwhile and take the memory
-after. So the claims alternate between runs that are in step, and on separate devices each run pays
-about 1/K of the teacher per step (a run that waited for every output would pay the whole forward in
-waiting). The Distiller asks it for the teacher's memory, its
-decoder outputs on the target-aware queries and on its own queries, each under a key that names the
-batch exactly (the images' ids, sizes and views, the canvas, a digest of a pixel sample and, for
-decoder outputs, a digest of the queries themselves): runs that are not in step, or whose queries
-differ (label noise), simply compute their own. An exchange never changes a number: a shared output
+it, the others wait for it. A run claims every teacher output of its batch (memory, decoder outputs)
+in one call as its step starts and, when the memory is its to compute, runs the teacher before its
+student; the others run their students meanwhile and take the outputs after. So the claims alternate
+between runs in step, and each pays about 1/K of the teacher per step, on separate devices too (a run
+that waited for every output would pay the whole forward in waiting). A run no peer has asked
+anything of lately computes without publishing (alone, it pays one call per step).
+
+Keys name the batch exactly (the images' ids, sizes and views, the canvas, a digest of a pixel
+sample and, for decoder outputs, a digest of the queries themselves): runs not in step, or whose
+queries differ (label noise), compute their own. An exchange never changes a number: a shared output
 is the same tensor the run would have computed.
 
 `LocalExchange` shares between distillers in one process (tests, several students in one loop);
@@ -37,12 +38,16 @@ from torch import Tensor
 PIXEL_STRIDE = 16  # the pixel sample of a batch's digest: every 16th row and column
 
 
-class TeacherExchange(Protocol):
-    """Teacher outputs by key, between runs. `claim(key)` True: this run computes the output and
-    `publish`es it; False: another run has or will have published it, which `wait(key)` returns
-    (None when it never comes or is gone: the run computes its own)."""
+WAIT, COMPUTE_AND_PUBLISH, COMPUTE = 0, 1, 2  # what `claim` says to do with a key
 
-    def claim(self, key: str) -> bool: ...
+
+class TeacherExchange(Protocol):
+    """Teacher outputs by key, between runs. `claim(keys)` says, per key: WAIT (another run computes
+    it: `wait(key)` returns it, or None when it never comes or is gone, and the run computes its own),
+    COMPUTE_AND_PUBLISH (this run computes it and `publish`es it for peers in step with it) or COMPUTE
+    (no peer has asked for anything lately: publishing would only cost)."""
+
+    def claim(self, keys: list[str]) -> list[int]: ...
 
     def publish(self, key: str, value: Any) -> None: ...
 
@@ -112,7 +117,7 @@ def to_device(value: Any, device: torch.device | str) -> Any:
 
 
 class LocalExchange:
-    """Shares within one process: the last `window` keys."""
+    """Shares within one process: the last `window` keys (always published)."""
 
     _PENDING = object()
 
@@ -120,13 +125,14 @@ class LocalExchange:
         self.window = window
         self.values: OrderedDict[str, Any] = OrderedDict()
 
-    def claim(self, key: str) -> bool:
-        if key in self.values:
-            return False
-        self.values[key] = self._PENDING
+    def claim(self, keys: list[str]) -> list[int]:
+        out = []
+        for key in keys:
+            out.append(WAIT if key in self.values else COMPUTE_AND_PUBLISH)
+            self.values.setdefault(key, self._PENDING)
         while len(self.values) > self.window:
             self.values.popitem(last=False)
-        return True
+        return out
 
     def publish(self, key: str, value: Any) -> None:
         self.values[key] = value
@@ -134,3 +140,54 @@ class LocalExchange:
     def wait(self, key: str) -> Any | None:
         value = self.values.get(key)
         return None if value is None or value is self._PENDING else value
+
+
+class SharedOutputs:
+    """A Distiller's side of an exchange: this step's batch name and claims, and the epoch's counts of
+    teacher outputs computed here and taken from a peer."""
+
+    def __init__(self, exchange: TeacherExchange, teacher_id: str):
+        self.exchange, self.teacher_id = exchange, teacher_id
+        self.batch, self.claims, self.kept = "", {}, {}
+        self.computed = self.taken = 0
+
+    def begin(self, images: Tensor, mask: Tensor, targets: list[dict], parts: list[tuple[str, str]]) -> None:
+        """A new step: names its batch and claims its `parts` ((name, detail) pairs) in one call."""
+        self.batch, self.kept = batch_key(images, mask, targets), {}
+        keys = [self.key(*p) for p in parts]
+        self.claims = dict(zip(keys, self.exchange.claim(keys))) if keys else {}
+
+    def key(self, part: str, detail: str = "") -> str:
+        return f"{part}|{self.teacher_id}|{self.batch}|{detail}"
+
+    def is_mine(self, part: str, detail: str = "") -> bool:
+        return self.claims.get(self.key(part, detail), WAIT) != WAIT
+
+    def get(self, part: str, compute, detail: str = "", keep: bool = False) -> Any:
+        """`compute()`'s output (published when peers want it), or the peer's when it is theirs; with
+        `keep`, computed ahead of its use and held for the step's later `get`."""
+        key = self.key(part, detail)
+        if key in self.kept:
+            return self.kept.pop(key)
+        claim = self.claims.pop(key, None)
+        if claim is None:  # not claimed when the step began
+            claim = self.exchange.claim([key])[0]
+        if claim == WAIT:
+            value = self.exchange.wait(key)
+            if value is not None:
+                self.taken += 1
+                return value
+            claim = COMPUTE
+        value = compute()
+        self.computed += 1
+        if claim == COMPUTE_AND_PUBLISH:
+            self.exchange.publish(key, value)
+        if keep:
+            self.kept[key] = value
+        return value
+
+    def share_taken(self) -> float:
+        """The part of the outputs since the last call that a peer computed."""
+        share = self.taken / max(self.computed + self.taken, 1)
+        self.computed = self.taken = 0
+        return share

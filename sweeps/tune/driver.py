@@ -89,7 +89,7 @@ def run_spec(spec: SweepSpec, verbose: bool = False) -> dict[str, Any]:
 
     if needs_node_caches(spec):  # decoded images and teacher outputs once per node, not in the first trials
         prebuild_node_caches(spec)
-    hub = _teacher_exchange(spec)  # noqa: F841 (held: the hub lives as long as this driver holds it)
+    hub = _teacher_exchange(spec)  # held: the hub lives as long as this driver holds it
     tracker = SweepTracker(tracking_uri, spec.mlflow.experiment, spec.name, spec.confirms)
     tracker.start_parent(spec_to_dict(spec), search_space_summary(spec), _teacher_ap(spec))
 
@@ -141,6 +141,7 @@ def run_spec(spec: SweepSpec, verbose: bool = False) -> dict[str, Any]:
                 ),
             )
         results = tuner.fit()
+        _log_exchange(hub)
         summary = finalize(spec, tracker, results)
         status = "FINISHED"
         return summary
@@ -164,6 +165,27 @@ def _teacher_exchange(spec: SweepSpec):
 
     log.info("teacher exchange: trials on one node that train on the same batch run the teacher once")
     return start_hub(spec.name)
+
+
+def _log_exchange(hub) -> None:
+    """What the teacher exchange saved: the teacher outputs computed, and those a trial took from a peer."""
+    if hub is None:
+        return
+    import ray
+
+    try:
+        n = ray.get(hub.stats.remote(), timeout=30)
+    except Exception as exc:  # noqa: BLE001 (a figure for the log: never the sweep's outcome)
+        log.warning("teacher exchange: no figures (%s)", exc)
+        return
+    log.info(
+        "teacher exchange: %d teacher outputs computed, %d taken from a peer (%.0f%% of the trials' asks), "
+        "%d computed again after a peer never published",
+        n["computed"],
+        n["taken"],
+        100 * n["taken"] / max(n["computed"] + n["taken"], 1),
+        n["timed_out"],
+    )
 
 
 def finalize(spec: SweepSpec, tracker: SweepTracker, results) -> dict[str, Any]:

@@ -5,8 +5,10 @@ One small actor per sweep, the hub, created by the driver (it ends with the driv
 last `window` keys who claimed them and, once published, a reference to the output in Ray's object
 store. The trial that claims a key computes the output (the teacher on its own device), puts it into
 the object store and publishes the reference; its peers wait for it and read it from the node's shared
-memory. Keys carry the node's id, so trials never pull teacher outputs across the network (a forward
-is cheaper than that transfer).
+memory. While no trial on a node has waited for a peer's output for a minute, the node's trials
+compute without publishing (nobody would read it); the first wait turns publishing back on. Keys
+carry the node's id, so trials never pull teacher outputs across the network (a forward is cheaper
+than that transfer).
 
 Faults cost time, never a number: a trial that waited `wait_s` in vain (the peer that claimed the
 key died), whose output's owner ended before it read it, or whose hub is gone computes the output
@@ -17,18 +19,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from typing import Any
 
 import ray
 from ray.exceptions import RayError
 
-from clockdistill.distill.exchange import to_device, to_host
+from clockdistill.distill.exchange import COMPUTE, COMPUTE_AND_PUBLISH, WAIT, to_device, to_host
 
 log = logging.getLogger(__name__)
 
 WAIT_S = 120.0  # how long a trial waits for a peer's teacher output (a 1333-pixel COCO forward on one CPU thread: 24 s)
 WINDOW = 64  # keys the hub remembers: a trial up to ~20 steps behind its peers still finds their outputs
+INTEREST_S = 60.0  # a node's trials publish while one of them waited for a peer's output this recently
 
 
 def hub_name(sweep: str) -> str:
@@ -42,25 +46,31 @@ class ExchangeHub:
     def __init__(self, window: int = WINDOW):
         self.window = window
         self.entries: OrderedDict[str, asyncio.Future] = OrderedDict()
+        self.asked: dict[str, float] = {}  # node -> when a trial there last waited for a peer's output
         self.counts = {"computed": 0, "taken": 0, "timed_out": 0}
 
-    def _entry(self, key: str) -> asyncio.Future:
-        fut = self.entries[key] = asyncio.get_running_loop().create_future()
+    async def claim(self, node: str, keys: list[str]) -> list[int]:
+        """Per key: WAIT (another trial computes it), COMPUTE_AND_PUBLISH, or COMPUTE (no trial on the
+        node waited for anything within INTEREST_S: the output would go unread)."""
+        wanted = time.monotonic() - self.asked.get(node, -INTEREST_S) < INTEREST_S
+        out = []
+        for key in keys:
+            if key in self.entries:
+                out.append(WAIT)
+                continue
+            fut = self.entries[key] = asyncio.get_running_loop().create_future()
+            if not wanted:
+                fut.set_result(None)  # a trial that asks for it after all computes its own
+            self.counts["computed"] += 1
+            out.append(COMPUTE_AND_PUBLISH if wanted else COMPUTE)
         while len(self.entries) > self.window:
             self.entries.popitem(last=False)
-        return fut
+        return out
 
-    async def claim(self, key: str) -> bool:
-        """True: the caller computes `key` and publishes it (the first to ask); False: another has."""
-        if key in self.entries:
-            return False
-        self._entry(key)
-        self.counts["computed"] += 1
-        return True
-
-    async def wait(self, key: str, wait_s: float) -> list | None:
-        """[reference] of the published output, or None (forgotten, or not published within `wait_s`:
-        the caller computes it)."""
+    async def wait(self, node: str, key: str, wait_s: float) -> list | None:
+        """[reference] of the published output, or None (forgotten, not published, or not within
+        `wait_s`: the caller computes it). Asking makes the node's trials publish from now on."""
+        self.asked[node] = time.monotonic()
         fut = self.entries.get(key)
         if fut is None:
             return None
@@ -69,12 +79,13 @@ class ExchangeHub:
         except asyncio.TimeoutError:
             self.counts["timed_out"] += 1
             return None
-        self.counts["taken"] += 1
+        if box is not None:
+            self.counts["taken"] += 1
         return box
 
     async def publish(self, key: str, box: list) -> None:
-        fut = self.entries.get(key) or self._entry(key)
-        if not fut.done():
+        fut = self.entries.get(key)
+        if fut is not None and not fut.done():
             fut.set_result(box)
 
     async def stats(self) -> dict[str, int]:
@@ -102,9 +113,13 @@ class RayExchange:
             return None
         return cls(hub, device)
 
-    def claim(self, key: str) -> bool:
+    def claim(self, keys: list[str]) -> list[int]:
         # no hub (gone): every output is this trial's to compute, and goes nowhere
-        return self._call("claim", f"{self.node}|{key}") if self.hub is not None else True
+        if self.hub is not None:
+            claims = self._call("claim", self.node, [f"{self.node}|{k}" for k in keys])
+            if claims is not None:
+                return claims
+        return [COMPUTE] * len(keys)
 
     def publish(self, key: str, value: Any) -> None:
         if self.hub is not None:
@@ -112,7 +127,7 @@ class RayExchange:
             self.hub.publish.remote(f"{self.node}|{key}", [ref])  # no wait: the hub keeps the reference alive
 
     def wait(self, key: str) -> Any | None:
-        box = self._call("wait", f"{self.node}|{key}", self.wait_s) if self.hub is not None else None
+        box = self._call("wait", self.node, f"{self.node}|{key}", self.wait_s) if self.hub is not None else None
         if not box:
             return None
         try:
@@ -127,4 +142,4 @@ class RayExchange:
         except RayError as exc:
             log.warning("teacher exchange: the hub is gone (%s): the teacher runs here from now on", exc)
             self.hub = None
-            return True if method == "claim" else None
+            return None

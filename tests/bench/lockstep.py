@@ -77,7 +77,8 @@ class Trial:
 
     def run(self, mode: str, round_: int) -> tuple[list[float], float]:
         d, opt = self.tasks[mode]
-        d._teacher_id = f"round {round_}"  # each round's outputs are computed afresh
+        if d.shared is not None:  # each round's outputs are computed afresh
+            d.shared.teacher_id = f"round {round_}"
         times = []
         for k, (images, mask, targets) in enumerate(self.batches):
             t0 = time.perf_counter()
