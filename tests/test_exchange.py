@@ -143,42 +143,47 @@ def test_trials_on_ray_share_the_teacher_and_every_fault_falls_back_to_their_own
     try:
 
         @ray.remote(num_cpus=0)
-        def participant(key: str, delay: float, seed: int, wait_s: float):
-            import time as _time
+        class Peer:  # a trial's process
+            def __init__(self):
+                from sweeps.tune.exchange import RayExchange as _Exchange
 
-            from sweeps.tune.exchange import RayExchange as _Exchange
+                self.shared = SharedOutputs(_Exchange.connect("t", "cpu"), "teacher")
 
-            _time.sleep(delay)
-            ran = []
+            def get(self, key: str, delay: float, seed: int, wait_s: float = 30.0):
+                import time as _time
 
-            def compute():
-                ran.append(True)
-                _time.sleep(0.5)  # a teacher forward: the peer asks meanwhile
-                return _value(seed)
+                _time.sleep(delay)
+                self.shared.exchange.wait_s, ran = wait_s, []
 
-            ex = _Exchange.connect("t", "cpu")
-            ex.wait_s = wait_s
-            return SharedOutputs(ex, "teacher").get(key, compute), bool(ran)
+                def compute():
+                    ran.append(True)
+                    _time.sleep(0.5)  # a teacher forward: the peer asks meanwhile
+                    return _value(seed)
+
+                return self.shared.get(key, compute), bool(ran)
+
+            def claim_only(self, key: str):  # a peer that dies while computing: claims, never publishes
+                return self.shared.exchange.claim([self.shared.key(key)])
 
         hub = start_hub("t")
+        a, b = Peer.remote(), Peer.remote()
 
-        def both(key):  # two processes on one batch, the second asking 0.2 s after the first
-            return ray.get([participant.remote(key, 0.0, 1, 30.0), participant.remote(key, 0.2, 2, 30.0)])
+        def both(key):  # the two on one batch, b asking 0.2 s after a
+            return ray.get([a.get.remote(key, 0.0, 1), b.get.remote(key, 0.2, 2)])
 
-        # nobody on the node has waited for a peer yet: the first computes without publishing, the
-        # second, finding nothing, computes its own (and so turns publishing on)
+        # no peer has waited for a's outputs yet: a computes without publishing, and b, finding
+        # nothing, computes its own (and so turns a's publishing on)
         first, second = both("k1")
         assert first[1] and second[1]
-        # now one computes and publishes, the other takes its outputs (the same tensors)
+        # now a computes and publishes, b takes its outputs (the same tensors)
         first, second = both("k2")
-        assert first[1] != second[1]
+        assert first[1] and not second[1]
         assert torch.equal(first[0]["memory"], second[0]["memory"])
         assert torch.equal(first[0]["boxes"][0], second[0]["boxes"][0])
         # the peer that claimed a key died before publishing: the waiter computes after wait_s
-        k3 = SharedOutputs(None, "teacher").key("k3")
-        assert RayExchange(hub, "cpu").claim([k3]) == [COMPUTE_AND_PUBLISH]  # and never published
+        assert ray.get(a.claim_only.remote("k3")) == [COMPUTE_AND_PUBLISH]
         t0 = time.perf_counter()
-        value, ran = ray.get(participant.remote("k3", 0.0, 3, 0.5))
+        value, ran = ray.get(b.get.remote("k3", 0.0, 3, 0.5))
         assert ran and time.perf_counter() - t0 >= 0.5 and torch.equal(value["memory"], _value(3)["memory"])
         stats = ray.get(hub.stats.remote())
         assert stats["computed"] == 3 and stats["taken"] == 1 and stats["timed_out"] == 1

@@ -5,8 +5,8 @@ One small actor per sweep, the hub, created by the driver (it ends with the driv
 last `window` keys who claimed them and, once published, a reference to the output in Ray's object
 store. The trial that claims a key computes the output (the teacher on its own device), puts it into
 the object store and publishes the reference; its peers wait for it and read it from the node's shared
-memory. While no trial on a node has waited for a peer's output for a minute, the node's trials
-compute without publishing (nobody would read it); the first wait turns publishing back on. Keys
+memory. A trial whose outputs no peer has waited for within a few of its steps computes without
+publishing (nobody would read them); a peer's wait turns its publishing back on. Keys
 carry the node's id, so trials never pull teacher outputs across the network (a forward is cheaper
 than that transfer).
 
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+import uuid
 from collections import OrderedDict
 from typing import Any
 
@@ -32,11 +34,27 @@ log = logging.getLogger(__name__)
 
 WAIT_S = 120.0  # how long a trial waits for a peer's teacher output (a 1333-pixel COCO forward on one CPU thread: 24 s)
 WINDOW = 64  # keys the hub remembers: a trial up to ~20 steps behind its peers still finds their outputs
-INTEREST_S = 60.0  # a node's trials publish while one of them waited for a peer's output this recently
+INTEREST_S, INTEREST_STEPS = 5.0, 4  # a trial publishes while a peer waited for its outputs this recently
 
 
 def hub_name(sweep: str) -> str:
     return f"clockdistill-teacher-exchange:{sweep}"
+
+
+class Claimant:
+    """A trial as the hub sees it: how often it claims (its step time) and when a peer last waited
+    for one of its outputs. It publishes while that was within a few of its steps (at least
+    INTEREST_S): trials that fell out of step stop paying for outputs nobody reads."""
+
+    def __init__(self):
+        self.last = self.step = 0.0
+        self.asked = -math.inf
+
+    def wanted(self, now: float) -> bool:
+        if self.last:
+            self.step = now - self.last if not self.step else 0.8 * self.step + 0.2 * (now - self.last)
+        self.last = now
+        return now - self.asked < max(INTEREST_S, INTEREST_STEPS * self.step)
 
 
 @ray.remote(num_cpus=0)
@@ -46,34 +64,40 @@ class ExchangeHub:
     def __init__(self, window: int = WINDOW):
         self.window = window
         self.entries: OrderedDict[str, asyncio.Future] = OrderedDict()
-        self.asked: dict[str, float] = {}  # node -> when a trial there last waited for a peer's output
+        self.owner: dict[str, str] = {}  # key -> the trial that claimed it
+        self.trials: dict[str, Claimant] = {}
         self.counts = {"computed": 0, "taken": 0, "timed_out": 0}
 
-    async def claim(self, node: str, keys: list[str]) -> list[int]:
-        """Per key: WAIT (another trial computes it), COMPUTE_AND_PUBLISH, or COMPUTE (no trial on the
-        node waited for anything within INTEREST_S: the output would go unread)."""
-        wanted = time.monotonic() - self.asked.get(node, -INTEREST_S) < INTEREST_S
+    async def claim(self, trial: str, keys: list[str]) -> list[int]:
+        """Per key: WAIT (another trial computes it), COMPUTE_AND_PUBLISH, or COMPUTE (no peer has
+        waited for this trial's outputs lately: they would go unread)."""
+        me = self.trials.setdefault(trial, Claimant())
+        wanted = me.wanted(time.monotonic())
         out = []
         for key in keys:
             if key in self.entries:
                 out.append(WAIT)
                 continue
             fut = self.entries[key] = asyncio.get_running_loop().create_future()
+            self.owner[key] = trial
             if not wanted:
                 fut.set_result(None)  # a trial that asks for it after all computes its own
             self.counts["computed"] += 1
             out.append(COMPUTE_AND_PUBLISH if wanted else COMPUTE)
         while len(self.entries) > self.window:
-            self.entries.popitem(last=False)
+            key, _ = self.entries.popitem(last=False)
+            self.owner.pop(key, None)
         return out
 
-    async def wait(self, node: str, key: str, wait_s: float) -> list | None:
+    async def wait(self, key: str, wait_s: float) -> list | None:
         """[reference] of the published output, or None (forgotten, not published, or not within
-        `wait_s`: the caller computes it). Asking makes the node's trials publish from now on."""
-        self.asked[node] = time.monotonic()
+        `wait_s`: the caller computes it). Asking makes the trial that claimed it publish again."""
         fut = self.entries.get(key)
         if fut is None:
             return None
+        owner = self.trials.get(self.owner.get(key, ""))
+        if owner is not None:
+            owner.asked = time.monotonic()
         try:
             box = await asyncio.wait_for(asyncio.shield(fut), wait_s)
         except asyncio.TimeoutError:
@@ -102,7 +126,8 @@ class RayExchange:
 
     def __init__(self, hub, device, wait_s: float = WAIT_S):
         self.hub, self.device, self.wait_s = hub, device, wait_s
-        self.node = ray.get_runtime_context().get_node_id()
+        ctx = ray.get_runtime_context()
+        self.node, self.me = ctx.get_node_id(), uuid.uuid4().hex
 
     @classmethod
     def connect(cls, sweep: str, device) -> "RayExchange | None":
@@ -116,7 +141,7 @@ class RayExchange:
     def claim(self, keys: list[str]) -> list[int]:
         # no hub (gone): every output is this trial's to compute, and goes nowhere
         if self.hub is not None:
-            claims = self._call("claim", self.node, [f"{self.node}|{k}" for k in keys])
+            claims = self._call("claim", self.me, [f"{self.node}|{k}" for k in keys])
             if claims is not None:
                 return claims
         return [COMPUTE] * len(keys)
@@ -127,7 +152,7 @@ class RayExchange:
             self.hub.publish.remote(f"{self.node}|{key}", [ref])  # no wait: the hub keeps the reference alive
 
     def wait(self, key: str) -> Any | None:
-        box = self._call("wait", self.node, f"{self.node}|{key}", self.wait_s) if self.hub is not None else None
+        box = self._call("wait", f"{self.node}|{key}", self.wait_s) if self.hub is not None else None
         if not box:
             return None
         try:

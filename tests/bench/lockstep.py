@@ -7,8 +7,9 @@ node), against the same K trials each running its teacher, and K plain students.
 
 A real local Ray: K actors (one CPU thread each, or 1/K of the GPU) train K students (different
 seeds) on the same sequence of batches, started together, as a sweep's trials are; the teacher
-exchange is the sweep's (a hub actor, outputs through the object store). Each round runs the three
-modes one after the other (plain student, live teacher, shared teacher), so machine noise hits all
+exchange is the sweep's (a hub actor, outputs through the object store). Each round runs the four
+modes one after the other (plain student, live teacher, shared teacher, and `apart`: the exchange on
+but the trials out of step, so that nothing can be shared: its cost alone), so machine noise hits all
 alike; every step's time is kept and the median per mode reported, with its ratio to the plain step.
 `shared` is the part of the teacher outputs a trial took from a peer.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 import ray
 import torch
 
-MODES = ("plain", "live", "shared")
+MODES = ("plain", "live", "shared", "apart")
 
 
 @ray.remote
@@ -44,6 +45,7 @@ class Trial:
         from sweeps.tune.exchange import RayExchange
 
         torch.set_num_threads(1)
+        self.seed = seed
         self.step_fn, self.device = training_step, torch.device(args["device"])
         ds = CocoDetection(data, "train", DetectionTransform(args["size"], train=False))
         b = args["batch"]
@@ -66,7 +68,7 @@ class Trial:
             )
             torch.manual_seed(seed)
             d = Distiller(teacher, build_detector(cfg.model, ds.num_classes), cfg).to(self.device)
-            if mode == "shared":
+            if mode in ("shared", "apart"):
                 d.exchange = RayExchange.connect("lockstep-bench", self.device)
             d.model.train()
             self.tasks[mode] = (d, torch.optim.AdamW([p for _, p in d.parameters_to_train()], lr=1e-5))
@@ -77,8 +79,8 @@ class Trial:
 
     def run(self, mode: str, round_: int) -> tuple[list[float], float]:
         d, opt = self.tasks[mode]
-        if d.shared is not None:  # each round's outputs are computed afresh
-            d.shared.teacher_id = f"round {round_}"
+        if d.shared is not None:  # each round's outputs are computed afresh; apart: no key in common
+            d.shared.teacher_id = f"round {round_}" + (f" trial {self.seed}" if mode == "apart" else "")
         times = []
         for k, (images, mask, targets) in enumerate(self.batches):
             t0 = time.perf_counter()
@@ -87,7 +89,7 @@ class Trial:
                 torch.cuda.synchronize(self.device)
             if k:
                 times.append(time.perf_counter() - t0)
-        shared = d.extra_metrics({}).get("teacher_shared", 0.0) if mode == "shared" else 0.0
+        shared = d.extra_metrics({}).get("teacher_shared", 0.0) if d.shared is not None else 0.0
         return times, shared
 
 
