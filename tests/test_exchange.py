@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from clockdistill.config.layers import resolve_config
 from clockdistill.data.transforms import collate
 from clockdistill.distill.exchange import (
+    COMPUTE,
     COMPUTE_AND_PUBLISH,
     LocalExchange,
     SharedOutputs,
@@ -171,12 +172,8 @@ def test_trials_on_ray_share_the_teacher_and_every_fault_falls_back_to_their_own
         def both(key):  # the two on one batch, b asking 0.2 s after a
             return ray.get([a.get.remote(key, 0.0, 1), b.get.remote(key, 0.2, 2)])
 
-        # no peer has waited for a's outputs yet: a computes without publishing, and b, finding
-        # nothing, computes its own (and so turns a's publishing on)
+        # the two on one batch: a computes and publishes, b takes its outputs (the same tensors)
         first, second = both("k1")
-        assert first[1] and second[1]
-        # now a computes and publishes, b takes its outputs (the same tensors)
-        first, second = both("k2")
         assert first[1] and not second[1]
         assert torch.equal(first[0]["memory"], second[0]["memory"])
         assert torch.equal(first[0]["boxes"][0], second[0]["boxes"][0])
@@ -186,7 +183,15 @@ def test_trials_on_ray_share_the_teacher_and_every_fault_falls_back_to_their_own
         value, ran = ray.get(b.get.remote("k3", 0.0, 3, 0.5))
         assert ran and time.perf_counter() - t0 >= 0.5 and torch.equal(value["memory"], _value(3)["memory"])
         stats = ray.get(hub.stats.remote())
-        assert stats["computed"] == 3 and stats["taken"] == 1 and stats["timed_out"] == 1
+        assert stats["computed"] == 2 and stats["taken"] == 1 and stats["timed_out"] == 1
+        # a trial whose outputs no peer reads stops publishing after 8 steps; a peer's ask (answered at
+        # once: nothing will come) turns it on again
+        lone, peer = RayExchange(hub, "cpu"), RayExchange(hub, "cpu")
+        claims = [lone.claim([f"solo{i}"])[0] for i in range(9)]
+        assert claims == [COMPUTE_AND_PUBLISH] * 8 + [COMPUTE]
+        t0 = time.perf_counter()
+        assert peer.wait("solo8") is None and time.perf_counter() - t0 < 10
+        assert lone.claim(["solo9"]) == [COMPUTE_AND_PUBLISH]
         # the hub is gone: the trial computes from then on, and says so once
         ex = RayExchange(hub, "cpu")
         ray.kill(hub)

@@ -5,7 +5,7 @@ One small actor per sweep, the hub, created by the driver (it ends with the driv
 last `window` keys who claimed them and, once published, a reference to the output in Ray's object
 store. The trial that claims a key computes the output (the teacher on its own device), puts it into
 the object store and publishes the reference; its peers wait for it and read it from the node's shared
-memory. A trial whose outputs no peer has waited for within a few of its steps computes without
+memory. A trial whose outputs no peer has waited for within its last 8 steps computes without
 publishing (nobody would read them); a peer's wait turns its publishing back on. Keys
 carry the node's id, so trials never pull teacher outputs across the network (a forward is cheaper
 than that transfer).
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import time
 import uuid
 from collections import OrderedDict
 from typing import Any
@@ -34,7 +32,7 @@ log = logging.getLogger(__name__)
 
 WAIT_S = 120.0  # how long a trial waits for a peer's teacher output (a 1333-pixel COCO forward on one CPU thread: 24 s)
 WINDOW = 64  # keys the hub remembers: a trial up to ~20 steps behind its peers still finds their outputs
-INTEREST_S, INTEREST_STEPS = 5.0, 4  # a trial publishes while a peer waited for its outputs this recently
+INTEREST_STEPS = 8  # a trial publishes while a peer waited for its outputs within this many of its steps
 
 
 def hub_name(sweep: str) -> str:
@@ -42,19 +40,16 @@ def hub_name(sweep: str) -> str:
 
 
 class Claimant:
-    """A trial as the hub sees it: how often it claims (its step time) and when a peer last waited
-    for one of its outputs. It publishes while that was within a few of its steps (at least
-    INTEREST_S): trials that fell out of step stop paying for outputs nobody reads."""
+    """A trial as the hub sees it: how many of its steps (claims) since a peer last waited for one of
+    its outputs. It publishes while that is under INTEREST_STEPS, from its first step on: trials that
+    fell out of step stop paying for outputs nobody reads, and a peer's wait turns publishing on again."""
 
     def __init__(self):
-        self.last = self.step = 0.0
-        self.asked = -math.inf
+        self.unread = 0
 
-    def wanted(self, now: float) -> bool:
-        if self.last:
-            self.step = now - self.last if not self.step else 0.8 * self.step + 0.2 * (now - self.last)
-        self.last = now
-        return now - self.asked < max(INTEREST_S, INTEREST_STEPS * self.step)
+    def wanted(self) -> bool:
+        self.unread += 1
+        return self.unread <= INTEREST_STEPS
 
 
 @ray.remote(num_cpus=0)
@@ -72,7 +67,7 @@ class ExchangeHub:
         """Per key: WAIT (another trial computes it), COMPUTE_AND_PUBLISH, or COMPUTE (no peer has
         waited for this trial's outputs lately: they would go unread)."""
         me = self.trials.setdefault(trial, Claimant())
-        wanted = me.wanted(time.monotonic())
+        wanted = me.wanted()
         out = []
         for key in keys:
             if key in self.entries:
@@ -97,7 +92,7 @@ class ExchangeHub:
             return None
         owner = self.trials.get(self.owner.get(key, ""))
         if owner is not None:
-            owner.asked = time.monotonic()
+            owner.unread = 0
         try:
             box = await asyncio.wait_for(asyncio.shield(fut), wait_s)
         except asyncio.TimeoutError:
