@@ -169,8 +169,13 @@ def test_trials_on_ray_share_the_teacher_and_every_fault_falls_back_to_their_own
         hub = start_hub("t")
         a, b = Peer.remote(), Peer.remote()
 
-        def both(key):  # the two on one batch, b asking 0.2 s after a
-            return ray.get([a.get.remote(key, 0.0, 1), b.get.remote(key, 0.2, 2)])
+        def both(key):  # the two on one batch, b asking once a has claimed it (whatever the load)
+            before = ray.get(hub.stats.remote())["computed"]
+            first = a.get.remote(key, 0.0, 1)
+            deadline = time.monotonic() + 60
+            while ray.get(hub.stats.remote())["computed"] == before and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return ray.get([first, b.get.remote(key, 0.0, 2)])
 
         # the two on one batch: a computes and publishes, b takes its outputs (the same tensors)
         first, second = both("k1")

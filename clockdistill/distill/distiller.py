@@ -17,7 +17,6 @@ method's distillation terms, all unweighted, and the weights that combine them:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
@@ -26,11 +25,12 @@ from torch import Tensor, nn
 
 from clockdistill.config.methods import METHODS
 from clockdistill.config.sections import Config
-from clockdistill.distill.exchange import SharedOutputs, TeacherExchange, digest
+from clockdistill.distill.exchange import SharedOutputs, digest
 from clockdistill.distill.losses import feature_term, fitnet_term, logit_terms, memory_terms
 from clockdistill.distill.masks import level_token_mask, memory_masks
 from clockdistill.distill.pairing import check_memory_geometry, check_query_prior, memory_pairing
 from clockdistill.distill.queries import TargetQueryBuilder
+from clockdistill.distill.shared_steps import SharedTeacherSteps
 from clockdistill.distill.student_pass import StudentPass, target_queries
 from clockdistill.distill.teacher import FrozenTeacher
 from clockdistill.distributed import global_mean, is_distributed, may_leave_parameters_unused, wrap_ddp
@@ -66,7 +66,7 @@ def layer_pairs(spec: str, student_layers: int, teacher_layers: int) -> list[tup
     return [(e, e + offset) for e in chosen if e + offset >= 0]
 
 
-class Distiller:
+class Distiller(SharedTeacherSteps):
     """Trains `student` (the `model` that `fit` evaluates and checkpoints) against a frozen teacher."""
 
     def __init__(self, teacher: FrozenTeacher, student: nn.Module, cfg: Config):
@@ -116,14 +116,6 @@ class Distiller:
         )  # DDP-wrapped in data-parallel runs
 
     @property
-    def exchange(self) -> TeacherExchange | None:
-        return self.shared.exchange if self.shared is not None else None
-
-    @exchange.setter
-    def exchange(self, exchange: TeacherExchange | None) -> None:
-        self.shared = SharedOutputs(exchange, self._teacher_id) if exchange is not None else None
-
-    @property
     def fuse_decoder(self) -> bool:
         return self._pass().fuse
 
@@ -161,7 +153,7 @@ class Distiller:
         # min 1 slot under DDP: a rank with no object in its share must run the same collectives as the others
         qs = self.queries.sample(targets, images.device, min_slots=int(is_distributed())) if self.uses_queries else None
         cache = self._cache_now() if self.caps.uses_teacher else None
-        mem_t, tq_inputs = self._begin_shared_step(images, mask, targets, qs, cache)
+        mem_t, tq = self._begin_shared_step(images, mask, targets, qs, cache)
         prior = None
         if self.uses_prior:  # the teacher's own queries, for the student to decode (DETRDistill)
             if mem_t is None:
@@ -187,7 +179,7 @@ class Distiller:
                 )
             )
         if self.uses_queries:
-            terms.update(self._target_query_terms(mem_t, qs, target_s, targets, out_s, tq_inputs))
+            terms.update(self._target_query_terms(mem_t, qs, target_s, targets, out_s, tq))
         if self.uses_matching or self.uses_feature or self.uses_prior:
             terms.update(self._teacher_prediction_terms(mem_t, prior, targets, images, tokens_s, mem_s, out_s, prior_s))
         return terms, self.weights
@@ -275,73 +267,12 @@ class Distiller:
         m, sc = memory_masks(targets, image_hw, shapes, padding, mc.mask, mc.gaussian_grow, mc.scale_norm, extents)
         return memory_terms(t, s, m, sc, levels, mc.channel_reduce, mc.normalize, weight)
 
-    def _shared_memory(self, images: Tensor, mask: Tensor) -> Memory:
-        return self._shared(self._memory_part, lambda: self._encode(images, mask))
-
-    @property
-    def _memory_part(self) -> str:
-        return "memory+features" if self.uses_feature else "memory"
-
-    def _encode(self, images: Tensor, mask: Tensor) -> Memory:
-        """The teacher's memory; shared with peers without the encoder's input tokens, which only
-        DETRDistill's feature term reads (a third less to move)."""
-        mem = self.teacher.encode(images, mask)
-        return mem if self.uses_feature or self.shared is None else dataclasses.replace(mem, features=None)
-
     def _cache_now(self):
         """The teacher cache, or None (none, or another process still builds it)."""
         cache = self.cache.get() if self.cache is not None else None
         if cache is not None and cache is not self.cache:
             self.cache = cache
         return cache
-
-    def _begin_shared_step(self, images, mask, targets, qs, cache) -> tuple[Memory | None, dict | None]:
-        """With an exchange: one claim for every teacher output of the batch and, when the memory is
-        this run's to compute, every output it claimed now, before its student: its peers run their
-        students meanwhile and find them published (had it decoded after its student, they would wait
-        for its student too). Returns (that memory or None, the target-aware queries' teacher inputs
-        or None)."""
-        if self.shared is None or not self.caps.uses_teacher:
-            return None, None
-        tq_inputs = None
-        if cache is None and self.uses_queries and qs.size:
-            tq_inputs = target_queries(self.teacher.detector, self.queries, qs)
-        parts = self._shared_parts(cache, tq_inputs)
-        self.shared.begin(images, mask, targets, parts)
-        if cache is not None or not self.shared.is_mine(self._memory_part):
-            return None, tq_inputs
-        mem_t = self._shared_memory(images, mask)
-        early = {
-            "queries": lambda: self.teacher.decode(mem_t, **tq_inputs),
-            "default": lambda: self.teacher.predict_default(mem_t),
-        }
-        for part, detail in parts:
-            if part in early and self.shared.is_mine(part, detail):
-                self.shared.get(part, early[part], detail, keep=True)
-        return mem_t, tq_inputs
-
-    def _shared(self, part: str, compute, detail: str = ""):
-        """`compute()` (a teacher output of this step's batch), or the same output a peer on the same
-        batch computed (distill/exchange.py)."""
-        return compute() if self.shared is None else self.shared.get(part, compute, detail)
-
-    @staticmethod
-    def _queries_detail(inputs: dict) -> str:
-        return digest(*inputs.values())
-
-    def _shared_parts(self, cache, tq_inputs) -> list[tuple[str, str]]:
-        """The teacher outputs this step reads, as (part, detail) exchange names: a cached run only
-        the memory DETRDistill's query prior needs."""
-        if cache is not None:
-            return [(self._memory_part, "")] if self.uses_prior else []
-        parts = [(self._memory_part, "")]
-        if tq_inputs is not None:
-            parts.append(("queries", self._queries_detail(tq_inputs)))
-        if self.uses_prior:
-            parts.append(("prior", ""))
-        elif self.uses_matching or self.uses_feature:
-            parts.append(("default", ""))
-        return parts
 
     def _teacher_shapes(self, image_hw: tuple[int, int], device) -> list[tuple[int, int]]:
         """The teacher's memory levels for an (unpadded) input of `image_hw`, read once per size from an
@@ -356,7 +287,7 @@ class Distiller:
         return self._shapes[image_hw]
 
     def _target_query_terms(
-        self, mem_t: Memory | None, qs, layers_s: list[dict] | None, targets: list[dict], out_s: dict, inputs=None
+        self, mem_t: Memory | None, qs, layers_s: list[dict] | None, targets: list[dict], out_s: dict, tq=None
     ) -> dict[str, Tensor]:
         if qs.size == 0:  # no GT in the batch and no random queries: zero terms that still touch the graph
             zero = out_s["pred_logits"].sum() * 0
@@ -365,8 +296,10 @@ class Distiller:
             n_gt = max((len(t["labels"]) for t in targets), default=0)
             layers_t = self.cache.query_layers(targets, n_gt, qs.labels.device, qs.size)
         else:
-            inputs = inputs if inputs is not None else target_queries(self.teacher.detector, self.queries, qs)
-            detail = self._queries_detail(inputs) if self.shared is not None else ""
+            if tq is None:  # (tq: the inputs and their digest, made as a shared step began)
+                inputs = target_queries(self.teacher.detector, self.queries, qs)
+                tq = (inputs, digest(*inputs.values()) if self.shared is not None else "")
+            inputs, detail = tq
             layers_t = decoder_layers(self._shared("queries", lambda: self.teacher.decode(mem_t, **inputs), detail))
         return self._pair_terms([(e_s, layers_t[e_t], layers_s[e_s]) for e_s, e_t in self.pairs], qs.valid)
 
