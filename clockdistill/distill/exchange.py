@@ -19,7 +19,7 @@ sample and, for decoder outputs, a digest of the queries themselves): runs not i
 queries differ (label noise), compute their own. An exchange never changes a number: a shared output
 is the same tensor the run would have computed.
 
-`LocalExchange` shares between distillers in one process (tests, several students in one loop);
+`LocalExchange` shares between distillers in one process (the tests);
 sweeps/tune/exchange.py shares between the trials on one node through Ray's object store.
 """
 
@@ -56,10 +56,12 @@ class TeacherExchange(Protocol):
 
 def batch_key(images: Tensor, mask: Tensor, targets: list[dict]) -> str:
     """A name for the teacher's input: each image's id, size and view, the canvas, and a digest of
-    every 16th pixel (so that runs whose augmentation differs never take each other's outputs)."""
-    views = [(int(t["image_id"]), tuple(int(v) for v in t["size"].tolist()), int(t.get("view", 0))) for t in targets]
+    every 16th pixel (so that runs whose augmentation differs never take each other's outputs). The
+    padding mask is named by the sizes and the canvas (each image at the top left): not read."""
+    sizes = torch.stack([t["size"] for t in targets]).tolist() if targets else []  # one host copy
+    views = [(int(t["image_id"]), tuple(hw), int(t.get("view", 0))) for t, hw in zip(targets, sizes)]
     sample = images[..., ::PIXEL_STRIDE, ::PIXEL_STRIDE]
-    return f"{views}|{tuple(images.shape)}|{tuple(mask.shape)}|{digest(sample, mask)}"
+    return f"{views}|{tuple(images.shape)}|{tuple(mask.shape)}|{digest(sample)}"
 
 
 def digest(*tensors: Tensor | None) -> str:
@@ -69,7 +71,6 @@ def digest(*tensors: Tensor | None) -> str:
         if t is None:
             h.update(b"none")
             continue
-        t = t.detach()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(_host(t).tobytes())
     return h.hexdigest()
